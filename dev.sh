@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian machine (Python >= 3.11):
+#   ./dev.sh demo   set up if needed, then run the demo (phone call -> voice channel)
+#   ./dev.sh test   set up if needed, then run the whole test suite
+#   ./dev.sh bench  set up if needed, then run the concurrency benchmark
+#   ./dev.sh setup  only the set-up: system packages, .venv, the project and its test extras
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+    # Installs Debian packages once; apt-get update only when something is missing.
+    if [ ! -f /tmp/.gateway-apt-updated ]; then
+        as_root apt-get update -qq && touch /tmp/.gateway-apt-updated
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+setup() {
+    local missing=()
+    ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "setup: installing ${missing[*]} with apt-get" >&2
+        apt_install "${missing[@]}"
+    fi
+    local stamp="$VENV/.installed"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -m venv "$VENV"
+    fi
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "setup: installing the project into $VENV" >&2
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q -e '.[test]'
+        touch "$stamp"
+    fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    demo)  setup; exec "$VENV/bin/gateway" demo "$@" ;;
+    test)  setup; exec "$VENV/bin/python" -m pytest -n 2 -q "$@" ;;
+    bench) setup; exec "$VENV/bin/python" bench/bench_routes.py "$@" ;;
+    *) sed -n '2,7p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,88 @@
+"""The contract between a route and the endpoints it joins.
+
+An endpoint owns one peer (a WebSocket connection, a file, a recording). The route calls
+`run()` in its own nursery and `send()` from its pacer; it never touches the peer directly.
+
+Per-frame rules (DESIGN.md, "Performance model"): `emit` is synchronous and never blocks;
+`send` is called once per egress ptime at the route's media-clock deadline; neither logs.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Callable
+
+import attrs
+import trio
+
+from gateway.codecs.formats import AudioFormat, Frame
+
+Emit = Callable[[Frame], None]
+
+
+@attrs.define
+class EndpointStats:
+    """Counters of one endpoint, read by the route report, the demo and the metrics."""
+
+    frames_in: int = 0
+    """Frames received from the peer (ingress)."""
+    bytes_in: int = 0
+    """Payload bytes received from the peer."""
+    frames_out: int = 0
+    """Frames sent to the peer (egress)."""
+    bytes_out: int = 0
+    """Payload bytes sent to the peer."""
+    late: int = 0
+    """Egress frames concealed with silence because the audio for them was late."""
+    dropped: int = 0
+    """Frames discarded: late audio whose playout time had passed, or buffer overflow."""
+    connects: int = 0
+    """Successful connections (1 + reconnects for dial endpoints, sessions for listen ones)."""
+
+    def as_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+
+class Endpoint(abc.ABC):
+    """One side of a route.
+
+    Subclasses set `ingress` (what they emit into the route, None for a sink only), `egress`
+    (what `send` accepts, None for a source only) and `ptime_ms` (duration of each egress
+    frame). `egress` is the wire format: an Opus sink takes `EncodedFrame`s of `ptime_ms`, a
+    PCM sink takes `AudioFrame`s of exactly `egress.samples(ptime_ms)` samples.
+    """
+
+    kind: str = "endpoint"
+    ingress: AudioFormat | None = None
+    egress: AudioFormat | None = None
+    ptime_ms: int = 20
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stats = EndpointStats()
+        self.log = logging.getLogger(f"gateway.endpoint.{self.kind}")
+
+    @abc.abstractmethod
+    async def run(self, emit: Emit, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the peer, call `task_status.started()` once media can flow, then pass every
+        ingress frame to `emit` until the peer ends the session.
+
+        Returns when the session ended normally (hangup, end of file); raises
+        `gateway.errors.ServiceError` / `RemoteProtocolError` / `OSError` when it failed.
+        A sink-only endpoint keeps running (holding its peer open) until cancelled.
+        """
+
+    async def send(self, frame: Frame) -> None:
+        """Send one egress frame to the peer; frames sent before the peer is up are dropped
+        and counted. Raises `trio.BrokenResourceError` subclasses' domain equivalents when
+        the peer is gone (the route then ends)."""
+        raise NotImplementedError(f"{self.kind} endpoint does not accept audio")
+
+    async def goodbye(self) -> None:
+        """Say the protocol's goodbye (stop frame, hangup, close 1000). Best effort: the route
+        calls it under a short deadline, shielded, before cancelling `run`."""
+
+    def describe(self) -> str:
+        """One line for logs: kind, role and what it is connected to (never a secret)."""
+        return self.name
