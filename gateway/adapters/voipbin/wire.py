@@ -1,0 +1,469 @@
+"""VoIPBIN media stream framing, sans-IO: WebSocket messages in, events out; audio in, bytes out.
+
+Source: /work/shared/protocols/002_fcf346ba8b7becb9.txt ("Bi-Directional Media Streaming",
+"Encapsulation Types", "Audio Format Details"). The stream is one binary WebSocket message per
+frame, 8 kHz mono, 20 ms, in one of three encapsulations chosen by the `encapsulation` query
+parameter. The framing is symmetric, so the same object serves the gateway as a client of
+VoIPBIN ("dial") and as a VoIPBIN-compatible server ("listen", external_media_start).
+
+Encapsulations
+--------------
+- ``rtp``: each message is one RTP v2 packet (RFC 3550 §5.1), 12-byte header plus any CSRC list
+  and header extension, parsed and serialized with aiortc's `RtpPacket`. Payload type 0 (PCMU,
+  RFC 3551 §6) and 96 (dynamic; what the current service sends) are accepted; we answer with the
+  payload type the peer last used (0 until its first packet arrives). Sequence numbers give
+  `Audio.lost` (uint16 wrap-around aware, aiortc `uint16_gt`/`uint16_add`). The RTP timestamp is
+  reported but never checked: the service has been seen to advance it by payload bytes instead of
+  samples, which is harmless for u-law (1 byte = 1 sample) and wrong by 2x for slin; timing must
+  come from the payload length and the sequence number, not from the timestamp.
+- ``sln``: each message is raw audio, no header, no padding.
+- ``audiosocket``: each message holds one Asterisk AudioSocket frame (or several back to back):
+  1-byte kind, 2-byte big-endian payload length, payload (Asterisk documentation,
+  docs/Configuration/Channel-Drivers/AudioSocket.md). Kinds: 0x00 hangup, 0x01 UUID (16 bytes
+  binary), 0x03 DTMF (one ASCII digit), 0x10 audio (slin 8 kHz little-endian), 0xff error
+  (optional payload; Asterisk's own codes are 0x01 hangup of calling party, 0x02 frame forwarding
+  error, 0x04 memory error). The spec's Node.js AudioSocket example sends raw 320-byte chunks
+  with no AudioSocket header; we follow the AudioSocket protocol its name refers to, so such a
+  peer fails fast with `RemoteProtocolError` (1003 unknown kind, or 1002 bad length) instead of
+  having its audio parsed as frames of garbage.
+
+Codec: the contradiction in the spec, and the choice made
+---------------------------------------------------------
+The spec says "All formats use 16-bit, 8kHz, mono audio (ulaw for RTP/SLN, PCM little-endian
+for AudioSocket)", but its "Audio Format Details" say SLN is "Raw PCM audio ... 16-bit signed"
+(and call u-law "16-bit" for RTP, where G.711 is 8 bits per sample on the wire). The name SLN
+("signed linear", Asterisk's ``slin``) agrees with the second statement. So:
+
+- rtp defaults to u-law (G.711 μ-law, 160 bytes per 20 ms), sln and audiosocket default to slin
+  (signed 16-bit little-endian PCM, 320 bytes per 20 ms);
+- with `Codec.AUTO` the first audio payload decides: 160 bytes means u-law, 320 bytes means slin,
+  any other size keeps the encapsulation's default. The decision is then final. (Consequence: a
+  peer that sends 10 ms slin frames, 160 bytes, is taken for u-law; configure `Codec.SLIN`.)
+- an explicit `Codec.ULAW` or `Codec.SLIN` never switches.
+- on audiosocket, u-law (detected or configured) travels in kind 0x10 frames, which Asterisk
+  defines as slin: that is the spec's "ulaw" reading, not Asterisk's; real Asterisk peers send
+  320-byte slin frames and are detected as slin.
+
+Empty payloads carry no audio and produce no `Audio` event (an RTP packet with an empty
+payload still advances the sequence tracking; an AudioSocket audio frame of length 0 is
+skipped); an empty WebSocket message is an error.
+
+`MediaStreamProtocol.codec` is the resolved codec: what incoming payloads are and what
+`send_audio` expects. Until the first audio arrives it is the encapsulation default, so an
+adapter that sends first must re-read `codec` for every frame (or wait for `codec_resolved`).
+
+Errors (`RemoteProtocolError.close_code`, RFC 6455 §7.4.1)
+----------------------------------------------------------
+- 1002: empty message, malformed RTP (aiortc's reason is named), truncated AudioSocket frame
+  (expected vs got).
+- 1003: text message on this binary stream, RTP payload type other than 0/96, unknown
+  AudioSocket kind.
+- 1007: slin payload with an odd byte count, UUID frame not 16 bytes, DTMF frame not one valid
+  digit.
+- 1009: an audio (or AudioSocket) payload larger than `MAX_PAYLOAD_BYTES` (120 ms of slin).
+
+After a `RemoteProtocolError` the adapter closes the WebSocket with `err.close_code` and
+`str(err)` as the reason; the object is not meant to be used further. "If this raises anything
+but RemoteProtocolError, that's a bug" (h11).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid as uuid_module
+
+import attrs
+from aiortc.rtp import RtpPacket
+from aiortc.utils import random16, random32, uint16_add, uint16_gt, uint32_add
+
+from gateway.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "Audio",
+    "CallUuid",
+    "Codec",
+    "DTMF_DIGITS",
+    "Dtmf",
+    "Encapsulation",
+    "Event",
+    "FRAME_BYTES",
+    "Hangup",
+    "MAX_DROPOUT",
+    "MAX_PAYLOAD_BYTES",
+    "MediaStreamProtocol",
+    "PAYLOAD_TYPES",
+    "PT_PCMU",
+    "PT_VOIPBIN",
+    "PTIME_MS",
+    "PeerError",
+    "SAMPLE_RATE",
+    "SAMPLES_PER_FRAME",
+]
+
+
+class Encapsulation(enum.Enum):
+    """How audio is carried in each WebSocket message (the `encapsulation` query parameter)."""
+
+    RTP = "rtp"  #: one RTP v2 packet per message (RFC 3550)
+    SLN = "sln"  #: raw audio, no header
+    AUDIOSOCKET = "audiosocket"  #: Asterisk AudioSocket frames (kind, length, payload)
+
+
+class Codec(enum.Enum):
+    """Sample coding of the payload. AUTO is a request only; a resolved codec is ULAW or SLIN."""
+
+    AUTO = "auto"  #: decide from the size of the first audio payload (see module docstring)
+    ULAW = "ulaw"  #: G.711 μ-law, 1 byte per sample (ITU-T G.711; RTP PT 0, RFC 3551 §4.5.14)
+    SLIN = "slin"  #: signed 16-bit linear PCM, little-endian, 2 bytes per sample
+
+
+SAMPLE_RATE = 8000  # Hz, every encapsulation (spec: "Audio Format Details")
+PTIME_MS = 20  # milliseconds of audio per message
+SAMPLES_PER_FRAME = SAMPLE_RATE * PTIME_MS // 1000  # 160 samples per 20 ms
+#: Payload bytes of one 20 ms frame, per resolved codec.
+FRAME_BYTES = {Codec.ULAW: SAMPLES_PER_FRAME, Codec.SLIN: 2 * SAMPLES_PER_FRAME}
+MAX_PAYLOAD_BYTES = 1920  # bytes: 120 ms of slin; larger payloads are refused with 1009
+
+PT_PCMU = 0  # RTP payload type of G.711 μ-law (RFC 3551 §6, Table 4)
+PT_VOIPBIN = 96  # dynamic payload type the current VoIPBIN service sends (u-law)
+PAYLOAD_TYPES = frozenset({PT_PCMU, PT_VOIPBIN})
+#: A sequence number this far ahead of the highest seen, or more, is a restart of the stream,
+#: not loss (RFC 3550 Appendix A.1; 3000 packets is 60 s at 20 ms).
+MAX_DROPOUT = 3000
+#: DTMF digits AudioSocket may carry (lower-case a-d are accepted and reported upper-case).
+DTMF_DIGITS = "0123456789*#ABCD"
+
+_KIND_HANGUP = 0x00
+_KIND_UUID = 0x01
+_KIND_DTMF = 0x03
+_KIND_AUDIO = 0x10
+_KIND_ERROR = 0xFF
+_KIND_NAMES = {
+    _KIND_HANGUP: "hangup",
+    _KIND_UUID: "UUID",
+    _KIND_DTMF: "DTMF",
+    _KIND_AUDIO: "audio",
+    _KIND_ERROR: "error",
+}
+_AS_HEADER = struct.Struct("!BH")  # kind, payload length (big-endian)
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Audio:
+    """One audio payload from the peer, as coded on the wire (no transport header)."""
+
+    payload: bytes
+    """u-law bytes (1 per sample) or slin bytes (signed 16-bit little-endian, 2 per sample)."""
+    codec: Codec
+    """How `payload` is coded: `Codec.ULAW` or `Codec.SLIN` (never AUTO)."""
+    sequence: int | None
+    """RTP sequence number (0..65535); None for sln and audiosocket."""
+    timestamp: int | None
+    """RTP timestamp as sent, unchecked (may grow by bytes, not samples); None otherwise."""
+    lost: int
+    """Packets missing just before this one by RTP sequence number (wrap-around aware); 0 for
+    the first packet, for a late or duplicate packet, after a restart, and for sln/audiosocket."""
+
+
+@attrs.frozen
+class Hangup:
+    """The peer ended the call (AudioSocket kind 0x00). rtp/sln end by closing the WebSocket."""
+
+
+@attrs.frozen
+class CallUuid:
+    """The call's identifier (AudioSocket kind 0x01), usually the first frame of a stream."""
+
+    uuid: str
+    """Canonical lower-case 8-4-4-4-12 form of the 16 bytes received."""
+
+
+@attrs.frozen
+class Dtmf:
+    """A DTMF digit pressed on the call (AudioSocket kind 0x03)."""
+
+    digit: str
+    """One of `DTMF_DIGITS` ("0"-"9", "*", "#", "A"-"D")."""
+
+
+@attrs.frozen
+class PeerError:
+    """The peer reported an error (AudioSocket kind 0xff); the stream usually ends after it."""
+
+    code: int | None
+    """First payload byte (Asterisk: 0x01 hangup of calling party, 0x02 frame forwarding error,
+    0x04 memory error); None when the payload is empty."""
+    detail: bytes
+    """The whole payload as received (application-specific; often empty or the code alone)."""
+
+
+Event = Audio | Hangup | CallUuid | Dtmf | PeerError
+
+_HANGUP = Hangup()
+
+
+# --- the protocol object -------------------------------------------------------------------
+
+
+def _default_codec(encapsulation: Encapsulation) -> Codec:
+    return Codec.ULAW if encapsulation is Encapsulation.RTP else Codec.SLIN
+
+
+@attrs.define(init=False)
+class MediaStreamProtocol:
+    """One VoIPBIN media stream (either direction of one WebSocket), sans-IO.
+
+    ``MediaStreamProtocol(encapsulation, codec=Codec.AUTO, *, ssrc=None, sequence=None,
+    timestamp=None)``: `ssrc`, `sequence` and `timestamp` are the first values of our outgoing
+    RTP stream (random 32/16/32-bit, RFC 3550 §5.1, when None); they matter for rtp only.
+
+    `receive(message)` turns one WebSocket message into events; `send_audio(payload)` (and
+    `send_hangup`, `send_uuid`, `send_dtmf`) turn ours into one binary message. Pacing, the
+    WebSocket itself and any transcoding belong to the adapter.
+    """
+
+    encapsulation: Encapsulation
+    """Framing of every message, fixed for the stream's life."""
+    codec: Codec
+    """Resolved codec (ULAW or SLIN): how received payloads are coded and what `send_audio`
+    takes. Before the first audio with `Codec.AUTO`: u-law for rtp, slin for sln/audiosocket."""
+    codec_resolved: bool
+    """True once `codec` is final (explicit codec, or the first audio arrived with AUTO)."""
+    ssrc: int
+    """Our RTP synchronization source (rtp only)."""
+    payload_type: int
+    """RTP payload type we send: the peer's last one (0 or 96), 0 before its first packet."""
+    peer_ssrc: int | None
+    """The peer's RTP SSRC, None before its first packet (rtp only)."""
+    packets_in: int
+    """Audio packets received (RTP packets, sln messages, AudioSocket audio frames)."""
+    packets_out: int
+    """Audio packets produced by `send_audio`."""
+    lost: int
+    """Packets missing by RTP sequence number so far (sum of `Audio.lost`)."""
+    _out_sequence: int
+    _out_timestamp: int
+    _highest_sequence: int | None
+
+    def __init__(
+        self,
+        encapsulation: Encapsulation,
+        codec: Codec = Codec.AUTO,
+        *,
+        ssrc: int | None = None,
+        sequence: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        if not isinstance(encapsulation, Encapsulation):
+            raise LocalProtocolError(f"encapsulation must be an Encapsulation, got {encapsulation!r}")
+        if not isinstance(codec, Codec):
+            raise LocalProtocolError(f"codec must be a Codec, got {codec!r}")
+        for name, value, bits in (("ssrc", ssrc, 32), ("sequence", sequence, 16), ("timestamp", timestamp, 32)):
+            if value is not None and not (0 <= value < 1 << bits):
+                raise LocalProtocolError(f"{name} must be a {bits}-bit unsigned integer, got {value}")
+        self.encapsulation = encapsulation
+        self.codec_resolved = codec is not Codec.AUTO
+        self.codec = codec if self.codec_resolved else _default_codec(encapsulation)
+        self.ssrc = random32() if ssrc is None else ssrc
+        self.payload_type = PT_PCMU
+        self.peer_ssrc = None
+        self.packets_in = 0
+        self.packets_out = 0
+        self.lost = 0
+        self._out_sequence = random16() if sequence is None else sequence
+        self._out_timestamp = random32() if timestamp is None else timestamp
+        self._highest_sequence = None
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def receive(self, message: bytes | bytearray | memoryview | str) -> list[Event]:
+        """Events from one WebSocket message.
+
+        Returns a list: one `Audio` for rtp/sln (none for an RTP packet with an empty
+        payload), and one event per AudioSocket frame for audiosocket. Raises
+        `RemoteProtocolError` with the close code to send (module docstring) when the message
+        breaks the protocol; never anything else.
+        """
+        if isinstance(message, str):
+            raise RemoteProtocolError("text message on a binary media stream", close_code=1003)
+        data = bytes(message)
+        if not data:
+            raise RemoteProtocolError(f"empty message on the {self.encapsulation.value} media stream", close_code=1002)
+        if self.encapsulation is Encapsulation.RTP:
+            return self._receive_rtp(data)
+        if self.encapsulation is Encapsulation.SLN:
+            return [self._audio(data, self._resolve(data), None, None, 0)]
+        return self._receive_audiosocket(data)
+
+    def _resolve(self, payload: bytes) -> Codec:
+        """The codec of one non-empty audio payload; raises if the payload is refused.
+
+        Changes no state, so a refused payload leaves the codec decision open."""
+        size = len(payload)
+        if size > MAX_PAYLOAD_BYTES:
+            raise RemoteProtocolError(
+                f"audio payload {size} bytes, limit {MAX_PAYLOAD_BYTES} (120 ms of slin)", close_code=1009
+            )
+        codec = self.codec
+        if not self.codec_resolved:
+            if size == FRAME_BYTES[Codec.ULAW]:
+                codec = Codec.ULAW
+            elif size == FRAME_BYTES[Codec.SLIN]:
+                codec = Codec.SLIN
+        if codec is Codec.SLIN and size % 2:
+            raise RemoteProtocolError(f"slin audio payload has an odd length ({size} bytes)", close_code=1007)
+        return codec
+
+    def _audio(self, payload: bytes, codec: Codec, sequence: int | None, timestamp: int | None, lost: int) -> Audio:
+        """Commit the codec decision, count the packet, wrap it."""
+        self.codec = codec
+        self.codec_resolved = True
+        self.packets_in += 1
+        return Audio(payload, codec, sequence, timestamp, lost)
+
+    def _receive_rtp(self, data: bytes) -> list[Event]:
+        try:
+            packet = RtpPacket.parse(data)
+        except ValueError as exc:  # aiortc names the cause: truncated header, CSRC, extension...
+            raise RemoteProtocolError(f"malformed RTP packet: {exc}", close_code=1002) from None
+        pt = packet.payload_type
+        if pt not in PAYLOAD_TYPES:
+            raise RemoteProtocolError(
+                f"RTP payload type {pt} not supported (expected 0 PCMU or 96)", close_code=1003
+            )
+        payload = packet.payload
+        codec = self._resolve(payload) if payload else self.codec
+        lost = self._track_sequence(packet.ssrc, packet.sequence_number)
+        self.payload_type = pt
+        if not payload:
+            return []
+        return [self._audio(payload, codec, packet.sequence_number, packet.timestamp, lost)]
+
+    def _track_sequence(self, ssrc: int, seq: int) -> int:
+        """Packets lost before `seq`; updates the highest sequence number seen."""
+        highest = self._highest_sequence
+        if highest is None or ssrc != self.peer_ssrc:
+            # First packet, or the peer restarted its RTP stream under a new SSRC.
+            self.peer_ssrc = ssrc
+            self._highest_sequence = seq
+            return 0
+        if not uint16_gt(seq, highest):
+            return 0  # duplicate or late: already counted as lost when the gap was seen
+        self._highest_sequence = seq
+        gap = uint16_add(seq, 0xFFFF - highest)  # seq - highest - 1, modulo 2**16
+        if gap + 1 >= MAX_DROPOUT:
+            return 0  # a restart of the sequence, not a minute of loss
+        self.lost += gap
+        return gap
+
+    def _receive_audiosocket(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if end - pos < _AS_HEADER.size:
+                raise RemoteProtocolError(
+                    f"AudioSocket header truncated: expected 3 bytes, got {end - pos}", close_code=1002
+                )
+            kind, length = _AS_HEADER.unpack_from(data, pos)
+            name = _KIND_NAMES.get(kind)
+            if name is None:
+                raise RemoteProtocolError(f"unknown AudioSocket kind 0x{kind:02x}", close_code=1003)
+            if length > MAX_PAYLOAD_BYTES:
+                raise RemoteProtocolError(
+                    f"AudioSocket {name} payload {length} bytes, limit {MAX_PAYLOAD_BYTES}", close_code=1009
+                )
+            pos += _AS_HEADER.size
+            if end - pos < length:
+                raise RemoteProtocolError(
+                    f"AudioSocket {name} frame truncated: expected {length} payload bytes, got {end - pos}",
+                    close_code=1002,
+                )
+            payload = data[pos : pos + length]
+            pos += length
+            if kind == _KIND_AUDIO:
+                if payload:
+                    events.append(self._audio(payload, self._resolve(payload), None, None, 0))
+            elif kind == _KIND_HANGUP:
+                events.append(_HANGUP)
+            elif kind == _KIND_UUID:
+                if length != 16:
+                    raise RemoteProtocolError(
+                        f"AudioSocket UUID payload {length} bytes, expected 16", close_code=1007
+                    )
+                events.append(CallUuid(str(uuid_module.UUID(bytes=payload))))
+            elif kind == _KIND_DTMF:
+                digit = payload.decode("latin-1").upper()
+                if length != 1 or digit not in DTMF_DIGITS:
+                    raise RemoteProtocolError(
+                        f"AudioSocket DTMF payload is not one digit of {DTMF_DIGITS} ({length} bytes)",
+                        close_code=1007,
+                    )
+                events.append(Dtmf(digit))
+            else:  # _KIND_ERROR
+                events.append(PeerError(payload[0] if payload else None, payload))
+        return events
+
+    # --- sending -----------------------------------------------------------------------
+
+    def send_audio(self, payload: bytes | bytearray | memoryview) -> bytes:
+        """One binary WebSocket message carrying one 20 ms frame of `payload`.
+
+        `payload` is already coded in `self.codec`: 160 bytes of u-law or 320 bytes of slin
+        (`FRAME_BYTES`); anything else raises `LocalProtocolError`. rtp: RTP v2 packet with our
+        SSRC, sequence +1 per packet (wrapping at 65536), timestamp +160 samples per packet,
+        marker bit on the first packet, payload type `self.payload_type`. sln: the payload
+        itself. audiosocket: kind 0x10, length, payload.
+        """
+        data = bytes(payload)
+        expected = FRAME_BYTES[self.codec]
+        if len(data) != expected:
+            raise LocalProtocolError(
+                f"send_audio takes one 20 ms frame: {expected} bytes of {self.codec.value}, got {len(data)}"
+            )
+        self.packets_out += 1
+        if self.encapsulation is Encapsulation.SLN:
+            return data
+        if self.encapsulation is Encapsulation.AUDIOSOCKET:
+            return _AS_HEADER.pack(_KIND_AUDIO, len(data)) + data
+        packet = RtpPacket(
+            payload_type=self.payload_type,
+            marker=1 if self.packets_out == 1 else 0,
+            sequence_number=self._out_sequence,
+            timestamp=self._out_timestamp,
+            ssrc=self.ssrc,
+            payload=data,
+        )
+        self._out_sequence = uint16_add(self._out_sequence, 1)
+        self._out_timestamp = uint32_add(self._out_timestamp, SAMPLES_PER_FRAME)
+        return packet.serialize()
+
+    def send_hangup(self) -> bytes | None:
+        """audiosocket: the hangup frame ``00 00 00``. rtp/sln: None (close the WebSocket)."""
+        if self.encapsulation is Encapsulation.AUDIOSOCKET:
+            return _AS_HEADER.pack(_KIND_HANGUP, 0)
+        return None
+
+    def send_uuid(self, call_uuid: str | uuid_module.UUID) -> bytes:
+        """audiosocket only: the UUID frame (kind 0x01, 16 bytes binary) for `call_uuid`."""
+        self._require_audiosocket("send_uuid")
+        try:
+            value = call_uuid if isinstance(call_uuid, uuid_module.UUID) else uuid_module.UUID(call_uuid)
+        except (ValueError, TypeError, AttributeError):
+            raise LocalProtocolError(f"not a UUID: {call_uuid!r}") from None
+        return _AS_HEADER.pack(_KIND_UUID, 16) + value.bytes
+
+    def send_dtmf(self, digit: str) -> bytes:
+        """audiosocket only: the DTMF frame (kind 0x03) for one digit of `DTMF_DIGITS`."""
+        self._require_audiosocket("send_dtmf")
+        if not isinstance(digit, str) or len(digit) != 1 or digit.upper() not in DTMF_DIGITS:
+            raise LocalProtocolError(f"not a DTMF digit: {digit!r}")
+        return _AS_HEADER.pack(_KIND_DTMF, 1) + digit.upper().encode("ascii")
+
+    def _require_audiosocket(self, what: str) -> None:
+        if self.encapsulation is not Encapsulation.AUDIOSOCKET:
+            raise LocalProtocolError(f"{what} exists only on audiosocket, not {self.encapsulation.value}")
