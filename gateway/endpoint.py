@@ -54,9 +54,14 @@ class Endpoint(abc.ABC):
     """
 
     kind: str = "endpoint"
+    role: str = "dial"
+    """"dial" (we are the client of a service, or a local endpoint) or "listen" (we serve)."""
     ingress: AudioFormat | None = None
     egress: AudioFormat | None = None
     ptime_ms: int = 20
+    local_source: bool = False
+    """True for sources that start on their own (a file): the route starts them only once every
+    peer endpoint is connected, so their audio plays from the beginning to someone."""
 
     def __init__(self, name: str) -> None:
         self.name = name

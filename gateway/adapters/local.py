@@ -345,6 +345,8 @@ class Recorder(Endpoint):
         self._container: av.container.OutputContainer | None = None
         self._stream: av.AudioStream | None = None
         self._samples = 0  # per channel, written so far
+        self.sessions = 0  # runs of the route; session N > 1 records to {stem}-N{suffix}
+        self.current_path = self.path
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> Recorder:
@@ -370,6 +372,9 @@ class Recorder(Endpoint):
         until cancelled. The file is finalized on the way out whatever the reason (encoder
         flushed, trailer written, WAV sizes patched), so a cancelled route leaves a playable
         file. Raises OSError naming the path when the file cannot be created."""
+        self.sessions += 1
+        if self.sessions > 1:  # a route's next session must not overwrite the last recording
+            self.current_path = self.path.with_name(f"{self.path.stem}-{self.sessions}{self.path.suffix}")
         self._open()
         try:
             task_status.started()
@@ -414,10 +419,10 @@ class Recorder(Endpoint):
         frame), so an unwritable path fails before `started()` and an empty recording is
         still a file: a WAV of 0 samples, or an Ogg stream of just the Opus headers."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            container = av.open(str(self.path), mode="w", format=self.format)
+            self.current_path.parent.mkdir(parents=True, exist_ok=True)
+            container = av.open(str(self.current_path), mode="w", format=self.format)
         except OSError as err:  # av's FileNotFoundError / PermissionError are OSErrors too
-            raise _os_error(err, self.path) from None
+            raise _os_error(err, self.current_path) from None
         try:
             if self.format == "ogg":
                 stream = container.add_stream(
@@ -428,7 +433,7 @@ class Recorder(Endpoint):
             container.start_encoding()
         except OSError as err:
             container.close()
-            raise _os_error(err, self.path) from None
+            raise _os_error(err, self.current_path) from None
         except BaseException:
             container.close()
             raise

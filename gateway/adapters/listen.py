@@ -1,0 +1,61 @@
+"""Hand-off of accepted WebSocket sessions from the media server to a listen endpoint.
+
+The media server runs each upgrade in a handler task that must live as long as the
+connection; the endpoint's `run()` runs in its route's nursery. A `ListenSlot` joins the two:
+the handler offers the request (waiting a bounded time for the route to take it), the endpoint
+takes it, accepts the upgrade and streams; when the session ends the handler returns.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+from trio_websocket import WebSocketConnection
+
+from gateway.server import MediaRequest
+
+OFFER_TIMEOUT = 10.0  # seconds an upgrade waits for its route to take it before 503
+
+
+@attrs.define(eq=False)
+class PendingSession:
+    request: MediaRequest
+    context: object = None
+    """What the handler already validated (parsed params, token grant...)."""
+    finished: trio.Event = attrs.Factory(trio.Event)
+    ws: WebSocketConnection | None = None
+
+    async def accept(self) -> WebSocketConnection:
+        self.ws = await self.request.request.accept()
+        return self.ws
+
+
+class ListenSlot:
+    """One session at a time for one listen endpoint; a second client gets 409."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._send, self._recv = trio.open_memory_channel[PendingSession](0)
+        self.busy = False
+
+    async def offer(self, request: MediaRequest, context: object = None) -> None:
+        """Called in the media server's handler task; returns when the session is over."""
+        if self.busy:
+            await request.reject(409, f"{self.label} already has a connected client")
+            return
+        session = PendingSession(request, context)
+        try:
+            with trio.fail_after(OFFER_TIMEOUT):
+                await self._send.send(session)
+        except trio.TooSlowError:
+            await request.reject(503, f"{self.label} is not running (its route is down)")
+            return
+        self.busy = True
+        try:
+            await session.finished.wait()
+        finally:
+            self.busy = False
+
+    async def take(self) -> PendingSession:
+        """Called in the endpoint's run(): the next client that asked to connect."""
+        return await self._recv.receive()

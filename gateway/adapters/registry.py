@@ -1,0 +1,46 @@
+"""Endpoint kinds by name: builds an `Endpoint` from one `EndpointConfig`."""
+
+from __future__ import annotations
+
+from gateway.config.schema import EndpointConfig
+from gateway.endpoint import Endpoint
+from gateway.errors import ConfigError
+from gateway.runtime import Runtime
+
+
+def build_endpoint(config: EndpointConfig, runtime: Runtime, default_name: str) -> Endpoint:
+    """Validate the endpoint's options and construct it; raises ConfigError (file:line, key)."""
+    opts = config.options
+    name = opts.get_str("name", default_name, allow_empty=False)
+    kind, role = config.kind, config.role
+    if kind == "voipbin":
+        from gateway.adapters.voipbin.endpoint import VoipbinDial, VoipbinListen
+
+        cls = VoipbinListen if role == "listen" else VoipbinDial
+        _need_server(runtime, "media", config)
+        return cls.from_config(name, opts, runtime)
+    if kind == "argon":
+        from gateway.adapters.argon.endpoint import ArgonDial, ArgonListen
+
+        if role == "listen":
+            _need_server(runtime, "media", config)
+            _need_server(runtime, "http", config)
+            return ArgonListen.from_config(name, opts, runtime)
+        return ArgonDial.from_config(name, opts, runtime)
+    if kind in ("file", "record"):
+        from gateway.adapters.local import FileSource, Recorder
+
+        if role != "dial":
+            raise opts.error("role", f"a {kind} endpoint has no listen role")
+        cls = FileSource if kind == "file" else Recorder
+        values = {k: opts.raw(k) for k in list(opts.keys()) if k not in ("name", "role")}
+        try:
+            return cls.from_config(name, values)
+        except ConfigError as err:
+            raise ConfigError(f"{config.where}: {config.path}: {err}") from None
+    raise ConfigError(f"{config.where}: {config.path}: unknown endpoint kind {kind!r}")
+
+
+def _need_server(runtime: Runtime, which: str, config: EndpointConfig) -> None:
+    if config.role == "listen" and getattr(runtime.config.server, which) is None:
+        raise ConfigError(f"{config.where}: {config.path}: a listen endpoint needs server.{which} (HOST:PORT)")

@@ -1,0 +1,185 @@
+"""Typed, located access to one YAML mapping: validation at the edge.
+
+Every error names the file, the line and the dotted key path, and says what was expected:
+`gateway.yaml:14: routes[0].endpoints[1].argon.frame_duration_ms: expected one of 10, 20, 40,
+60, got 25`. Values that are secrets (`secret=True`) are never quoted back in an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from gateway.config.yaml_lines import LineDict, LineList, expand_env
+from gateway.errors import ConfigError
+
+_MISSING: Any = object()
+
+
+class Options:
+    """One mapping of the config, consumed key by key; `finish()` rejects unknown keys."""
+
+    def __init__(
+        self,
+        mapping: Mapping[str, Any] | None,
+        *,
+        filename: str = "<config>",
+        path: str = "",
+        line: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if mapping is None:
+            mapping = {}
+        self.filename = filename
+        self.path = path
+        self.line = getattr(mapping, "line", 0) or line
+        self.env = env
+        self._mapping = mapping
+        self._used: set[str] = set()
+
+    # -- errors ---------------------------------------------------------------------------
+    def key_path(self, key: str | None = None) -> str:
+        if key is None:
+            return self.path or "(top level)"
+        return f"{self.path}.{key}" if self.path else key
+
+    def line_of(self, key: str | None = None) -> int:
+        lines = getattr(self._mapping, "key_lines", None) or {}
+        return lines.get(key, self.line) if key is not None else self.line
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        line = self.line_of(key)
+        where = f"{self.filename}:{line}" if line else self.filename
+        return ConfigError(f"{where}: {self.key_path(key)}: {message}")
+
+    # -- access ---------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self._mapping
+
+    def keys(self) -> Iterable[str]:
+        return self._mapping.keys()
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        self._used.add(key)
+        if key not in self._mapping or self._mapping[key] is None:
+            if default is _MISSING:
+                raise self.error(None, f"missing required key {key!r}")
+            return default
+        return self._mapping[key]
+
+    def get_str(self, key: str, default: Any = _MISSING, *, secret: bool = False, allow_empty: bool = True) -> Any:
+        """A string; `${VAR}` is expanded from the environment. Numbers are accepted as text."""
+        value = self.raw(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.error(key, f"expected a string, got {_kind(value)}")
+        text = str(value)
+        try:
+            text = expand_env(text, self.env)
+        except KeyError as missing:
+            raise self.error(key, f"environment variable {missing.args[0]} is not set") from None
+        if not allow_empty and not text:
+            raise self.error(key, "expected a non-empty string" + ("" if secret else ", got ''"))
+        return text
+
+    def get_int(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        choices: Iterable[int] | None = None,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, str):
+            try:
+                value = int(expand_env(value, self.env))
+            except (ValueError, KeyError):
+                raise self.error(key, f"expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_kind(value)}")
+        if choices is not None and value not in tuple(choices):
+            raise self.error(key, f"expected one of {', '.join(map(str, choices))}, got {value}")
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"expected at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"expected at most {maximum}, got {value}")
+        return value
+
+    def get_float(self, key: str, default: Any = _MISSING, *, minimum: float | None = None) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"expected a number, got {_kind(value)}")
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"expected at least {minimum}, got {value}")
+        return float(value)
+
+    def get_bool(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.raw(key, default)
+        if isinstance(value, str):
+            lowered = expand_env(value, self.env).strip().lower()
+            if lowered in ("true", "yes", "on", "1"):
+                return True
+            if lowered in ("false", "no", "off", "0"):
+                return False
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+    def get_choice(self, key: str, choices: Iterable[str], default: Any = _MISSING) -> Any:
+        choices = tuple(choices)
+        value = self.get_str(key, default)
+        if value not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def sub(self, key: str, *, required: bool = False) -> Options:
+        """The nested mapping at `key` (an empty one when absent and not required)."""
+        value = self.raw(key, _MISSING if required else None)
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise self.error(key, f"expected a mapping, got {_kind(value)}")
+        return Options(value, filename=self.filename, path=self.key_path(key), line=self.line_of(key), env=self.env)
+
+    def items(self, key: str, *, required: bool = False) -> list[tuple[int, Any, int]]:
+        """(index, item, line) for the list at `key`."""
+        value = self.raw(key, _MISSING if required else None)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {_kind(value)}")
+        lines = getattr(value, "item_lines", None) or [self.line_of(key)] * len(value)
+        return [(i, item, lines[i]) for i, item in enumerate(value)]
+
+    def child(self, mapping: Any, path: str, line: int) -> Options:
+        if not isinstance(mapping, Mapping):
+            where = f"{self.filename}:{line}" if line else self.filename
+            raise ConfigError(f"{where}: {path}: expected a mapping, got {_kind(mapping)}")
+        return Options(mapping, filename=self.filename, path=path, line=line, env=self.env)
+
+    def finish(self) -> None:
+        """Raise for the first key that nothing consumed (a typo, usually)."""
+        for key in self._mapping:
+            if key not in self._used:
+                raise self.error(key, "unknown key")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._mapping)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, (LineDict, dict)):
+        return "a mapping"
+    if isinstance(value, (LineList, list)):
+        return "a list"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,248 @@
+"""The configuration schema: `GatewayConfig.load(path)` and its parts.
+
+The YAML shape is the contract (README, "Configuration"):
+
+    server:   {http: HOST:PORT, media: HOST:PORT, media_url: ws://HOST:PORT}
+    services: {argon: {...}, voipbin: {...}}
+    routes:   [{name: ..., endpoints: [{KIND: {...options, role: dial|listen}}, ...]}]
+
+Route and endpoint options are validated here (route level) and by each adapter's
+`from_config` (endpoint level), all through `Options`, so every error names file:line and key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import attrs
+
+from gateway.config.options import Options
+from gateway.config.secret import Secret
+from gateway.config.yaml_lines import load_yaml
+from gateway.errors import ConfigError
+
+ENDPOINT_KINDS = ("voipbin", "argon", "file", "record")
+ARGON_API_URL = "https://api.argon.gl/api/bot"
+ARGON_INGRESS_PATH = "/audio/connect"
+VOIPBIN_API_URL = "https://api.voipbin.net"
+ROLES = ("dial", "listen")
+
+
+@attrs.frozen
+class HostPort:
+    host: str
+    """Interface to bind, e.g. 127.0.0.1 or 0.0.0.0."""
+    port: int
+    """TCP port; 0 binds an ephemeral port (tests)."""
+
+    @classmethod
+    def parse(cls, text: str, opts: Options, key: str) -> HostPort:
+        host, sep, port = str(text).rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise opts.error(key, f"expected HOST:PORT, got {text!r}")
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class ServerConfig:
+    """Sockets of the listen roles."""
+
+    http: HostPort | None = None
+    """REST token endpoints of the listen roles (and later the control API)."""
+    media: HostPort | None = None
+    """WebSocket media of every listen endpoint."""
+    media_url: str | None = None
+    """Base ws:// URL clients are told to use for media (default ws://{media})."""
+
+    @classmethod
+    def from_options(cls, opts: Options) -> ServerConfig:
+        http = opts.get_str("http", None)
+        media = opts.get_str("media", None)
+        media_url = opts.get_str("media_url", None)
+        opts.finish()
+        return cls(
+            http=HostPort.parse(http, opts, "http") if http else None,
+            media=HostPort.parse(media, opts, "media") if media else None,
+            media_url=media_url,
+        )
+
+
+@attrs.frozen
+class ArgonService:
+    """`services.argon`: the Argon bot API (dial) and our Argon-compatible server (listen)."""
+
+    api_url: str = ARGON_API_URL
+    """Base of the bot REST API; StreamToken is POST {api_url}/IVoice/v1/StreamToken."""
+    bot_token: Secret | None = None
+    """`Authorization: Bot <token>` for dial endpoints."""
+    ingress_path: str = ARGON_INGRESS_PATH
+    """Appended to the ingressUrl from StreamToken ("" for the bare URL of the seed document)."""
+    stream_token_per_minute: int = 5
+    """StreamToken calls allowed per minute per bot (Argon: 5)."""
+    listen_bot_tokens: tuple[Secret, ...] = ()
+    """Bot tokens our listen StreamToken endpoint accepts (default: bot_token)."""
+    jwt_secret: Secret | None = None
+    """HS256 key for stream tokens issued by the listen role (default: random per process)."""
+
+    @classmethod
+    def from_options(cls, opts: Options) -> ArgonService:
+        bot_token = opts.get_str("bot_token", None, secret=True)
+        listen_tokens = [opts.child({"t": t}, f"{opts.key_path('listen_bot_tokens')}[{i}]", line).get_str("t", secret=True)
+                         for i, t, line in opts.items("listen_bot_tokens")]
+        jwt_secret = opts.get_str("jwt_secret", None, secret=True)
+        result = cls(
+            api_url=opts.get_str("api_url", ARGON_API_URL).rstrip("/"),
+            bot_token=Secret(bot_token) if bot_token else None,
+            ingress_path=opts.get_str("ingress_path", ARGON_INGRESS_PATH),
+            stream_token_per_minute=opts.get_int("stream_token_per_minute", 5, minimum=1),
+            listen_bot_tokens=tuple(Secret(t) for t in listen_tokens if t) or ((Secret(bot_token),) if bot_token else ()),
+            jwt_secret=Secret(jwt_secret) if jwt_secret else None,
+        )
+        opts.finish()
+        return result
+
+
+@attrs.frozen
+class VoipbinService:
+    """`services.voipbin`: the VoIPBIN API (dial) and our compatible media server (listen)."""
+
+    api_url: str = VOIPBIN_API_URL
+    """Base URL; media streams are {api_url as ws/wss}/v1.0/calls/{id}/media_stream."""
+    token: Secret | None = None
+    """The `token=` query parameter for dial endpoints."""
+    listen_tokens: tuple[Secret, ...] = ()
+    """Tokens our listen media server accepts (default: token)."""
+
+    @classmethod
+    def from_options(cls, opts: Options) -> VoipbinService:
+        token = opts.get_str("token", None, secret=True)
+        listen_tokens = [opts.child({"t": t}, f"{opts.key_path('listen_tokens')}[{i}]", line).get_str("t", secret=True)
+                         for i, t, line in opts.items("listen_tokens")]
+        result = cls(
+            api_url=opts.get_str("api_url", VOIPBIN_API_URL).rstrip("/"),
+            token=Secret(token) if token else None,
+            listen_tokens=tuple(Secret(t) for t in listen_tokens if t) or ((Secret(token),) if token else ()),
+        )
+        opts.finish()
+        return result
+
+
+@attrs.frozen
+class Services:
+    argon: ArgonService = ArgonService()
+    voipbin: VoipbinService = VoipbinService()
+
+    @classmethod
+    def from_options(cls, opts: Options) -> Services:
+        result = cls(
+            argon=ArgonService.from_options(opts.sub("argon")),
+            voipbin=VoipbinService.from_options(opts.sub("voipbin")),
+        )
+        opts.finish()
+        return result
+
+
+@attrs.frozen
+class EndpointConfig:
+    """One endpoint of a route: `kind` and `role`, and its options (validated by the adapter)."""
+
+    kind: str
+    role: str
+    options: Options = attrs.field(eq=False)
+    where: str = ""
+    """`file:line` of the endpoint, for logs and errors."""
+
+    @property
+    def path(self) -> str:
+        return self.options.path
+
+
+@attrs.frozen
+class RouteConfig:
+    """A route joins two or more endpoints (README, "Routes")."""
+
+    name: str
+    endpoints: tuple[EndpointConfig, ...]
+    jitter_ms: int = 20
+    """How long past its deadline a packet waits for late audio before silence fills it."""
+    max_delay_ms: int = 200
+    """Audio buffered beyond this for one sink is dropped (oldest first) to bound latency."""
+    restart: str = "on-failure"
+    """`on-failure`: restart with backoff after an error that is not permanent; `never`."""
+    where: str = ""
+
+    @classmethod
+    def from_options(cls, opts: Options) -> RouteConfig:
+        name = opts.get_str("name", allow_empty=False)
+        endpoints = []
+        for i, item, line in opts.items("endpoints", required=True):
+            path = f"{opts.key_path('endpoints')}[{i}]"
+            where = f"{opts.filename}:{line}"
+            if not isinstance(item, Mapping) or len(item) != 1:
+                raise ConfigError(
+                    f"{where}: {path}: expected a mapping with one key, the endpoint kind "
+                    f"({', '.join(ENDPOINT_KINDS)}), e.g. `- voipbin: {{call_id: ...}}`"
+                )
+            (kind, body), = item.items()
+            if kind not in ENDPOINT_KINDS:
+                raise ConfigError(f"{where}: {path}: unknown endpoint kind {kind!r}, expected one of {', '.join(ENDPOINT_KINDS)}")
+            eopts = opts.child(body if body is not None else {}, f"{path}.{kind}", line)
+            role = eopts.get_choice("role", ROLES, "dial")
+            endpoints.append(EndpointConfig(kind, role, eopts, where))
+        if len(endpoints) < 2:
+            raise opts.error("endpoints", f"a route joins two or more endpoints, got {len(endpoints)}")
+        result = cls(
+            name=name,
+            endpoints=tuple(endpoints),
+            jitter_ms=opts.get_int("jitter_ms", 20, minimum=0, maximum=1000),
+            max_delay_ms=opts.get_int("max_delay_ms", 200, minimum=20, maximum=10000),
+            restart=opts.get_choice("restart", ("on-failure", "never"), "on-failure"),
+            where=f"{opts.filename}:{opts.line}",
+        )
+        opts.finish()
+        return result
+
+
+@attrs.frozen
+class GatewayConfig:
+    """The whole configuration file."""
+
+    server: ServerConfig
+    services: Services
+    routes: tuple[RouteConfig, ...]
+    filename: str = "<config>"
+
+    @classmethod
+    def from_text(cls, text: str, filename: str = "<config>", env: Mapping[str, str] | None = None) -> GatewayConfig:
+        """Parse and validate; raises ConfigError naming file, line and key."""
+        data = load_yaml(text, filename)
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{filename}:1: expected a mapping with server, services and routes")
+        opts = Options(data, filename=filename, env=env)
+        server = ServerConfig.from_options(opts.sub("server"))
+        services = Services.from_options(opts.sub("services"))
+        routes = []
+        names: set[str] = set()
+        for i, item, line in opts.items("routes"):
+            route = RouteConfig.from_options(opts.child(item, f"routes[{i}]", line))
+            if route.name in names:
+                raise ConfigError(f"{filename}:{line}: routes[{i}].name: duplicate route name {route.name!r}")
+            names.add(route.name)
+            routes.append(route)
+        opts.finish()
+        return cls(server=server, services=services, routes=tuple(routes), filename=filename)
+
+    @classmethod
+    def load(cls, path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the configuration: {err.strerror}") from None
+        return cls.from_text(text, str(path), env)

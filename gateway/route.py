@@ -1,0 +1,350 @@
+"""Routes: endpoints joined through codec chains, paced on a media clock, mixed (mix-minus).
+
+For every source → sink pair the route plans a decode chain (source wire format → the sink's
+PCM format: decode, channel mix, resample) that runs in the source's task, on `emit`. Each sink
+has one pacer task: it owns one `Reframer` per source (the playout buffer), and at absolute
+deadlines `anchor + k·ptime` (trio.sleep_until semantics, so no drift) it takes one ptime from
+each, mixes them (a sink never hears itself: mix-minus), encodes, and calls `sink.send`.
+
+Playout rules, per sink (DESIGN.md, "Route"):
+- The clock anchors when the first whole packet of audio is buffered, so the first packet goes
+  out at once and the added latency is processing plus at most `jitter_ms` of waiting.
+- At each deadline a source that is short waits up to `jitter_ms` for its audio; then its slot
+  is filled with silence (counted `late`) and the late audio, when it arrives, is discarded up
+  to the concealed amount (counted `dropped`) so latency returns to its target at once.
+- A source short for `IDLE_AFTER` packets in a row is idle: no more waiting for it; silence
+  flows. When every source was idle, the clock re-anchors on the next audio.
+- Audio buffered beyond `max_delay_ms` is dropped oldest first (bounded latency, bounded memory).
+- When a source ends, what it buffered is played out (the last packet padded), then the route
+  ends; every endpoint says its protocol's goodbye.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import attrs
+import numpy as np
+import trio
+
+from gateway.codecs import Chain, Reframer, plan
+from gateway.codecs.formats import AudioFrame, Frame
+from gateway.endpoint import Endpoint
+from gateway._util import collapse
+from gateway.errors import CallEnded
+
+log = logging.getLogger("gateway.route")
+
+SINK_QUEUE = 64  # frames queued for one sink pacer before the newest are dropped
+IDLE_AFTER = 5  # consecutive short packets after which a source counts as idle
+GOODBYE_DEADLINE = 2.0  # seconds for every endpoint to say goodbye when a route stops
+_END = None  # end-of-stream marker in a sink queue
+
+
+@attrs.define
+class RouteStats:
+    """What a route did, for the report, the control API and the demo."""
+
+    started_at: float | None = None
+    """trio clock time when every endpoint was connected."""
+    ended_at: float | None = None
+    ended_by: str = ""
+    """Which endpoint ended the route and how (e.g. "voipbin: call ended: closed (1006)")."""
+    sessions: int = 0
+    """Times the route came up (restarts and listen sessions included)."""
+
+
+@attrs.define
+class _Leg:
+    """One source → sink pair: the decode chain and the index of the source at the sink."""
+
+    chain: Chain
+    queue: trio.MemorySendChannel
+    slot: int
+    sink: Endpoint
+
+
+class Route:
+    """Joins two or more endpoints. One `run()` is one session of the route.
+
+    `jitter_ms` and `max_delay_ms` come from the route config (README, "Routes").
+    """
+
+    def __init__(self, name: str, endpoints: Sequence[Endpoint], *, jitter_ms: int = 20, max_delay_ms: int = 200) -> None:
+        if len(endpoints) < 2:
+            raise ValueError(f"route {name}: a route joins two or more endpoints")
+        self.name = name
+        self.endpoints = list(endpoints)
+        self.jitter_ms = jitter_ms
+        self.max_delay_ms = max_delay_ms
+        self.stats = RouteStats()
+        self.log = logging.LoggerAdapter(log, {"route": name})
+        self.sources = [e for e in self.endpoints if e.ingress is not None]
+        self.sinks = [e for e in self.endpoints if e.egress is not None]
+        if not self.sources or not self.sinks:
+            raise ValueError(f"route {name}: needs at least one endpoint that produces audio and one that takes it")
+        self.up = trio.Event()
+
+    # ----------------------------------------------------------------------------- plumbing
+    def _legs(self) -> tuple[dict[int, list[_Leg]], dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]]]:
+        """Plan every source → sink chain; returns legs by source and queues by sink."""
+        legs: dict[int, list[_Leg]] = {id(s): [] for s in self.sources}
+        queues: dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]] = {}
+        for sink in self.sinks:
+            send, recv = trio.open_memory_channel(SINK_QUEUE)
+            feeding = [s for s in self.sources if s is not sink]
+            queues[id(sink)] = (recv, feeding)
+            for slot, source in enumerate(feeding):
+                chain = plan(source.ingress, sink.egress.as_pcm())
+                legs[id(source)].append(_Leg(chain, send, slot, sink))
+                self.log.debug("%s → %s: %s", source.name, sink.name, chain)
+        return legs, queues
+
+    def _emitter(self, legs: list[_Leg]):
+        """The synchronous `emit` a source calls per frame: decode for each sink, queue, never block."""
+
+        def emit(frame: Frame) -> None:
+            for leg in legs:
+                for out in leg.chain.process(frame):
+                    try:
+                        leg.queue.send_nowait((leg.slot, out))
+                    except trio.WouldBlock:
+                        leg.sink.stats.dropped += 1
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the sink's pacer has finished; the route is ending
+
+        return emit
+
+    # ---------------------------------------------------------------------------------- run
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> str:
+        """Run one session: connect every endpoint, stream until one ends, say goodbye.
+
+        Returns how the route ended ("file: end of file", ...). Raises what an endpoint raised
+        (ServiceError, RemoteProtocolError, OSError...) after the others said goodbye.
+        """
+        legs, queues = self._legs()
+        done = trio.Event()
+        ended_by: list[str] = []
+        failures: list[Exception] = []
+
+        def finish(reason: str) -> None:
+            if not done.is_set():
+                ended_by.append(reason)
+                done.set()
+
+        async def run_endpoint(ep: Endpoint, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            emit = self._emitter(legs.get(id(ep), []))
+            started = False
+
+            def mark_started() -> None:
+                nonlocal started
+                started = True
+                task_status.started()
+
+            try:
+                await ep.run(emit, task_status=_Started(mark_started))
+                reason = f"{ep.name}: ended"
+            except BaseException as raised:
+                err = collapse(raised)
+                if isinstance(err, CallEnded):
+                    reason = f"{ep.name}: {err.reason}"
+                elif isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
+                    if not started:
+                        raise err from None  # a failed connect fails the route's start
+                    if done.is_set():
+                        return  # the route is closing: peers going away now is expected
+                    failures.append(err)
+                    finish(f"{ep.name}: failed: {err}")
+                    return
+                else:
+                    raise
+            self.log.info("endpoint %s ended: %s", ep.name, reason)
+            if ep.ingress is not None and legs.get(id(ep)):
+                for leg in legs[id(ep)]:
+                    try:
+                        leg.queue.send_nowait((leg.slot, _END))
+                    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                # the sinks' pacers play out what this source buffered, then the route ends
+                with trio.move_on_after(self.max_delay_ms / 1000 + 1.0):
+                    await drained[id(ep)].wait()
+            finish(reason)
+
+        drained = {id(s): trio.Event() for s in self.sources}
+
+        try:
+            async with trio.open_nursery() as nursery:
+                # Listen endpoints first: the route comes up when their clients connect (no
+                # outgoing stream is held open for nobody). Then the other peers, concurrently;
+                # local sources (files) last, so a file plays from its beginning to someone.
+                listen = [e for e in self.endpoints if e.role == "listen"]
+                peers = [e for e in self.endpoints if e.role != "listen" and not e.local_source]
+                local = [e for e in self.endpoints if e.local_source]
+                await _start_all(nursery, run_endpoint, listen)
+                await _start_all(nursery, run_endpoint, peers)
+                for sink in self.sinks:
+                    recv, feeding = queues[id(sink)]
+                    nursery.start_soon(self._pace, sink, recv, feeding, drained)
+                await _start_all(nursery, run_endpoint, local)
+                self.stats.started_at = trio.current_time()
+                self.stats.sessions += 1
+                self.up.set()
+                self.log.info("route up: %s", ", ".join(e.describe() for e in self.endpoints))
+                task_status.started()
+                await done.wait()
+                reason = ended_by[0] if ended_by else "stopped"
+                self.stats.ended_by = reason
+                await self._goodbye()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            await self._goodbye()
+            raise
+        finally:
+            self.stats.ended_at = trio.current_time()
+        if failures:
+            self.log.warning("route ended: %s", reason)
+            raise failures[0]
+        self.log.info("route ended: %s", reason)
+        return reason
+
+    async def _goodbye(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for ep in self.endpoints:
+                    nursery.start_soon(_quiet_goodbye, ep, self.log)
+
+    # -------------------------------------------------------------------------------- pacer
+    async def _pace(
+        self,
+        sink: Endpoint,
+        recv: trio.MemoryReceiveChannel,
+        feeding: list[Endpoint],
+        drained: dict[int, trio.Event],
+    ) -> None:
+        """Send one packet per ptime to `sink` on absolute deadlines (see the module doc)."""
+        pcm_format = sink.egress.as_pcm()
+        n = pcm_format.samples(sink.ptime_ms)
+        ptime = sink.ptime_ms / 1000
+        grace = self.jitter_ms / 1000
+        max_buffer = max(pcm_format.samples(self.max_delay_ms), 2 * n)
+        encoder = plan(pcm_format, sink.egress)
+        buffers = [Reframer(pcm_format, sink.ptime_ms) for _ in feeding]
+        owed = [0] * len(feeding)  # samples concealed whose late audio is still to be discarded
+        short_run = [IDLE_AFTER] * len(feeding)  # consecutive short packets (starts idle)
+        ended = [False] * len(feeding)
+        stats = sink.stats
+        timestamp = 0
+
+        def accept(item: tuple[int, AudioFrame | None]) -> None:
+            slot, frame = item
+            if frame is _END:
+                ended[slot] = True
+                return
+            buf = buffers[slot]
+            buf.push(frame)
+            if owed[slot]:
+                dropped = buf.drop(min(owed[slot], buf.buffered))
+                owed[slot] -= dropped
+                stats.dropped += math.ceil(dropped / n) if dropped else 0
+            if buf.buffered > max_buffer:
+                stats.dropped += math.ceil(buf.drop(buf.buffered - max_buffer) / n)
+
+        def ready(slot: int) -> bool:
+            return buffers[slot].buffered >= n or ended[slot]
+
+        anchor: float | None = None
+        k = 0
+        with recv:
+            while True:
+                if anchor is None:
+                    item = await recv.receive()
+                    accept(item)
+                    if any(b.buffered >= n for b in buffers) or all(ended):
+                        anchor, k = trio.current_time(), 0
+                    continue
+                deadline = anchor + k * ptime
+                now = trio.current_time()
+                if now > deadline + 2 * ptime:
+                    # We fell behind (stalled loop): re-anchor rather than burst.
+                    anchor = now - k * ptime
+                    deadline = now
+                with trio.move_on_at(deadline):
+                    while True:
+                        accept(await recv.receive())
+                waiting = [i for i in range(len(buffers)) if short_run[i] < IDLE_AFTER and not ready(i)]
+                if waiting:
+                    with trio.move_on_at(deadline + grace):
+                        while any(not ready(i) for i in waiting):
+                            accept(await recv.receive())
+                # Take one ptime from each source; mix-minus (the sink is never among `feeding`).
+                mixed: np.ndarray | None = None
+                contributors = 0
+                for i, buf in enumerate(buffers):
+                    frame = buf.pop()
+                    if frame is None and ended[i] and buf.buffered:
+                        frame = buf.flush()[0]
+                    if frame is None:
+                        if short_run[i] < IDLE_AFTER and not ended[i]:
+                            # Late: conceal this slot; its audio is stale once it arrives.
+                            stats.late += 1
+                            stale = buf.drop(buf.buffered)
+                            owed[i] = min(owed[i] + n - stale, max_buffer)
+                        short_run[i] = min(short_run[i] + 1, IDLE_AFTER)
+                        if short_run[i] >= IDLE_AFTER:
+                            owed[i] = 0
+                        continue
+                    short_run[i] = 0
+                    contributors += 1
+                    mixed = frame.pcm if mixed is None else _mix(mixed, frame.pcm)
+                if mixed is None:
+                    mixed = np.zeros((n, pcm_format.channels), dtype=np.int16)
+                frame = AudioFrame(mixed, pcm_format.rate, timestamp)
+                timestamp += n
+                for out in encoder.process(frame):
+                    await sink.send(out)
+                k += 1
+                for i, source in enumerate(feeding):
+                    if ended[i] and buffers[i].buffered == 0:
+                        drained[id(source)].set()
+                if all(ended) and all(b.buffered == 0 for b in buffers):
+                    return
+                if contributors == 0 and all(s >= IDLE_AFTER for s in short_run):
+                    # Everyone idle: silence keeps flowing; when audio comes back the clock
+                    # re-anchors on it, so it goes out at once instead of up to a ptime later.
+                    with trio.move_on_at(anchor + k * ptime):
+                        while not any(b.buffered >= n for b in buffers):
+                            accept(await recv.receive())
+                        anchor = trio.current_time() - k * ptime
+
+
+def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sum two int16 (samples, channels) blocks with saturation."""
+    return np.clip(a.astype(np.int32) + b, -32768, 32767).astype(np.int16)
+
+
+class _Started:
+    """A task_status stand-in that tells the route when an endpoint called started()."""
+
+    def __init__(self, callback) -> None:
+        self._callback = callback
+
+    def started(self, value: object = None) -> None:
+        self._callback()
+
+
+async def _start_all(nursery: trio.Nursery, run_endpoint, endpoints: list[Endpoint]) -> None:
+    """Start every endpoint concurrently in `nursery`; return once all called started()."""
+    if not endpoints:
+        return
+    async with trio.open_nursery() as starters:
+        for ep in endpoints:
+            starters.start_soon(nursery.start, run_endpoint, ep)
+
+
+async def _quiet_goodbye(ep: Endpoint, logger: logging.LoggerAdapter) -> None:
+    try:
+        await ep.goodbye()
+    except Exception as err:  # goodbye is best effort: the peer may already be gone
+        logger.debug("goodbye of %s failed: %r", ep.name, err)

@@ -1,0 +1,48 @@
+"""What every endpoint may need from the running daemon: config, listen servers, HTTP client,
+shared limiters. One `Runtime` per process; tests build one with ephemeral ports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import httpx
+
+from gateway.config.schema import GatewayConfig
+from gateway.server import HttpServer, MediaServer
+
+
+@attrs.define
+class Runtime:
+    config: GatewayConfig
+    http: HttpServer = attrs.Factory(HttpServer)
+    """REST listen server (`server.http`); routes register token endpoints on it."""
+    media: MediaServer = attrs.Factory(MediaServer)
+    """WebSocket listen server (`server.media`); listen endpoints register paths on it."""
+    client: httpx.AsyncClient | None = None
+    """Shared HTTP client for dial-side REST calls (created by the daemon inside trio)."""
+    shared: dict[Any, Any] = attrs.Factory(dict)
+    """Per-process singletons keyed by their owner (rate limiters, listen registries)."""
+
+    def singleton(self, key: Any, factory) -> Any:
+        if key not in self.shared:
+            self.shared[key] = factory()
+        return self.shared[key]
+
+    def media_url(self) -> str:
+        """Base ws:// URL of the media listen socket, as clients should use it."""
+        server = self.config.server
+        if server.media_url:
+            return server.media_url.rstrip("/")
+        if server.media is None:
+            raise RuntimeError("server.media is not configured")
+        host = server.media.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        port = self.media.port or server.media.port
+        return f"ws://{host}:{port}"
+
+    def http_client(self) -> httpx.AsyncClient:
+        if self.client is None:
+            self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0))
+        return self.client

@@ -1,0 +1,69 @@
+"""What a listener checks, as numbers: does the audio that arrived match what was sent?"""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """int16 (samples, channels) and the rate."""
+    with wave.open(str(path)) as w:
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
+        return data, w.getframerate()
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, rate: int) -> None:
+    pcm = pcm.reshape(pcm.shape[0], -1)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(pcm.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+
+
+def best_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int, max_lag_s: float = 1.0) -> tuple[float, float]:
+    """Normalized correlation of `received` with `reference` (mono float) at the best lag.
+
+    The reference is resampled to `rate`; returns (correlation in [-1, 1], lag in seconds by
+    which `received` trails the reference). A broken path (noise, wrong byte order, wrong
+    rate, silence) gives a correlation near 0.
+    """
+    ref = reference.astype(np.float64)
+    if ref.ndim > 1:
+        ref = ref.mean(axis=1)
+    got = received.astype(np.float64)
+    if got.ndim > 1:
+        got = got.mean(axis=1)
+    if ref_rate != rate:
+        ref = soxr.resample(ref, ref_rate, rate, quality="VHQ")
+    max_lag = int(max_lag_s * rate)
+    n = len(ref) + len(got)
+    size = 1 << (n - 1).bit_length()
+    spectrum = np.fft.rfft(got, size) * np.conj(np.fft.rfft(ref, size))
+    xcorr = np.fft.irfft(spectrum, size)[: max_lag + 1]
+    lag = int(np.argmax(xcorr))
+    overlap = min(len(ref), len(got) - lag)
+    if overlap <= 0:
+        return 0.0, lag / rate
+    a = ref[:overlap]
+    b = got[lag : lag + overlap]
+    denom = np.sqrt(np.dot(a, a) * np.dot(b, b))
+    return (float(np.dot(a, b) / denom) if denom else 0.0), lag / rate
+
+
+def active_duration(pcm: np.ndarray, rate: int, threshold_db: float = -50.0) -> float:
+    """Seconds between the first and last 10 ms block louder than `threshold_db` dBFS."""
+    x = pcm.astype(np.float64)
+    if x.ndim > 1:
+        x = x.mean(axis=1)
+    block = rate // 100
+    blocks = x[: len(x) // block * block].reshape(-1, block)
+    level = 10 * np.log10(np.mean(blocks**2, axis=1) / 32768.0**2 + 1e-20)
+    loud = np.nonzero(level > threshold_db)[0]
+    if len(loud) == 0:
+        return 0.0
+    return (loud[-1] - loud[0] + 1) / 100
