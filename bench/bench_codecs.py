@@ -1,0 +1,120 @@
+"""Codec stage costs per 20 ms frame, and the resampler's measured delay and rejection.
+
+Run: .venv/bin/python bench/bench_codecs.py   (one core; compare with DESIGN.md's table)
+"""
+
+from __future__ import annotations
+
+import timeit
+
+import numpy as np
+
+from gateway.codecs import (
+    OPUS_48K,
+    PCM16_48K_STEREO,
+    PCMU_8K,
+    AudioFrame,
+    ChannelMixer,
+    G711Decoder,
+    G711Encoder,
+    OpusDecoder,
+    OpusEncoder,
+    Reframer,
+    Resampler,
+    plan,
+)
+
+PAIRS = [(8000, 48000), (48000, 8000), (16000, 48000), (48000, 16000), (8000, 16000), (16000, 8000)]
+RUNS = 2000
+
+
+def speechlike(rate: int, samples: int, channels: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    t = np.arange(samples) / rate
+    x = 6000 * np.sin(2 * np.pi * 220 * t)[:, None] + rng.normal(0, 1500, (samples, channels))
+    return np.clip(x, -32768, 32767).astype(np.int16)
+
+
+def per_frame_us(fn) -> float:
+    fn()
+    return min(timeit.repeat(fn, number=RUNS, repeat=3)) / RUNS * 1e6
+
+
+def row(name: str, us: float, extra: str = "") -> None:
+    print(f"  {name:<34} {us:7.1f} us/frame  {extra}")
+
+
+def level_db(y: np.ndarray) -> np.ndarray:
+    return 20 * np.log10(np.abs(np.fft.rfft(y * np.kaiser(len(y), 16))) + 1e-9)
+
+
+def run(res: Resampler, x: np.ndarray) -> np.ndarray:
+    n = res.in_rate // 50
+    return np.concatenate(
+        [f.pcm[:, 0] for i in range(0, len(x), n) for f in res.process(AudioFrame(x[i : i + n, None], res.in_rate, i))]
+    ).astype(float)
+
+
+def rejection_db(a: int, b: int) -> float:
+    """Worst image (upsampling) or alias (downsampling) level below a passband tone, dB."""
+    tone = lambda f: np.rint(16000 * np.sin(2 * np.pi * f * np.arange(a) / a)).astype(np.int16)  # noqa: E731
+    ref_out = run(Resampler(a, b), tone(1000.0))
+    ref = level_db(ref_out).max()
+    low = min(a, b)
+    if b > a:  # images: everything at or above the input Nyquist frequency
+        freqs = np.fft.rfftfreq(len(ref_out), 1 / b)
+        worst = max(level_db(run(Resampler(a, b), tone(f)))[freqs >= a / 2].max() for f in (1000.0, 0.41 * a))
+    else:  # aliases of stopband tones, anywhere in the output
+        stop = [f * low / 2 + 13 for f in (1.03, 1.5, 2.3, 2.9) if f * low / 2 + 13 < a / 2]
+        worst = max(level_db(run(Resampler(a, b), tone(f))).max() for f in stop)
+    return ref - worst
+
+
+def main() -> None:
+    print("Resampler (polyphase FIR), 20 ms frames")
+    for a, b in PAIRS:
+        for ch in (1, 2):
+            res = Resampler(a, b, ch)
+            frame = AudioFrame(speechlike(a, a // 50, ch), a, 0)
+            extra = f"delay {1000 * res.delay / b:.2f} ms" + (f", rejection {rejection_db(a, b):.1f} dB" if ch == 1 else "")
+            row(f"{a // 1000}k -> {b // 1000}k {'stereo' if ch == 2 else 'mono'}", per_frame_us(lambda: res.process(frame)), extra)
+    res = Resampler(44100, 48000, 2)
+    frame = AudioFrame(speechlike(44100, 882, 2), 44100, 0)
+    row("44.1k -> 48k stereo (soxr HQ)", per_frame_us(lambda: res.process(frame)), f"latency ~{1000 * res.delay / 48000:.1f} ms")
+
+    print("G.711 u-law, 160 samples")
+    pcm8 = AudioFrame(speechlike(8000, 160, 1), 8000, 0)
+    enc, dec = G711Encoder(), G711Decoder()
+    (ulaw,) = enc.process(pcm8)
+    row("encode", per_frame_us(lambda: enc.process(pcm8)))
+    row("decode", per_frame_us(lambda: dec.process(ulaw)))
+
+    print("Opus 48 kHz, 960 samples, default bitrate")
+    packets = {}
+    for ch in (1, 2):
+        enc = OpusEncoder(ch, 20)
+        frame = AudioFrame(speechlike(48000, 960, ch), 48000, 0)
+        (packet,) = enc.process(frame)
+        packets[ch] = packet
+        dec = OpusDecoder(ch)
+        name = "stereo" if ch == 2 else "mono"
+        row(f"encode {name}", per_frame_us(lambda: enc.process(frame)), f"{len(packet.payload)} bytes, lookahead {enc.delay}")
+        row(f"decode {name}", per_frame_us(lambda: dec.process(packet)))
+        row(f"conceal {name} (PLC)", per_frame_us(lambda: dec.conceal(960)))
+
+    print("Mixer, reframer, whole chains")
+    stereo = AudioFrame(speechlike(48000, 960, 2), 48000, 0)
+    mono = AudioFrame(speechlike(48000, 960, 1), 48000, 0)
+    down, up = ChannelMixer(2, 1, rate=48000), ChannelMixer(1, 2, rate=48000)
+    row("stereo -> mono 48k", per_frame_us(lambda: down.process(stereo)))
+    row("mono -> stereo 48k", per_frame_us(lambda: up.process(mono)))
+    ref = Reframer(PCM16_48K_STEREO, 20)
+    row("reframer 48k stereo (push + pop)", per_frame_us(lambda: ref.process(stereo)))
+    to_opus = plan(PCMU_8K, OPUS_48K, ptime_ms=20)
+    row(f"PCMU -> Opus ({to_opus.delay_ms:.1f} ms)", per_frame_us(lambda: to_opus.process(ulaw)))
+    to_ulaw = plan(OPUS_48K, PCMU_8K, ptime_ms=20)
+    row(f"Opus -> PCMU ({to_ulaw.delay_ms:.1f} ms)", per_frame_us(lambda: to_ulaw.process(packets[1])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Opus encoder and decoder stages (RFC 6716) over libopus, through opuslib's ctypes binding.
+
+opuslib 3.0.1 owns the codec states (`opuslib.Encoder` / `opuslib.Decoder`, freed in their
+`__del__`), but its per-call wrappers are not used on the frame path: `Encoder.encode`
+allocates an output buffer as large as the input, `Decoder.decode` converts the PCM through a
+Python list of ints, `Decoder.decode(None, ...)` (PLC) fails on `len(None)`, and the `dtx` and
+`inband_fec` property setters are broken (they call the getter, or drop the value). So this
+module calls `opus_encode` / `opus_decode` itself with buffers allocated once per stream, and
+sets CTLs through `opuslib.api.*.encoder_ctl`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import attrs
+import numpy as np
+import opuslib
+import opuslib.api
+import opuslib.api.ctl
+import opuslib.api.decoder
+import opuslib.api.encoder
+
+from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, AudioFormat, AudioFrame, EncodedFrame, Encoding, Frame
+from gateway.codecs.stage import check_encoded, check_pcm
+from gateway.errors import LocalProtocolError, RemoteProtocolError
+
+OPUS_RATE = 48000  # Hz; this gateway runs Opus at 48 kHz only
+SAMPLES_PER_MS = OPUS_RATE // 1000
+PLC_GRANULE = OPUS_RATE // 400  # 120 samples = 2.5 ms: PLC/FEC sizes are multiples of this
+MAX_FRAME_SAMPLES = 5760  # 120 ms at 48 kHz, the longest packet (RFC 6716 §3.2.5)
+MAX_PACKET_BYTES = 4000  # output buffer; libopus's recommended maximum packet size
+#: Frame durations (ms) the encoder takes: 2.5 ms is not a whole ms; 80-120 ms need libopus >= 1.2.
+OPUS_PTIMES_MS = (5, 10, 20, 40, 60, 80, 100, 120)
+OPUS_FRAME_SAMPLES = frozenset([PLC_GRANULE] + [ms * SAMPLES_PER_MS for ms in OPUS_PTIMES_MS])
+FEC_PACKET_LOSS_PERC = 10  # expected loss (%) told to the encoder when FEC is on; 0 disables FEC
+APPLICATIONS = {
+    "audio": opuslib.APPLICATION_AUDIO,
+    "voip": opuslib.APPLICATION_VOIP,
+    "restricted_lowdelay": opuslib.APPLICATION_RESTRICTED_LOWDELAY,
+}
+
+_lib = opuslib.api.libopus
+# Private function objects (CDLL[name] makes a new one), so our argtypes do not touch opuslib's.
+_encode = _lib["opus_encode"]
+_encode.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int32)
+_encode.restype = ctypes.c_int32
+_decode = _lib["opus_decode"]
+_decode.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+_decode.restype = ctypes.c_int
+_packet_parse = _lib["opus_packet_parse"]  # validates the framing (RFC 6716 §3.2); NULL outputs allowed
+_packet_parse.argtypes = (ctypes.c_char_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+_packet_parse.restype = ctypes.c_int
+_packet_get_samples_per_frame = _lib["opus_packet_get_samples_per_frame"]
+_packet_get_samples_per_frame.argtypes = (ctypes.c_char_p, ctypes.c_int32)
+_packet_get_samples_per_frame.restype = ctypes.c_int
+MAX_FRAMES_PER_PACKET = 48  # RFC 6716 §3.2.5: at most 48 frames (120 ms of 2.5 ms frames)
+_packet_get_nb_channels = _lib["opus_packet_get_nb_channels"]
+_packet_get_nb_channels.argtypes = (ctypes.c_char_p,)
+_packet_get_nb_channels.restype = ctypes.c_int
+_strerror = _lib["opus_strerror"]
+_strerror.argtypes = (ctypes.c_int,)
+_strerror.restype = ctypes.c_char_p
+
+
+def opus_strerror(code: int) -> str:
+    """libopus's text for a negative error code ("corrupted stream", "invalid argument", ...)."""
+    return _strerror(code).decode("ascii", "replace")
+
+
+def _invalid(packet: bytes, cause: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"invalid Opus packet ({len(packet)} bytes): {cause}", close_code=1007)
+
+
+def packet_samples(packet: bytes) -> int:
+    """Duration of one Opus packet in samples per channel at 48 kHz: frames x samples per
+    frame from the TOC byte (RFC 6716 §3.1). The framing (code 0-3 frame lengths, padding,
+    the 120 ms limit, §3.2) is checked without decoding; raises RemoteProtocolError (close
+    code 1007) for an empty or malformed packet."""
+    if not packet:
+        raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
+    sizes = (ctypes.c_int16 * MAX_FRAMES_PER_PACKET)()
+    frames = _packet_parse(packet, len(packet), None, None, ctypes.addressof(sizes), None)
+    if frames < 0:
+        raise _invalid(packet, opus_strerror(frames))
+    return frames * _packet_get_samples_per_frame(packet, OPUS_RATE)
+
+
+def packet_channels(packet: bytes) -> int:
+    """Channels coded in an Opus packet (1 or 2, the TOC's s bit, RFC 6716 §3.1).
+    Raises RemoteProtocolError (1007) for an empty packet."""
+    if not packet:
+        raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
+    return _packet_get_nb_channels(packet)
+
+
+def _opus_format(channels: int) -> AudioFormat:
+    if channels == 1:
+        return OPUS_48K
+    if channels == 2:
+        return OPUS_48K_STEREO
+    raise ValueError(f"Opus channels must be 1 or 2, got {channels}")
+
+
+@attrs.define(eq=False)
+class OpusEncoder:
+    """PCM16 48 kHz `AudioFrame` -> one Opus packet per frame (`EncodedFrame`, OPUS_48K or
+    OPUS_48K_STEREO).
+
+    Each input frame must hold exactly `ptime_ms` of audio (48 * ptime_ms samples); with
+    `ptime_ms=None` any Opus frame size is taken (2.5, 5, 10, 20, 40, 60, 80, 100 or 120 ms).
+    Other sizes, rates or channel counts raise LocalProtocolError. DTX is off unless asked
+    for: with DTX the encoder sends 1-2 byte packets in silence, which Argon rejects; without
+    it silence still codes to >= 3 bytes. `delay` is the encoder lookahead (OPUS_GET_LOOKAHEAD:
+    312 samples = 6.5 ms for 'audio' and 'voip', 120 = 2.5 ms for 'restricted_lowdelay').
+    """
+
+    channels: int
+    """1 or 2."""
+    ptime_ms: int | None
+    """Frame duration in ms (one of OPUS_PTIMES_MS), or None for any valid Opus size."""
+    application: str = attrs.field(default="audio", kw_only=True)
+    """'audio', 'voip' or 'restricted_lowdelay' (OPUS_APPLICATION_*)."""
+    bitrate: int | None = attrs.field(default=None, kw_only=True)
+    """Target bits per second (500-512000); None keeps libopus's automatic choice."""
+    dtx: bool = attrs.field(default=False, kw_only=True)
+    """Discontinuous transmission (OPUS_SET_DTX)."""
+    fec: bool = attrs.field(default=False, kw_only=True)
+    """In-band FEC (OPUS_SET_INBAND_FEC), with FEC_PACKET_LOSS_PERC expected loss."""
+    input: AudioFormat = attrs.field(init=False)
+    output: AudioFormat = attrs.field(init=False)
+    delay: int = attrs.field(init=False)
+    _enc: opuslib.Encoder = attrs.field(init=False)
+    _pcm: np.ndarray = attrs.field(init=False)
+    _pcm_addr: int = attrs.field(init=False)
+    _out: ctypes.Array = attrs.field(init=False)
+    _last_ts: int | None = attrs.field(default=None, init=False)
+    _last_samples: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.output = _opus_format(self.channels)
+        self.input = self.output.as_pcm()
+        if self.ptime_ms is not None and self.ptime_ms not in OPUS_PTIMES_MS:
+            raise ValueError(f"Opus ptime must be one of {OPUS_PTIMES_MS} ms, got {self.ptime_ms}")
+        if self.application not in APPLICATIONS:
+            raise ValueError(f"Opus application must be one of {sorted(APPLICATIONS)}, got {self.application!r}")
+        self._enc = opuslib.Encoder(OPUS_RATE, self.channels, APPLICATIONS[self.application])
+        self._configure()
+        self.delay = self._enc.lookahead
+        self._pcm = np.zeros((MAX_FRAME_SAMPLES, self.channels), dtype=np.int16)
+        self._pcm_addr = self._pcm.ctypes.data  # stays valid: self._pcm owns the memory
+        self._out = ctypes.create_string_buffer(MAX_PACKET_BYTES)
+
+    def _configure(self) -> None:
+        state, ctl = self._enc.encoder_state, opuslib.api.ctl
+        set_ = opuslib.api.encoder.encoder_ctl
+        try:
+            if self.bitrate is not None:
+                set_(state, ctl.set_bitrate, self.bitrate)
+            set_(state, ctl.set_dtx, int(self.dtx))
+            set_(state, ctl.set_inband_fec, int(self.fec))
+            set_(state, ctl.set_packet_loss_perc, FEC_PACKET_LOSS_PERC if self.fec else 0)
+        except opuslib.OpusError as exc:
+            raise ValueError(f"Opus encoder rejected the settings (bitrate={self.bitrate}): {exc}") from None
+
+    @property
+    def frame_samples(self) -> int | None:
+        """Samples per channel each input frame must have (None: any Opus frame size)."""
+        return None if self.ptime_ms is None else self.ptime_ms * SAMPLES_PER_MS
+
+    def process(self, frame: Frame) -> list[Frame]:
+        frame = check_pcm(frame, self.input, "OpusEncoder")
+        n = frame.pcm.shape[0]
+        expected = self.frame_samples
+        if (n != expected) if expected is not None else (n not in OPUS_FRAME_SAMPLES):
+            want = f"{expected} samples ({self.ptime_ms} ms)" if expected else "an Opus frame size"
+            raise LocalProtocolError(f"OpusEncoder takes frames of {want}, got {n} samples")
+        self._last_ts, self._last_samples = frame.timestamp, n
+        return [EncodedFrame(self._encode(frame.pcm, n), self.output, n, frame.timestamp)]
+
+    def _encode(self, pcm: np.ndarray, n: int) -> bytes:
+        buf = self._pcm
+        buf[:n] = pcm
+        size = _encode(self._enc.encoder_state, self._pcm_addr, n, self._out, MAX_PACKET_BYTES)
+        if size < 0:
+            raise LocalProtocolError(f"opus_encode failed: {opus_strerror(size)}")
+        return ctypes.string_at(self._out, size)
+
+    def flush(self) -> list[Frame]:
+        """Encode silence until the lookahead's worth of the last input is out (one packet of
+        the last frame size for ptimes >= 10 ms), then reset the encoder for a new stream."""
+        if self._last_ts is None:
+            return []
+        n = self._last_samples
+        ts = self._last_ts + n
+        frames: list[Frame] = []
+        silence = np.zeros((n, self.channels), dtype=np.int16)
+        for _ in range(-(-self.delay // n)):
+            frames.append(EncodedFrame(self._encode(silence, n), self.output, n, ts))
+            ts += n
+        opuslib.api.encoder.encoder_ctl(self._enc.encoder_state, opuslib.api.ctl.reset_state)
+        self._last_ts = None
+        return frames
+
+
+@attrs.define(eq=False)
+class OpusDecoder:
+    """One Opus packet per `EncodedFrame` -> PCM16 48 kHz `AudioFrame` of `channels`.
+
+    Decodes any valid packet (2.5 to 120 ms, mono or stereo coded; libopus up- or down-mixes to
+    `channels`); the frame has the packet's real duration. A malformed packet raises
+    RemoteProtocolError with close code 1007 naming libopus's reason; a frame of another
+    encoding raises LocalProtocolError. `conceal` fills a gap (PLC, or FEC from the next
+    packet). No delay of its own: the codec delay is the encoder's lookahead.
+    """
+
+    channels: int
+    """Output channels, 1 or 2."""
+    input: AudioFormat = attrs.field(init=False)
+    output: AudioFormat = attrs.field(init=False)
+    delay: int = attrs.field(default=0, init=False)
+    _dec: opuslib.Decoder = attrs.field(init=False)
+    _pcm: np.ndarray = attrs.field(init=False)
+    _pcm_addr: int = attrs.field(init=False)
+    _next_ts: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.input = _opus_format(self.channels)
+        self.output = self.input.as_pcm()
+        self._dec = opuslib.Decoder(OPUS_RATE, self.channels)
+        self._pcm = np.zeros((MAX_FRAME_SAMPLES, self.channels), dtype=np.int16)
+        self._pcm_addr = self._pcm.ctypes.data
+
+    @property
+    def next_timestamp(self) -> int:
+        """Timestamp just after the last decoded or concealed sample."""
+        return self._next_ts
+
+    def process(self, frame: Frame) -> list[Frame]:
+        frame = check_encoded(frame, Encoding.OPUS, "OpusDecoder")
+        packet = frame.payload
+        if not packet:
+            raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
+        return [self._decode(packet, MAX_FRAME_SAMPLES, False, frame.timestamp)]
+
+    def _decode(self, packet: bytes | None, frame_size: int, fec: bool, timestamp: int) -> AudioFrame:
+        size = len(packet) if packet else 0
+        n = _decode(self._dec.decoder_state, packet, size, self._pcm_addr, frame_size, int(fec))
+        if n < 0:
+            if packet is None:
+                raise LocalProtocolError(f"Opus PLC of {frame_size} samples failed: {opus_strerror(n)}")
+            raise _invalid(packet, opus_strerror(n))
+        self._next_ts = timestamp + n
+        return AudioFrame(self._pcm[:n].copy(), OPUS_RATE, timestamp)
+
+    def conceal(self, samples: int, next_packet: bytes | None = None) -> AudioFrame:
+        """Audio for `samples` lost samples (a multiple of 120 = 2.5 ms, at most 5760).
+
+        Without `next_packet`, libopus's packet loss concealment (opus_decode with no data,
+        RFC 6716 §4.4); with the packet that follows the gap, its in-band FEC data when it
+        has some (decode_fec=1), else PLC. The frame is stamped `next_timestamp`. Raises
+        LocalProtocolError for a bad size, RemoteProtocolError for a malformed next_packet.
+        """
+        if samples <= 0 or samples % PLC_GRANULE or samples > MAX_FRAME_SAMPLES:
+            raise LocalProtocolError(f"Opus can conceal a multiple of {PLC_GRANULE} samples up to {MAX_FRAME_SAMPLES}, not {samples}")
+        if next_packet is not None and not next_packet:
+            raise _invalid(next_packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
+        return self._decode(next_packet, samples, next_packet is not None, self._next_ts)
+
+    def flush(self) -> list[Frame]:
+        """Nothing is held back; resets the decoder state for a new stream."""
+        opuslib.api.decoder.decoder_ctl(self._dec.decoder_state, opuslib.api.ctl.reset_state)
+        return []

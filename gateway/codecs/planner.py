@@ -1,0 +1,156 @@
+"""The planner: the chain of stages that converts one format into another.
+
+Order (DESIGN.md "Codec graph"): decode (G711Decoder / OpusDecoder) -> down-mix (before
+resampling: half the work) -> Resampler -> up-mix (after resampling) -> Reframer (when a
+ptime is asked for; last for PCM, or right before the encoder) -> encode (G711Encoder /
+OpusEncoder). One chain per stream direction: every stage holds that stream's state.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import attrs
+
+from gateway.codecs.formats import AudioFormat, Encoding, Frame
+from gateway.codecs.g711 import G711Decoder, G711Encoder
+from gateway.codecs.mixer import ChannelMixer
+from gateway.codecs.opus import OPUS_PTIMES_MS, OPUS_RATE, OpusDecoder, OpusEncoder
+from gateway.codecs.reframe import Reframer
+from gateway.codecs.resample import Resampler
+from gateway.codecs.stage import Stage
+
+
+@attrs.define(eq=False)
+class Chain:
+    """Stages applied in order; itself a stage from `input` to `output`.
+
+    `process(frame)` returns what the last stage emits for that frame (zero, one or several
+    frames: a Reframer emits only whole frames, a decimating Resampler fed odd sizes may emit
+    a sample more or less). An empty chain passes frames through unchanged.
+    """
+
+    stages: tuple[Stage, ...]
+    """The stages, first to last."""
+    input: AudioFormat
+    """Format `process` accepts."""
+    output: AudioFormat
+    """Format of the frames returned."""
+
+    @property
+    def delay_ms(self) -> float:
+        """Sum of the stages' algorithmic delays, in ms (buffering in a Reframer excluded)."""
+        return sum(1000 * s.delay / s.output.rate for s in self.stages if s.output.rate)
+
+    @property
+    def delay(self) -> int:
+        """`delay_ms` in samples at `output.rate` (rounded)."""
+        return round(self.delay_ms * self.output.rate / 1000)
+
+    def process(self, frame: Frame) -> list[Frame]:
+        frames = [frame]
+        for stage in self.stages:
+            if len(frames) == 1:
+                frames = stage.process(frames[0])
+            else:
+                out: list[Frame] = []
+                for f in frames:
+                    out.extend(stage.process(f))
+                frames = out
+            if not frames:
+                break
+        return frames
+
+    def flush(self) -> list[Frame]:
+        """End of stream: flush each stage in order, feeding its tail through the rest."""
+        frames: list[Frame] = []
+        for stage in self.stages:
+            out: list[Frame] = []
+            for f in frames:
+                out.extend(stage.process(f))
+            out.extend(stage.flush())
+            frames = out
+        return frames
+
+    def __str__(self) -> str:
+        names = " -> ".join(type(s).__name__ for s in self.stages) or "pass-through"
+        return f"{self.input} => {self.output}: {names} ({self.delay_ms:.2f} ms)"
+
+
+def _format_error(fmt: AudioFormat) -> str | None:
+    """Why `fmt` cannot be produced or consumed by the graph, or None if it can."""
+    if fmt.encoding is Encoding.PCMU and (fmt.rate, fmt.channels) != (8000, 1):
+        return f"{fmt}: PCMU is 8 kHz mono only (RFC 3551 §4.5.14)"
+    if fmt.encoding is Encoding.OPUS and (fmt.rate != OPUS_RATE or fmt.channels not in (1, 2)):
+        return f"{fmt}: Opus runs at 48 kHz, mono or stereo, here"
+    if fmt.encoding is Encoding.PCM16 and (fmt.rate <= 0 or fmt.channels not in (1, 2)):
+        return f"{fmt}: PCM needs a positive rate and 1 or 2 channels"
+    return None
+
+
+def plan(
+    src: AudioFormat,
+    dst: AudioFormat,
+    *,
+    ptime_ms: int | None = None,
+    opus_bitrate: int | None = None,
+) -> Chain:
+    """The chain converting frames of `src` into frames of `dst`.
+
+    `ptime_ms`: when given, the output comes in frames of exactly that duration (a Reframer
+    before the encoder, or last for PCM); when None, output frames follow the input's (for an
+    Opus `dst` the caller then promises frames of a valid Opus size). `opus_bitrate` (bit/s)
+    configures an Opus encoder. Same `src` and `dst`: an empty chain (a lone Reframer for PCM
+    with a ptime; encoded frames are never re-coded just to re-frame them).
+
+    Raises ValueError naming both formats when no chain exists (PCMU other than 8 kHz mono,
+    Opus other than 48 kHz, more than 2 channels, a ptime Opus cannot code).
+    """
+    for fmt in (src, dst):
+        if (why := _format_error(fmt)) is not None:
+            raise ValueError(f"cannot convert {src} to {dst}: {why}")
+    if ptime_ms is not None:
+        if ptime_ms <= 0 or dst.as_pcm().samples(ptime_ms) <= 0:
+            raise ValueError(f"cannot convert {src} to {dst}: ptime {ptime_ms} ms is not a positive duration")
+        if dst.encoding is Encoding.OPUS and ptime_ms not in OPUS_PTIMES_MS:
+            raise ValueError(f"cannot convert {src} to {dst}: Opus ptime must be one of {OPUS_PTIMES_MS} ms, not {ptime_ms}")
+
+    if src == dst:
+        stages: list[Stage] = [Reframer(dst, ptime_ms)] if dst.is_pcm and ptime_ms is not None else []
+        return Chain(tuple(stages), src, dst)
+
+    stages = []
+    if src.encoding is Encoding.PCMU:
+        stages.append(G711Decoder())
+    elif src.encoding is Encoding.OPUS:
+        stages.append(OpusDecoder(src.channels))
+    rate, channels = src.rate, src.channels
+    target = dst.as_pcm()
+    if channels > target.channels:
+        stages.append(ChannelMixer(channels, target.channels, rate=rate))
+        channels = target.channels
+    if rate != target.rate:
+        stages.append(Resampler(rate, target.rate, channels))
+        rate = target.rate
+    if channels < target.channels:
+        stages.append(ChannelMixer(channels, target.channels, rate=rate))
+        channels = target.channels
+    if ptime_ms is not None:
+        stages.append(Reframer(target, ptime_ms))
+    if dst.encoding is Encoding.PCMU:
+        stages.append(G711Encoder())
+    elif dst.encoding is Encoding.OPUS:
+        stages.append(OpusEncoder(dst.channels, ptime_ms, bitrate=opus_bitrate))
+    return Chain(tuple(stages), src, dst)
+
+
+def chain_of(stages: Sequence[Stage]) -> Chain:
+    """A Chain of hand-picked stages (input of the first, output of the last). Raises
+    ValueError for an empty list or when one stage's output is not the next one's input."""
+    if not stages:
+        raise ValueError("chain_of needs at least one stage")
+    for a, b in zip(stages, stages[1:]):
+        any_rate = isinstance(b, ChannelMixer) and b.rate is None
+        if a.output != b.input and not (any_rate and attrs.evolve(a.output, rate=0) == b.input):
+            raise ValueError(f"{type(a).__name__} outputs {a.output} but {type(b).__name__} takes {b.input}")
+    return Chain(tuple(stages), stages[0].input, stages[-1].output)
