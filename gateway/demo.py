@@ -65,18 +65,25 @@ def demo_config(http_port: int, media_port: int, *, audio: str, out: str, encaps
     return GatewayConfig.from_text(text, "<demo>")
 
 
-async def start_demo(nursery: trio.Nursery, *, audio: str, out: str, encapsulation: str = "rtp",
-                     frame_ms: int = 20, stereo: bool = False, listen_codec: str = "auto") -> Gateway:
-    """Bind the listen sockets on ephemeral ports, then start the three routes."""
-    runtime = Runtime(GatewayConfig.from_text("server: {http: '127.0.0.1:0', media: '127.0.0.1:0'}", "<demo>"))
+async def start_gateway(nursery: trio.Nursery, make_config) -> Gateway:
+    """Bind `server.http` and `server.media` on ephemeral loopback ports, then build the config
+    with `make_config(http_port, media_port)` and start its routes (the demo's and the tests'
+    way to run routes that point at the same process's listen roles)."""
+    runtime = Runtime(GatewayConfig.from_text("server: {http: '127.0.0.1:0', media: '127.0.0.1:0'}", "<local>"))
     http_port = await nursery.start(serve_http, runtime.http, "127.0.0.1", 0)
     media_port = await nursery.start(serve_media, runtime.media, "127.0.0.1", 0)
-    config = demo_config(http_port, media_port, audio=audio, out=out, encapsulation=encapsulation,
-                         frame_ms=frame_ms, stereo=stereo, listen_codec=listen_codec)
-    gateway = Gateway(config, runtime)
+    gateway = Gateway(make_config(http_port, media_port), runtime)
     gateway.build()
     await nursery.start(gateway.run)
     return gateway
+
+
+async def start_demo(nursery: trio.Nursery, *, audio: str, out: str, encapsulation: str = "rtp",
+                     frame_ms: int = 20, stereo: bool = False, listen_codec: str = "auto") -> Gateway:
+    """The demo's three routes on ephemeral ports."""
+    return await start_gateway(nursery, lambda http_port, media_port: demo_config(
+        http_port, media_port, audio=audio, out=out, encapsulation=encapsulation,
+        frame_ms=frame_ms, stereo=stereo, listen_codec=listen_codec))
 
 
 async def run_demo(audio: str | None, out: str, encapsulation: str, frame_ms: int, stereo: bool) -> int:

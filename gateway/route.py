@@ -229,6 +229,7 @@ class Route:
         ptime = sink.ptime_ms / 1000
         grace = self.jitter_ms / 1000
         max_buffer = max(pcm_format.samples(self.max_delay_ms), 2 * n)
+        jitter_samples = pcm_format.samples(self.jitter_ms)
         encoder = plan(pcm_format, sink.egress)
         buffers = [Reframer(pcm_format, sink.ptime_ms) for _ in feeding]
         owed = [0] * len(feeding)  # samples concealed whose late audio is still to be discarded
@@ -263,6 +264,11 @@ class Route:
                     accept(item)
                     if any(b.buffered >= n for b in buffers) or all(ended):
                         anchor, k = trio.current_time(), 0
+                        # Audio queued while the route came up is stale: start live, keeping
+                        # one packet plus the jitter allowance.
+                        for buf in buffers:
+                            if buf.buffered > n + jitter_samples:
+                                stats.dropped += math.ceil(buf.drop(buf.buffered - n - jitter_samples) / n)
                     continue
                 deadline = anchor + k * ptime
                 now = trio.current_time()

@@ -16,6 +16,9 @@ from trio_websocket import (
 )
 
 from gateway.errors import ServiceError
+from gateway.logs import install_redaction
+
+install_redaction()
 
 CONNECT_TIMEOUT = 10.0  # seconds for TCP + TLS + the opening handshake
 MESSAGE_QUEUE = 32  # messages trio-websocket buffers per connection before its reader waits
@@ -50,15 +53,24 @@ async def dial(
     permanent. The URL's query (tokens) never appears in the error.
     """
     safe = redact_url(url)
+    failed: list[BaseException] = []
     try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            return await connect_websocket_url(
-                nursery,
+        with trio.fail_after(CONNECT_TIMEOUT), trio.CancelScope() as handshake:
+
+            def on_reader_error(err: BaseException) -> None:
+                failed.append(err)
+                handshake.cancel()
+
+            ws = await connect_websocket_url(
+                _ReaderNursery(nursery, on_reader_error),
                 url,
                 message_queue_size=MESSAGE_QUEUE,
                 max_message_size=MAX_MESSAGE,
                 extra_headers=extra_headers,
             )
+        if failed:
+            raise failed[0]
+        return ws
     except trio.TooSlowError:
         raise ServiceError(f"{service}: no answer from {safe} within {CONNECT_TIMEOUT:g} s") from None
     except ConnectionRejected as err:
@@ -68,6 +80,25 @@ async def dial(
         raise ServiceError(message, status=err.status_code, permanent=permanent) from None
     except (OSError, HandshakeError) as err:
         raise ServiceError(f"{service}: cannot connect to {safe}: {err.__class__.__name__}: {err}") from None
+
+
+class _ReaderNursery:
+    """Runs trio-websocket's connection reader in `nursery`, but hands a refused handshake
+    (raised in the reader task, where `connect_websocket_url` cannot see it) to `on_error`,
+    so `dial` translates it at the boundary instead of it escaping as an ExceptionGroup."""
+
+    def __init__(self, nursery: trio.Nursery, on_error) -> None:
+        self._nursery = nursery
+        self._on_error = on_error
+
+    def start_soon(self, fn, *args, name=None) -> None:
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except HandshakeError as err:  # ConnectionRejected is a HandshakeError
+                self._on_error(err)
+
+        self._nursery.start_soon(guarded, name=name or getattr(fn, "__qualname__", None))
 
 
 def _body_reason(body: bytes | None) -> str:

@@ -1,0 +1,41 @@
+"""Running gateway configs on loopback for tests: ephemeral ports, known secrets."""
+
+from __future__ import annotations
+
+import string
+
+import trio
+from trio_websocket import connect_websocket_url
+
+from gateway.config import GatewayConfig
+from gateway.daemon import Gateway
+from gateway.demo import start_gateway
+
+BOT_TOKEN = "bot-SECRET-7f3a9c2e"
+VOIPBIN_TOKEN = "vb-SECRET-41d8e6b0"
+JWT_SECRET = "jwt-SECRET-0123456789abcdef0123456789abcdef"
+SECRETS = (BOT_TOKEN, VOIPBIN_TOKEN, JWT_SECRET)
+
+SERVICES = """\
+server: {http: "127.0.0.1:$http_port", media: "127.0.0.1:$media_port"}
+services:
+  voipbin: {api_url: "http://127.0.0.1:$media_port", token: "%s"}
+  argon: {api_url: "http://127.0.0.1:$http_port/api/bot", bot_token: "%s", jwt_secret: "%s"$argon_extra}
+""" % (VOIPBIN_TOKEN, BOT_TOKEN, JWT_SECRET)
+
+
+async def start(nursery: trio.Nursery, routes: str, argon_extra: str = "", **values) -> Gateway:
+    """Start a gateway whose config is SERVICES + `routes` (a string.Template: $http_port,
+    $media_port and `values` are substituted)."""
+
+    def make(http_port: int, media_port: int) -> GatewayConfig:
+        text = string.Template(SERVICES + routes).substitute(
+            http_port=http_port, media_port=media_port, argon_extra=argon_extra, **values
+        )
+        return GatewayConfig.from_text(text, "test.yaml")
+
+    return await start_gateway(nursery, make)
+
+
+async def ws_client(nursery: trio.Nursery, url: str):
+    return await connect_websocket_url(nursery, url, message_queue_size=64)
