@@ -235,6 +235,7 @@ class Route:
         owed = [0] * len(feeding)  # samples concealed whose late audio is still to be discarded
         short_run = [IDLE_AFTER] * len(feeding)  # consecutive short packets (starts idle)
         ended = [False] * len(feeding)
+        largest = [0] * len(feeding)  # largest frame each source has sent (samples at sink rate)
         stats = sink.stats
         timestamp = 0
 
@@ -245,6 +246,8 @@ class Route:
                 return
             buf = buffers[slot]
             buf.push(frame)
+            if frame.samples > largest[slot]:
+                largest[slot] = frame.samples
             if owed[slot]:
                 dropped = buf.drop(min(owed[slot], buf.buffered))
                 owed[slot] -= dropped
@@ -266,9 +269,10 @@ class Route:
                         anchor, k = trio.current_time(), 0
                         # Audio queued while the route came up is stale: start live, keeping
                         # one packet plus the jitter allowance.
-                        for buf in buffers:
-                            if buf.buffered > n + jitter_samples:
-                                stats.dropped += math.ceil(buf.drop(buf.buffered - n - jitter_samples) / n)
+                        for i, buf in enumerate(buffers):
+                            keep = max(n, largest[i]) + jitter_samples
+                            if buf.buffered > keep:
+                                stats.dropped += math.ceil(buf.drop(buf.buffered - keep) / n)
                     continue
                 deadline = anchor + k * ptime
                 now = trio.current_time()
@@ -304,6 +308,10 @@ class Route:
                     short_run[i] = 0
                     contributors += 1
                     mixed = frame.pcm if mixed is None else _mix(mixed, frame.pcm)
+                if mixed is None and all(ended):
+                    for source in feeding:
+                        drained[id(source)].set()
+                    return  # every source ended and was played out
                 if mixed is None:
                     mixed = np.zeros((n, pcm_format.channels), dtype=np.int16)
                 frame = AudioFrame(mixed, pcm_format.rate, timestamp)

@@ -32,7 +32,7 @@ async def bridge(tmp_path, clip, **options):
     return gateway
 
 
-def check_speech_arrived(tmp_path, clip, *, min_corr=0.85):
+def check_speech_arrived(tmp_path, clip, *, min_corr=0.95):
     source, source_rate = read_wav(clip)
     received, rate = read_wav(tmp_path / "channel.wav")
     corr, lag = best_alignment(source, source_rate, received, rate)

@@ -1,0 +1,197 @@
+"""The route's media clock, under trio's MockClock: packets leave on absolute deadlines at the
+sink's ptime, late audio is concealed with silence and then discarded, pauses keep silence
+flowing, nothing drifts over a minute, and mixing is mix-minus."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from gateway.codecs.formats import PCM16_8K, AudioFormat, AudioFrame, Encoding
+from gateway.endpoint import Endpoint
+from gateway.route import Route
+
+RATE = 8000
+
+
+def ramp_frame(k: int, samples: int = 160) -> AudioFrame:
+    """Frame k of a stream whose sample i has value (i % 30000) + 1 (never 0: silence is visible)."""
+    values = (np.arange(k * samples, (k + 1) * samples) % 30000 + 1).astype(np.int16)
+    return AudioFrame(values.reshape(-1, 1), RATE, k * samples)
+
+
+class Source(Endpoint):
+    """Emits `frames` at `times` (seconds after start), then ends."""
+
+    kind = "source"
+    ingress = PCM16_8K
+
+    def __init__(self, name, times, frames, *, hold_open=False):
+        super().__init__(name)
+        self.times, self.frames, self.hold_open = times, frames, hold_open
+
+    async def run(self, emit, *, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        t0 = trio.current_time()
+        for at, frame in zip(self.times, self.frames):
+            await trio.sleep_until(t0 + at)
+            emit(frame)
+        if self.hold_open:
+            await trio.sleep_forever()
+
+
+class Sink(Endpoint):
+    kind = "sink"
+
+    def __init__(self, name, ptime_ms=20, fmt=PCM16_8K):
+        super().__init__(name)
+        self.egress, self.ptime_ms = fmt, ptime_ms
+        self.sent: list[tuple[float, np.ndarray]] = []
+        self.goodbyes = 0
+
+    async def run(self, emit, *, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def send(self, frame):
+        self.sent.append((trio.current_time(), frame.pcm[:, 0].copy()))
+
+    async def goodbye(self):
+        self.goodbyes += 1
+
+
+class Both(Sink):
+    """Source and sink at once (a conference participant): sends a constant level."""
+
+    kind = "both"
+    ingress = PCM16_8K
+
+    def __init__(self, name, level, frames=50):
+        super().__init__(name)
+        self.level, self.frames = level, frames
+
+    async def run(self, emit, *, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        t0 = trio.current_time()
+        for k in range(self.frames):
+            await trio.sleep_until(t0 + k * 0.02)
+            emit(AudioFrame(np.full((160, 1), self.level, np.int16), RATE, k * 160))
+        await trio.sleep_forever()
+
+
+async def run_route(source, sink, **kw):
+    route = Route("t", [source, sink], **kw)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(route.run)
+    return route
+
+
+def intervals(sink):
+    times = [t for t, _ in sink.sent]
+    return np.diff(times)
+
+
+async def test_10ms_packets_leave_10ms_apart_from_20ms_frames(autojump_clock):
+    frames = [ramp_frame(k) for k in range(50)]
+    source, sink = Source("src", [k * 0.02 for k in range(50)], frames), Sink("sink", ptime_ms=10)
+    route = await run_route(source, sink)
+    assert len(sink.sent) == 100
+    assert np.allclose(intervals(sink), 0.010, atol=1e-9)
+    sent = np.concatenate([pcm for _, pcm in sink.sent])
+    assert np.array_equal(sent, np.concatenate([f.pcm[:, 0] for f in frames]))  # intact, in order
+    assert sink.stats.late == 0 and sink.stats.dropped == 0
+    assert route.stats.ended_by == "src: ended" and sink.goodbyes == 1
+
+
+async def test_packets_go_out_as_soon_as_the_audio_arrives(autojump_clock):
+    t0 = trio.current_time()
+    source, sink = Source("src", [k * 0.02 for k in range(10)], [ramp_frame(k) for k in range(10)]), Sink("sink")
+    await run_route(source, sink)
+    lateness = [t - (t0 + k * 0.02) for k, (t, _) in enumerate(sink.sent)]
+    assert max(lateness) == pytest.approx(0, abs=1e-9)  # the gateway adds no waiting of its own
+
+
+async def test_jitter_within_allowance_is_absorbed(autojump_clock):
+    times = [k * 0.02 + (0.012 if k % 3 == 1 else 0) for k in range(30)]  # some 12 ms late
+    source, sink = Source("src", times, [ramp_frame(k) for k in range(30)]), Sink("sink")
+    await run_route(source, sink, jitter_ms=20)
+    sent = np.concatenate([pcm for _, pcm in sink.sent])
+    assert np.array_equal(sent[: 30 * 160], np.concatenate([ramp_frame(k).pcm[:, 0] for k in range(30)]))
+    assert sink.stats.late == 0
+
+
+async def test_late_audio_is_concealed_then_discarded(autojump_clock):
+    times = [k * 0.02 for k in range(20)]
+    times[10] += 0.035  # frame 10 arrives after its slot + allowance (and after frame 11 is due)
+    times[11] = times[10]
+    source, sink = Source("src", times, [ramp_frame(k) for k in range(20)]), Sink("sink")
+    await run_route(source, sink, jitter_ms=20)
+    assert sink.stats.late == 1 and sink.stats.dropped == 1
+    pcms = [pcm for _, pcm in sink.sent]
+    assert not pcms[10].any()  # slot 10 went out as silence, on time
+    assert np.array_equal(pcms[11], ramp_frame(11).pcm[:, 0])  # frame 10 discarded, 11 plays
+    t0 = sink.sent[0][0]
+    assert sink.sent[10][0] - t0 == pytest.approx(0.2 + 0.02)  # waited the allowance, no longer
+    assert [round(t - t0, 6) for t, _ in sink.sent[12:]] == [round(k * 0.02, 6) for k in range(12, 20)]
+    assert len(sink.sent) == 20
+
+
+async def test_pause_keeps_silence_flowing_and_resumes_at_once(autojump_clock):
+    times = [k * 0.02 for k in range(10)] + [1.0 + 0.0073 + k * 0.02 for k in range(10)]
+    frames = [ramp_frame(k) for k in range(20)]
+    t0 = trio.current_time()
+    source, sink = Source("src", times, frames), Sink("sink")
+    await run_route(source, sink)
+    gaps = intervals(sink)
+    # silence every ptime during the pause: one packet waits the 20 ms jitter allowance for
+    # audio that does not come, after that they go out on the 20 ms clock
+    assert gaps.max() <= 0.04 + 1e-9
+    assert np.allclose(gaps[16:45], 0.02, atol=1e-9)
+    silent = [pcm for _, pcm in sink.sent if not pcm.any()]
+    assert len(silent) >= 35
+    resumed = next(t for t, pcm in sink.sent if np.array_equal(pcm, frames[10].pcm[:, 0]))
+    assert resumed - (t0 + times[10]) == pytest.approx(0, abs=1e-6)  # re-anchored on the audio
+
+
+async def test_no_drift_over_a_minute(autojump_clock):
+    n = 3000  # 60 s of 20 ms frames on the source's own absolute clock
+    t0 = trio.current_time()
+    source = Source("src", [k * 0.02 for k in range(n)], [ramp_frame(k % 100) for k in range(n)])
+    sink = Sink("sink", ptime_ms=40)
+    await run_route(source, sink)
+    assert len(sink.sent) == n // 2
+    times = np.array([t for t, _ in sink.sent])
+    expected = t0 + 0.02 + np.arange(n // 2) * 0.04  # a 40 ms packet is whole when its 2nd frame arrives
+    assert np.abs(times - expected).max() < 1e-6
+    assert sink.stats.late == 0
+
+
+async def test_three_endpoints_mix_minus(autojump_clock):
+    a, b, c = Both("a", 1000), Both("b", 200), Both("c", 30)
+    route = Route("conf", [a, b, c])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(route.run)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    for ep, expected in ((a, 230), (b, 1030), (c, 1200)):
+        steady = [pcm for _, pcm in ep.sent[3:20]]
+        assert steady and all((pcm == expected).all() for pcm in steady), (ep.name, steady[0][:3])
+
+
+async def test_source_end_plays_out_the_buffer(autojump_clock):
+    """A 50 ms tail (2.5 packets) ends the route only after it is played, padded."""
+    frames = [ramp_frame(0, 400)]  # one 50 ms frame
+    source, sink = Source("src", [0.0], frames), Sink("sink")
+    route = await run_route(source, sink)
+    assert len(sink.sent) == 3
+    sent = np.concatenate([pcm for _, pcm in sink.sent])
+    assert np.array_equal(sent[:400], frames[0].pcm[:, 0]) and not sent[400:].any()
+    assert route.stats.ended_by == "src: ended"
+
+
+async def test_saturating_mix():
+    from gateway.route import _mix
+
+    a = np.array([[30000], [-30000], [5]], np.int16)
+    assert _mix(a, a).tolist() == [[32767], [-32768], [10]]
