@@ -200,7 +200,7 @@ async def test_limiter_spaces_calls_fifo(autojump_clock):
 
 async def _acquire(limiter, times):
     await limiter.acquire()
-    times.append(round(trio.current_time() - 0, 3) if False else round(trio.current_time(), 3))
+    times.append(round(trio.current_time(), 3))
 
 
 # ------------------------------------------------------------------------------ listen side
