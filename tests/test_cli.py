@@ -1,0 +1,78 @@
+"""The command line as a user runs it: `gateway demo`, and `gateway run` stopped by a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from audio_checks import read_wav
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_command_bridges_the_call_into_the_channel(tmp_path, speech_clip):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--audio", str(speech_clip), "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo: OK" in result.stdout
+    assert "lost 0 of" in result.stdout
+    pcm, rate = read_wav(out / "channel.wav")
+    assert rate == 48000 and len(pcm) / rate == pytest.approx(2.0, abs=0.1)
+    assert (out / "channel.ogg").stat().st_size > 1000
+
+
+async def test_sigterm_closes_every_connection_cleanly(tmp_path, speech_clip):
+    media = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"""\
+server: {{http: 127.0.0.1:{free_port()}, media: 127.0.0.1:{media}}}
+services:
+  voipbin: {{token: "${{VB_TOKEN}}"}}
+routes:
+  - name: hold
+    endpoints:
+      - file: {{path: "{speech_clip}", rate: 8000, loop: true}}
+      - voipbin: {{role: listen, call_id: c1}}
+""")
+    env = {**os.environ, "VB_TOKEN": "vb-SECRET-sig"}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"ws://127.0.0.1:{media}/v1.0/calls/c1/media_stream?encapsulation=sln&token=vb-SECRET-sig"
+        with trio.fail_after(15):
+            while True:
+                try:
+                    async with open_websocket_url(url) as ws:
+                        frames = 0
+                        while frames < 10:
+                            message = await ws.get_message()
+                            assert len(message) == 320  # 20 ms of slin
+                            frames += 1
+                        proc.send_signal(signal.SIGTERM)
+                        with pytest.raises(ConnectionClosed) as closed:
+                            while True:
+                                await ws.get_message()
+                    break
+                except (OSError, HandshakeError):
+                    await trio.sleep(0.1)  # the daemon is still starting
+        assert closed.value.reason.code == 1000
+        output, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "received SIGTERM" in output and "stopped" in output
+    assert "vb-SECRET-sig" not in output
