@@ -120,23 +120,23 @@ class Gateway:
                 except ServiceError as err:
                     state.last_error = str(err)
                     if err.permanent:
-                        rlog.error("route %s failed: %s (permanent: not retrying)", rc.name, err)
+                        rlog.error("route failed: %s (permanent: not retrying)", err)
                         state.state = "failed"
                         return
-                    rlog.warning("route %s failed: %s", rc.name, err)
+                    rlog.warning("route failed: %s", err)
                 except (GatewayError, OSError) as err:
                     state.last_error = str(err)
-                    rlog.warning("route %s failed: %s", rc.name, err)
+                    rlog.warning("route failed: %s", err)
                 except Exception as err:  # a bug: keep the other routes running, log the trace
                     state.last_error = repr(err)
-                    rlog.exception("route %s crashed", rc.name)
+                    rlog.exception("route crashed (a bug: please report the trace)")
                 state.sessions_done.set()
                 if rc.restart == "never":
                     state.state = "failed"
                     return
                 state.state = "restarting"
                 state.restarts += 1
-                rlog.info("route %s: restarting in %.0f s", rc.name, backoff)
+                rlog.info("restarting in %.0f s", backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:

@@ -21,6 +21,13 @@ from gateway.codecs.formats import AudioFormat, Frame
 Emit = Callable[[Frame], None]
 
 
+class Tagged(logging.LoggerAdapter):
+    """Prefixes every message with `[route/endpoint]`, so each log line says where it is from."""
+
+    def process(self, msg, kwargs):
+        return f"[{self.extra['tag']}] {msg}", kwargs
+
+
 @attrs.define
 class EndpointStats:
     """Counters of one endpoint, read by the route report, the demo and the metrics."""
@@ -66,7 +73,13 @@ class Endpoint(abc.ABC):
     def __init__(self, name: str) -> None:
         self.name = name
         self.stats = EndpointStats()
-        self.log = logging.getLogger(f"gateway.endpoint.{self.kind}")
+        self.route_name = ""
+        self.log: logging.LoggerAdapter = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), {"tag": name})
+
+    def bind_route(self, route_name: str) -> None:
+        """Called by the route that owns this endpoint: log lines then read `[route/name]`."""
+        self.route_name = route_name
+        self.log = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), {"tag": f"{route_name}/{self.name}"})
 
     @abc.abstractmethod
     async def run(self, emit: Emit, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -31,7 +31,7 @@ import trio
 
 from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFrame, Frame
-from gateway.endpoint import Endpoint
+from gateway.endpoint import Endpoint, Tagged
 from gateway._util import collapse
 from gateway.errors import CallEnded
 
@@ -80,7 +80,9 @@ class Route:
         self.jitter_ms = jitter_ms
         self.max_delay_ms = max_delay_ms
         self.stats = RouteStats()
-        self.log = logging.LoggerAdapter(log, {"route": name})
+        self.log = Tagged(log, {"tag": name})
+        for endpoint in self.endpoints:
+            endpoint.bind_route(name)
         self.sources = [e for e in self.endpoints if e.ingress is not None]
         self.sinks = [e for e in self.endpoints if e.egress is not None]
         if not self.sources or not self.sinks:

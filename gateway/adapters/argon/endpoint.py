@@ -204,7 +204,7 @@ class ArgonDial(Endpoint):
                 if err.status != 429 or attempt == MAX_RATE_RETRIES:
                     raise
                 retry_after = getattr(err, "retry_after", None) or RATE_WINDOW
-                self.log.warning("%s: StreamToken rate limited; retrying in %.0f s", self.name, retry_after)
+                self.log.warning("StreamToken rate limited; retrying in %.0f s", retry_after)
                 self.limiter.back_off(retry_after)
         raise AssertionError("unreachable")
 
@@ -229,7 +229,7 @@ class ArgonDial(Endpoint):
                     first = await ws.get_message()
                 self._on_message(first)
                 self._ws = ws
-                self.log.info("%s: streaming into %s%s", self.name, grant.room_name or f"{self.space_id}/{self.channel_id}",
+                self.log.info("streaming into %s%s", grant.room_name or f"{self.space_id}/{self.channel_id}",
                               f" (session {self.session_id})" if self.session_id else "")
                 task_status.started()
                 while True:
@@ -250,12 +250,12 @@ class ArgonDial(Endpoint):
         try:
             data = json.loads(message)
         except ValueError:
-            self.log.info("%s: ingress says: %.200s", self.name, message)
+            self.log.info("ingress says: %.200s", message)
             return
         if isinstance(data, dict) and data.get("status") == "ready":
             self.session_id = str(data.get("session_id") or "") or None
         elif isinstance(data, dict) and (data.get("error") or data.get("status") == "error"):
-            self.log.warning("%s: ingress error: %.200s", self.name, message)
+            self.log.warning("ingress error: %.200s", message)
 
     async def send(self, frame: EncodedFrame) -> None:
         ws = self._ws
@@ -403,8 +403,7 @@ class ArgonListen(Endpoint):
             self.session_id = uuid.uuid4().hex
             await ws.send_message(json.dumps({"status": "ready", "session_id": self.session_id}))
             self.stats.connects += 1
-            self.log.info(
-                "%s: bot stream from %s (%s, %d ms, track %r)", self.name, session.request.remote,
+            self.log.info("bot stream from %s (%s, %d ms, track %r)", session.request.remote,
                 "stereo" if params.stereo else "mono", params.frame_duration_ms, params.track_name,
             )
             task_status.started()
@@ -423,7 +422,7 @@ class ArgonListen(Endpoint):
                         raise RemoteProtocolError("text message on the audio ingress: send Opus packets as binary", close_code=1003)
                     validate_opus_packet(message, channels=channels, frame_duration_ms=params.frame_duration_ms)
                 except RemoteProtocolError as err:
-                    self.log.warning("%s: closing the bot stream (%d): %s", self.name, err.close_code, err)
+                    self.log.warning("closing the bot stream (%d): %s", err.close_code, err)
                     await close(ws, err.close_code, str(err))
                     raise
                 stats.frames_in += 1

@@ -104,7 +104,7 @@ class _VoipbinEndpoint(Endpoint):
                 try:
                     events = proto.receive(message)
                 except RemoteProtocolError as err:
-                    self.log.warning("%s: closing the media stream (%d): %s", self.name, err.close_code, err)
+                    self.log.warning("closing the media stream (%d): %s", err.close_code, err)
                     await close(ws, err.close_code, str(err))
                     raise
                 for event in events:
@@ -125,12 +125,12 @@ class _VoipbinEndpoint(Endpoint):
                         raise CallEnded("hangup")
                     elif isinstance(event, Dtmf):
                         self.dtmf.append(event.digit)
-                        self.log.info("%s: DTMF %s", self.name, event.digit)
+                        self.log.info("DTMF %s", event.digit)
                     elif isinstance(event, CallUuid):
                         self.call_uuid = event.uuid
-                        self.log.info("%s: AudioSocket call UUID %s", self.name, event.uuid)
+                        self.log.info("AudioSocket call UUID %s", event.uuid)
                     elif isinstance(event, PeerError):
-                        self.log.warning("%s: peer reported an AudioSocket error (code %s)", self.name, event.code)
+                        self.log.warning("peer reported an AudioSocket error (code %s)", event.code)
         finally:
             self._ws = self._proto = None
 
@@ -211,7 +211,7 @@ class VoipbinDial(_VoipbinEndpoint):
             ws = await dial(nursery, self.url(), service=f"VoIPBIN {self.target[:-1]} {self.target_id}", rejected=REJECTED)
             proto = MediaStreamProtocol(self.encapsulation, self.codec)
             self._closing = Closing()
-            self.log.info("%s: media stream connected (%s)", self.name, self.encapsulation.value)
+            self.log.info("media stream connected (%s)", self.encapsulation.value)
             task_status.started()
             try:
                 await self._stream(ws, proto, emit)
@@ -257,7 +257,7 @@ class VoipbinListen(_VoipbinEndpoint):
     async def _on_upgrade(self, request: MediaRequest) -> None:
         token = request.query.get("token", "")
         if not self._tokens or not any(hmac.compare_digest(token.encode(), t.encode()) for t in self._tokens):
-            self.log.info("%s: refused %s: token rejected", self.name, request.remote)
+            self.log.info("refused %s: token rejected", request.remote)
             await request.reject(401, "token rejected")
             return
         value = request.query.get("encapsulation", self.encapsulation.value)
@@ -273,7 +273,7 @@ class VoipbinListen(_VoipbinEndpoint):
         try:
             ws = await session.accept()
             proto = MediaStreamProtocol(session.context, self.codec)
-            self.log.info("%s: client %s connected (%s)", self.name, session.request.remote, session.context.value)
+            self.log.info("client %s connected (%s)", session.request.remote, session.context.value)
             task_status.started()
             await self._stream(ws, proto, emit)
         finally:
