@@ -1,0 +1,634 @@
+"""Concurrency benchmark: N phone-to-channel bridge routes in one gateway process.
+
+Run:  .venv/bin/python bench/bench_routes.py [--routes 1,10,50,100] [--seconds 10]
+
+Two processes, so the gateway's CPU and memory are measured alone:
+
+- this script is the **peer**: it plays the services with the gateway's own listen roles,
+  built from a config like the demo's (`VoipbinListen`, `ArgonListen`, `serve_http`,
+  `serve_media`) but driven by hand instead of by routes: N VoIPBIN-compatible calls
+  (`/v1.0/calls/{id}/media_stream`, rtp, u-law) each send recorded speech
+  (`gateway/assets/or105.wav`, 8 kHz, looped; call i starts at its own place in the file) as
+  one 20 ms frame per message on absolute deadlines, the N calls staggered evenly over the
+  20 ms period (independent calls do not tick in phase); N Argon-compatible channels answer
+  StreamToken and take the Opus ingress.
+- the **gateway** is a subprocess, `python -m gateway run CONFIG`, with N routes `bridge-i`:
+  voipbin dial (call i, rtp) → argon dial (channel i, mono, 20 ms), pointed at the peer.
+
+Argon allows 5 StreamToken calls per minute per bot, which would take 20 minutes to start 100
+routes: both configs set the documented `services.argon.stream_token_per_minute: 1000`.
+
+Every timestamp comes from one clock, the peer's trio clock: the send time of each call frame
+(taken just before `VoipbinListen.send`, kept when the frame went out) and the arrival time of
+each channel packet (in the `emit` that `ArgonListen.run` calls for each packet it receives).
+
+What is measured, per N, over a steady-state window of `--seconds` that starts `--warmup`
+seconds after the last channel received its first packet:
+
+- **CPU**: user + system time of the gateway process (/proc/PID/stat, all threads) over the
+  window, per route-second (ms of CPU per second of one route) and as % of one core.
+- **peak RSS**: VmHWM of the gateway process (/proc/PID/status) at the end of the window.
+- **packets**: expected N x window / 20 ms; received = channel packets that arrived in it.
+- **late**: channel packets that arrived more than 20 ms after their slot on a regular 20 ms
+  grid, the grid of each channel phased on the median of (arrival_k - k x 20 ms) over the
+  window: packets delivered more than one ptime behind the route's own clock (a stall of the
+  gateway's loop, or a gateway that cannot keep up). The gateway's internal `late` counter
+  (slots concealed with silence) is not visible from outside; its effect is `lost`.
+- **lost**: call frames whose audio did not reach the channel: the decoded channel audio is
+  near silence (< -20 dB relative) where the call's frame had speech (> -45 dBFS). This is
+  what the gateway's `late` (concealed) plus `dropped` counters cost a listener, seen from
+  outside.
+- **latency**: the channel packets are decoded (Opus) and brought to 8 kHz (zero-phase FFT
+  decimation: no delay of its own), and cross-correlated against the audio the call sent, per
+  0.5 s block (a block without a clear peak, a pause, keeps the last offset; the search looks
+  up to 4 s back). That gives, for each packet, the call audio it carries, to a fraction of a
+  sample, whatever the gateway dropped while routes came up. A call frame's samples count as
+  captured in real time over the 20 ms before the frame was sent, so
+
+      latency = packet arrival - moment the newest call sample in the packet existed
+              = arrival - send time of the frame holding that sample + the rest of that
+                frame after it
+
+  i.e. transport and processing plus the delay of the audio itself (resampler group delay,
+  Opus lookahead, whatever the route's playout buffer holds): the latency the gateway adds,
+  the ~15 ms budget. The same method run offline on the gateway's own chain (no I/O, no
+  waiting) gives its algorithmic delay, printed first: what is above it is processing, queues
+  and pacing. p50/p95/p99/max are over every packet of every route in the window.
+
+Also reported: the peer's own CPU (% of one core) and how late its sends left against their
+deadlines (p99, and the max in the notes): when the peer itself stalls or is saturated, its
+timestamps, not only the gateway, move. The machine has 2 cores: one per process; the peer
+freezes its existing objects out of the garbage collector before each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import attrs
+import numpy as np
+import trio
+
+from gateway.codecs import OpusDecoder, plan
+from gateway.codecs.formats import OPUS_48K, PCM16_8K, AudioFrame, EncodedFrame
+from gateway.config import GatewayConfig
+from gateway.daemon import Gateway
+from gateway.runtime import Runtime
+from gateway.server import serve_http, serve_media
+
+ROOT = Path(__file__).resolve().parent.parent
+AUDIO = ROOT / "gateway" / "assets" / "or105.wav"
+RATE = 8000  # Hz, the call side
+FRAME = 160  # samples: 20 ms at 8 kHz
+PTIME = 0.020  # seconds per frame and per packet
+OUT_RATIO = 6  # 48 kHz channel audio / 8 kHz call audio
+SPACE_ID = "550e8400-e29b-41d4-a716-446655440000"
+STREAM_TOKENS_PER_MINUTE = 1000  # services.argon.stream_token_per_minute on both sides
+GATEWAY = [sys.executable, "-m", "gateway", "--log-level", "info", "run"]  # + the config path
+
+CONNECT_TIMEOUT = 30.0  # seconds for every route to deliver its first packet (plus PER_ROUTE)
+CONNECT_PER_ROUTE = 0.2  # seconds added to CONNECT_TIMEOUT per route
+STOP_TIMEOUT = 5.0  # seconds for the gateway to exit on SIGTERM before SIGKILL
+SEND_MARGIN = 60.0  # seconds of source audio beyond warm-up + window (bounds the send loops)
+
+LATE_AFTER = 0.020  # seconds behind the channel's 20 ms grid that make a packet late
+BLOCK = 25  # packets per correlation block (0.5 s)
+SEARCH = 4.0  # seconds of backlog searched by the correlation (< half the 8.4 s loop of the speech)
+MIN_RHO = 0.5  # normalized correlation below which a block has no usable peak (a pause)
+SPEECH_RMS = 180.0  # int16 RMS (-45 dBFS): a call frame with less is not checked for loss
+LOST_RATIO = 0.1  # channel RMS below this fraction of the call's (-20 dB): the audio is lost
+
+
+# ------------------------------------------------------------------------------ the peer
+@attrs.define
+class CallLog:
+    """What call i sent."""
+
+    start: int
+    """Sample of the looped source where the call's frame 0 begins."""
+    sends: list[float] = attrs.Factory(list)
+    """Trio time at which frame k went out (index k)."""
+    lags: list[float] = attrs.Factory(list)
+    """How late frame k left against its deadline, seconds."""
+    ended: str = ""
+
+
+@attrs.define
+class ChannelLog:
+    """What channel i received."""
+
+    arrivals: list[float] = attrs.Factory(list)
+    """Trio time at which packet k arrived (index k)."""
+    packets: list[bytes] = attrs.Factory(list)
+    ended: str = ""
+
+
+@attrs.define
+class Run:
+    """One N: raw logs and process measurements."""
+
+    n: int
+    seconds: float
+    calls: list[CallLog]
+    channels: list[ChannelLog]
+    source: np.ndarray
+    """The looped speech every call plays (call i from `calls[i].start`)."""
+    window: tuple[float, float] = (0.0, 0.0)
+    cpu_s: float = math.nan
+    peer_cpu_s: float = math.nan
+    rss_mib: float = math.nan
+    up: int = 0
+    connect_s: float = math.nan
+    returncode: int | None = None
+    log_lines: list[str] = attrs.Factory(list)
+
+
+class _Started:
+    """A task_status stand-in: sets an event when the endpoint is connected."""
+
+    def __init__(self, event: trio.Event) -> None:
+        self._event = event
+
+    def started(self, value: object = None) -> None:
+        self._event.set()
+
+
+def load_speech() -> np.ndarray:
+    """or105.wav: 8 kHz mono int16."""
+    with wave.open(str(AUDIO)) as w:
+        if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (RATE, 1, 2):
+            raise SystemExit(f"{AUDIO}: expected 8 kHz mono 16-bit")
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
+
+
+def load_source(seconds: float) -> np.ndarray:
+    """The speech looped to at least `seconds` plus one more copy (room for each call's start)."""
+    pcm = load_speech()
+    return np.tile(pcm, math.ceil(seconds * RATE / len(pcm)) + 1)
+
+
+def peer_config(n: int, voipbin_token: str, bot_token: str, jwt_secret: str) -> GatewayConfig:
+    lines = [
+        "server: {http: '127.0.0.1:0', media: '127.0.0.1:0'}",
+        "services:",
+        f"  voipbin: {{token: '{voipbin_token}'}}",
+        f"  argon: {{bot_token: '{bot_token}', jwt_secret: '{jwt_secret}', "
+        f"stream_token_per_minute: {STREAM_TOKENS_PER_MINUTE}}}",
+        "routes:",
+    ]
+    for i in range(n):
+        lines += [
+            f"  - name: peer-{i}",  # never run as a route: the bench drives both endpoints
+            "    endpoints:",
+            f"      - voipbin: {{role: listen, call_id: {call_id(i)}, encapsulation: rtp, codec: ulaw}}",
+            f"      - argon: {{role: listen, space_id: {SPACE_ID}, channel_id: {channel_id(i)}}}",
+        ]
+    return GatewayConfig.from_text("\n".join(lines) + "\n", "<bench peer>")
+
+
+def gateway_config(n: int, http_port: int, media_port: int, voipbin_token: str, bot_token: str) -> str:
+    lines = [
+        "services:",
+        f"  voipbin: {{api_url: 'http://127.0.0.1:{media_port}', token: '{voipbin_token}'}}",
+        f"  argon: {{api_url: 'http://127.0.0.1:{http_port}/api/bot', bot_token: '{bot_token}', "
+        f"stream_token_per_minute: {STREAM_TOKENS_PER_MINUTE}}}",
+        "routes:",
+    ]
+    for i in range(n):
+        lines += [
+            f"  - name: bridge-{i}",
+            "    restart: never",
+            "    endpoints:",
+            f"      - voipbin: {{call_id: {call_id(i)}, encapsulation: rtp}}",
+            f"      - argon: {{space_id: {SPACE_ID}, channel_id: {channel_id(i)}, frame_duration_ms: 20}}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def call_id(i: int) -> str:
+    return f"00000000-0000-4000-8000-{i:012d}"
+
+
+def channel_id(i: int) -> str:
+    return f"6ba7b810-9dad-41d1-80b4-{i:012d}"
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds of a process (all its threads) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+async def call_task(ep, log: CallLog, source: np.ndarray, first_tick: float) -> None:
+    """Accept the gateway's media stream for one call, then send frame k at its deadline."""
+    connected = trio.Event()
+
+    async def pace() -> None:
+        await connected.wait()
+        now = trio.current_time()
+        start = first_tick + math.ceil((now - first_tick) / PTIME) * PTIME
+        frames = (len(source) - log.start) // FRAME
+        sends, lags, stats = log.sends, log.lags, ep.stats
+        try:
+            for k in range(frames):
+                deadline = start + k * PTIME
+                await trio.sleep_until(deadline)
+                a = log.start + k * FRAME
+                frame = AudioFrame(source[a : a + FRAME].reshape(FRAME, 1), RATE, k * FRAME)
+                before = stats.frames_out
+                t = trio.current_time()
+                await ep.send(frame)
+                if stats.frames_out == before:
+                    log.ended = log.ended or "send dropped: stream gone"
+                    return
+                sends.append(t)
+                lags.append(t - deadline)
+        except Exception as err:  # the gateway went away; the run is ending
+            log.ended = log.ended or f"send: {err!r}"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pace)
+        try:
+            await ep.run(lambda frame: None, task_status=_Started(connected))
+            log.ended = log.ended or "ended"
+        except Exception as err:
+            log.ended = log.ended or str(err) or repr(err)
+        nursery.cancel_scope.cancel()
+
+
+async def channel_task(ep, log: ChannelLog) -> None:
+    """Take the gateway's ingress for one channel; log each packet's arrival time."""
+    arrivals, packets, now = log.arrivals, log.packets, trio.current_time
+
+    def emit(frame: EncodedFrame) -> None:
+        arrivals.append(now())
+        packets.append(frame.payload)
+
+    try:
+        await ep.run(emit)
+        log.ended = "ended"
+    except Exception as err:
+        log.ended = str(err) or repr(err)
+
+
+async def run_once(n: int, seconds: float, warmup: float, workdir: Path) -> Run:
+    voipbin_token, bot_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    config = peer_config(n, voipbin_token, bot_token, secrets.token_urlsafe(32))
+    runtime = Runtime(config)
+    peer = Gateway(config, runtime)
+    peer.build()  # registers the listen paths; the routes themselves are never run
+    calls = [peer.routes[f"peer-{i}"].route.endpoints[0] for i in range(n)]
+    channels = [peer.routes[f"peer-{i}"].route.endpoints[1] for i in range(n)]
+    connect_timeout = CONNECT_TIMEOUT + CONNECT_PER_ROUTE * n
+    source = load_source(connect_timeout + warmup + seconds + SEND_MARGIN)
+    speech_frames = len(load_speech()) // FRAME  # or105.wav: 420 frames (8.4 s)
+    run = Run(
+        n, seconds,
+        calls=[CallLog(start=(i * 97 % speech_frames) * FRAME) for i in range(n)],
+        channels=[ChannelLog() for _ in range(n)],
+        source=source,
+    )
+    log_path = workdir / f"gateway-{n}.log"
+    async with trio.open_nursery() as nursery:
+        http_port = await nursery.start(serve_http, runtime.http, "127.0.0.1", 0)
+        media_port = await nursery.start(serve_media, runtime.media, "127.0.0.1", 0)
+        tick0 = trio.current_time()
+        for i in range(n):
+            # Call i ticks at tick0 + i/n x 20 ms + k x 20 ms: evenly staggered phases.
+            nursery.start_soon(call_task, calls[i], run.calls[i], source, tick0 + i * PTIME / n)
+            nursery.start_soon(channel_task, channels[i], run.channels[i])
+        config_path = workdir / f"gateway-{n}.yaml"
+        config_path.write_text(gateway_config(n, http_port, media_port, voipbin_token, bot_token))
+        with open(log_path, "wb") as log_file:
+            started = trio.current_time()
+            proc = await trio.lowlevel.open_process(
+                [*GATEWAY, str(config_path)],
+                cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        try:
+            with trio.move_on_after(connect_timeout):
+                while proc.poll() is None:
+                    if all(c.arrivals for c in run.channels):
+                        break
+                    await trio.sleep(0.05)
+            firsts = [c.arrivals[0] for c in run.channels if c.arrivals]
+            run.up = len(firsts)
+            if firsts and proc.poll() is None:
+                run.connect_s = max(firsts) - started
+                t0 = max(firsts) + warmup
+                run.window = (t0, t0 + seconds)
+                await trio.sleep_until(t0)
+                cpu0, peer0 = cpu_seconds(proc.pid), cpu_seconds("self")
+                await trio.sleep_until(t0 + seconds)
+                if proc.poll() is None:
+                    run.cpu_s = cpu_seconds(proc.pid) - cpu0
+                    run.peer_cpu_s = cpu_seconds("self") - peer0
+                    run.rss_mib = peak_rss_mib(proc.pid)
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    with trio.move_on_after(STOP_TIMEOUT):
+                        await proc.wait()
+                if proc.poll() is None:
+                    proc.kill()
+                    await proc.wait()
+                run.returncode = proc.returncode
+                nursery.cancel_scope.cancel()
+    run.log_lines = log_path.read_text(errors="replace").splitlines()
+    return run
+
+
+# -------------------------------------------------------------------------- the analysis
+@attrs.define
+class Result:
+    n: int
+    up: int
+    cpu_ms_per_route_s: float
+    cpu_pct: float
+    rss_mib: float
+    expected: int
+    received: int
+    late: int
+    lost: int
+    checked: int
+    latencies_ms: np.ndarray
+    route_p50_ms: np.ndarray
+    slips: int
+    unaligned: int
+    silent_routes: int
+    peer_cpu_pct: float
+    peer_lag_p99_ms: float
+    peer_lag_max_ms: float
+    connect_s: float
+    warnings: list[str]
+
+
+def decimate(y48: np.ndarray) -> np.ndarray:
+    """48 kHz → 8 kHz by truncating the spectrum: zero phase, so no delay of its own."""
+    n = len(y48) - len(y48) % OUT_RATIO
+    m = n // OUT_RATIO
+    spectrum = np.fft.rfft(y48[:n].astype(np.float64))
+    return np.fft.irfft(spectrum[: m // 2 + 1], m) / OUT_RATIO
+
+
+def best_offset(y: np.ndarray, p0: int, p1: int, x: np.ndarray, lo: int, hi: int) -> tuple[float, float]:
+    """The offset `off` (fractional samples) maximizing the correlation of y[p] with x[p - off]
+    over p in [p0, p1), searched in [lo, hi]; returns (off, normalized correlation)."""
+    seg = y[p0:p1]
+    length = len(seg)
+    a, b = p0 - hi, p1 - lo  # x[a:b] covers every offset
+    xs = np.zeros(b - a)
+    ia, ib = max(a, 0), min(b, len(x))
+    if ib > ia:
+        xs[ia - a : ib - a] = x[ia:ib]
+    nfft = 1 << (len(xs) + length).bit_length()
+    c = np.fft.irfft(np.fft.rfft(xs, nfft) * np.conj(np.fft.rfft(seg, nfft)), nfft)[: len(xs) - length + 1]
+    energy = np.concatenate(([0.0], np.cumsum(xs * xs)))
+    window = energy[length:] - energy[:-length]
+    rho = c / np.sqrt(np.maximum(window, 1e-9) * max(float(seg @ seg), 1e-9))
+    t = int(np.argmax(rho))
+    if not 0 < t < len(c) - 1:
+        return math.nan, 0.0  # a peak on the edge of the search is no match
+    frac = 0.0
+    denom = c[t - 1] - 2 * c[t] + c[t + 1]
+    if denom < 0:
+        frac = 0.5 * (c[t - 1] - c[t + 1]) / denom
+    return hi - (t + frac), float(rho[t])
+
+
+def chain_delay_ms() -> tuple[float, float]:
+    """The route's codec chain (voipbin PCM 8 kHz → PCM 48 kHz → Opus 20 ms, as Route plans
+    it) run offline on the speech, measured with the latency method: (measured, declared) ms."""
+    decode = plan(PCM16_8K, OPUS_48K.as_pcm())
+    encode = plan(OPUS_48K.as_pcm(), OPUS_48K)
+    decoder = OpusDecoder(1)
+    x = load_speech()
+    out = []
+    for k in range(len(x) // FRAME):
+        for pcm in decode.process(AudioFrame(x[k * FRAME : (k + 1) * FRAME].reshape(FRAME, 1), RATE, k * FRAME)):
+            out += [decoder.process(packet)[0].pcm[:, 0] for packet in encode.process(pcm)]
+    y = decimate(np.concatenate(out))
+    off, _ = best_offset(y, RATE, len(y) - RATE, x.astype(np.float64), -FRAME, FRAME)
+    return off / RATE * 1000, decode.delay_ms + encode.delay_ms
+
+
+def rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(a * a))) if len(a) else 0.0
+
+
+def analyze(run: Run) -> Result:
+    t0, t1 = run.window
+    source = run.source
+    latencies: list[np.ndarray] = []
+    route_p50: list[float] = []
+    received = late = lost = checked = slips = unaligned = silent_routes = 0
+    lags: list[float] = []
+    for call, channel in zip(run.calls, run.channels):
+        sends = np.asarray(call.sends)
+        lags += [lag for t, lag in zip(call.sends, call.lags) if t0 <= t < t1]
+        arrivals = np.asarray(channel.arrivals)
+        in_window = np.nonzero((arrivals >= t0) & (arrivals < t1))[0]
+        received += len(in_window)
+        if not len(in_window) or not len(sends):
+            continue
+        # late: behind the channel's own 20 ms grid by more than a ptime
+        behind = arrivals - PTIME * np.arange(len(arrivals))
+        phase = np.median(behind[in_window])
+        late += int(np.count_nonzero(behind[in_window] - phase > LATE_AFTER))
+        # decode the channel (every packet from the first, to keep the decoder's state) to 8 kHz
+        decoder = OpusDecoder(1)
+        pcm = [decoder.process(EncodedFrame(p, OPUS_48K, 960, 0))[0].pcm[:, 0] for p in channel.packets]
+        sizes = np.array([len(p) for p in pcm])
+        if np.any(sizes != FRAME * OUT_RATIO):
+            raise RuntimeError(f"channel packets of {sorted(set(sizes.tolist()))} samples; expected 20 ms")
+        y = decimate(np.concatenate(pcm))
+        x = source[call.start : call.start + FRAME * len(sends)].astype(np.float64)
+        # Per block of packets: the call audio they carry. The newest frame sent before a
+        # packet arrived bounds it (offset >= that, less a frame of slack); buffering makes it
+        # older: the playout buffer (max_delay_ms), and when the gateway cannot keep up, the
+        # queues and socket buffers before it; searched up to SEARCH.
+        route_lat: list[np.ndarray] = []
+        previous: float | None = None
+        first, last = int(in_window[0]), int(in_window[-1]) + 1
+        for b0 in range(first, last, BLOCK):
+            b1 = min(b0 + BLOCK, last)
+            m = np.arange(b0, b1)
+            newest = np.searchsorted(sends, arrivals[m]) - 1
+            floor = int(np.median(FRAME * (m - newest))) - FRAME
+            if rms(y[FRAME * b0 : FRAME * b1]) >= SPEECH_RMS / 3:
+                block_off, block_rho = best_offset(y, FRAME * b0, FRAME * b1, x, floor, floor + int(SEARCH * RATE))
+            else:  # the channel is (near) silent: nothing to match
+                block_off, block_rho = math.nan, 0.0
+            if block_rho >= MIN_RHO:
+                if previous is not None and abs(block_off - previous) > 1.0:
+                    slips += 1
+                previous = block_off
+            elif previous is None:
+                unaligned += 1  # a pause before any aligned block: skipped
+                continue
+            o = previous
+            m = m[(arrivals[m] >= t0) & (arrivals[m] < t1)]
+            end = FRAME * (m + 1) - o  # call sample just past the newest one in packet m
+            j = np.ceil(end / FRAME).astype(int) - 1  # the call frame holding it
+            ok = (j >= 0) & (j < len(sends))
+            m, end, j = m[ok], end[ok], j[ok]
+            route_lat.append((arrivals[m] - sends[j] + (FRAME * (j + 1) - end) / RATE) * 1000)
+            # lost: the call's frames mapped into this block, checked in their middle 10 ms
+            oi = int(round(o))
+            for jf in range((FRAME * b0 - oi) // FRAME + 1, (FRAME * b1 - oi) // FRAME - 1):
+                if jf < 0 or FRAME * jf + FRAME > len(x):
+                    continue
+                level = rms(x[FRAME * jf + 40 : FRAME * jf + 120])
+                if level < SPEECH_RMS:
+                    continue
+                checked += 1
+                if rms(y[FRAME * jf + oi + 40 : FRAME * jf + oi + 120]) < LOST_RATIO * level:
+                    lost += 1
+        if previous is None and rms(y[FRAME * first : FRAME * last]) < SPEECH_RMS / 3:
+            # The channel stayed silent all window: every call frame with speech sent in the
+            # window was lost (typical of a gateway that cannot keep up).
+            silent_routes += 1
+            for jf in np.nonzero((sends >= t0) & (sends < t1))[0]:
+                if rms(x[FRAME * jf + 40 : FRAME * jf + 120]) >= SPEECH_RMS:
+                    checked += 1
+                    lost += 1
+        if route_lat:
+            lat = np.concatenate(route_lat)
+            latencies.append(lat)
+            if len(lat):
+                route_p50.append(float(np.median(lat)))
+    warnings = [line for line in run.log_lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+    cpu = run.cpu_s
+    return Result(
+        n=run.n,
+        up=run.up,
+        cpu_ms_per_route_s=cpu / (max(run.up, 1) * run.seconds) * 1000,
+        cpu_pct=cpu / run.seconds * 100,
+        rss_mib=run.rss_mib,
+        expected=int(round(run.n * run.seconds / PTIME)),
+        received=received,
+        late=late,
+        lost=lost,
+        checked=checked,
+        latencies_ms=np.concatenate(latencies) if latencies else np.zeros(0),
+        route_p50_ms=np.asarray(route_p50),
+        slips=slips,
+        unaligned=unaligned,
+        silent_routes=silent_routes,
+        peer_cpu_pct=run.peer_cpu_s / run.seconds * 100,
+        peer_lag_p99_ms=float(np.percentile(lags, 99) * 1000) if lags else math.nan,
+        peer_lag_max_ms=float(np.max(lags) * 1000) if lags else math.nan,
+        connect_s=run.connect_s,
+        warnings=warnings,
+    )
+
+
+# ------------------------------------------------------------------------------- output
+HEADER = (
+    f"{'routes':>6} {'up':>4} {'CPU ms/':>8} {'CPU %':>6} {'peak RSS':>8} {'packets':>13} {'late':>5} "
+    f"{'lost':>9} {'latency ms':^27} {'peer':>5} {'peer lag':>8}\n"
+    f"{'':>6} {'':>4} {'route-s':>8} {'1 core':>6} {'MiB':>8} {'exp/recv':>13} {'':>5} "
+    f"{'/checked':>9} {'p50':>6} {'p95':>6} {'p99':>6} {'max':>6} {'CPU %':>5} {'p99 ms':>8}"
+)
+
+
+def row(r: Result) -> str:
+    lat = r.latencies_ms
+    p50, p95, p99 = (np.percentile(lat, q) for q in (50, 95, 99)) if len(lat) else (math.nan,) * 3
+    mx = lat.max() if len(lat) else math.nan
+    return (
+        f"{r.n:>6} {r.up:>4} {r.cpu_ms_per_route_s:>8.2f} {r.cpu_pct:>6.1f} {r.rss_mib:>8.1f} "
+        f"{f'{r.expected}/{r.received}':>13} {r.late:>5} {f'{r.lost}/{r.checked}':>9} "
+        f"{p50:>6.1f} {p95:>6.1f} {p99:>6.1f} {mx:>6.1f} {r.peer_cpu_pct:>5.0f} {r.peer_lag_p99_ms:>8.1f}"
+    )
+
+
+def details(r: Result) -> str:
+    parts = [f"N={r.n}: routes up in {r.connect_s:.1f} s; peer sends up to {r.peer_lag_max_ms:.1f} ms late"]
+    if len(r.route_p50_ms):
+        parts.append(
+            f"per-route median latency {r.route_p50_ms.min():.1f}..{r.route_p50_ms.max():.1f} ms "
+            f"({np.count_nonzero(r.route_p50_ms > np.median(r.route_p50_ms) + 10)} routes >10 ms above the median)"
+        )
+    if r.slips or r.unaligned:
+        parts.append(f"{r.slips} changes of the audio offset (audio dropped), "
+                     f"{r.unaligned} blocks of {BLOCK} packets without a clear match (pauses, or a backlog > {SEARCH:g} s)")
+    if r.silent_routes:
+        parts.append(f"{r.silent_routes} routes' channels silent for the whole window (no latency to measure)")
+    parts.append(f"{len(r.warnings)} gateway log warnings/errors")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--routes", default="1,10,50,100", help="comma-separated route counts (default 1,10,50,100)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="steady-state window per count, s (default 10)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="s after the last route is up before the window (default 1)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the gateway configs and logs in DIR")
+    args = parser.parse_args(argv)
+    counts = [int(c) for c in args.routes.split(",") if c.strip()]
+    if not counts or min(counts) < 1 or args.seconds <= 0:
+        parser.error("--routes needs positive counts and --seconds a positive duration")
+
+    logging.basicConfig(level=logging.ERROR, format="peer %(levelname)s %(name)s: %(message)s")
+    began = time.monotonic()
+    print(f"bench_routes: N phone-to-channel routes (VoIPBIN rtp u-law 8 kHz → Opus 48 kHz mono 20 ms), "
+          f"{args.seconds:g} s window after {args.warmup:g} s warm-up; {os.cpu_count()} CPUs")
+    print("late: packets > 20 ms behind the channel's 20 ms grid; lost: call frames with speech that reached "
+          "the channel as silence; latency: packet arrival - capture of the newest call audio in it "
+          "(cross-correlation, see the docstring)")
+    measured, declared = chain_delay_ms()
+    print(f"algorithmic delay of the chain, offline, same method: {measured:.2f} ms "
+          f"(its stages declare {declared:.2f} ms: resampler group delay + Opus lookahead)\n")
+    print(HEADER, flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_routes_") as tmp:
+        workdir = Path(args.keep).resolve() if args.keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for n in counts:
+            # The peer's own garbage collector must not stall its clock: what exists now is
+            # frozen out of the collections that run during the measurement.
+            gc.collect()
+            gc.freeze()
+            run = trio.run(run_once, n, args.seconds, args.warmup, workdir)
+            if not run.up or run.window == (0.0, 0.0):
+                print(f"{n:>6} {run.up:>4}  gateway did not come up (exit {run.returncode}); log tail:")
+                print("\n".join("    " + line for line in run.log_lines[-15:]), flush=True)
+                continue
+            result = analyze(run)
+            results.append(result)
+            print(row(result), flush=True)
+    print()
+    for r in results:
+        print(details(r))
+        for line in r.warnings[:5]:
+            print("    " + line[:200])
+    print(f"\ntotal {time.monotonic() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
