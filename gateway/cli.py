@@ -12,6 +12,8 @@ import trio
 from gateway import __version__
 from gateway.errors import ConfigError
 
+STOP_DEADLINE = 5.0  # seconds for every route to say goodbye on SIGTERM/SIGINT
+
 
 def setup_logging(level: str = "info") -> None:
     logging.basicConfig(
@@ -42,7 +44,17 @@ async def _run(config) -> None:
 
             async def wait_signal() -> None:
                 async for sig in signals:
-                    log.info("received %s: closing every route", signal.Signals(sig).name)
+                    log.info("received %s: closing every route (again to exit at once)", signal.Signals(sig).name)
+                    async with trio.open_nursery() as stopping:
+
+                        async def second_signal() -> None:
+                            async for _ in signals:
+                                log.warning("second signal: exiting now")
+                                stopping.cancel_scope.cancel()
+
+                        stopping.start_soon(second_signal)
+                        await gateway.stop(STOP_DEADLINE)
+                        stopping.cancel_scope.cancel()
                     nursery.cancel_scope.cancel()
                     return
 

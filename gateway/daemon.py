@@ -41,7 +41,9 @@ class RouteState:
     sessions_done: trio.Event = attrs.Factory(trio.Event)
     """Set when a session of the route ended (normally or not)."""
     finished: trio.Event = attrs.Factory(trio.Event)
-    """Set when the route will not run again (ended, failed for good)."""
+    """Set when the route will not run again (ended, failed for good, stopped)."""
+    pause: trio.CancelScope | None = None
+    """The backoff sleep between restarts, cancelled by a stop."""
 
     @property
     def has_listen(self) -> bool:
@@ -56,6 +58,7 @@ class Gateway:
         self.runtime = runtime or Runtime(config)
         self.runtime.config = config
         self.routes: dict[str, RouteState] = {}
+        self.stopping = False
 
     def build(self) -> None:
         """Construct every endpoint and route; raises ConfigError (with file:line) on the first
@@ -93,6 +96,19 @@ class Gateway:
             log.info("gateway running: %d route(s)", len(self.routes))
             task_status.started(self)
 
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop every route cleanly: each endpoint sends its protocol's goodbye (close 1000,
+        AudioSocket hangup, ...) while its connection is still read, so close handshakes
+        complete. Returns when all routes are down or after `timeout` seconds."""
+        self.stopping = True
+        for state in self.routes.values():
+            state.route.stop()
+            if state.pause is not None:
+                state.pause.cancel()
+        with trio.move_on_after(timeout):
+            for state in self.routes.values():
+                await state.finished.wait()
+
     async def supervise(self, state: RouteState) -> None:
         """Run one route for as long as it should run (see the module doc)."""
         route, rc = state.route, state.config
@@ -113,6 +129,9 @@ class Gateway:
                         raise
                     backoff = BACKOFF_FIRST
                     state.sessions_done.set()
+                    if self.stopping:
+                        state.state = "stopped"
+                        return
                     if not state.has_listen:
                         state.state = "ended"
                         return
@@ -131,13 +150,21 @@ class Gateway:
                     state.last_error = repr(err)
                     rlog.exception("route crashed (a bug: please report the trace)")
                 state.sessions_done.set()
+                if self.stopping:
+                    state.state = "stopped"
+                    return
                 if rc.restart == "never":
                     state.state = "failed"
                     return
                 state.state = "restarting"
                 state.restarts += 1
                 rlog.info("restarting in %.0f s", backoff)
-                await trio.sleep(backoff)
+                with trio.CancelScope() as state.pause:
+                    await trio.sleep(backoff)
+                state.pause = None
+                if self.stopping:
+                    state.state = "stopped"
+                    return
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
             state.finished.set()

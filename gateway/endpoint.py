@@ -66,6 +66,9 @@ class Endpoint(abc.ABC):
     ingress: AudioFormat | None = None
     egress: AudioFormat | None = None
     ptime_ms: int = 20
+    encoder_options: dict = {}
+    """Keyword options for `plan()` when the route encodes this endpoint's egress
+    (e.g. `opus_bitrate`, `opus_complexity`)."""
     local_source: bool = False
     """True for sources that start on their own (a file): the route starts them only once every
     peer endpoint is connected, so their audio plays from the beginning to someone."""

@@ -15,6 +15,10 @@ Playout rules, per sink (DESIGN.md, "Route"):
 - A source short for `IDLE_AFTER` packets in a row is idle: no more waiting for it; silence
   flows. When every source was idle, the clock re-anchors on the next audio.
 - Audio buffered beyond `max_delay_ms` is dropped oldest first (bounded latency, bounded memory).
+- Latency control, every `ADJUST_EVERY` packets: audio that stayed buffered through a whole
+  window (after a stall, or queued while the route came up) is excess and is dropped; if every
+  packet waited for its deadline, the clock moves earlier by the least wait. So the latency the
+  gateway adds returns to "processing only" after anything pushes it up.
 - When a source ends, what it buffered is played out (the last packet padded), then the route
   ends; every endpoint says its protocol's goodbye.
 """
@@ -40,7 +44,11 @@ log = logging.getLogger("gateway.route")
 SINK_QUEUE = 64  # frames queued for one sink pacer before the newest are dropped
 IDLE_AFTER = 5  # consecutive short packets after which a source counts as idle
 GOODBYE_DEADLINE = 2.0  # seconds for every endpoint to say goodbye when a route stops
+ADJUST_EVERY = 50  # packets per latency-control window (1 s at 20 ms)
 _END = None  # end-of-stream marker in a sink queue
+_NEVER = 1 << 62
+_NEVER_S = float("inf")
+_CARRIED = object()  # the next packet was already whole at the last pop
 
 
 @attrs.define
@@ -88,6 +96,17 @@ class Route:
         if not self.sources or not self.sinks:
             raise ValueError(f"route {name}: needs at least one endpoint that produces audio and one that takes it")
         self.up = trio.Event()
+        self._finish = None
+        self._startup: trio.CancelScope | None = None
+        self._stopping = False
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End the running session cleanly (every endpoint says its goodbye), from any task."""
+        self._stopping = True
+        if self._startup is not None:
+            self._startup.cancel()
+        if self._finish is not None:
+            self._finish(reason)
 
     # ----------------------------------------------------------------------------- plumbing
     def _legs(self) -> tuple[dict[int, list[_Leg]], dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]]]:
@@ -131,6 +150,8 @@ class Route:
         ended_by: list[str] = []
         failures: list[Exception] = []
 
+        self._finish = lambda reason: finish(reason)
+
         def finish(reason: str) -> None:
             if not done.is_set():
                 ended_by.append(reason)
@@ -166,6 +187,8 @@ class Route:
             if ep.ingress is not None and legs.get(id(ep)):
                 for leg in legs[id(ep)]:
                     try:
+                        for out in leg.chain.flush():  # the resampler's last few ms
+                            leg.queue.send_nowait((leg.slot, out))
                         leg.queue.send_nowait((leg.slot, _END))
                     except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
@@ -178,18 +201,29 @@ class Route:
 
         try:
             async with trio.open_nursery() as nursery:
-                # Listen endpoints first: the route comes up when their clients connect (no
-                # outgoing stream is held open for nobody). Then the other peers, concurrently;
-                # local sources (files) last, so a file plays from its beginning to someone.
-                listen = [e for e in self.endpoints if e.role == "listen"]
-                peers = [e for e in self.endpoints if e.role != "listen" and not e.local_source]
-                local = [e for e in self.endpoints if e.local_source]
-                await _start_all(nursery, run_endpoint, listen)
-                await _start_all(nursery, run_endpoint, peers)
-                for sink in self.sinks:
-                    recv, feeding = queues[id(sink)]
-                    nursery.start_soon(self._pace, sink, recv, feeding, drained)
-                await _start_all(nursery, run_endpoint, local)
+                with trio.CancelScope() as startup:
+                    self._startup = startup
+                    if self._stopping:
+                        startup.cancel()
+                    # Listen endpoints first: the route comes up when their clients connect (no
+                    # outgoing stream is held open for nobody). Then the other peers, concurrently;
+                    # local sources (files) last, so a file plays from its beginning to someone.
+                    listen = [e for e in self.endpoints if e.role == "listen"]
+                    peers = [e for e in self.endpoints if e.role != "listen" and not e.local_source]
+                    local = [e for e in self.endpoints if e.local_source]
+                    await _start_all(nursery, run_endpoint, listen)
+                    await _start_all(nursery, run_endpoint, peers)
+                    for sink in self.sinks:
+                        recv, feeding = queues[id(sink)]
+                        nursery.start_soon(self._pace, sink, recv, feeding, drained)
+                    await _start_all(nursery, run_endpoint, local)
+                self._startup = None
+                if startup.cancelled_caught:  # stop() while connecting / waiting for a client
+                    task_status.started()
+                    await self._goodbye()
+                    nursery.cancel_scope.cancel()
+                    self.stats.ended_by = "stopped"
+                    return "stopped"
                 self.stats.started_at = trio.current_time()
                 self.stats.sessions += 1
                 self.up.set()
@@ -232,12 +266,20 @@ class Route:
         grace = self.jitter_ms / 1000
         max_buffer = max(pcm_format.samples(self.max_delay_ms), 2 * n)
         jitter_samples = pcm_format.samples(self.jitter_ms)
-        encoder = plan(pcm_format, sink.egress)
+        encoder = plan(pcm_format, sink.egress, **sink.encoder_options)
         buffers = [Reframer(pcm_format, sink.ptime_ms) for _ in feeding]
         owed = [0] * len(feeding)  # samples concealed whose late audio is still to be discarded
         short_run = [IDLE_AFTER] * len(feeding)  # consecutive short packets (starts idle)
         ended = [False] * len(feeding)
         largest = [0] * len(feeding)  # largest frame each source has sent (samples at sink rate)
+        # Latency control over windows of ADJUST_EVERY packets: `floor` is the least audio left
+        # in a buffer after its pop (audio that waited a whole window is excess: dropped);
+        # `earliest` is the least time a whole packet waited for its deadline (the clock then
+        # moves earlier by that much, so deadlines line up with the audio's arrival).
+        floor = [_NEVER] * len(feeding)
+        complete_at: list = [None] * len(feeding)  # when the next packet became whole
+        earliest = _NEVER_S
+        window = 0
         stats = sink.stats
         timestamp = 0
 
@@ -250,6 +292,8 @@ class Route:
             buf.push(frame)
             if frame.samples > largest[slot]:
                 largest[slot] = frame.samples
+            if complete_at[slot] is None and buf.buffered >= n:
+                complete_at[slot] = trio.current_time()
             if owed[slot]:
                 dropped = buf.drop(min(owed[slot], buf.buffered))
                 owed[slot] -= dropped
@@ -265,16 +309,22 @@ class Route:
         with recv:
             while True:
                 if anchor is None:
-                    item = await recv.receive()
-                    accept(item)
+                    accept(await recv.receive())
+                    while True:
+                        try:
+                            accept(recv.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    backlog = any(b.buffered > max(n, largest[i]) + jitter_samples for i, b in enumerate(buffers))
+                    if backlog and not any(ended):
+                        # Audio queued while the route came up is stale: drop it and anchor
+                        # on the next live frame, in phase with the source.
+                        for i, buf in enumerate(buffers):
+                            stats.dropped += math.ceil(buf.drop(buf.buffered) / n)
+                            complete_at[i] = None
+                        continue
                     if any(b.buffered >= n for b in buffers) or all(ended):
                         anchor, k = trio.current_time(), 0
-                        # Audio queued while the route came up is stale: start live, keeping
-                        # one packet plus the jitter allowance.
-                        for i, buf in enumerate(buffers):
-                            keep = max(n, largest[i]) + jitter_samples
-                            if buf.buffered > keep:
-                                stats.dropped += math.ceil(buf.drop(buf.buffered - keep) / n)
                     continue
                 deadline = anchor + k * ptime
                 now = trio.current_time()
@@ -298,6 +348,8 @@ class Route:
                     if frame is None and ended[i] and buf.buffered:
                         frame = buf.flush()[0]
                     if frame is None:
+                        floor[i] = 0
+                        complete_at[i] = None
                         if short_run[i] < IDLE_AFTER and not ended[i]:
                             # Late: conceal this slot; its audio is stale once it arrives.
                             stats.late += 1
@@ -309,6 +361,12 @@ class Route:
                         continue
                     short_run[i] = 0
                     contributors += 1
+                    done_at = complete_at[i]
+                    if done_at is not None and done_at is not _CARRIED:
+                        earliest = min(earliest, deadline - done_at)
+                    # a packet already whole after this pop is excess, measured by `floor`
+                    complete_at[i] = _CARRIED if buf.buffered >= n else None
+                    floor[i] = min(floor[i], buf.buffered)
                     mixed = frame.pcm if mixed is None else _mix(mixed, frame.pcm)
                 if mixed is None and all(ended):
                     for source in feeding:
@@ -321,6 +379,16 @@ class Route:
                 for out in encoder.process(frame):
                     await sink.send(out)
                 k += 1
+                window += 1
+                if window == ADJUST_EVERY:
+                    for i, buf in enumerate(buffers):
+                        if 0 < floor[i] < _NEVER and not ended[i]:
+                            stats.dropped += math.ceil(buf.drop(floor[i]) / n)
+                    if contributors and 0.001 < earliest < _NEVER_S:
+                        anchor -= earliest
+                    floor = [_NEVER] * len(feeding)
+                    earliest = _NEVER_S
+                    window = 0
                 for i, source in enumerate(feeding):
                     if ended[i] and buffers[i].buffered == 0:
                         drained[id(source)].set()

@@ -15,7 +15,9 @@ import pytest
 import trio
 
 import gateway.adapters.argon.endpoint as argon_endpoint
-from audio_checks import active_duration, best_alignment, read_wav
+import numpy as np
+
+from audio_checks import active_duration, best_alignment, blockwise_alignment, read_wav
 from gateway.adapters.argon.wire import validate_opus_packet
 from gateway.demo import start_demo
 
@@ -32,12 +34,20 @@ async def bridge(tmp_path, clip, **options):
     return gateway
 
 
-def check_speech_arrived(tmp_path, clip, *, min_corr=0.95):
+def stats(gateway):
+    return {f"{name}/{e.name}": e.stats.as_dict() for name, st in gateway.routes.items() for e in st.route.endpoints}
+
+
+def check_speech_arrived(tmp_path, clip, gateway):
+    """The speech is in the channel's recording: every quarter second of it, in order, with
+    little delay and nothing missing (a concealed packet costs one block at most)."""
     source, source_rate = read_wav(clip)
     received, rate = read_wav(tmp_path / "channel.wav")
     corr, lag = best_alignment(source, source_rate, received, rate)
-    assert corr > min_corr, f"recorded audio does not match the speech (correlation {corr:.3f})"
-    assert lag < 0.3, f"speech arrived {lag * 1000:.0f} ms late in the recording"
+    assert lag < 0.3, f"speech arrived {lag * 1000:.0f} ms late in the recording: {stats(gateway)}"
+    blocks = blockwise_alignment(source, source_rate, received, rate)
+    good = sum(b > 0.9 for b in blocks)
+    assert len(blocks) >= 6 and good >= len(blocks) - 1, f"speech blocks {np.round(blocks, 2)}: {stats(gateway)}"
     # all of it: the speech's active span is the same length on both sides
     assert abs(active_duration(received, rate) - active_duration(source, source_rate)) < 0.08
     return corr
@@ -54,7 +64,7 @@ async def test_call_reaches_channel_each_encapsulation_and_codec(tmp_path, speec
     # the call's end ends the bridge: AudioSocket says hangup, rtp/sln close the socket
     ended_by = gateway.routes["support-line"].route.stats.ended_by
     assert ended_by == "voipbin: hangup" if encapsulation == "audiosocket" else ended_by.startswith("voipbin: closed")
-    check_speech_arrived(tmp_path, speech_clip)
+    check_speech_arrived(tmp_path, speech_clip, gateway)
     assert channel_side.stats.late <= 2
 
 
@@ -80,7 +90,7 @@ async def test_every_opus_message_is_one_valid_packet(tmp_path, speech_clip, mon
         assert len(pcm) == 48 * frame_ms * channels * 2  # one packet of exactly frame_ms
     channel = gateway.routes["voice-channel"].route.endpoints[0]
     assert channel.params.frame_duration_ms == frame_ms and channel.params.stereo == stereo
-    check_speech_arrived(tmp_path, speech_clip)
+    check_speech_arrived(tmp_path, speech_clip, gateway)
     if stereo:
         pcm, _ = read_wav(tmp_path / "channel.wav")
         assert pcm.shape[1] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 import signal
 import socket
 import subprocess
@@ -75,4 +76,11 @@ routes:
         proc.kill()
     assert proc.returncode == 0, output
     assert "received SIGTERM" in output and "stopped" in output
+    # goodbyes run while connections are still read: no close handshake waits out its timeout
+    stamps = {}
+    for line in output.splitlines():
+        for key in ("received SIGTERM", "gateway: stopped"):
+            if key in line:
+                stamps[key] = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    assert (stamps["gateway: stopped"] - stamps["received SIGTERM"]).total_seconds() < 1.0
     assert "vb-SECRET-sig" not in output

@@ -127,6 +127,9 @@ class OpusEncoder:
     """Discontinuous transmission (OPUS_SET_DTX)."""
     fec: bool = attrs.field(default=False, kw_only=True)
     """In-band FEC (OPUS_SET_INBAND_FEC), with FEC_PACKET_LOSS_PERC expected loss."""
+    complexity: int | None = attrs.field(default=None, kw_only=True)
+    """0-10 (OPUS_SET_COMPLEXITY); None keeps libopus's default (10). Measured here on speech:
+    ~250 µs per 20 ms mono frame at 10, ~56 µs at 5, for a small loss of quality."""
     input: AudioFormat = attrs.field(init=False)
     output: AudioFormat = attrs.field(init=False)
     delay: int = attrs.field(init=False)
@@ -157,6 +160,10 @@ class OpusEncoder:
         try:
             if self.bitrate is not None:
                 set_(state, ctl.set_bitrate, self.bitrate)
+            if self.complexity is not None:
+                if not 0 <= self.complexity <= 10:
+                    raise ValueError(f"Opus complexity must be 0-10, got {self.complexity}")
+                set_(state, ctl.set_complexity, self.complexity)
             set_(state, ctl.set_dtx, int(self.dtx))
             set_(state, ctl.set_inband_fec, int(self.fec))
             set_(state, ctl.set_packet_loss_perc, FEC_PACKET_LOSS_PERC if self.fec else 0)

@@ -94,6 +94,7 @@ def plan(
     *,
     ptime_ms: int | None = None,
     opus_bitrate: int | None = None,
+    opus_complexity: int | None = None,
 ) -> Chain:
     """The chain converting frames of `src` into frames of `dst`.
 
@@ -140,7 +141,7 @@ def plan(
     if dst.encoding is Encoding.PCMU:
         stages.append(G711Encoder())
     elif dst.encoding is Encoding.OPUS:
-        stages.append(OpusEncoder(dst.channels, ptime_ms, bitrate=opus_bitrate))
+        stages.append(OpusEncoder(dst.channels, ptime_ms, bitrate=opus_bitrate, complexity=opus_complexity))
     return Chain(tuple(stages), src, dst)
 
 
