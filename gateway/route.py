@@ -8,7 +8,8 @@ each, mixes them (a sink never hears itself: mix-minus), encodes, and calls `sin
 
 Playout rules, per sink (DESIGN.md, "Route"):
 - The clock anchors when the first whole packet of audio is buffered, so the first packet goes
-  out at once and the added latency is processing plus at most `jitter_ms` of waiting.
+  out at once and the gateway adds no waiting of its own. Audio that queued up while the route
+  was still connecting is stale: it is dropped and the clock anchors on the next live frame.
 - At each deadline a source that is short waits up to `jitter_ms` for its audio; then its slot
   is filled with silence (counted `late`) and the late audio, when it arrives, is discarded up
   to the concealed amount (counted `dropped`) so latency returns to its target at once.
@@ -59,19 +60,21 @@ class RouteStats:
     """trio clock time when every endpoint was connected."""
     ended_at: float | None = None
     ended_by: str = ""
-    """Which endpoint ended the route and how (e.g. "voipbin: call ended: closed (1006)")."""
+    """Which endpoint ended the route and how (e.g. "voipbin: closed without a close frame (1006)")."""
     sessions: int = 0
     """Times the route came up (restarts and listen sessions included)."""
 
 
 @attrs.define
 class _Leg:
-    """One source → sink pair: the decode chain and the index of the source at the sink."""
+    """One source → sinks fan-out: a decode chain and every (queue, slot, sink) it feeds.
+
+    Sinks that take the same PCM format from a source share one chain, so a source is decoded
+    and resampled once per target format, not once per sink.
+    """
 
     chain: Chain
-    queue: trio.MemorySendChannel
-    slot: int
-    sink: Endpoint
+    targets: list[tuple[trio.MemorySendChannel, int, Endpoint]] = attrs.Factory(list)
 
 
 class Route:
@@ -110,31 +113,36 @@ class Route:
 
     # ----------------------------------------------------------------------------- plumbing
     def _legs(self) -> tuple[dict[int, list[_Leg]], dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]]]:
-        """Plan every source → sink chain; returns legs by source and queues by sink."""
-        legs: dict[int, list[_Leg]] = {id(s): [] for s in self.sources}
+        """Plan the source → sink chains; returns legs by source and queues by sink."""
+        legs: dict[int, dict] = {id(s): {} for s in self.sources}
         queues: dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]] = {}
         for sink in self.sinks:
             send, recv = trio.open_memory_channel(SINK_QUEUE)
             feeding = [s for s in self.sources if s is not sink]
             queues[id(sink)] = (recv, feeding)
+            target = sink.egress.as_pcm()
             for slot, source in enumerate(feeding):
-                chain = plan(source.ingress, sink.egress.as_pcm())
-                legs[id(source)].append(_Leg(chain, send, slot, sink))
-                self.log.debug("%s → %s: %s", source.name, sink.name, chain)
-        return legs, queues
+                leg = legs[id(source)].get(target)
+                if leg is None:
+                    leg = legs[id(source)][target] = _Leg(plan(source.ingress, target))
+                    self.log.debug("%s → %s: %s", source.name, target, leg.chain)
+                leg.targets.append((send, slot, sink))
+        return {key: list(by_format.values()) for key, by_format in legs.items()}, queues
 
     def _emitter(self, legs: list[_Leg]):
-        """The synchronous `emit` a source calls per frame: decode for each sink, queue, never block."""
+        """The synchronous `emit` a source calls per frame: decode once per target format,
+        queue for each sink, never block."""
 
         def emit(frame: Frame) -> None:
             for leg in legs:
                 for out in leg.chain.process(frame):
-                    try:
-                        leg.queue.send_nowait((leg.slot, out))
-                    except trio.WouldBlock:
-                        leg.sink.stats.dropped += 1
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the sink's pacer has finished; the route is ending
+                    for queue, slot, sink in leg.targets:
+                        try:
+                            queue.send_nowait((slot, out))
+                        except trio.WouldBlock:
+                            sink.stats.dropped += 1
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass  # that sink's pacer has finished; the route is ending
 
         return emit
 
@@ -186,12 +194,14 @@ class Route:
             self.log.info("endpoint %s ended: %s", ep.name, reason)
             if ep.ingress is not None and legs.get(id(ep)):
                 for leg in legs[id(ep)]:
-                    try:
-                        for out in leg.chain.flush():  # the resampler's last few ms
-                            leg.queue.send_nowait((leg.slot, out))
-                        leg.queue.send_nowait((leg.slot, _END))
-                    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                    tail = leg.chain.flush()  # the resampler's last few ms
+                    for queue, slot, _ in leg.targets:
+                        try:
+                            for out in tail:
+                                queue.send_nowait((slot, out))
+                            queue.send_nowait((slot, _END))
+                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
                 # the sinks' pacers play out what this source buffered, then the route ends
                 with trio.move_on_after(self.max_delay_ms / 1000 + 1.0):
                     await drained[id(ep)].wait()
