@@ -44,6 +44,8 @@ class EndpointStats:
     """Egress frames concealed with silence because the audio for them was late."""
     dropped: int = 0
     """Frames discarded: late audio whose playout time had passed, or buffer overflow."""
+    buffered_ms: int = 0
+    """Audio waiting in the route's playout buffers for this sink, after its last packet."""
     connects: int = 0
     """Successful connections (1 + reconnects for dial endpoints, sessions for listen ones)."""
 
@@ -69,6 +71,12 @@ class Endpoint(abc.ABC):
     encoder_options: dict = {}
     """Keyword options for `plan()` when the route encodes this endpoint's egress
     (e.g. `opus_bitrate`, `opus_complexity`)."""
+    bursty: bool = False
+    """True for sources that send faster than real time in bursts (an AI agent's text to
+    speech): the route queues their audio and plays it at real time without dropping or
+    speeding up, up to `burst_buffer_ms`, instead of treating early audio as excess latency."""
+    burst_buffer_ms: int = 60_000
+    """Bound of a bursty source's playout queue (ms of audio); beyond it the oldest is dropped."""
     local_source: bool = False
     """True for sources that start on their own (a file): the route starts them only once every
     peer endpoint is connected, so their audio plays from the beginning to someone."""

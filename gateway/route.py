@@ -275,6 +275,10 @@ class Route:
         ptime = sink.ptime_ms / 1000
         grace = self.jitter_ms / 1000
         max_buffer = max(pcm_format.samples(self.max_delay_ms), 2 * n)
+        # Buffered sources (an agent's text-to-speech arrives in bursts) queue: played at real
+        # time without drops, up to their own bound; only live sources get latency control.
+        live = [not s.bursty for s in feeding]
+        limit = [max_buffer if live[i] else max(pcm_format.samples(s.burst_buffer_ms), 2 * n) for i, s in enumerate(feeding)]
         jitter_samples = pcm_format.samples(self.jitter_ms)
         encoder = plan(pcm_format, sink.egress, **sink.encoder_options)
         buffers = [Reframer(pcm_format, sink.ptime_ms) for _ in feeding]
@@ -308,8 +312,8 @@ class Route:
                 dropped = buf.drop(min(owed[slot], buf.buffered))
                 owed[slot] -= dropped
                 stats.dropped += math.ceil(dropped / n) if dropped else 0
-            if buf.buffered > max_buffer:
-                stats.dropped += math.ceil(buf.drop(buf.buffered - max_buffer) / n)
+            if buf.buffered > limit[slot]:
+                stats.dropped += math.ceil(buf.drop(buf.buffered - limit[slot]) / n)
 
         def ready(slot: int) -> bool:
             return buffers[slot].buffered >= n or ended[slot]
@@ -325,13 +329,14 @@ class Route:
                             accept(recv.receive_nowait())
                         except trio.WouldBlock:
                             break
-                    backlog = any(b.buffered > max(n, largest[i]) + jitter_samples for i, b in enumerate(buffers))
+                    backlog = any(live[i] and b.buffered > max(n, largest[i]) + jitter_samples for i, b in enumerate(buffers))
                     if backlog and not any(ended):
                         # Audio queued while the route came up is stale: drop it and anchor
                         # on the next live frame, in phase with the source.
                         for i, buf in enumerate(buffers):
-                            stats.dropped += math.ceil(buf.drop(buf.buffered) / n)
-                            complete_at[i] = None
+                            if live[i]:
+                                stats.dropped += math.ceil(buf.drop(buf.buffered) / n)
+                                complete_at[i] = None
                         continue
                     if any(b.buffered >= n for b in buffers) or all(ended):
                         anchor, k = trio.current_time(), 0
@@ -360,7 +365,7 @@ class Route:
                     if frame is None:
                         floor[i] = 0
                         complete_at[i] = None
-                        if short_run[i] < IDLE_AFTER and not ended[i]:
+                        if short_run[i] < IDLE_AFTER and not ended[i] and live[i]:
                             # Late: conceal this slot; its audio is stale once it arrives.
                             stats.late += 1
                             stale = buf.drop(buf.buffered)
@@ -389,10 +394,11 @@ class Route:
                 for out in encoder.process(frame):
                     await sink.send(out)
                 k += 1
+                stats.buffered_ms = sum(b.buffered for b in buffers) * 1000 // pcm_format.rate
                 window += 1
                 if window == ADJUST_EVERY:
                     for i, buf in enumerate(buffers):
-                        if 0 < floor[i] < _NEVER and not ended[i]:
+                        if 0 < floor[i] < _NEVER and not ended[i] and live[i]:
                             stats.dropped += math.ceil(buf.drop(floor[i]) / n)
                     if contributors and 0.001 < earliest < _NEVER_S:
                         anchor -= earliest

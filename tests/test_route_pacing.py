@@ -260,3 +260,28 @@ async def test_latency_recovers_after_a_stall(autojump_clock):
     assert lat[110:].max() <= 0.010 + 1e-6
     assert np.abs(lat[-25:]).max() < 1e-6
     assert sink.stats.dropped >= 2
+
+
+class Burst(Source):
+    """An agent's text to speech: seconds of audio delivered at once, then a pause."""
+
+    bursty = True
+
+
+async def test_bursty_source_is_played_at_real_time_without_drops(autojump_clock):
+    t0 = trio.current_time()
+    frames = [ramp_frame(k) for k in range(100)]  # 2 s of speech...
+    times = [0.0] * 50 + [0.5] * 50  # ...arriving in two bursts, far ahead of real time
+    source, sink = Burst("agent", times, frames, hold_open=True), Sink("sink")
+    route = Route("t", [source, sink])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(route.run)
+        await trio.sleep(0.11)  # 6 packets out (t = 0 .. 0.1 s)
+        assert sink.stats.buffered_ms == 880  # the burst waits in a bounded, visible buffer
+        await trio.sleep(2.39)
+        nursery.cancel_scope.cancel()
+    audio = [(t, pcm) for t, pcm in sink.sent if pcm.any()]
+    assert len(audio) == 100 and sink.stats.dropped == 0 and sink.stats.late == 0
+    assert np.array_equal(np.concatenate([pcm for _, pcm in audio]), np.concatenate([f.pcm[:, 0] for f in frames]))
+    times_out = np.array([t for t, _ in audio]) - t0
+    assert np.allclose(times_out, np.arange(100) * 0.02, atol=1e-9)  # real time: no speed-up
