@@ -44,13 +44,18 @@ def best_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarray, r
     n = len(ref) + len(got)
     size = 1 << (n - 1).bit_length()
     spectrum = np.fft.rfft(got, size) * np.conj(np.fft.rfft(ref, size))
-    xcorr = np.fft.irfft(spectrum, size)[: max_lag + 1]
-    lag = int(np.argmax(xcorr))
-    overlap = min(len(ref), len(got) - lag)
+    xcorr = np.fft.irfft(spectrum, size)
+    # lags -max_lag..max_lag: negative when the received audio starts later in the speech
+    candidates = np.concatenate([xcorr[size - max_lag :], xcorr[: max_lag + 1]])
+    lag = int(np.argmax(candidates)) - max_lag
+    if lag >= 0:
+        overlap = min(len(ref), len(got) - lag)
+        a, b = ref[:overlap], got[lag : lag + overlap]
+    else:
+        overlap = min(len(ref) + lag, len(got))
+        a, b = ref[-lag : -lag + overlap], got[:overlap]
     if overlap <= 0:
         return 0.0, lag / rate
-    a = ref[:overlap]
-    b = got[lag : lag + overlap]
     denom = np.sqrt(np.dot(a, a) * np.dot(b, b))
     return (float(np.dot(a, b) / denom) if denom else 0.0), lag / rate
 
@@ -92,6 +97,8 @@ def blockwise_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarr
         a = ref[start : start + block]
         if np.sqrt(np.mean(a**2)) < threshold:
             continue  # a pause: nothing to compare
+        if start + base < 0 or start + base + block > len(got):
+            continue  # before or after what was received (a stale head dropped at start-up)
         lo = max(0, start + base - search)
         window = got[lo : start + base + search + block]
         if len(window) < block:
