@@ -42,13 +42,17 @@ class ServiceError(GatewayError):
     """A remote service refused a request.
 
     `status` is the HTTP status (None for a network failure); `permanent` is True when retrying
-    with the same configuration cannot succeed (bad token, unknown channel, ...).
+    with the same configuration cannot succeed (bad token, unknown channel, ...); `retry_after`
+    is the seconds a 429 asked us to wait, else None.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, permanent: bool = False) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, permanent: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.permanent = permanent
+        self.retry_after = retry_after
 
 
 class CallEnded(GatewayError):

@@ -74,6 +74,8 @@ from typing import Any
 
 import attrs
 
+from gateway.adapters.rest import json_type as _json_type
+from gateway.adapters.rest import loads_strict, status_cause
 from gateway.errors import LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
@@ -196,27 +198,9 @@ ServerEvent = TokenPresented | Unknown | Audio
 # --- shared parsing ------------------------------------------------------------------------
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # RFC 8259 has no NaN or Infinity
-
-
 def _loads(text: str) -> Any:
     """JSON value of `text`; ValueError (or RecursionError) when it is not JSON."""
-    return json.loads(text, parse_constant=_refuse_constant)
+    return loads_strict(text)
 
 
 def _dumps(value: dict[str, Any]) -> str:
@@ -630,12 +614,6 @@ class TokenRequestError(ServiceError):
     the number of seconds the service asked us to wait (429), else None. The message names the
     cause and status, never the API key, the token or the response body."""
 
-    def __init__(
-        self, message: str, *, status: int | None, permanent: bool, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, status=status, permanent=permanent)
-        self.retry_after = retry_after
-
 
 @attrs.frozen
 class TokenGrant:
@@ -733,14 +711,7 @@ def parse_token_response(
                 f"{_WHERE}: response ws_url is not a ws:// or wss:// URL", status=status, permanent=False
             )
         return TokenGrant(token=parsed["token"], ws_url=dial)
-    if status in _STATUS_CAUSES:
-        cause, permanent = _STATUS_CAUSES[status]
-    elif 500 <= status < 600:
-        cause, permanent = "service error", False
-    elif 400 <= status < 500:
-        cause, permanent = "request refused", True
-    else:
-        cause, permanent = "unexpected response", False
+    cause, permanent = status_cause(status, _STATUS_CAUSES)
     seconds = _retry_after(retry_after, parsed) if status == 429 else None
     suffix = f", retry after {seconds:g} s" if seconds is not None else ""
     raise TokenRequestError(

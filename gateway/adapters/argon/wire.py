@@ -41,6 +41,7 @@ from typing import Any
 import attrs
 import jwt
 
+from gateway.adapters.rest import status_cause
 from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
@@ -578,12 +579,6 @@ class StreamTokenError(ServiceError):
     """The StreamToken call failed. `status` and `permanent` as in `ServiceError`;
     `retry_after` is the number of seconds the service asked us to wait (429), else None."""
 
-    def __init__(
-        self, message: str, *, status: int | None, permanent: bool, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, status=status, permanent=permanent)
-        self.retry_after = retry_after
-
 
 @attrs.frozen
 class StreamTokenGrant:
@@ -678,14 +673,7 @@ def parse_stream_token_response(
         if not isinstance(room, str) or not room:
             room = room_name(space_id or "", channel_id or "")
         return StreamTokenGrant(token=fields["token"], ingress_url=fields["ingressUrl"], room_name=room)
-    if status in _STATUS_CAUSES:
-        cause, permanent = _STATUS_CAUSES[status]
-    elif 500 <= status < 600:
-        cause, permanent = "service error", False
-    elif 400 <= status < 500:
-        cause, permanent = "request refused", True
-    else:
-        cause, permanent = "unexpected response", False
+    cause, permanent = status_cause(status, _STATUS_CAUSES)
     retry_after = None
     if status == 429:
         retry_after = retry_after_s if retry_after_s is not None else _body_retry_after(parsed)

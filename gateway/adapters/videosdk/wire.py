@@ -111,6 +111,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from gateway.adapters.rest import json_type as _json_type
+from gateway.adapters.rest import loads_strict, status_cause
 from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
@@ -410,24 +412,6 @@ def _show(value: str, limit: int = 24) -> str:
     return ascii(value[:limit]) + ("..." if len(value) > limit else "")
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _dumps(value: Any) -> str:
     """Compact JSON, as JavaScript's JSON.stringify writes it (non-ASCII left unescaped)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -525,7 +509,7 @@ def _decode_frame(message: Any) -> tuple[dict[str, Any], str]:
     ):
         raise _remote(f"text message over {MAX_MESSAGE_BYTES} bytes", 1009)
     try:
-        frame = json.loads(message, parse_constant=_reject_constant)
+        frame = loads_strict(message)
     except (ValueError, RecursionError):
         raise _remote("frame is not valid JSON", 1007) from None
     if not isinstance(frame, dict):
@@ -935,12 +919,6 @@ class SessionError(ServiceError):
     `retry_after` is the seconds the service asked us to wait (429), else None. The message
     names the cause and the room, never the token, the wsUrl or the response body."""
 
-    def __init__(
-        self, message: str, *, status: int | None, permanent: bool, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, status=status, permanent=permanent)
-        self.retry_after = retry_after
-
 
 class SessionRequestError(GatewayError):
     """A session-creation request body is invalid (listen side): answer `status` (400) with
@@ -1009,7 +987,7 @@ def parse_session_request(body: bytes | str) -> SessionRequest:
     `SessionRequestError` naming the field ("roomId is required (a non-empty string)",
     "agent.id is required", "participant.metadata must be an object", ...)."""
     try:
-        parsed = json.loads(body, parse_constant=_reject_constant)
+        parsed = loads_strict(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise SessionRequestError("request body is not JSON") from None
     if not isinstance(parsed, dict):
@@ -1109,7 +1087,7 @@ def parse_session_response(
     """
     where = "VideoSDK ingest session" + (f" (room {room_id})" if room_id else "")
     try:
-        parsed: Any = json.loads(body, parse_constant=_reject_constant) if body else None
+        parsed: Any = loads_strict(body) if body else None
     except (ValueError, RecursionError):
         parsed = None
     if 200 <= status < 300:
@@ -1139,14 +1117,7 @@ def parse_session_response(
         ):
             raise bad("response data.expiresIn is not a number of seconds")
         return IngestSession(ws_url=ws_url, call_id=call_id, expires_in=expires_in)
-    if status in _STATUS_CAUSES:
-        cause, permanent = _STATUS_CAUSES[status]
-    elif 500 <= status < 600:
-        cause, permanent = "service error", False
-    elif 400 <= status < 500:
-        cause, permanent = "request refused", True
-    else:
-        cause, permanent = "unexpected response", False
+    cause, permanent = status_cause(status, _STATUS_CAUSES)
     retry_after = None
     if status == 429:
         retry_after = retry_after_s if retry_after_s is not None else _body_retry_after(parsed)
@@ -1248,7 +1219,7 @@ def verify_webhook(
         raise WebhookSignatureError(f"webhook {WEBHOOK_SIGNATURE_HEADER} is not base64", cause="not-base64") from None
     body = bytes(body)
     try:
-        parsed: Any = json.loads(body, parse_constant=_reject_constant)
+        parsed: Any = loads_strict(body)
         is_json = True
     except (ValueError, RecursionError):
         parsed, is_json = None, False
