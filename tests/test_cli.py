@@ -82,5 +82,5 @@ routes:
         for key in ("received SIGTERM", "gateway: stopped"):
             if key in line:
                 stamps[key] = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-    assert (stamps["gateway: stopped"] - stamps["received SIGTERM"]).total_seconds() < 1.0
+    assert (stamps["gateway: stopped"] - stamps["received SIGTERM"]).total_seconds() < 1.5  # the bug it guards: 2 s close timeouts
     assert "vb-SECRET-sig" not in output
