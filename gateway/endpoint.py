@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 import trio
@@ -19,6 +19,31 @@ import trio
 from gateway.codecs.formats import AudioFormat, Frame
 
 Emit = Callable[[Frame], None]
+
+
+@attrs.frozen
+class RouteEvent:
+    """Something an endpoint saw that is not audio: a DTMF digit, a pub/sub message, a
+    participant joining, an agent becoming ready. The route logs and counts every event and
+    hands it to the other endpoints of the route that carry events (`accepts_events`).
+
+    `kind` names it in the field's terms ("dtmf", "message", "participant-joined",
+    "agent_ready", ...); `data` holds JSON-able fields (never a secret)."""
+
+    source: str
+    """Name of the endpoint that saw it."""
+    kind: str
+    data: dict[str, Any] = attrs.field(factory=dict)
+
+    def summary(self) -> str:
+        """One short line for logs: `dtmf digit=5`."""
+        fields = " ".join(f"{k}={_short(v)}" for k, v in self.data.items())
+        return f"{self.kind} {fields}".strip()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class Tagged(logging.LoggerAdapter):
@@ -48,6 +73,10 @@ class EndpointStats:
     """Audio waiting in the route's playout buffers for this sink, after its last packet."""
     connects: int = 0
     """Successful connections (1 + reconnects for dial endpoints, sessions for listen ones)."""
+    events_in: int = 0
+    """Route events this endpoint raised (DTMF, messages received, participants...)."""
+    events_out: int = 0
+    """Route events this endpoint passed on to its peer (e.g. published to a topic)."""
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -80,17 +109,37 @@ class Endpoint(abc.ABC):
     local_source: bool = False
     """True for sources that start on their own (a file): the route starts them only once every
     peer endpoint is connected, so their audio plays from the beginning to someone."""
+    accepts_events: bool = False
+    """True for endpoints that carry route events to their peer (`on_route_event`)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.stats = EndpointStats()
         self.route_name = ""
         self.log: logging.LoggerAdapter = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), {"tag": name})
+        self._post_event: Callable[[RouteEvent], None] = lambda event: None
 
-    def bind_route(self, route_name: str) -> None:
-        """Called by the route that owns this endpoint: log lines then read `[route/name]`."""
+    def bind_route(self, route_name: str, post_event: Callable[[RouteEvent], None] | None = None) -> None:
+        """Called by the route that owns this endpoint: log lines then read `[route/name]`;
+        `route_event` goes to `post_event`."""
         self.route_name = route_name
         self.log = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), {"tag": f"{route_name}/{self.name}"})
+        if post_event is not None:
+            self._post_event = post_event
+
+    def route_event(self, kind: str, **data: Any) -> None:
+        """Raise a route event (synchronous, never blocks): the route logs it, counts it and
+        forwards it to the endpoints that carry events."""
+        self.stats.events_in += 1
+        self._post_event(RouteEvent(self.name, kind, data))
+
+    def on_route_event(self, event: RouteEvent) -> None:
+        """An event from another endpoint of the route (only called when `accepts_events`).
+        Synchronous and must not block: queue it for the endpoint's own task."""
+
+    def on_route_up(self) -> None:
+        """Called once per session when every endpoint of the route is connected (a listen
+        endpoint tells its client the other side is there: e.g. agent_ready)."""
 
     @abc.abstractmethod
     async def run(self, emit: Emit, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -26,6 +26,7 @@ Playout rules, per sink (DESIGN.md, "Route"):
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from typing import Sequence
@@ -36,7 +37,7 @@ import trio
 
 from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFrame, Frame
-from gateway.endpoint import Endpoint, Tagged
+from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway._util import collapse
 from gateway.errors import CallEnded
 
@@ -46,6 +47,7 @@ SINK_QUEUE = 64  # frames queued for one sink pacer before the newest are droppe
 IDLE_AFTER = 5  # consecutive short packets after which a source counts as idle
 GOODBYE_DEADLINE = 2.0  # seconds for every endpoint to say goodbye when a route stops
 ADJUST_EVERY = 50  # packets per latency-control window (1 s at 20 ms)
+RECENT_EVENTS = 32  # route events kept for the report / control API
 _END = None  # end-of-stream marker in a sink queue
 _NEVER = 1 << 62
 _NEVER_S = float("inf")
@@ -63,6 +65,10 @@ class RouteStats:
     """Which endpoint ended the route and how (e.g. "voipbin: closed without a close frame (1006)")."""
     sessions: int = 0
     """Times the route came up (restarts and listen sessions included)."""
+    events: int = 0
+    """Route events raised by its endpoints (DTMF, messages, participants joining...)."""
+    recent_events: collections.deque = attrs.Factory(lambda: collections.deque(maxlen=RECENT_EVENTS))
+    """The last `RECENT_EVENTS` events as (trio time, RouteEvent), newest last."""
 
 
 @attrs.define
@@ -93,7 +99,7 @@ class Route:
         self.stats = RouteStats()
         self.log = Tagged(log, {"tag": name})
         for endpoint in self.endpoints:
-            endpoint.bind_route(name)
+            endpoint.bind_route(name, self.post_event)
         self.sources = [e for e in self.endpoints if e.ingress is not None]
         self.sinks = [e for e in self.endpoints if e.egress is not None]
         if not self.sources or not self.sinks:
@@ -110,6 +116,23 @@ class Route:
             self._startup.cancel()
         if self._finish is not None:
             self._finish(reason)
+
+    def post_event(self, event: RouteEvent) -> None:
+        """Log and count an endpoint's event, and hand it to every other endpoint that carries
+        events. Synchronous; an endpoint that fails to take it is logged, never fatal."""
+        self.stats.events += 1
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio (tests of the plumbing)
+            now = 0.0
+        self.stats.recent_events.append((now, event))
+        self.log.info("event from %s: %s", event.source, event.summary())
+        for ep in self.endpoints:
+            if ep.accepts_events and ep.name != event.source:
+                try:
+                    ep.on_route_event(event)
+                except Exception:  # a bug in one endpoint must not stop the others
+                    self.log.exception("endpoint %s failed to take event %s", ep.name, event.kind)
 
     # ----------------------------------------------------------------------------- plumbing
     def _legs(self) -> tuple[dict[int, list[_Leg]], dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]]]:
@@ -238,6 +261,11 @@ class Route:
                 self.stats.sessions += 1
                 self.up.set()
                 self.log.info("route up: %s", ", ".join(e.describe() for e in self.endpoints))
+                for ep in self.endpoints:
+                    try:
+                        ep.on_route_up()
+                    except Exception:
+                        self.log.exception("endpoint %s failed in on_route_up", ep.name)
                 task_status.started()
                 await done.wait()
                 reason = ended_by[0] if ended_by else "stopped"

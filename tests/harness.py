@@ -14,23 +14,31 @@ from gateway.demo import start_gateway
 BOT_TOKEN = "bot-SECRET-7f3a9c2e"
 VOIPBIN_TOKEN = "vb-SECRET-41d8e6b0"
 JWT_SECRET = "jwt-SECRET-0123456789abcdef0123456789abcdef"
-SECRETS = (BOT_TOKEN, VOIPBIN_TOKEN, JWT_SECRET)
+AGENT_API_KEY = "agent-SECRET-5e1c0d77"
+VIDEOSDK_TOKEN = "vsdk-SECRET-9b2f4a10"
+SECRETS = (BOT_TOKEN, VOIPBIN_TOKEN, JWT_SECRET, AGENT_API_KEY, VIDEOSDK_TOKEN)
 
 SERVICES = """\
 server: {http: "127.0.0.1:$http_port", media: "127.0.0.1:$media_port"}
 services:
   voipbin: {api_url: "http://127.0.0.1:$media_port", token: "%s"}
   argon: {api_url: "http://127.0.0.1:$http_port/api/bot", bot_token: "%s", jwt_secret: "%s"$argon_extra}
-""" % (VOIPBIN_TOKEN, BOT_TOKEN, JWT_SECRET)
+  agent: {api_url: "http://127.0.0.1:$http_port", api_key: "%s", cors_origins: ["*"]$agent_extra}
+  videosdk: {api_url: "http://127.0.0.1:$http_port", token: "%s"$videosdk_extra}
+""" % (VOIPBIN_TOKEN, BOT_TOKEN, JWT_SECRET, AGENT_API_KEY, VIDEOSDK_TOKEN)
 
 
-async def start(nursery: trio.Nursery, routes: str, argon_extra: str = "", **values) -> Gateway:
+async def start(
+    nursery: trio.Nursery, routes: str, argon_extra: str = "", agent_extra: str = "", videosdk_extra: str = "", **values
+) -> Gateway:
     """Start a gateway whose config is SERVICES + `routes` (a string.Template: $http_port,
-    $media_port and `values` are substituted)."""
+    $media_port and `values` are substituted). `*_extra` are appended inside that service's
+    flow mapping, e.g. `videosdk_extra=", webhook_public_key_file: /tmp/k.pem"`."""
 
     def make(http_port: int, media_port: int) -> GatewayConfig:
         text = string.Template(SERVICES + routes).substitute(
-            http_port=http_port, media_port=media_port, argon_extra=argon_extra, **values
+            http_port=http_port, media_port=media_port, argon_extra=argon_extra,
+            agent_extra=agent_extra, videosdk_extra=videosdk_extra, **values
         )
         return GatewayConfig.from_text(text, "test.yaml")
 

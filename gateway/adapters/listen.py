@@ -26,7 +26,9 @@ class PendingSession:
     ws: WebSocketConnection | None = None
 
     async def accept(self) -> WebSocketConnection:
-        self.ws = await self.request.request.accept()
+        """Accept the upgrade (once; later calls return the same connection)."""
+        if self.ws is None:
+            self.ws = await self.request.request.accept()
         return self.ws
 
 

@@ -27,6 +27,22 @@ def build_endpoint(config: EndpointConfig, runtime: Runtime, default_name: str) 
             _need_server(runtime, "http", config)
             return ArgonListen.from_config(name, opts, runtime)
         return ArgonDial.from_config(name, opts, runtime)
+    if kind == "agent":
+        from gateway.adapters.agent.endpoint import AgentDial, AgentListen
+
+        if role == "listen":
+            _need_server(runtime, "media", config)
+            _need_server(runtime, "http", config)
+            return AgentListen.from_config(name, opts, runtime)
+        return AgentDial.from_config(name, opts, runtime)
+    if kind == "videosdk":
+        from gateway.adapters.videosdk.endpoint import VideosdkDial, VideosdkListen
+
+        if role == "listen":
+            _need_server(runtime, "media", config)
+            _need_server(runtime, "http", config)
+            return VideosdkListen.from_config(name, opts, runtime)
+        return VideosdkDial.from_config(name, opts, runtime)
     if kind in ("file", "record"):
         from gateway.adapters.local import FileSource, Recorder
 

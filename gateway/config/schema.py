@@ -22,10 +22,11 @@ from gateway.config.secret import Secret
 from gateway.config.yaml_lines import load_yaml
 from gateway.errors import ConfigError
 
-ENDPOINT_KINDS = ("voipbin", "argon", "file", "record")
+ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "file", "record")
 ARGON_API_URL = "https://api.argon.gl/api/bot"
 ARGON_INGRESS_PATH = "/audio/connect"
 VOIPBIN_API_URL = "https://api.voipbin.net"
+VIDEOSDK_API_URL = "https://api.videosdk.live"
 ROLES = ("dial", "listen")
 
 
@@ -131,16 +132,103 @@ class VoipbinService:
         return result
 
 
+def _secret_list(opts: Options, key: str) -> tuple[Secret, ...]:
+    values = [opts.child({"t": t}, f"{opts.key_path(key)}[{i}]", line).get_str("t", secret=True)
+              for i, t, line in opts.items(key)]
+    return tuple(Secret(v) for v in values if v)
+
+
+def _str_list(opts: Options, key: str) -> tuple[str, ...]:
+    return tuple(opts.child({"v": v}, f"{opts.key_path(key)}[{i}]", line).get_str("v", allow_empty=False)
+                 for i, v, line in opts.items(key))
+
+
+@attrs.frozen
+class AgentService:
+    """`services.agent`: a voice-agent SDK service (dial) and our compatible server (listen).
+    Spec: shared/protocols/003_300445899f8ad283.txt."""
+
+    api_url: str | None = None
+    """Base URL of the agent API; the token call is POST {api_url}/api/v1/sdk/token."""
+    api_key: Secret | None = None
+    """`Authorization: Bearer <api_key>` of the token call (dial)."""
+    listen_api_keys: tuple[Secret, ...] = ()
+    """API keys our listen token endpoint accepts (default: api_key)."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins allowed to call our listen token endpoint from a browser ("*" for any)."""
+    connect_timeout_s: float = 10.0
+    """Seconds a dial endpoint waits for {"type":"connected"} after sending its token."""
+
+    @classmethod
+    def from_options(cls, opts: Options) -> AgentService:
+        api_key = opts.get_str("api_key", None, secret=True)
+        api_url = opts.get_str("api_url", None)
+        result = cls(
+            api_url=api_url.rstrip("/") if api_url else None,
+            api_key=Secret(api_key) if api_key else None,
+            listen_api_keys=_secret_list(opts, "listen_api_keys") or ((Secret(api_key),) if api_key else ()),
+            cors_origins=_str_list(opts, "cors_origins"),
+            connect_timeout_s=opts.get_float("connect_timeout_s", 10.0, minimum=0.1),
+        )
+        opts.finish()
+        return result
+
+
+@attrs.frozen
+class VideosdkService:
+    """`services.videosdk`: VideoSDK custom WebSocket ingest (dial) and our compatible server
+    (listen). Spec: shared/protocols/004_c69f0f37162481c1.txt."""
+
+    api_url: str = VIDEOSDK_API_URL
+    """REST base; sessions are POST {api_url}/v2/ingest/sessions."""
+    token: Secret | None = None
+    """The token of the session call (dial)."""
+    auth_scheme: str = "Bearer"
+    """`Authorization: <auth_scheme> <token>` as the spec shows; "" sends the bare token."""
+    listen_tokens: tuple[Secret, ...] = ()
+    """Tokens our listen sessions endpoint accepts (default: token)."""
+    webhook_public_key: str | None = None
+    """PEM of the RSA key that signs lifecycle webhooks (`webhook_public_key` or
+    `webhook_public_key_file`); without it POST /webhooks/videosdk is not served."""
+
+    @classmethod
+    def from_options(cls, opts: Options) -> VideosdkService:
+        token = opts.get_str("token", None, secret=True)
+        pem = opts.get_str("webhook_public_key", None)
+        pem_file = opts.get_str("webhook_public_key_file", None)
+        if pem and pem_file:
+            raise opts.error("webhook_public_key_file", "set webhook_public_key or webhook_public_key_file, not both")
+        if pem_file:
+            try:
+                with open(pem_file, encoding="ascii") as f:
+                    pem = f.read()
+            except (OSError, UnicodeDecodeError) as err:
+                raise opts.error("webhook_public_key_file", f"cannot read {pem_file}: {err}") from None
+        result = cls(
+            api_url=opts.get_str("api_url", VIDEOSDK_API_URL).rstrip("/"),
+            token=Secret(token) if token else None,
+            auth_scheme=opts.get_str("auth_scheme", "Bearer"),
+            listen_tokens=_secret_list(opts, "listen_tokens") or ((Secret(token),) if token else ()),
+            webhook_public_key=pem or None,
+        )
+        opts.finish()
+        return result
+
+
 @attrs.frozen
 class Services:
     argon: ArgonService = ArgonService()
     voipbin: VoipbinService = VoipbinService()
+    agent: AgentService = AgentService()
+    videosdk: VideosdkService = VideosdkService()
 
     @classmethod
     def from_options(cls, opts: Options) -> Services:
         result = cls(
             argon=ArgonService.from_options(opts.sub("argon")),
             voipbin=VoipbinService.from_options(opts.sub("voipbin")),
+            agent=AgentService.from_options(opts.sub("agent")),
+            videosdk=VideosdkService.from_options(opts.sub("videosdk")),
         )
         opts.finish()
         return result

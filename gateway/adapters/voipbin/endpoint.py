@@ -125,7 +125,7 @@ class _VoipbinEndpoint(Endpoint):
                         raise CallEnded("hangup")
                     elif isinstance(event, Dtmf):
                         self.dtmf.append(event.digit)
-                        self.log.info("DTMF %s", event.digit)
+                        self.route_event("dtmf", digit=event.digit)
                     elif isinstance(event, CallUuid):
                         self.call_uuid = event.uuid
                         self.log.info("AudioSocket call UUID %s", event.uuid)
