@@ -65,7 +65,7 @@ def demo_config(http_port: int, media_port: int, *, audio: str, out: str, encaps
     return GatewayConfig.from_text(text, "<demo>")
 
 
-async def start_gateway(nursery: trio.Nursery, make_config) -> Gateway:
+async def start_gateway(nursery: trio.Nursery, make_config, prepare=None) -> Gateway:
     """Bind `server.http` and `server.media` on ephemeral loopback ports, then build the config
     with `make_config(http_port, media_port)` and start its routes (the demo's and the tests'
     way to run routes that point at the same process's listen roles)."""
@@ -74,6 +74,8 @@ async def start_gateway(nursery: trio.Nursery, make_config) -> Gateway:
     media_port = await nursery.start(serve_media, runtime.media, "127.0.0.1", 0)
     gateway = Gateway(make_config(http_port, media_port), runtime)
     gateway.build()
+    if prepare is not None:
+        prepare(gateway)  # tests: instrument routes before they start
     await nursery.start(gateway.run)
     return gateway
 

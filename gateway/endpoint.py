@@ -111,6 +111,9 @@ class Endpoint(abc.ABC):
     peer endpoint is connected, so their audio plays from the beginning to someone."""
     accepts_events: bool = False
     """True for endpoints that carry route events to their peer (`on_route_event`)."""
+    hears: tuple[str, ...] | None = None
+    """Names of the route's endpoints this sink takes audio from (option `hears:`); None: every
+    other endpoint (mix-minus). A recorder that `hears: [call]` records the call alone."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -118,6 +121,9 @@ class Endpoint(abc.ABC):
         self.route_name = ""
         self.log: logging.LoggerAdapter = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), {"tag": name})
         self._post_event: Callable[[RouteEvent], None] = lambda event: None
+        self.route_stopping = False
+        """Set by `Route.stop()` before the goodbyes: the gateway is shutting the route down
+        (a listen endpoint then says "server shutdown" rather than "the other side left")."""
 
     def bind_route(self, route_name: str, post_event: Callable[[RouteEvent], None] | None = None) -> None:
         """Called by the route that owns this endpoint: log lines then read `[route/name]`;

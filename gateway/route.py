@@ -100,6 +100,11 @@ class Route:
         self.log = Tagged(log, {"tag": name})
         for endpoint in self.endpoints:
             endpoint.bind_route(name, self.post_event)
+        names = {e.name for e in self.endpoints}
+        for endpoint in self.endpoints:
+            unknown = sorted(set(endpoint.hears or ()) - names)
+            if unknown:
+                raise ValueError(f"route {name}: endpoint {endpoint.name} hears {unknown}, which are not endpoints of the route")
         self.sources = [e for e in self.endpoints if e.ingress is not None]
         self.sinks = [e for e in self.endpoints if e.egress is not None]
         if not self.sources or not self.sinks:
@@ -112,6 +117,8 @@ class Route:
     def stop(self, reason: str = "stopped") -> None:
         """End the running session cleanly (every endpoint says its goodbye), from any task."""
         self._stopping = True
+        for ep in self.endpoints:
+            ep.route_stopping = True
         if self._startup is not None:
             self._startup.cancel()
         if self._finish is not None:
@@ -141,7 +148,7 @@ class Route:
         queues: dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]] = {}
         for sink in self.sinks:
             send, recv = trio.open_memory_channel(SINK_QUEUE)
-            feeding = [s for s in self.sources if s is not sink]
+            feeding = [s for s in self.sources if s is not sink and (sink.hears is None or s.name in sink.hears)]
             queues[id(sink)] = (recv, feeding)
             target = sink.egress.as_pcm()
             for slot, source in enumerate(feeding):
@@ -203,6 +210,8 @@ class Route:
             except BaseException as raised:
                 err = collapse(raised)
                 if isinstance(err, CallEnded):
+                    if not started:
+                        raise err from None  # ended before it was up: the route's start failed
                     reason = f"{ep.name}: {err.reason}"
                 elif isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
                     if not started:
@@ -226,7 +235,9 @@ class Route:
                         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                             pass
                 # the sinks' pacers play out what this source buffered, then the route ends
-                with trio.move_on_after(self.max_delay_ms / 1000 + 1.0):
+                # (a bursty source may have queued up to its whole burst buffer)
+                backlog_ms = ep.burst_buffer_ms if ep.bursty else self.max_delay_ms
+                with trio.move_on_after(backlog_ms / 1000 + 1.0):
                     await drained[id(ep)].wait()
             finish(reason)
 

@@ -29,7 +29,8 @@ services:
 
 
 async def start(
-    nursery: trio.Nursery, routes: str, argon_extra: str = "", agent_extra: str = "", videosdk_extra: str = "", **values
+    nursery: trio.Nursery, routes: str, argon_extra: str = "", agent_extra: str = "", videosdk_extra: str = "",
+    prepare=None, **values
 ) -> Gateway:
     """Start a gateway whose config is SERVICES + `routes` (a string.Template: $http_port,
     $media_port and `values` are substituted). `*_extra` are appended inside that service's
@@ -42,7 +43,7 @@ async def start(
         )
         return GatewayConfig.from_text(text, "test.yaml")
 
-    return await start_gateway(nursery, make)
+    return await start_gateway(nursery, make, prepare)
 
 
 async def ws_client(nursery: trio.Nursery, url: str):

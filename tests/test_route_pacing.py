@@ -285,3 +285,27 @@ async def test_bursty_source_is_played_at_real_time_without_drops(autojump_clock
     assert np.array_equal(np.concatenate([pcm for _, pcm in audio]), np.concatenate([f.pcm[:, 0] for f in frames]))
     times_out = np.array([t for t, _ in audio]) - t0
     assert np.allclose(times_out, np.arange(100) * 0.02, atol=1e-9)  # real time: no speed-up
+
+
+async def test_bursty_minute_plays_at_real_time_and_ends_after_the_queue(autojump_clock):
+    """A minute of agent speech, delivered at 10x real time in 10 s bursts, then the agent
+    ends its session: every sample is played, one packet per 20 ms, no drift, and the route
+    only ends once the queue is played out."""
+    t0 = trio.current_time()
+    frames = [ramp_frame(k) for k in range(3000)]  # 60 s
+    times = [(k // 500) * 1.0 + (k % 500) * 0.002 for k in range(3000)]  # 10 s of audio per second
+    source, sink = Burst("agent", times, frames), Sink("sink")
+    route = Route("t", [source, sink])
+    peak = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(route.run)
+        while route.stats.ended_at is None:
+            await trio.sleep(0.5)
+            peak = max(peak, sink.stats.buffered_ms)
+    audio = [(t, pcm) for t, pcm in sink.sent if pcm.any()]
+    assert len(audio) == 3000 and sink.stats.dropped == 0 and sink.stats.late == 0
+    assert np.array_equal(np.concatenate([pcm for _, pcm in audio]), np.concatenate([f.pcm[:, 0] for f in frames]))
+    times_out = np.array([t for t, _ in audio]) - t0
+    assert np.allclose(times_out, np.arange(3000) * 0.02, atol=1e-6)  # no drift over the minute
+    assert peak > 40_000  # the queue depth was visible in the stats while it played out
+    assert route.stats.ended_by == "agent: ended"

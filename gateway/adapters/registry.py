@@ -9,9 +9,22 @@ from gateway.runtime import Runtime
 
 
 def build_endpoint(config: EndpointConfig, runtime: Runtime, default_name: str) -> Endpoint:
-    """Validate the endpoint's options and construct it; raises ConfigError (file:line, key)."""
+    """Validate the endpoint's options and construct it; raises ConfigError (file:line, key).
+
+    Options every kind takes: `name` (unique in the route; default the kind), `role`, and
+    `hears` (names of the endpoints whose audio this one takes; default all the others)."""
     opts = config.options
     name = opts.get_str("name", default_name, allow_empty=False)
+    hears = None
+    if "hears" in opts:
+        hears = tuple(opts.child({"h": h}, f"{opts.key_path('hears')}[{i}]", line).get_str("h", allow_empty=False)
+                      for i, h, line in opts.items("hears"))
+    endpoint = _build(config, runtime, name, opts)
+    endpoint.hears = hears
+    return endpoint
+
+
+def _build(config: EndpointConfig, runtime: Runtime, name: str, opts) -> Endpoint:
     kind, role = config.kind, config.role
     if kind == "voipbin":
         from gateway.adapters.voipbin.endpoint import VoipbinDial, VoipbinListen
@@ -49,7 +62,7 @@ def build_endpoint(config: EndpointConfig, runtime: Runtime, default_name: str) 
         if role != "dial":
             raise opts.error("role", f"a {kind} endpoint has no listen role")
         cls = FileSource if kind == "file" else Recorder
-        values = {k: opts.raw(k) for k in list(opts.keys()) if k not in ("name", "role")}
+        values = {k: opts.raw(k) for k in list(opts.keys()) if k not in ("name", "role", "hears")}
         try:
             return cls.from_config(name, values)
         except ConfigError as err:

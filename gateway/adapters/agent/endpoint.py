@@ -1,0 +1,522 @@
+"""Voice-agent SDK, dial and listen (spec: shared/protocols/003_300445899f8ad283.txt).
+
+Both roles carry PCM16 LE, 16 kHz mono, 20 ms (640-byte) binary frames both ways after a
+token handshake (framing and state machines in `wire.py`).
+
+Dial (`AgentDial`): ``POST {api_url}/api/v1/sdk/token`` with ``Authorization: Bearer
+<api_key>`` → ``{token, ws_url}`` (spec §1); WebSocket to ws_url, ``{"token"}`` first (§2);
+``{"type":"connected"}`` within `connect_timeout_s` or a ServiceError naming the wait. The
+agent's audio is text-to-speech that arrives in bursts, faster than real time: the endpoint
+is `bursty`, so the route queues it (bounded by `burst_buffer_ms`, depth in
+`stats.buffered_ms`) and plays it at real time without drops. ``agent_ready`` and ``error``
+become route events; ``session_ended`` ends the endpoint cleanly with its reason.
+
+Listen (`AgentListen`): the gateway as an agent service, so the spec's page (§5) works against
+it with only `API_URL` / `API_KEY` changed. One token endpoint per process
+(`AgentListenService`, on `server.http`, with CORS for `services.agent.cors_origins`) hands a
+single-use session token (valid `TOKEN_TTL_S`) for a free listen endpoint whose API keys
+include the caller's; the page opens ``ws_url`` (on `server.media`) and must send the token
+within `TOKEN_TIMEOUT_S` (5 s), else it gets ``{"type":"error","code":"token_timeout"}`` and
+close 1008. Then ``connected``; ``agent_ready`` once the route's other side is up; on stop
+``session_ended`` with ``server_shutdown`` (``agent_disconnected`` when the other side hung up).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from typing import Any
+
+import httpx
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from gateway.adapters.agent.wire import (
+    TOKEN_PATH,
+    TOKEN_TIMEOUT_S,
+    AgentClient,
+    AgentError,
+    AgentReady,
+    AgentServer,
+    Audio,
+    ClientState,
+    Connected,
+    ServerState,
+    SessionEnded,
+    TokenPresented,
+    Unknown,
+    error_message,
+    parse_bearer,
+    parse_token_response,
+    token_request_headers,
+    token_response,
+    token_url,
+)
+from gateway.adapters.listen import ListenSlot, PendingSession
+from gateway.adapters.ws import Closing, close, close_description, dial
+from gateway.codecs.formats import PCM16_16K, AudioFrame
+from gateway.config.options import Options
+from gateway.endpoint import Emit, Endpoint
+from gateway.errors import CallEnded, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.runtime import Runtime
+from gateway.server import HttpRequest, HttpResponse, MediaRequest
+
+MAX_RATE_RETRIES = 5  # 429s retried for one token call before giving up
+DEFAULT_RETRY_S = 5.0  # seconds to wait after a 429 without Retry-After
+TOKEN_TTL_S = 60.0  # seconds a listen session token stays valid if unused
+WS_PATH = "/api/v1/sdk/ws/{slot}"  # listen WebSocket path (the token response names it)
+CORS_MAX_AGE_S = 600  # seconds a browser may cache our preflight answer
+
+REJECTED = {
+    401: ("session token rejected", False),
+    403: ("session token rejected", False),
+    404: ("no agent WebSocket at ws_url", True),
+    409: ("the agent session already has a client", False),
+}
+
+
+class AgentDial(Endpoint):
+    """The gateway as a client of a voice-agent service: the agent hears the route (PCM16
+    16 kHz, 20 ms binary frames) and the route hears the agent (bursty TTS, played at real
+    time). Raises ServiceError for a failed token call (401/403 permanent, 429 retried after
+    Retry-After), a refused WebSocket, or no ``connected`` in time."""
+
+    kind = "agent"
+    role = "dial"
+    ingress = PCM16_16K
+    egress = PCM16_16K
+    ptime_ms = 20
+    bursty = True
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_url: str,
+        api_key: str,
+        client: httpx.AsyncClient,
+        connect_timeout_s: float = 10.0,
+        bursty: bool = True,
+        burst_buffer_ms: int = 60_000,
+    ) -> None:
+        super().__init__(name)
+        self.api_url = api_url
+        self._api_key = api_key
+        self.client = client
+        self.connect_timeout_s = connect_timeout_s
+        self.bursty = bursty
+        self.burst_buffer_ms = burst_buffer_ms
+        self._ws: WebSocketConnection | None = None
+        self._proto: AgentClient | None = None
+        self._closing = Closing()
+        self.agent_ready = False
+        self.ended_reason: str | None = None
+
+    @classmethod
+    def from_config(cls, name: str, opts: Options, runtime: Runtime) -> AgentDial:
+        service = runtime.config.services.agent
+        api_key = opts.get_str("api_key", None, secret=True) or (service.api_key.reveal() if service.api_key else None)
+        if not api_key:
+            raise opts.error(None, "no agent API key: set services.agent.api_key (or api_key: on the endpoint)")
+        api_url = opts.get_str("api_url", service.api_url)
+        if not api_url:
+            raise opts.error("api_url", "no agent API URL: set services.agent.api_url (or api_url: on the endpoint)")
+        try:
+            token_url(api_url)
+            token_request_headers(api_key)
+        except LocalProtocolError as err:
+            raise opts.error("api_url" if "api_url" in str(err) else "api_key", str(err)) from None
+        endpoint = cls(
+            name,
+            api_url=api_url.rstrip("/"),
+            api_key=api_key,
+            client=runtime.http_client(),
+            connect_timeout_s=opts.get_float("connect_timeout_s", service.connect_timeout_s, minimum=0.1),
+            bursty=opts.get_bool("bursty", True),
+            burst_buffer_ms=opts.get_int("burst_buffer_ms", 60_000, minimum=200, maximum=600_000),
+        )
+        opts.finish()
+        return endpoint
+
+    def describe(self) -> str:
+        return f"{self.name} (dial agent {self.api_url})"
+
+    async def session_token(self):
+        """POST the token call; returns `TokenGrant`. 429 is retried after the service's
+        Retry-After (at most `MAX_RATE_RETRIES` times); other errors raise TokenRequestError
+        (a ServiceError) naming the cause and status, never the key."""
+        url = token_url(self.api_url)
+        headers = token_request_headers(self._api_key)
+        for attempt in range(MAX_RATE_RETRIES + 1):
+            try:
+                response = await self.client.post(url, headers=headers)
+            except httpx.HTTPError as err:
+                raise ServiceError(f"voice agent token request: cannot reach {url}: {err.__class__.__name__}") from None
+            try:
+                return parse_token_response(
+                    response.status_code, response.content, api_url=self.api_url,
+                    retry_after=response.headers.get("retry-after"),
+                )
+            except ServiceError as err:
+                if err.status != 429 or attempt == MAX_RATE_RETRIES:
+                    raise
+                wait = err.retry_after if err.retry_after is not None else DEFAULT_RETRY_S
+                self.log.warning("token request rate limited; retrying in %.0f s", wait)
+                await trio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._closing = Closing()
+        self.agent_ready = False
+        self.ended_reason = None
+        grant = await self.session_token()
+        async with trio.open_nursery() as nursery:
+            ws = await dial(nursery, grant.ws_url, service="voice agent", rejected=REJECTED)
+            proto = AgentClient(grant.token)
+            try:
+                await ws.send_message(proto.start())
+                with trio.move_on_after(self.connect_timeout_s) as waiting:
+                    while proto.state is ClientState.AWAITING_CONNECTED:
+                        for event in proto.receive(await ws.get_message()):
+                            self._before_connected(event)
+                if waiting.cancelled_caught:
+                    raise ServiceError(f"voice agent: no connected message within {self.connect_timeout_s:g} s of sending the token")
+                self.stats.connects += 1
+                self._ws, self._proto = ws, proto
+                self.log.info("agent session connected")
+                task_status.started()
+                timestamp = 0
+                while True:
+                    for event in proto.receive(await ws.get_message()):
+                        timestamp = self._on_event(event, emit, timestamp)
+            except ConnectionClosed as closed:
+                if self._closing.started:
+                    return
+                if closed.reason is not None and closed.reason.code == 1000:
+                    raise CallEnded(f"agent {close_description(closed)}") from None
+                raise ServiceError(f"voice agent {close_description(closed)}") from None
+            except RemoteProtocolError as err:
+                self.log.warning("closing the agent session (%d): %s", err.close_code, err)
+                await close(ws, err.close_code, str(err))
+                raise
+            finally:
+                self._ws = self._proto = None
+                await self._closing.settle()
+                await close(ws, 1000)
+                nursery.cancel_scope.cancel()
+
+    def _before_connected(self, event: Any) -> None:
+        """An event while waiting for ``connected``: an error or an ended session there means
+        the service refused us (ServiceError, retried with backoff by the daemon)."""
+        if isinstance(event, AgentError):
+            raise ServiceError(f"voice agent refused the session: code={event.code} message={event.message}")
+        if isinstance(event, SessionEnded):
+            raise ServiceError(f"voice agent ended the session before connected ({event.reason or 'no reason given'})")
+        if isinstance(event, Unknown):
+            self.log.debug("ignoring agent control message of type %r", event.type)
+
+    def _on_event(self, event: Any, emit: Emit, timestamp: int) -> int:
+        """Handle one event; returns the next audio timestamp (samples at 16 kHz)."""
+        if isinstance(event, Audio):
+            frame = AudioFrame.from_bytes(event.pcm, 16000, 1, timestamp)
+            self.stats.frames_in += 1
+            self.stats.bytes_in += len(event.pcm)
+            emit(frame)
+            return timestamp + frame.samples
+        if isinstance(event, AgentReady):
+            self.agent_ready = True
+            self.route_event("agent_ready")
+        elif isinstance(event, SessionEnded):
+            self.ended_reason = event.reason or "no reason given"
+            raise CallEnded(f"agent session_ended ({self.ended_reason})")
+        elif isinstance(event, AgentError):
+            self.log.warning("agent reported an error: code=%s message=%s", event.code, event.message)
+            self.route_event("agent_error", code=event.code, message=event.message)
+        elif isinstance(event, Unknown):
+            self.log.debug("ignoring agent control message of type %r", event.type)
+        elif isinstance(event, Connected):
+            pass
+        return timestamp
+
+    async def send(self, frame: AudioFrame) -> None:
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None or proto.state is not ClientState.CONNECTED:
+            self.stats.dropped += 1
+            return
+        payload = proto.send_audio(frame.to_bytes())
+        try:
+            await ws.send_message(payload)
+        except ConnectionClosed as closed:
+            raise CallEnded(f"agent {close_description(closed)}") from None
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(payload)
+
+    async def goodbye(self) -> None:
+        ws = self._ws
+        if ws is not None:
+            await self._closing.close(ws, 1000, "session over")
+
+
+# ------------------------------------------------------------------------------ listen role
+class AgentListenService:
+    """The agent-compatible token endpoint of one gateway process (spec §1), registered once
+    per runtime on `server.http`: ``POST /api/v1/sdk/token`` and its CORS preflight
+    ``OPTIONS``. Sessions go to the `agent` listen endpoints, first free one first."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        service = runtime.config.services.agent
+        self.runtime = runtime
+        self.origins = service.cors_origins
+        self.endpoints: list[AgentListen] = []
+        self.tokens: dict[str, tuple[AgentListen, float]] = {}
+        runtime.http.add("POST", TOKEN_PATH, self.token)
+        runtime.http.add("OPTIONS", TOKEN_PATH, self.preflight)
+        self.log = logging.getLogger("gateway.endpoint.agent")
+
+    def _cors(self, request: HttpRequest) -> tuple[tuple[str, str], ...] | None:
+        """CORS headers for the request's Origin (Fetch standard §3.2), () when it sent none
+        (not a browser), None when the origin is not allowed."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return ()
+        if "*" in self.origins:
+            allowed = "*"
+        elif origin in self.origins:
+            allowed = origin
+        else:
+            return None
+        return (("access-control-allow-origin", allowed), ("vary", "Origin"))
+
+    async def preflight(self, request: HttpRequest) -> HttpResponse:
+        cors = self._cors(request)
+        if not cors:
+            return HttpResponse.json(403, {"error": "origin not allowed (services.agent.cors_origins)"})
+        headers = cors + (
+            ("access-control-allow-methods", "POST, OPTIONS"),
+            ("access-control-allow-headers", "Authorization, Content-Type"),
+            ("access-control-max-age", str(CORS_MAX_AGE_S)),
+        )
+        return HttpResponse(204, b"", "text/plain", headers)
+
+    async def token(self, request: HttpRequest) -> HttpResponse:
+        cors = self._cors(request)
+        if cors is None:
+            return HttpResponse.json(403, {"error": "origin not allowed (services.agent.cors_origins)"})
+        key = parse_bearer(request.headers.get("authorization"))
+        if key is None:
+            return HttpResponse.json(401, {"error": "expected Authorization: Bearer <api key>"}, cors)
+        candidates = [e for e in self.endpoints if e.accepts_key(key)]
+        if not candidates:
+            self.log.info("agent token: refused %s: API key rejected", request.headers.get("origin", "a client"))
+            return HttpResponse.json(401, {"error": "API key rejected"}, cors)
+        now = trio.current_time()
+        for token, (_, expires) in list(self.tokens.items()):
+            if expires <= now:
+                del self.tokens[token]
+        pending = {id(e) for e, _ in self.tokens.values()}
+        free = [e for e in candidates if not e.busy and id(e) not in pending]
+        if not free:
+            return HttpResponse.json(503, {"error": "every agent session is in use; try again later"},
+                                     cors + (("retry-after", "5"),))
+        endpoint = free[0]
+        token = secrets.token_urlsafe(32)
+        self.tokens[token] = (endpoint, now + TOKEN_TTL_S)
+        ws_url = self.runtime.media_url() + endpoint.ws_path
+        return HttpResponse(200, token_response(token, ws_url), "application/json", cors)
+
+    def redeem(self, token: str, endpoint: AgentListen) -> bool:
+        """True if `token` was issued for `endpoint` and is unexpired; single use."""
+        now = trio.current_time()
+        for issued, (owner, expires) in list(self.tokens.items()):
+            if hmac.compare_digest(issued.encode(), token.encode()):
+                del self.tokens[issued]
+                return owner is endpoint and expires > now
+        return False
+
+
+class AgentListen(Endpoint):
+    """An agent-compatible session server for one client at a time (a browser page, an SDK).
+
+    The client is live audio (a microphone): not bursty unless `bursty: true`.
+    """
+
+    kind = "agent"
+    role = "listen"
+    ingress = PCM16_16K
+    egress = PCM16_16K
+    ptime_ms = 20
+
+    def __init__(self, name: str, *, service: AgentListenService, slot_id: int, api_keys: tuple[str, ...],
+                 bursty: bool = False) -> None:
+        super().__init__(name)
+        self.service = service
+        self.slot_id = slot_id
+        self._keys = api_keys
+        self.bursty = bursty
+        self.ws_path = WS_PATH.format(slot=slot_id)
+        self._slot = ListenSlot(f"agent session {slot_id}")
+        self._unregister = None
+        self._ws: WebSocketConnection | None = None
+        self._proto: AgentServer | None = None
+        self._route_up: trio.Event | None = None
+
+    @classmethod
+    def from_config(cls, name: str, opts: Options, runtime: Runtime) -> AgentListen:
+        service = runtime.singleton(AgentListenService, lambda: AgentListenService(runtime))
+        keys = [opts.child({"k": k}, f"{opts.key_path('api_keys')}[{i}]", line).get_str("k", secret=True)
+                for i, k, line in opts.items("api_keys")]
+        keys = tuple(k for k in keys if k) or tuple(k.reveal() for k in runtime.config.services.agent.listen_api_keys)
+        if not keys:
+            raise opts.error(None, "no API keys for the listen token endpoint: set services.agent.listen_api_keys "
+                             "(or services.agent.api_key, or api_keys: on the endpoint)")
+        endpoint = cls(name, service=service, slot_id=len(service.endpoints) + 1, api_keys=keys,
+                       bursty=opts.get_bool("bursty", False))
+        opts.finish()
+        service.endpoints.append(endpoint)
+        endpoint._unregister = runtime.media.add(endpoint.ws_path, endpoint._on_upgrade)
+        return endpoint
+
+    def detach(self) -> None:
+        if self._unregister:
+            self._unregister()
+            self._unregister = None
+        if self in self.service.endpoints:
+            self.service.endpoints.remove(self)
+
+    @property
+    def busy(self) -> bool:
+        return self._slot.busy
+
+    def accepts_key(self, key: str) -> bool:
+        return any(hmac.compare_digest(key.encode(), k.encode()) for k in self._keys)
+
+    def describe(self) -> str:
+        return f"{self.name} (listen agent session at {self.ws_path})"
+
+    async def _on_upgrade(self, request: MediaRequest) -> None:
+        await self._slot.offer(request)
+
+    def on_route_up(self) -> None:
+        if self._route_up is not None:
+            self._route_up.set()
+
+    async def _handshake(self, session: PendingSession) -> tuple[WebSocketConnection, AgentServer] | None:
+        """Accept the upgrade, wait for the token (5 s), check it, send ``connected``.
+        Returns None (after an error message and close 1008) when the client fails."""
+        ws = await session.accept()
+        proto = AgentServer()
+        remote = session.request.remote
+        try:
+            with trio.move_on_after(TOKEN_TIMEOUT_S) as waiting:
+                events = proto.receive(await ws.get_message())
+            if waiting.cancelled_caught:
+                self.log.info("client %s sent no token within %g s: closing (1008)", remote, TOKEN_TIMEOUT_S)
+                await _send_quietly(ws, error_message("token_timeout", f"no token message within {TOKEN_TIMEOUT_S:g} s"))
+                await close(ws, 1008, "token timeout")
+                return None
+        except RemoteProtocolError as err:
+            self.log.warning("client %s: closing (%d): %s", remote, err.close_code, err)
+            await _send_quietly(ws, error_message("protocol_error", str(err)))
+            await close(ws, err.close_code, str(err))
+            return None
+        except ConnectionClosed:
+            self.log.info("client %s closed before sending its token", remote)
+            return None
+        presented = events[0]
+        assert isinstance(presented, TokenPresented)
+        if not self.service.redeem(presented.token, self):
+            self.log.info("client %s: session token rejected: closing (1008)", remote)
+            await _send_quietly(ws, error_message("invalid_token", "session token rejected (unknown, used or expired)"))
+            await close(ws, 1008, "invalid token")
+            return None
+        await ws.send_message(proto.accept())
+        return ws, proto
+
+    async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        while True:  # a client that fails the handshake does not take the route down
+            session = await self._slot.take()
+            try:
+                shook = await self._handshake(session)
+            except ConnectionClosed:
+                shook = None
+            if shook is None:
+                session.finished.set()
+                continue
+            break
+        ws, proto = shook
+        self._route_up = trio.Event()
+        self.stats.connects += 1
+        self.log.info("client %s connected", session.request.remote)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._announce_ready, ws, proto)
+                self._ws, self._proto = ws, proto
+                task_status.started()
+                await self._stream(ws, proto, emit)
+        finally:
+            self._ws = self._proto = None
+            if session.ws is not None:
+                await close(session.ws, 1000, "session ended")
+            session.finished.set()
+
+    async def _announce_ready(self, ws: WebSocketConnection, proto: AgentServer) -> None:
+        await self._route_up.wait()
+        if proto.state is ServerState.CONNECTED:
+            await _send_quietly(ws, proto.agent_ready())
+
+    async def _stream(self, ws: WebSocketConnection, proto: AgentServer, emit: Emit) -> None:
+        timestamp = 0
+        stats = self.stats
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed as closed:
+                raise CallEnded(f"client {close_description(closed)}") from None
+            try:
+                events = proto.receive(message)
+            except RemoteProtocolError as err:
+                self.log.warning("closing the client session (%d): %s", err.close_code, err)
+                await _send_quietly(ws, error_message("protocol_error", str(err)))
+                await close(ws, err.close_code, str(err))
+                raise
+            for event in events:
+                if isinstance(event, Audio):
+                    frame = AudioFrame.from_bytes(event.pcm, 16000, 1, timestamp)
+                    timestamp += frame.samples
+                    stats.frames_in += 1
+                    stats.bytes_in += len(event.pcm)
+                    emit(frame)
+                elif isinstance(event, Unknown):
+                    self.log.debug("ignoring client control message of type %r", event.type)
+
+    async def send(self, frame: AudioFrame) -> None:
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None or proto.state is not ServerState.CONNECTED:
+            self.stats.dropped += 1
+            return
+        payload = proto.send_audio(frame.to_bytes())
+        try:
+            await ws.send_message(payload)
+        except ConnectionClosed as closed:
+            raise CallEnded(f"client {close_description(closed)}") from None
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(payload)
+
+    async def goodbye(self) -> None:
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None:
+            return
+        if proto.state is not ServerState.ENDED:
+            reason = "server_shutdown" if self.route_stopping else "agent_disconnected"
+            await _send_quietly(ws, proto.session_ended(reason))
+        await close(ws, 1000, "session ended")
+
+
+async def _send_quietly(ws: WebSocketConnection, message: str) -> None:
+    """Send a control message, bounded; a peer already gone is not an error here."""
+    with trio.move_on_after(1.0):
+        try:
+            await ws.send_message(message)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
