@@ -314,8 +314,9 @@ class AgentListenService:
         for token, (_, expires) in list(self.tokens.items()):
             if expires <= now:
                 del self.tokens[token]
+        # a free endpoint, preferring one no other caller holds an unused token for
         pending = {id(e) for e, _ in self.tokens.values()}
-        free = [e for e in candidates if not e.busy and id(e) not in pending]
+        free = sorted((e for e in candidates if not e.busy), key=lambda e: id(e) in pending)
         if not free:
             return HttpResponse.json(503, {"error": "every agent session is in use; try again later"},
                                      cors + (("retry-after", "5"),))
