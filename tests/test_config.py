@@ -13,7 +13,7 @@ from gateway.daemon import Gateway
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {"ARGON_BOT_TOKEN": "bot-secret-123", "VOIPBIN_TOKEN": "vb-secret-456"}
+ENV = {"ARGON_BOT_TOKEN": "bot-secret-123", "VOIPBIN_TOKEN": "vb-secret-456", "AGENT_API_KEY": "agent-secret-789"}
 
 CONTRACT = """\
 server:
@@ -54,7 +54,7 @@ def test_example_config_is_valid():
     text = (ROOT / "config" / "gateway.example.yaml").read_text()
     config = GatewayConfig.from_text(text, "gateway.example.yaml", env=ENV)
     Gateway(config).build()
-    assert len(config.routes) == 3
+    assert len(config.routes) == 5
 
 
 @pytest.mark.parametrize(
