@@ -309,3 +309,40 @@ async def test_bursty_minute_plays_at_real_time_and_ends_after_the_queue(autojum
     assert np.allclose(times_out, np.arange(3000) * 0.02, atol=1e-6)  # no drift over the minute
     assert peak > 40_000  # the queue depth was visible in the stats while it played out
     assert route.stats.ended_by == "agent: ended"
+
+
+class Listener(Sink):
+    """A sink that carries route events to its peer (a VideoSDK room, say)."""
+
+    accepts_events = True
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.events = []
+
+    def on_route_event(self, event):
+        self.events.append(event)
+
+
+async def test_route_events_are_counted_logged_and_forwarded_to_the_others(autojump_clock, caplog):
+    caplog.set_level("INFO")
+    source = Source("call", [0.0], [ramp_frame(0)], hold_open=True)
+    plain, room, room2 = Sink("plain"), Listener("room"), Listener("room2")
+    route = Route("t", [source, plain, room, room2])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(route.run)
+        source.route_event("dtmf", digit="5")
+        room.route_event("message", topic="chat", data="hi")
+        nursery.cancel_scope.cancel()
+    assert [(e.source, e.kind, e.data) for e in room.events] == [("call", "dtmf", {"digit": "5"})]
+    assert [(e.source, e.kind) for e in room2.events] == [("call", "dtmf"), ("room", "message")]  # never its own
+    assert route.stats.events == 2 and source.stats.events_in == 1
+    assert [e.kind for _, e in route.stats.recent_events] == ["dtmf", "message"]
+    assert "[t] event from call: dtmf digit=5" in caplog.text
+
+
+def test_hears_names_must_exist():
+    with pytest.raises(ValueError, match=r"hears \['nobody'\]"):
+        sink = Sink("rec")
+        sink.hears = ("nobody",)
+        Route("t", [Source("a", [], []), sink])
