@@ -76,18 +76,44 @@ REJECTED = {
 }
 
 
-class AgentDial(Endpoint):
+class _AgentEndpoint(Endpoint):
+    """What both roles share: PCM16 16 kHz mono, 20 ms, audio out through the state machine."""
+
+    kind = "agent"
+    ingress = PCM16_16K
+    egress = PCM16_16K
+    ptime_ms = 20
+    _peer = "agent"  # who is on the other end, for reasons in logs
+    _connected: Any = None  # the state machine's state in which audio flows
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._ws: WebSocketConnection | None = None
+        self._proto: AgentClient | AgentServer | None = None
+
+    async def send(self, frame: AudioFrame) -> None:
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None or proto.state is not self._connected:
+            self.stats.dropped += 1
+            return
+        payload = proto.send_audio(frame.to_bytes())
+        try:
+            await ws.send_message(payload)
+        except ConnectionClosed as closed:
+            raise CallEnded(f"{self._peer} {close_description(closed)}") from None
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(payload)
+
+
+class AgentDial(_AgentEndpoint):
     """The gateway as a client of a voice-agent service: the agent hears the route (PCM16
     16 kHz, 20 ms binary frames) and the route hears the agent (bursty TTS, played at real
     time). Raises ServiceError for a failed token call (401/403 permanent, 429 retried after
     Retry-After), a refused WebSocket, or no ``connected`` in time."""
 
-    kind = "agent"
     role = "dial"
-    ingress = PCM16_16K
-    egress = PCM16_16K
-    ptime_ms = 20
     bursty = True
+    _connected = ClientState.CONNECTED
 
     def __init__(
         self,
@@ -107,8 +133,6 @@ class AgentDial(Endpoint):
         self.connect_timeout_s = connect_timeout_s
         self.bursty = bursty
         self.burst_buffer_ms = burst_buffer_ms
-        self._ws: WebSocketConnection | None = None
-        self._proto: AgentClient | None = None
         self._closing = Closing()
         self.agent_ready = False
         self.ended_reason: str | None = None
@@ -239,19 +263,6 @@ class AgentDial(Endpoint):
             pass
         return timestamp
 
-    async def send(self, frame: AudioFrame) -> None:
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.state is not ClientState.CONNECTED:
-            self.stats.dropped += 1
-            return
-        payload = proto.send_audio(frame.to_bytes())
-        try:
-            await ws.send_message(payload)
-        except ConnectionClosed as closed:
-            raise CallEnded(f"agent {close_description(closed)}") from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(payload)
-
     async def goodbye(self) -> None:
         ws = self._ws
         if ws is not None:
@@ -336,17 +347,15 @@ class AgentListenService:
         return False
 
 
-class AgentListen(Endpoint):
+class AgentListen(_AgentEndpoint):
     """An agent-compatible session server for one client at a time (a browser page, an SDK).
 
     The client is live audio (a microphone): not bursty unless `bursty: true`.
     """
 
-    kind = "agent"
     role = "listen"
-    ingress = PCM16_16K
-    egress = PCM16_16K
-    ptime_ms = 20
+    _peer = "client"
+    _connected = ServerState.CONNECTED
 
     def __init__(self, name: str, *, service: AgentListenService, slot_id: int, api_keys: tuple[str, ...],
                  bursty: bool = False) -> None:
@@ -358,8 +367,6 @@ class AgentListen(Endpoint):
         self.ws_path = WS_PATH.format(slot=slot_id)
         self._slot = ListenSlot(f"agent session {slot_id}")
         self._unregister = None
-        self._ws: WebSocketConnection | None = None
-        self._proto: AgentServer | None = None
         self._route_up: trio.Event | None = None
 
     @classmethod
@@ -490,19 +497,6 @@ class AgentListen(Endpoint):
                     emit(frame)
                 elif isinstance(event, Unknown):
                     self.log.debug("ignoring client control message of type %r", event.type)
-
-    async def send(self, frame: AudioFrame) -> None:
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.state is not ServerState.CONNECTED:
-            self.stats.dropped += 1
-            return
-        payload = proto.send_audio(frame.to_bytes())
-        try:
-            await ws.send_message(payload)
-        except ConnectionClosed as closed:
-            raise CallEnded(f"client {close_description(closed)}") from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(payload)
 
     async def goodbye(self) -> None:
         ws, proto = self._ws, self._proto
