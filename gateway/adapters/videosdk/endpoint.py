@@ -1,0 +1,1170 @@
+"""VideoSDK custom WebSocket ingest, dial and listen (spec: shared/protocols/
+004_c69f0f37162481c1.txt, "Custom WebSocket"; frames, REST shapes and webhook checks in
+`wire.py`).
+
+Both roles carry signed 16-bit little-endian PCM, 8 kHz mono, base64 in JSON text frames,
+20 ms (320 bytes) per frame both ways; towards the route the endpoint is PCM16 8 kHz mono.
+The route's pacer calls `send()` once per 20 ms on absolute deadlines, so the pace on the
+wire is the route's ("Stream continuously, about one frame every 20 ms").
+
+Dial (`VideosdkDial`, the gateway as a device): ``POST {api_url}/v2/ingest/sessions`` with
+``Authorization: <auth_scheme> <token>`` (spec: Step 1) → ``{wsUrl, callId, expiresIn}``; the
+WebSocket to wsUrl is opened before ``expiresIn`` and ``{"event":"start"}`` goes out at once
+(Step 2), then ``subscribe`` for the configured topics (Messaging). Room audio becomes
+`AudioFrame`s; pub/sub messages and room lifecycle frames become route events
+(``message``, ``participant-joined``, ``participant-left``, ``meeting-joined``,
+``meeting-left``); ``meeting-left`` ends the endpoint cleanly. Route events whose kind is in
+`publish_events` are published to `publish_topic` as ``{"kind", "source", **data}``. The
+wsUrl holds a single-use ref: it is never logged (`redact_url`, and a log filter installed by
+this module hides ``ref=`` values in library debug lines).
+
+Lifecycle webhooks (`VideosdkWebhooks`, spec: "Lifecycle Webhooks"): ``POST
+/webhooks/videosdk`` on `server.http` when `services.videosdk.webhook_public_key` is set.
+The ``videosdk-signature`` is checked first (401 naming the cause when it is missing or does
+not verify; 500 when our configured key is unusable). ``call-hangup`` for a callId a running
+dial endpoint holds ends that endpoint (`CallEnded("call-hangup webhook")`); other events
+become route events on it; unknown callIds answer 200 and are only logged (idempotent).
+
+Listen (`VideosdkListen`, the gateway as a VideoSDK-compatible ingest server, one
+`VideosdkListenService` per process): ``POST /v2/ingest/sessions`` checks the token against
+`services.videosdk.listen_tokens` (``Bearer <token>`` or the bare token; 401), the body (400
+naming the field), the room (404: no listen endpoint has that `room_id`), and answers with a
+fresh single-use ref valid `SESSION_EXPIRES_S` (90 s, trio clock) in
+``{media_url}/videosdk?ref=…``. The upgrade of ``/videosdk`` is refused without a ref (401),
+with an unknown one (403), an expired or already claimed one (410), or when the endpoint that
+issued it already has a device (409). The device must send start within `START_TIMEOUT_S`
+(5 s) or is closed with 1008 "start timeout"; then ``meeting-joined``, media both ways,
+pub/sub between the devices connected to the same room (every connected listen session of a
+room is a participant; nobody receives their own messages), ``participant-joined`` /
+``participant-left`` to the others. A ping goes out every `PING_INTERVAL_S` (30 s); a device
+that does not answer within `PONG_TIMEOUT_S` (10 s) is closed with 1011 and the endpoint
+ends. Every `RemoteProtocolError` closes only that connection, with its close code and a
+warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import secrets
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+
+import attrs
+import httpx
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from gateway.adapters.listen import ListenSlot
+from gateway.adapters.videosdk.wire import (
+    INGEST_PATH,
+    MEETING_JOINED,
+    MEETING_LEFT,
+    PARTICIPANT_JOINED,
+    PARTICIPANT_LEFT,
+    PING_INTERVAL_S,
+    SAMPLE_RATE,
+    SESSION_EXPIRES_S,
+    SESSIONS_PATH,
+    START_TIMEOUT_CLOSE_CODE,
+    START_TIMEOUT_REASON,
+    START_TIMEOUT_S,
+    WEBHOOK_SIGNATURE_HEADER,
+    IngestClient,
+    IngestServer,
+    IngestSession,
+    Media,
+    MeetingJoined,
+    MeetingLeft,
+    Message,
+    MessagingRefused,
+    ParticipantJoined,
+    ParticipantLeft,
+    Publish,
+    PublishRefused,
+    SessionError,
+    SessionRequestError,
+    Stopped,
+    Subscribe,
+    Unknown,
+    Unsubscribe,
+    WebhookPayloadError,
+    WebhookSignatureError,
+    error_body,
+    ingest_url,
+    load_webhook_key,
+    parse_authorization,
+    parse_ingest_ref,
+    parse_session_request,
+    parse_session_response,
+    session_request,
+    session_response,
+    verify_webhook,
+    webhook_event,
+)
+from gateway.adapters.ws import Closing, close, close_description, dial, redact_url
+from gateway.codecs.formats import PCM16_8K, AudioFrame
+from gateway.config.options import Options
+from gateway.endpoint import Emit, Endpoint, RouteEvent
+from gateway.errors import CallEnded, ConfigError, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.logs import LIBRARY_LOGGERS
+from gateway.runtime import Runtime
+from gateway.server import HttpRequest, HttpResponse, MediaRequest
+
+__all__ = [
+    "INGEST_REJECTED",
+    "PONG_TIMEOUT_S",
+    "VideosdkDial",
+    "VideosdkListen",
+    "VideosdkListenService",
+    "VideosdkWebhooks",
+    "WEBHOOK_PATH",
+]
+
+PONG_TIMEOUT_S = 10.0  # seconds a device has to answer the listen side's ping before close 1011
+MAX_RATE_RETRIES = 5  # 429s retried for one session call before giving up
+DEFAULT_RETRY_S = 1.0  # seconds to wait after a 429 that names no Retry-After
+MAX_RETRY_WAIT_S = 60.0  # seconds: the longest wait a 429 can ask of us
+EVENT_QUEUE = 64  # route events queued for one dial endpoint's publisher; more are dropped
+OUTBOX = 64  # pub/sub and lifecycle frames queued for one listen device; more are dropped
+MAX_PENDING_SESSIONS = 1024  # ingest sessions one process remembers (issued in the last 180 s; then 503)
+GOODBYE_SEND_S = 0.5  # seconds for the stop / meeting-left frame before the close handshake
+WEBHOOK_PATH = "/webhooks/videosdk"  # POST: lifecycle webhooks (server.http)
+DEFAULT_PUBLISH_EVENTS = ("dtmf",)
+
+#: Refused upgrades of the dial side's wsUrl: {status: (cause, permanent)}. A new session
+#: may succeed where a spent or expired ref failed, so those are not permanent.
+INGEST_REJECTED = {
+    401: ("ingest session ref missing", False),
+    403: ("ingest session ref unknown", False),
+    404: ("no ingest WebSocket at the wsUrl", True),
+    409: ("the room's ingest slot already has a device", False),
+    410: ("ingest session expired or already claimed", False),
+}
+
+log = logging.getLogger("gateway.endpoint.videosdk")
+
+
+# ------------------------------------------------------------------------------ log safety
+_REF = re.compile(r"(?i)\b(ref)=([^&\s'\"<>]+)")
+
+
+class _RedactRefs(logging.Filter):
+    """Hides the single-use ``ref=`` of ingest URLs in library debug lines (trio-websocket
+    logs the request target of every connection it opens or accepts)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: let logging report it as usual
+            return True
+        cleaned = _REF.sub(r"\1=***", message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+_REF_FILTER = _RedactRefs()
+for _name in LIBRARY_LOGGERS:
+    if _REF_FILTER not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_REF_FILTER)
+
+
+# --------------------------------------------------------------------------------- helpers
+def _iso_now() -> str:
+    """UTC wall-clock time as JavaScript's toISOString writes it: 2026-06-27T14:41:00.000Z
+    (message content, not timing: the media clock is trio's)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _topic_problem(topic: Any) -> str | None:
+    """Why `topic` breaks the spec's topic rule ("a non-empty string up to 128 characters"),
+    or None; the wire layer's own check, through its public API."""
+    probe = IngestClient()
+    probe.start()
+    try:
+        probe.subscribe(topic)
+    except LocalProtocolError as err:
+        return str(err)
+    return None
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return ascii(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def _config_topic(opts: Options, key: str) -> str | None:
+    topic = opts.get_str(key, None)
+    if topic is None:
+        return None
+    problem = _topic_problem(topic)
+    if problem:
+        raise opts.error(key, f"not a VideoSDK topic: {problem} (spec: Messaging, topic rules)")
+    return topic
+
+
+def _config_list(opts: Options, key: str, *, topics: bool = False) -> tuple[str, ...] | None:
+    """A list of non-empty strings at `key` (None when absent); `topics` checks each against
+    the spec's topic rule. Errors name the item: `...subscribe[1]: topic is empty`."""
+    if opts.raw(key, None) is None:
+        return None
+    values = []
+    for i, item, line in opts.items(key):
+        where = f"{opts.filename}:{line}: {opts.key_path(key)}[{i}]"
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)) or not str(item):
+            raise ConfigError(f"{where}: expected a non-empty string")
+        text = str(item)
+        if topics:
+            problem = _topic_problem(text)
+            if problem:
+                raise ConfigError(f"{where}: not a VideoSDK topic: {problem}")
+        values.append(text)
+    return tuple(values)
+
+
+def _config_mapping(opts: Options, key: str) -> dict[str, Any] | None:
+    """A YAML mapping as plain JSON data (for participant / agent metadata)."""
+    value = opts.raw(key, None)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise opts.error(key, "expected a mapping")
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        raise opts.error(key, "expected JSON data (strings, numbers, booleans, lists, mappings)") from None
+
+
+def _retry_after_header(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` header in delta-seconds form (RFC 9110 §10.2.3)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return float(value) if value.isascii() and value.isdigit() else None
+
+
+# -------------------------------------------------------------------------------- webhooks
+class VideosdkWebhooks:
+    """``POST /webhooks/videosdk``: VideoSDK lifecycle webhooks (spec: "Lifecycle Webhooks";
+    body and signature checks in `wire.verify_webhook` / `wire.webhook_event`).
+
+    One per process (`for_runtime`), on `server.http`, when
+    `services.videosdk.webhook_public_key` is set. Answers: 401 ``{"message"}`` naming the
+    signature problem (missing, not base64, does not verify; the signature and body are
+    never echoed) and nothing changes; 500 when the configured key is not an RSA public key
+    in PEM; 400 for a verified body that is not a JSON object or names no event; 200
+    otherwise. A ``call-hangup`` whose callId a running `VideosdkDial` holds ends that
+    endpoint; other events for it become route events (``call-answered``, ...); an unknown
+    callId is logged and answered 200 (webhooks are retried, so handling is idempotent).
+    """
+
+    def __init__(self, runtime: Runtime, public_key_pem: str) -> None:
+        self.calls: dict[str, VideosdkDial] = {}
+        """callId → the dial endpoint streaming that session."""
+        self.key = None
+        self.key_problem = ""
+        try:
+            self.key = load_webhook_key(public_key_pem)
+        except WebhookSignatureError as err:
+            self.key_problem = str(err)
+            log.error("services.videosdk.webhook_public_key: %s; webhooks will be answered 500", err)
+        self._unregister = runtime.http.add("POST", WEBHOOK_PATH, self.handle)
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> VideosdkWebhooks | None:
+        """The process's webhook endpoint, registered on first use; None when no
+        webhook key or no `server.http` is configured."""
+        service = runtime.config.services.videosdk
+        if not service.webhook_public_key or runtime.config.server.http is None:
+            return None
+        return runtime.singleton(cls, lambda: cls(runtime, service.webhook_public_key))
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        if self.key is None:
+            return HttpResponse(500, error_body(f"webhook key is not usable: {self.key_problem}"))
+        try:
+            payload = verify_webhook(request.body, request.headers.get(WEBHOOK_SIGNATURE_HEADER), self.key)
+            name, call_id = webhook_event(payload)
+        except WebhookSignatureError as err:
+            log.warning("webhook refused (401, %s): %s", err.cause, err)
+            return HttpResponse(401, error_body(f"{err} ({err.cause})"))
+        except WebhookPayloadError as err:
+            log.warning("webhook refused (400): %s", err)
+            return HttpResponse(400, error_body(str(err)))
+        endpoint = self.calls.get(call_id) if call_id else None
+        if endpoint is None:
+            log.info("webhook %s for call %s: no running endpoint holds it (ignored)",
+                     _shown(name), _shown(call_id) if call_id else "(none)")
+            return HttpResponse(200, error_body("ignored: no running session has that callId"))
+        endpoint.on_webhook(name, call_id)
+        return HttpResponse(200, error_body("ok"))
+
+
+# ------------------------------------------------------------------------------------ dial
+class VideosdkDial(Endpoint):
+    """The gateway as a device streaming into a VideoSDK room (spec: Steps 1-2, Messaging).
+
+    Audio: PCM16 8 kHz mono both ways, one 20 ms frame per `send`. `run()` creates the
+    session (429s retried after Retry-After, at most `MAX_RATE_RETRIES` times), connects
+    before it expires, sends start and the subscriptions, then reads until the room ends.
+    Raises `ServiceError` (`SessionError` for a refused session call: 401/403 token, 404
+    room, both permanent) before `task_status.started()`; after it, `CallEnded` for a normal
+    end (``meeting-left``, the server closing, a ``call-hangup`` webhook) and
+    `RemoteProtocolError` (after closing with its code) when VideoSDK breaks the protocol.
+    """
+
+    kind = "videosdk"
+    role = "dial"
+    ingress = PCM16_8K
+    egress = PCM16_8K
+    ptime_ms = 20
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_url: str,
+        token: str,
+        room_id: str,
+        client: httpx.AsyncClient,
+        auth_scheme: str = "Bearer",
+        participant: dict[str, Any] | None = None,
+        agent: dict[str, Any] | None = None,
+        region: str | None = None,
+        subscribe: Iterable[str] = (),
+        publish_topic: str | None = None,
+        publish_events: Iterable[str] = DEFAULT_PUBLISH_EVENTS,
+        webhooks: VideosdkWebhooks | None = None,
+    ) -> None:
+        """Raises `LocalProtocolError` (without the token) for a token that cannot go in a
+        header, or a session body field the spec's table refuses."""
+        super().__init__(name)
+        if not isinstance(token, str) or not token or not token.isprintable() or any(c.isspace() for c in token):
+            raise LocalProtocolError("VideoSDK token must be a non-empty string without spaces or control characters")
+        self.api_url = api_url.rstrip("/")
+        self._authorization = f"{auth_scheme} {token}" if auth_scheme else token
+        self.room_id = room_id
+        self.request_body = session_request(room_id, participant, agent, region)
+        self.client = client
+        self.subscribe = tuple(subscribe)
+        self.publish_topic = publish_topic
+        self.publish_events = frozenset(publish_events)
+        self.accepts_events = publish_topic is not None
+        self.webhooks = webhooks
+        self.call_id: str | None = None
+        """callId of the current (last) session: lifecycle webhooks name it."""
+        self.session_id: str | None = None
+        """The room's meeting session, from ``meeting-joined``."""
+        self.events_dropped = 0
+        """Route events not published: not connected, or the publish queue was full."""
+        self.publish_refused = 0
+        """Publishes the spec's limits refused (topic > 128 characters, payload > 8 KB)."""
+        self._ws: WebSocketConnection | None = None
+        self._proto: IngestClient | None = None
+        self._events: trio.MemorySendChannel | None = None
+        self._tasks: trio.CancelScope | None = None
+        self._hangup: str | None = None
+        self._closing = Closing()
+
+    @classmethod
+    def from_config(cls, name: str, opts: Options, runtime: Runtime) -> VideosdkDial:
+        """Options: room_id (required), participant_id, participant_name,
+        participant_metadata (mapping), agent_id, agent_metadata (mapping), region, token
+        (secret; default services.videosdk.token), api_url, subscribe (topics),
+        publish_topic, publish_events (route event kinds, default [dtmf])."""
+        service = runtime.config.services.videosdk
+        token = opts.get_str("token", None, secret=True) or (service.token.reveal() if service.token else None)
+        if not token:
+            raise opts.error(None, "no VideoSDK token: set services.videosdk.token (or token: on the endpoint)")
+        room_id = opts.get_str("room_id", allow_empty=False)
+        participant = {}
+        for key, field in (("participant_id", "id"), ("participant_name", "name")):
+            value = opts.get_str(key, None)
+            if value is not None:
+                if not value:
+                    raise opts.error(key, "expected a non-empty string")
+                participant[field] = value
+        metadata = _config_mapping(opts, "participant_metadata")
+        if metadata is not None:
+            participant["metadata"] = metadata
+        agent_id = opts.get_str("agent_id", None)
+        agent_metadata = _config_mapping(opts, "agent_metadata")
+        if agent_metadata is not None and not agent_id:
+            raise opts.error("agent_metadata", "needs agent_id (spec: agent.id is required if agent is provided)")
+        agent = None
+        if agent_id:
+            agent = {"id": agent_id} | ({"metadata": agent_metadata} if agent_metadata is not None else {})
+        region = opts.get_str("region", None)
+        subscribe = _config_list(opts, "subscribe", topics=True) or ()
+        publish_topic = _config_topic(opts, "publish_topic")
+        publish_events = _config_list(opts, "publish_events")
+        if publish_events is not None and publish_topic is None:
+            raise opts.error("publish_events", "needs publish_topic (the topic the events are published to)")
+        try:
+            endpoint = cls(
+                name,
+                api_url=opts.get_str("api_url", service.api_url),
+                token=token,
+                auth_scheme=service.auth_scheme,
+                room_id=room_id,
+                client=runtime.http_client(),
+                participant=participant or None,
+                agent=agent,
+                region=region or None,
+                subscribe=subscribe,
+                publish_topic=publish_topic,
+                publish_events=publish_events if publish_events is not None else DEFAULT_PUBLISH_EVENTS,
+                webhooks=VideosdkWebhooks.for_runtime(runtime),
+            )
+        except LocalProtocolError as err:
+            raise opts.error(None, str(err)) from None
+        opts.finish()
+        return endpoint
+
+    def describe(self) -> str:
+        publish = f", events → topic {self.publish_topic!r}" if self.publish_topic else ""
+        return f"{self.name} (dial room {self.room_id}{publish})"
+
+    @property
+    def _where(self) -> str:
+        return f"VideoSDK ingest session (room {self.room_id})"
+
+    # ------------------------------------------------------------------------------ REST
+    async def create_session(self) -> IngestSession:
+        """``POST {api_url}/v2/ingest/sessions`` (spec: Step 1) → the session.
+
+        A 429 is retried after its Retry-After (header, else body ``retryAfter``, else
+        `DEFAULT_RETRY_S`; at most `MAX_RETRY_WAIT_S`), up to `MAX_RATE_RETRIES` times.
+        Raises `SessionError` (status, permanent, retry_after) or `ServiceError` when the API
+        cannot be reached; messages name the room and the cause, never the token."""
+        url = f"{self.api_url}{SESSIONS_PATH}"
+        headers = {"Authorization": self._authorization, "Content-Type": "application/json"}
+        body = json.dumps(self.request_body, separators=(",", ":")).encode()
+        for attempt in range(MAX_RATE_RETRIES + 1):
+            try:
+                response = await self.client.post(url, content=body, headers=headers)
+            except httpx.HTTPError as err:
+                raise ServiceError(f"{self._where}: cannot reach {redact_url(url)}: {err.__class__.__name__}") from None
+            try:
+                return parse_session_response(
+                    response.status_code, response.content, room_id=self.room_id,
+                    retry_after_s=_retry_after_header(response.headers.get("retry-after")),
+                )
+            except SessionError as err:
+                if err.status != 429 or attempt == MAX_RATE_RETRIES:
+                    raise
+                wait = min(err.retry_after if err.retry_after is not None else DEFAULT_RETRY_S, MAX_RETRY_WAIT_S)
+                self.log.warning("session call rate limited (HTTP 429); retrying in %g s", wait)
+                await trio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------- streaming
+    async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Create the session, connect, start; `task_status.started()` once the start and
+        subscribe frames are out; then emit the room's audio (`AudioFrame`, PCM16 8 kHz
+        mono, timestamps in samples) until the room ends (see the class doc for errors)."""
+        self._closing = Closing()
+        self._hangup = None
+        session = await self.create_session()
+        expires_at = trio.current_time() + session.expires_in
+        self.call_id = session.call_id
+        if self.webhooks is not None:
+            self.webhooks.calls[session.call_id] = self
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_at(expires_at) as in_time:
+                    ws = await dial(nursery, session.ws_url, service=f"VideoSDK room {self.room_id}", rejected=INGEST_REJECTED)
+                if in_time.cancelled_caught:
+                    raise ServiceError(f"{self._where}: expired ({session.expires_in:g} s) before the WebSocket connected")
+                try:
+                    await self._stream(ws, emit, task_status)
+                finally:
+                    await self._closing.settle()
+                    await close(ws, 1000)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.webhooks is not None and self.webhooks.calls.get(session.call_id) is self:
+                del self.webhooks.calls[session.call_id]
+
+    async def _stream(self, ws: WebSocketConnection, emit: Emit, task_status) -> None:
+        proto = IngestClient()
+        try:
+            await ws.send_message(proto.start())
+            for topic in self.subscribe:
+                await ws.send_message(proto.subscribe(topic))
+        except ConnectionClosed as closed:
+            raise ServiceError(f"{self._where}: {close_description(closed)} before the stream started") from None
+        events_send, events_recv = trio.open_memory_channel[RouteEvent](EVENT_QUEUE)
+        self._ws, self._proto, self._events = ws, proto, events_send
+        self.stats.connects += 1
+        self.log.info("streaming into room %s (call %s)", self.room_id, self.call_id)
+        task_status.started()
+        try:
+            async with trio.open_nursery() as tasks:
+                self._tasks = tasks.cancel_scope
+                if self._hangup is not None:
+                    tasks.cancel_scope.cancel()
+                if self.publish_topic is not None:
+                    tasks.start_soon(self._publisher, events_recv)
+                await self._receive(ws, proto, emit)
+        finally:
+            self._ws = self._proto = self._events = self._tasks = None
+        if self._hangup is not None:  # the receive loop was cancelled by hang_up()
+            if not proto.stopped:
+                with trio.move_on_after(GOODBYE_SEND_S):
+                    try:
+                        await ws.send_message(proto.stop())
+                    except ConnectionClosed:
+                        pass
+            raise CallEnded(self._hangup)
+
+    async def _receive(self, ws: WebSocketConnection, proto: IngestClient, emit: Emit) -> None:
+        """Read until the room ends; raises CallEnded or RemoteProtocolError."""
+        stats = self.stats
+        timestamp = 0
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed as closed:
+                raise CallEnded(close_description(closed)) from None
+            try:
+                events = proto.receive(message)
+            except RemoteProtocolError as err:
+                self.log.warning("closing the ingest stream (%d): %s", err.close_code, err)
+                await close(ws, err.close_code, str(err))
+                raise
+            for event in events:
+                if isinstance(event, Media):
+                    frame = AudioFrame.from_bytes(event.pcm, SAMPLE_RATE, 1, timestamp)
+                    timestamp += frame.samples
+                    stats.frames_in += 1
+                    stats.bytes_in += len(event.pcm)
+                    emit(frame)
+                elif isinstance(event, Message):
+                    self.route_event("message", topic=event.topic, data=event.data, sender_id=event.sender_id,
+                                     sender_name=event.sender_name, timestamp=event.timestamp, message_id=event.message_id)
+                elif isinstance(event, (ParticipantJoined, ParticipantLeft)):
+                    kind = PARTICIPANT_JOINED if isinstance(event, ParticipantJoined) else PARTICIPANT_LEFT
+                    self.route_event(kind, participant_id=event.participant_id, name=event.name)
+                elif isinstance(event, MeetingJoined):
+                    self.session_id = event.session_id
+                    self.route_event(MEETING_JOINED, room_id=event.room_id, session_id=event.session_id)
+                elif isinstance(event, MeetingLeft):
+                    self.route_event(MEETING_LEFT, message=event.message)
+                    raise CallEnded("meeting left" + (f" ({event.message})" if event.message else ""))
+                elif isinstance(event, Unknown):
+                    self.log.debug("ignored a %s frame", _shown(event.event))
+
+    async def send(self, frame: AudioFrame) -> None:
+        """One 20 ms frame of PCM16 8 kHz mono (320 bytes) as a media frame."""
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None or proto.stopped:
+            self.stats.dropped += 1
+            return
+        pcm = frame.to_bytes()
+        try:
+            await ws.send_message(proto.media(pcm))
+        except ConnectionClosed as closed:
+            raise CallEnded(close_description(closed)) from None
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(pcm)
+
+    async def goodbye(self) -> None:
+        """``{"event":"stop"}`` (spec: Step 2), then close 1000 with the handshake completed."""
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None:
+            return
+        if not proto.stopped:
+            with trio.move_on_after(GOODBYE_SEND_S):
+                try:
+                    await ws.send_message(proto.stop())
+                except ConnectionClosed:
+                    return
+        await self._closing.close(ws, 1000, "call ended")
+
+    # --------------------------------------------------------------------------- pub/sub
+    async def publish(self, topic: str, data: Any) -> None:
+        """Publish `data` (a string or any JSON value) to `topic` in the room (spec:
+        Messaging, "Publish to a topic"); subscribers other than us receive it.
+
+        Raises `PublishRefused` when the spec's limits refuse it (topic not 1-128
+        characters, payload over 8 KB of UTF-8: the message names the cause and sizes);
+        nothing is sent and the stream goes on. Raises `ServiceError` when not connected,
+        `CallEnded` when the stream has closed."""
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None or proto.stopped:
+            raise ServiceError(f"{self._where}: not connected, cannot publish")
+        text = proto.publish(topic, data)
+        try:
+            await ws.send_message(text)
+        except ConnectionClosed as closed:
+            raise CallEnded(close_description(closed)) from None
+        self.stats.events_out += 1
+
+    def on_route_event(self, event: RouteEvent) -> None:
+        """Queue an event of a `publish_events` kind for the publisher (never blocks; when
+        not connected or the queue of `EVENT_QUEUE` is full it is dropped and counted)."""
+        if event.kind not in self.publish_events:
+            return
+        queue = self._events
+        if queue is None:
+            self.events_dropped += 1
+            return
+        try:
+            queue.send_nowait(event)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.events_dropped += 1
+
+    async def _publisher(self, events: trio.MemoryReceiveChannel[RouteEvent]) -> None:
+        topic = self.publish_topic
+        async with events:
+            async for event in events:
+                payload = {"kind": event.kind, "source": event.source, **event.data}
+                try:
+                    await self.publish(topic, payload)
+                except PublishRefused as err:
+                    self.publish_refused += 1
+                    self.log.warning("did not publish the %s event to topic %s: %s", event.kind, _shown(topic), err)
+                except (CallEnded, ServiceError):
+                    return  # the stream is over; the receive loop says why
+
+    # -------------------------------------------------------------------------- webhooks
+    def on_webhook(self, name: str, call_id: str) -> None:
+        """A verified lifecycle webhook for our callId (`VideosdkWebhooks`)."""
+        self.log.info("webhook %s for call %s", _shown(name), call_id)
+        if name == "call-hangup":
+            self.hang_up("call-hangup webhook")
+        else:
+            self.route_event(name, call_id=call_id)
+
+    def hang_up(self, reason: str) -> None:
+        """End the running session cleanly from any task: stop frame, close 1000, and
+        `run()` raises `CallEnded(reason)`."""
+        if self._hangup is None:
+            self._hangup = reason
+        if self._tasks is not None:
+            self._tasks.cancel()
+
+
+# ---------------------------------------------------------------------------------- listen
+@attrs.define(eq=False)
+class _Claim:
+    """An issued ingest session, waiting for its device (listen side)."""
+
+    endpoint: VideosdkListen
+    """The listen endpoint the device is handed to."""
+    call_id: str
+    """``callId`` of the session response."""
+    expires_at: float
+    """trio clock time after which the ref is refused (410)."""
+    participant: dict[str, Any]
+    """``participant`` of the request (``id``, ``name``, ``metadata``), possibly empty."""
+    used: bool = False
+    """True once a device claimed it (a second claim gets 410)."""
+
+
+@attrs.define(eq=False)
+class _Participant:
+    """A device connected to a room (a listen session after its start frame)."""
+
+    id: str
+    name: str | None
+    metadata: dict[str, Any] | None
+    endpoint: VideosdkListen
+    proto: IngestServer
+    outbox: trio.MemorySendChannel[str]
+    """Frames for the device other than media (deliveries, lifecycle), sent by its writer."""
+    topics: set[str] = attrs.Factory(set)
+    """Topics it subscribed to."""
+    dropped: int = 0
+    """Frames dropped because its outbox was full (a device that does not read)."""
+
+    def info(self) -> dict[str, Any]:
+        """``participant`` of a participant-joined / -left frame."""
+        data: dict[str, Any] = {"id": self.id}
+        if self.name is not None:
+            data["name"] = self.name
+        if self.metadata is not None:
+            data["metadata"] = self.metadata
+        return data
+
+    def sender(self) -> dict[str, Any]:
+        """``senderId`` / ``senderName`` of the messages it publishes."""
+        return {"senderId": self.id} | ({"senderName": self.name} if self.name is not None else {})
+
+    def post(self, build) -> bool:
+        """Queue the frame `build(proto)` returns (never blocks; False when refused, after
+        the device's stop, or when the outbox is full: then counted in `dropped`)."""
+        try:
+            text = build(self.proto)
+        except LocalProtocolError:  # PublishRefused included; after the device's stop
+            return False
+        try:
+            self.outbox.send_nowait(text)
+        except trio.WouldBlock:
+            self.dropped += 1
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+
+@attrs.define(eq=False)
+class _Room:
+    """A room of the listen role: its endpoints (config) and connected devices."""
+
+    room_id: str
+    endpoints: list[VideosdkListen] = attrs.Factory(list)
+    participants: list[_Participant] = attrs.Factory(list)
+    session_id: str | None = None
+    """The current meeting session (``meeting-joined``'s sessionId); new when the room fills
+    from empty."""
+
+    def join(self, newcomer: _Participant) -> None:
+        if not self.participants:
+            self.session_id = str(uuid.uuid4())
+        for other in self.participants:
+            other.post(lambda proto: proto.event(PARTICIPANT_JOINED, participant=newcomer.info()))
+            newcomer.post(lambda proto, other=other: proto.event(PARTICIPANT_JOINED, participant=other.info()))
+        self.participants.append(newcomer)
+
+    def leave(self, gone: _Participant) -> None:
+        if gone in self.participants:
+            self.participants.remove(gone)
+            for other in self.participants:
+                other.post(lambda proto: proto.event(PARTICIPANT_LEFT, participant=gone.info()))
+        if not self.participants:
+            self.session_id = None
+
+    def publish(self, sender: _Participant, topic: str, data: str) -> int:
+        """Deliver to every other participant subscribed to `topic` (spec: Messaging);
+        returns how many it was queued for."""
+        meta = sender.sender() | {"timestamp": _iso_now(), "id": str(uuid.uuid4())}
+        delivered = 0
+        for other in self.participants:
+            if other is not sender and topic in other.topics:
+                delivered += other.post(lambda proto: proto.deliver(topic, data, meta))
+        return delivered
+
+
+class VideosdkListenService:
+    """The VideoSDK-compatible session REST endpoint and ingest WebSocket of one process.
+
+    Registered once per runtime (`for_runtime`) on `server.http` (``POST
+    /v2/ingest/sessions``) and `server.media` (``/videosdk``). Rooms are the `room_id`s of
+    the `videosdk` endpoints with `role: listen`; several endpoints may serve one room, each
+    holding one device.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._tokens = tuple(t.reveal().encode() for t in runtime.config.services.videosdk.listen_tokens)
+        self.rooms: dict[str, _Room] = {}
+        self._claims: dict[str, _Claim] = {}
+        runtime.http.add("POST", SESSIONS_PATH, self.create_session)
+        runtime.media.add(re.escape(INGEST_PATH), self.ingest)
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> VideosdkListenService:
+        return runtime.singleton(cls, lambda: cls(runtime))
+
+    def add(self, endpoint: VideosdkListen) -> None:
+        self.rooms.setdefault(endpoint.room_id, _Room(endpoint.room_id)).endpoints.append(endpoint)
+
+    def remove(self, endpoint: VideosdkListen) -> None:
+        room = self.rooms.get(endpoint.room_id)
+        if room is not None and endpoint in room.endpoints:
+            room.endpoints.remove(endpoint)
+
+    def _purge(self, now: float) -> None:
+        """Forget claims a whole expiry period after they expired (until then a late device
+        is told 410 "expired" rather than 403 "unknown")."""
+        stale = [ref for ref, claim in self._claims.items() if now > claim.expires_at + SESSION_EXPIRES_S]
+        for ref in stale:
+            del self._claims[ref]
+
+    def _pick(self, room: _Room, now: float) -> VideosdkListen:
+        """The endpoint of `room` a new session goes to: a free one with the fewest sessions
+        issued and not yet claimed (the first endpoint when all are busy: its device gets 409)."""
+        waiting = {id(ep): 0 for ep in room.endpoints}
+        for claim in self._claims.values():
+            if not claim.used and claim.expires_at > now and id(claim.endpoint) in waiting:
+                waiting[id(claim.endpoint)] += 1
+        free = [ep for ep in room.endpoints if not ep.busy]
+        return min(free or room.endpoints, key=lambda ep: waiting[id(ep)])
+
+    async def create_session(self, request: HttpRequest) -> HttpResponse:
+        """``POST /v2/ingest/sessions`` (spec: Step 1). 401 token missing or not one of
+        `listen_tokens`; 400 body naming the field; 404 no listen endpoint for roomId; 503
+        too many unclaimed sessions; 200 ``{"message":"Ingest session created","data":
+        {"wsUrl","callId","expiresIn":90}}``."""
+        token = parse_authorization(request.headers.get("authorization"))
+        if token is None or not any(hmac.compare_digest(token.encode(), t) for t in self._tokens):
+            log.info("ingest session refused (401): token missing or rejected")
+            return HttpResponse(401, error_body("token missing or rejected"))
+        try:
+            body = parse_session_request(request.body)
+        except SessionRequestError as err:
+            log.info("ingest session refused (400): %s", err)
+            return HttpResponse(400, error_body(str(err)))
+        room = self.rooms.get(body.room_id)
+        if room is None or not room.endpoints:
+            log.info("ingest session refused (404): no room %s", _shown(body.room_id))
+            return HttpResponse(404, error_body(f"room {_shown(body.room_id, 64)} not found"))
+        now = trio.current_time()
+        self._purge(now)
+        if len(self._claims) >= MAX_PENDING_SESSIONS:
+            return HttpResponse(503, error_body("too many unclaimed ingest sessions; retry later"), headers=(("retry-after", "5"),))
+        endpoint = self._pick(room, now)
+        ref = secrets.token_urlsafe(24)
+        claim = _Claim(endpoint, str(uuid.uuid4()), now + SESSION_EXPIRES_S, dict(body.participant or {}))
+        self._claims[ref] = claim
+        ws_url = ingest_url(self.runtime.media_url() + INGEST_PATH, ref)
+        endpoint.log.info("ingest session %s issued (participant %s)", claim.call_id,
+                          _shown(str(claim.participant.get("name") or claim.participant.get("id") or "unnamed")))
+        return HttpResponse(200, session_response(ws_url, claim.call_id, SESSION_EXPIRES_S))
+
+    async def ingest(self, request: MediaRequest) -> None:
+        """The ``/videosdk?ref=…`` upgrade: the ref must be known (403), unexpired and not
+        claimed before (410); the issuing endpoint must be free (409). Then the device is
+        that endpoint's for the rest of the connection."""
+        ref = parse_ingest_ref(request.request.path)
+        if ref is None:
+            log.info("ingest upgrade from %s refused (401): no ref", request.remote)
+            await request.reject(401, "missing ingest ref: create a session with POST /v2/ingest/sessions")
+            return
+        claim = self._claims.get(ref)
+        now = trio.current_time()
+        if claim is None:
+            log.info("ingest upgrade from %s refused (403): unknown ref", request.remote)
+            await request.reject(403, "unknown ingest ref: create a session with POST /v2/ingest/sessions")
+            return
+        if claim.used:
+            log.info("ingest upgrade from %s refused (410): session %s already claimed", request.remote, claim.call_id)
+            await request.reject(410, "ingest session already claimed: the wsUrl is single-use")
+            return
+        if now >= claim.expires_at:
+            log.info("ingest upgrade from %s refused (410): session %s expired", request.remote, claim.call_id)
+            await request.reject(410, f"ingest session expired ({SESSION_EXPIRES_S} s): create a new one")
+            return
+        endpoint = claim.endpoint
+        if endpoint.busy:
+            await request.reject(409, f"room {_shown(endpoint.room_id)} endpoint {endpoint.name} already has a device")
+            return
+        claim.used = True
+        await endpoint._slot.offer(request, claim)
+
+
+class VideosdkListen(Endpoint):
+    """A participant slot of a VideoSDK-compatible room: one device at a time streams PCM16
+    8 kHz mono both ways through the spec's custom WebSocket (see the module doc).
+
+    Ends (raising from `run()`): `CallEnded("stop")` on the device's stop frame,
+    `CallEnded("device closed (…)")` when it closes, `CallEnded("no pong …")` when it misses
+    a pong (closed with 1011, internal error: the server cannot keep a connection it cannot
+    see is alive; 1001 would say the server is going away), `RemoteProtocolError` (after
+    closing with its code) for a malformed frame. A device that fails before its start frame
+    (start timeout 1008, malformed first frame, gone) is closed and the endpoint waits for
+    the next one; the route stays waiting.
+
+    Pub/sub: messages the device publishes go to the other devices of the room subscribed to
+    the topic, and are raised as ``message`` route events when their topic is one of
+    `subscribe` (any topic when `subscribe` is not set). Route events of a `publish_events`
+    kind go to the device as messages on `publish_topic` from sender ``gateway`` (named
+    `participant_name`), when the device subscribed to it.
+    """
+
+    kind = "videosdk"
+    role = "listen"
+    ingress = PCM16_8K
+    egress = PCM16_8K
+    ptime_ms = 20
+    start_timeout: float = START_TIMEOUT_S
+    """Seconds a device has to send its start frame after connecting (spec: 5)."""
+    ping_interval: float = PING_INTERVAL_S
+    """Seconds between pings (spec: 30)."""
+    pong_timeout: float = PONG_TIMEOUT_S
+    """Seconds a device has to answer a ping before it is closed with 1011."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        service: VideosdkListenService,
+        room_id: str,
+        participant_name: str = "gateway",
+        subscribe: Iterable[str] | None = None,
+        publish_topic: str | None = None,
+        publish_events: Iterable[str] = DEFAULT_PUBLISH_EVENTS,
+    ) -> None:
+        super().__init__(name)
+        self.service = service
+        self.room_id = room_id
+        self.participant_name = participant_name
+        self.subscribe = frozenset(subscribe) if subscribe is not None else None
+        self.publish_topic = publish_topic
+        self.publish_events = frozenset(publish_events)
+        self.accepts_events = publish_topic is not None
+        self.call_id: str | None = None
+        """callId of the current (last) session."""
+        self.messaging_refused = 0
+        """Subscribe / publish frames dropped for breaking the topic or payload rules."""
+        self._slot = ListenSlot(f"VideoSDK room {room_id} ({name})")
+        self._ws: WebSocketConnection | None = None
+        self._proto: IngestServer | None = None
+        self._participant: _Participant | None = None
+        self._closing = Closing()
+
+    @classmethod
+    def from_config(cls, name: str, opts: Options, runtime: Runtime) -> VideosdkListen:
+        """Options: room_id (required), participant_name (default "gateway"), subscribe
+        (topics raised as route events; default all), publish_topic, publish_events (route
+        event kinds, default [dtmf])."""
+        service = VideosdkListenService.for_runtime(runtime)
+        room_id = opts.get_str("room_id", allow_empty=False)
+        participant_name = opts.get_str("participant_name", "gateway", allow_empty=False)
+        subscribe = _config_list(opts, "subscribe", topics=True)
+        publish_topic = _config_topic(opts, "publish_topic")
+        publish_events = _config_list(opts, "publish_events")
+        if publish_events is not None and publish_topic is None:
+            raise opts.error("publish_events", "needs publish_topic (the topic the events are delivered on)")
+        endpoint = cls(
+            name, service=service, room_id=room_id, participant_name=participant_name, subscribe=subscribe,
+            publish_topic=publish_topic,
+            publish_events=publish_events if publish_events is not None else DEFAULT_PUBLISH_EVENTS,
+        )
+        opts.finish()
+        service.add(endpoint)
+        return endpoint
+
+    def detach(self) -> None:
+        self.service.remove(self)
+
+    @property
+    def busy(self) -> bool:
+        """True while a device holds this endpoint."""
+        return self._slot.busy
+
+    def describe(self) -> str:
+        return f"{self.name} (listen room {self.room_id})"
+
+    @property
+    def room(self) -> _Room:
+        return self.service.rooms.setdefault(self.room_id, _Room(self.room_id))
+
+    # ------------------------------------------------------------------------- streaming
+    async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Wait for a device (handed over by `VideosdkListenService.ingest`); once it sent
+        start: meeting-joined, `task_status.started()`, then emit its audio (`AudioFrame`,
+        PCM16 8 kHz mono) until it stops or goes (see the class doc for how it ends)."""
+        while True:
+            session = await self._slot.take()
+            claim: _Claim = session.context
+            participant = None
+            self._closing = Closing()
+            try:
+                try:
+                    ws = await session.accept()
+                except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.log.info("device %s left during the handshake", session.request.remote)
+                    continue
+                proto = IngestServer()
+                if not await self._await_start(ws, proto):
+                    continue  # that device is closed; wait for the next one
+                outbox_send, outbox_recv = trio.open_memory_channel[str](OUTBOX)
+                info = claim.participant
+                participant = _Participant(
+                    id=info.get("id") or str(uuid.uuid4()), name=info.get("name"), metadata=info.get("metadata"),
+                    endpoint=self, proto=proto, outbox=outbox_send,
+                )
+                room = self.room
+                room.join(participant)
+                self.call_id = claim.call_id
+                try:
+                    await ws.send_message(proto.event(MEETING_JOINED, roomId=self.room_id, sessionId=room.session_id))
+                except ConnectionClosed as closed:
+                    self.log.info("device %s left before joining: %s", session.request.remote, close_description(closed))
+                    continue
+                self._ws, self._proto, self._participant = ws, proto, participant
+                self.stats.connects += 1
+                self.log.info("device %s joined room %s (call %s, participant %s)", session.request.remote,
+                              self.room_id, claim.call_id, _shown(participant.name or participant.id))
+                task_status.started()
+                await self._stream(ws, proto, participant, outbox_recv, emit)
+            finally:
+                self._ws = self._proto = self._participant = None
+                if participant is not None:
+                    self.room.leave(participant)
+                    participant.outbox.close()
+                await self._closing.settle()
+                if session.ws is not None:
+                    await close(session.ws, 1000, "call ended")
+                session.finished.set()
+
+    def _closed_by_size(self, closed: ConnectionClosed) -> RemoteProtocolError | None:
+        """trio-websocket closes a connection whose message is over the media server's
+        limit (64 KiB) itself, with 1009: report it like the wire layer's errors."""
+        reason = closed.reason
+        if reason is not None and reason.code == 1009:
+            err = RemoteProtocolError(reason.reason or "message too big", close_code=1009)
+            self.log.warning("closing the ingest stream (1009): %s", err)
+            return err
+        return None
+
+    async def _await_start(self, ws: WebSocketConnection, proto: IngestServer) -> bool:
+        """Wait `start_timeout` for the start frame (spec: Step 2). False when the device
+        was closed instead (1008 "start timeout", a malformed first frame, or gone)."""
+        with trio.move_on_after(self.start_timeout) as waited:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed as closed:
+                if self._closed_by_size(closed) is None:
+                    self.log.info("device left before its start frame: %s", close_description(closed))
+                return False
+        if waited.cancelled_caught:
+            self.log.warning("closing the ingest stream (%d): %s: no start frame within %g s",
+                             START_TIMEOUT_CLOSE_CODE, START_TIMEOUT_REASON, self.start_timeout)
+            await close(ws, START_TIMEOUT_CLOSE_CODE, START_TIMEOUT_REASON)
+            return False
+        try:
+            proto.receive(message)  # before start: [Started] or RemoteProtocolError
+        except RemoteProtocolError as err:
+            self.log.warning("closing the ingest stream (%d): %s", err.close_code, err)
+            await close(ws, err.close_code, str(err))
+            return False
+        return True
+
+    async def _stream(self, ws, proto: IngestServer, participant: _Participant, outbox, emit: Emit) -> None:
+        ended: list[str] = []
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(self._writer, ws, outbox)
+            tasks.start_soon(self._keepalive, ws, tasks.cancel_scope, ended)
+            await self._receive(ws, proto, participant, emit, ended)
+        if ended:
+            raise CallEnded(ended[0])
+
+    async def _writer(self, ws: WebSocketConnection, outbox: trio.MemoryReceiveChannel[str]) -> None:
+        async with outbox:
+            async for text in outbox:
+                try:
+                    await ws.send_message(text)
+                except ConnectionClosed:
+                    return
+
+    async def _keepalive(self, ws: WebSocketConnection, scope: trio.CancelScope, ended: list[str]) -> None:
+        """A ping every `ping_interval` (absolute deadlines); no pong within `pong_timeout`
+        → close 1011 and end the session."""
+        next_ping = trio.current_time()
+        while True:
+            next_ping += self.ping_interval
+            await trio.sleep_until(next_ping)
+            with trio.move_on_after(self.pong_timeout) as waited:
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    return
+            if waited.cancelled_caught:
+                reason = f"no pong within {self.pong_timeout:g} s of a ping"
+                self.log.warning("closing the ingest stream (1011): %s", reason)
+                ended.append(f"{reason} (closed 1011)")
+                await close(ws, 1011, "ping timeout")
+                scope.cancel()
+                return
+
+    async def _receive(self, ws, proto: IngestServer, participant: _Participant, emit: Emit, ended: list[str]) -> None:
+        """Read until the device stops or goes; raises CallEnded or RemoteProtocolError."""
+        stats = self.stats
+        room = self.room
+        timestamp = 0
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed as closed:
+                if ended:
+                    raise CallEnded(ended[0]) from None
+                too_big = self._closed_by_size(closed)
+                if too_big is not None:
+                    raise too_big from None
+                raise CallEnded(f"device {close_description(closed)}") from None
+            try:
+                events = proto.receive(message)
+            except RemoteProtocolError as err:
+                self.log.warning("closing the ingest stream (%d): %s", err.close_code, err)
+                await close(ws, err.close_code, str(err))
+                raise
+            for event in events:
+                if isinstance(event, Media):
+                    frame = AudioFrame.from_bytes(event.pcm, SAMPLE_RATE, 1, timestamp)
+                    timestamp += frame.samples
+                    stats.frames_in += 1
+                    stats.bytes_in += len(event.pcm)
+                    emit(frame)
+                elif isinstance(event, Subscribe):
+                    participant.topics.add(event.topic)
+                elif isinstance(event, Unsubscribe):
+                    participant.topics.discard(event.topic)
+                elif isinstance(event, Publish):
+                    room.publish(participant, event.topic, event.data)
+                    if self.subscribe is None or event.topic in self.subscribe:
+                        self.route_event("message", topic=event.topic, data=event.data,
+                                         sender_id=participant.id, sender_name=participant.name)
+                elif isinstance(event, MessagingRefused):
+                    self.messaging_refused += 1
+                    self.log.warning("dropped the device's %s frame (topic %s): %s", event.event,
+                                     _shown(event.topic), event.reason)
+                elif isinstance(event, Stopped):
+                    raise CallEnded("stop")
+                elif isinstance(event, Unknown):
+                    self.log.debug("ignored a %s frame", _shown(event.event))
+
+    async def send(self, frame: AudioFrame) -> None:
+        """One 20 ms frame of room audio (PCM16 8 kHz mono, 320 bytes) to the device."""
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None or proto.stopped:
+            self.stats.dropped += 1
+            return
+        pcm = frame.to_bytes()
+        try:
+            await ws.send_message(proto.media(pcm))
+        except ConnectionClosed as closed:
+            raise CallEnded(f"device {close_description(closed)}") from None
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(pcm)
+
+    def on_route_event(self, event: RouteEvent) -> None:
+        """Deliver an event of a `publish_events` kind to the device on `publish_topic` when it
+        subscribed to it (``{"kind","source",**data}`` serialized, sender ``gateway``)."""
+        participant, topic = self._participant, self.publish_topic
+        if topic is None or event.kind not in self.publish_events or participant is None:
+            return
+        if topic not in participant.topics:
+            return
+        payload = {"kind": event.kind, "source": event.source, **event.data}
+        sender = {"senderId": "gateway", "senderName": self.participant_name, "timestamp": _iso_now(),
+                  "id": str(uuid.uuid4())}
+        try:
+            text = participant.proto.deliver(topic, payload, sender)
+        except PublishRefused as err:
+            self.log.warning("did not deliver the %s event on topic %s: %s", event.kind, _shown(topic), err)
+            return
+        except LocalProtocolError:
+            return  # the device already stopped
+        if participant.post(lambda proto: text):
+            self.stats.events_out += 1
+
+    async def goodbye(self) -> None:
+        """``meeting-left`` (the example's lifecycle frame), then close 1000."""
+        ws, proto = self._ws, self._proto
+        if ws is None or proto is None:
+            return
+        if not proto.stopped:
+            with trio.move_on_after(GOODBYE_SEND_S):
+                try:
+                    await ws.send_message(proto.event(MEETING_LEFT, message="call ended"))
+                except ConnectionClosed:
+                    return
+        await self._closing.close(ws, 1000, "call ended")
+
