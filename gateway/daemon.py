@@ -19,7 +19,7 @@ from gateway._util import collapse
 from gateway.adapters.registry import build_endpoint
 from gateway.config.schema import GatewayConfig, RouteConfig
 from gateway.endpoint import Endpoint
-from gateway.errors import ConfigError, GatewayError, ServiceError
+from gateway.errors import ConfigError, GatewayError, RemoteProtocolError, ServiceError
 from gateway.route import Route
 from gateway.runtime import Runtime
 from gateway.server import serve_http, serve_media
@@ -142,6 +142,16 @@ class Gateway:
                         rlog.error("route failed: %s (permanent: not retrying)", err)
                         state.state = "failed"
                         return
+                    rlog.warning("route failed: %s", err)
+                except RemoteProtocolError as err:
+                    state.last_error = str(err)
+                    if state.has_listen and not self.stopping:
+                        # A client broke the protocol: its connection was closed with the
+                        # right code; the route serves the next client at once (no backoff,
+                        # and nothing is dialed before a client connects).
+                        rlog.warning("session ended: %s", err)
+                        state.sessions_done.set()
+                        continue
                     rlog.warning("route failed: %s", err)
                 except (GatewayError, OSError) as err:
                     state.last_error = str(err)

@@ -2,7 +2,7 @@
 
 Libraries we use log URLs at DEBUG (trio-websocket: "Connecting to ws://…?token=…"; httpx:
 request lines). `RedactSecrets` rewrites any record whose text holds a `token=` / `key=` /
-`secret=` query value, a JWT, or an `Authorization` header value, whatever logger or level it
+`secret=` / `ref=` (VideoSDK's single-use ingest claim) query value, a JWT, or an `Authorization` header value, whatever logger or level it
 comes from. It is installed on import of the adapters, so it holds in tests and embedders too.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 
-_QUERY_SECRET = re.compile(r"(?i)\b((?:access_)?token|api_key|apikey|key|secret|password)=([^&\s'\"<>]+)")
+_QUERY_SECRET = re.compile(r"(?i)\b((?:access_)?token|api_key|apikey|key|secret|password|ref)=([^&\s'\"<>]+)")
 _JWT = re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]{4,}")
 _AUTH = re.compile(r"(?i)\b(authorization['\"]?\s*[:=,]\s*['\"]?(?:bot|bearer|basic)?\s*)([^\s'\",)]+)")
 

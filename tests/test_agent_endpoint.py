@@ -219,6 +219,11 @@ async def test_bad_input_closes_only_that_session(tmp_path, tts, caplog, message
         _, closed_with, reason = await expect_close(ws)
         await trio.sleep(0.3)
         after = other.stats.frames_out
+        # the next client is served at once: a misbehaving client costs its route no backoff
+        with trio.fail_after(0.8):
+            ws, token = await open_session(nursery, gateway)
+            await ws.send_message(json.dumps({"token": token}))
+            assert json.loads(await ws.get_message()) == {"type": "connected"}
         nursery.cancel_scope.cancel()
     assert closed_with == code
     if cause:

@@ -98,8 +98,6 @@ async def test_stream_token_400_is_not_a_voice_channel(caplog):
     app.add("POST", "/api/bot/IVoice/v1/StreamToken", text_channel)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_http, app, "127.0.0.1", 0)
-        from gateway.runtime import Runtime
-        from gateway.config import GatewayConfig
         import httpx
 
         endpoint = ArgonDial("argon", api_url=f"http://127.0.0.1:{port}/api/bot", bot_token=BOT_TOKEN,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import trio
 
-from gateway.codecs.formats import PCM16_8K, AudioFormat, AudioFrame, Encoding
+from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.endpoint import Endpoint
 from gateway.route import Route
 

@@ -38,7 +38,13 @@ class ListenSlot:
     def __init__(self, label: str) -> None:
         self.label = label
         self._send, self._recv = trio.open_memory_channel[PendingSession](0)
-        self.busy = False
+        self._current: PendingSession | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A client's session is running (from the moment the endpoint took it until the
+        endpoint set `finished`: a client reconnecting right after never sees a stale 409)."""
+        return self._current is not None and not self._current.finished.is_set()
 
     async def offer(self, request: MediaRequest, context: object = None) -> None:
         """Called in the media server's handler task; returns when the session is over."""
@@ -52,11 +58,12 @@ class ListenSlot:
         except trio.TooSlowError:
             await request.reject(503, f"{self.label} is not running (its route is down)")
             return
-        self.busy = True
+        self._current = session
         try:
             await session.finished.wait()
         finally:
-            self.busy = False
+            if self._current is session:
+                self._current = None
 
     async def take(self) -> PendingSession:
         """Called in the endpoint's run(): the next client that asked to connect."""

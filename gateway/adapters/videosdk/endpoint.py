@@ -16,7 +16,7 @@ WebSocket to wsUrl is opened before ``expiresIn`` and ``{"event":"start"}`` goes
 ``meeting-left``); ``meeting-left`` ends the endpoint cleanly. Route events whose kind is in
 `publish_events` are published to `publish_topic` as ``{"kind", "source", **data}``. The
 wsUrl holds a single-use ref: it is never logged (`redact_url`, and a log filter installed by
-this module hides ``ref=`` values in library debug lines).
+the shared redaction of `gateway.logs` hides ``ref=`` values in library debug lines).
 
 Lifecycle webhooks (`VideosdkWebhooks`, spec: "Lifecycle Webhooks"): ``POST
 /webhooks/videosdk`` on `server.http` when `services.videosdk.webhook_public_key` is set.
@@ -110,7 +110,6 @@ from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint, RouteEvent
 from gateway.errors import CallEnded, ConfigError, LocalProtocolError, RemoteProtocolError, ServiceError
-from gateway.logs import LIBRARY_LOGGERS
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
 
@@ -146,31 +145,6 @@ INGEST_REJECTED = {
 }
 
 log = logging.getLogger("gateway.endpoint.videosdk")
-
-
-# ------------------------------------------------------------------------------ log safety
-_REF = re.compile(r"(?i)\b(ref)=([^&\s'\"<>]+)")
-
-
-class _RedactRefs(logging.Filter):
-    """Hides the single-use ``ref=`` of ingest URLs in library debug lines (trio-websocket
-    logs the request target of every connection it opens or accepts)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: let logging report it as usual
-            return True
-        cleaned = _REF.sub(r"\1=***", message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
-        return True
-
-
-_REF_FILTER = _RedactRefs()
-for _name in LIBRARY_LOGGERS:
-    if _REF_FILTER not in logging.getLogger(_name).filters:
-        logging.getLogger(_name).addFilter(_REF_FILTER)
 
 
 # --------------------------------------------------------------------------------- helpers

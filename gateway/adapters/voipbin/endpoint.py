@@ -35,7 +35,7 @@ from gateway.codecs import G711Decoder, G711Encoder
 from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint
-from gateway.errors import CallEnded, RemoteProtocolError, ServiceError
+from gateway.errors import CallEnded, RemoteProtocolError
 from gateway.runtime import Runtime
 from gateway.server import MediaRequest
 
