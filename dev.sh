@@ -3,7 +3,7 @@
 #   ./dev.sh demo   set up if needed, then run the demo (phone call -> voice channel)
 #   ./dev.sh test   set up if needed, then run the whole test suite
 #   ./dev.sh bench  set up if needed, then run the concurrency benchmark
-#   ./dev.sh setup  only the set-up: system packages, .venv, the project and its test extras
+#   ./dev.sh setup  only the set-up: system packages (libopus0, chromium), .venv, the project and its test extras
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -20,9 +20,11 @@ apt_install() {
 }
 
 setup() {
+    # `setup browser` (set-up for the tests) also installs Chromium for tests/test_browser.py
     local missing=()
     ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    if [ "${1:-}" = browser ] && [ ! -x /usr/bin/chromium ]; then missing+=(chromium); fi
     if [ ${#missing[@]} -gt 0 ]; then
         echo "setup: installing ${missing[*]} with apt-get" >&2
         apt_install "${missing[@]}"
@@ -42,9 +44,11 @@ setup() {
 cmd=${1:-help}
 shift || true
 case "$cmd" in
-    setup) setup ;;
+    setup) setup browser ;;
     demo)  setup; exec "$VENV/bin/gateway" demo "$@" ;;
-    test)  setup; exec "$VENV/bin/python" -m pytest -n 2 -q "$@" ;;
+    test)  setup browser  # the browser test runs, not skips: a missing Chromium is a failure
+           export GATEWAY_REQUIRE_BROWSER=${GATEWAY_REQUIRE_BROWSER:-1}
+           exec "$VENV/bin/python" -m pytest -n 2 -q "$@" ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_routes.py "$@" ;;
     *) sed -n '2,7p' "$0"; exit 2 ;;
 esac
