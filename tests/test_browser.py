@@ -53,7 +53,7 @@ routes:
       - record: {path: "$out/call.wav", rate: 8000}
   - name: web                   # the bridge: the browser page (agent listen) <-> the call (voipbin dial)
     endpoints:
-      - agent: {role: listen, bursty: true}   # the page's ScriptProcessor(4096) sends 256 ms at a time
+      - agent: {role: listen}   # bursty by default: the page's ScriptProcessor(4096) sends 256 ms at a time
       - voipbin: {call_id: c1, encapsulation: rtp}
 """
 
