@@ -23,6 +23,7 @@ from gateway.errors import ConfigError, GatewayError, RemoteProtocolError, Servi
 from gateway.route import Route
 from gateway.runtime import Runtime
 from gateway.server import serve_http, serve_media
+from gateway.systemd import Notifier
 
 log = logging.getLogger("gateway.daemon")
 
@@ -53,12 +54,22 @@ class RouteState:
 class Gateway:
     """One gateway process. Build with a validated `GatewayConfig`; `run()` until cancelled."""
 
-    def __init__(self, config: GatewayConfig, runtime: Runtime | None = None) -> None:
+    def __init__(self, config: GatewayConfig, runtime: Runtime | None = None, notifier: Notifier | None = None) -> None:
         self.config = config
         self.runtime = runtime or Runtime(config)
         self.runtime.config = config
         self.routes: dict[str, RouteState] = {}
         self.stopping = False
+        self.notifier = notifier or Notifier()
+        """systemd notification (no-op outside a Type=notify unit)."""
+
+    def status_line(self) -> str:
+        """`3 routes: 2 up, 1 waiting` — for systemd's STATUS= and logs."""
+        counts: dict[str, int] = {}
+        for state in self.routes.values():
+            counts[state.state] = counts.get(state.state, 0) + 1
+        parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+        return f"{len(self.routes)} route(s)" + (f": {parts}" if parts else "")
 
     def build(self) -> None:
         """Construct every endpoint and route; raises ConfigError (with file:line) on the first
@@ -93,7 +104,12 @@ class Gateway:
                 self.build()
             for state in self.routes.values():
                 nursery.start_soon(self.supervise, state)
+            await trio.sleep(0)  # let every supervisor start its route
             log.info("gateway running: %d route(s)", len(self.routes))
+            # every listen socket is bound and every route has started (dial routes connect
+            # on their own time; a failing one is restarted, never blocks readiness)
+            self.notifier.ready(self.status_line())
+            nursery.start_soon(self.notifier.watchdog)
             task_status.started(self)
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -101,6 +117,7 @@ class Gateway:
         AudioSocket hangup, ...) while its connection is still read, so close handshakes
         complete. Returns when all routes are down or after `timeout` seconds."""
         self.stopping = True
+        self.notifier.stopping()
         for state in self.routes.values():
             state.route.stop()
             if state.pause is not None:

@@ -70,3 +70,39 @@ async def test_no_watchdog_without_watchdog_usec_or_for_another_pid(tmp_path):
     with trio.fail_after(1):
         await Notifier({"NOTIFY_SOCKET": path}).watchdog()  # returns at once
         await Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog()
+
+
+async def test_daemon_says_ready_once_running_and_stopping_on_stop(tmp_path):
+    from conftest import ASSETS
+    from gateway.config import GatewayConfig
+    from gateway.daemon import Gateway
+
+    sock, path = receiver(tmp_path)
+    sock.setblocking(False)
+    config = GatewayConfig.from_text(f"""
+routes:
+  - name: tape
+    endpoints:
+      - file: {{path: "{ASSETS / 'or105.wav'}", rate: 8000, loop: true}}
+      - record: {{path: "{tmp_path / 'out.wav'}", rate: 8000}}
+""", "notify.yaml")
+    gateway = Gateway(config, notifier=Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000"}))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        with trio.fail_after(2):
+            while True:
+                try:
+                    ready = sock.recv(4096)
+                    break
+                except BlockingIOError:
+                    await trio.sleep(0.01)
+        await gateway.stop()
+        nursery.cancel_scope.cancel()
+    messages = [ready]
+    while True:
+        try:
+            messages.append(sock.recv(4096))
+        except BlockingIOError:
+            break
+    assert messages[0].startswith(b"READY=1\nSTATUS=1 route(s)")
+    assert b"WATCHDOG=1" in messages and b"STOPPING=1" in messages  # pinged from the loop; said on stop
