@@ -16,7 +16,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from gateway.codecs.formats import AudioFormat, Frame
+from gateway.codecs.formats import AudioFormat, AudioFrame, Frame
 
 Emit = Callable[[Frame], None]
 
@@ -80,6 +80,25 @@ class EndpointStats:
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
+
+
+class PcmIngress:
+    """The ingress of a PCM endpoint: each payload (PCM16 LE mono bytes, whole samples) becomes
+    an `AudioFrame` at `rate` Hz with a running timestamp (samples), is counted in
+    `frames_in` / `bytes_in`, and goes to the route's `emit`. One per session."""
+
+    __slots__ = ("emit", "rate", "stats", "timestamp")
+
+    def __init__(self, emit: Emit, rate: int, stats: EndpointStats) -> None:
+        self.emit, self.rate, self.stats = emit, rate, stats
+        self.timestamp = 0
+
+    def __call__(self, pcm: bytes) -> None:
+        frame = AudioFrame.from_bytes(pcm, self.rate, 1, self.timestamp)
+        self.timestamp += frame.samples
+        self.stats.frames_in += 1
+        self.stats.bytes_in += len(pcm)
+        self.emit(frame)
 
 
 class Endpoint(abc.ABC):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import trio
 
 from gateway.systemd import Notifier
@@ -66,10 +67,16 @@ async def test_watchdog_pings_at_half_the_interval(tmp_path, autojump_clock):
 
 
 async def test_no_watchdog_without_watchdog_usec_or_for_another_pid(tmp_path):
-    _, path = receiver(tmp_path)
+    sock, path = receiver(tmp_path)
+    sock.setblocking(False)
+    without = Notifier({"NOTIFY_SOCKET": path})
+    other_pid = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    assert without.watchdog_s is None and other_pid.watchdog_s is None
     with trio.fail_after(1):
-        await Notifier({"NOTIFY_SOCKET": path}).watchdog()  # returns at once
-        await Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog()
+        await without.watchdog()  # returns at once
+        await other_pid.watchdog()
+    with pytest.raises(BlockingIOError):
+        sock.recv(64)  # and no ping was sent
 
 
 async def test_daemon_says_ready_once_running_and_stopping_on_stop(tmp_path):

@@ -15,7 +15,7 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
-from gateway.errors import ServiceError
+from gateway.errors import RemoteProtocolError, ServiceError
 from gateway.logs import install_redaction
 
 install_redaction()
@@ -127,6 +127,27 @@ async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = 
         try:
             await ws.aclose(code, reason)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+async def refuse(ws: WebSocketConnection, err: RemoteProtocolError, log: logging.LoggerAdapter | logging.Logger,
+                 what: str, farewell: str | None = None) -> None:
+    """Close `ws` because the peer broke the protocol: one warning "closing the {what} (code):
+    cause", then `farewell` (the protocol's own error message, if it has one), then the close
+    frame with `err.close_code` and the cause as reason. The caller re-raises `err`."""
+    log.warning("closing the %s (%d): %s", what, err.close_code, err)
+    if farewell is not None:
+        await send_quietly(ws, farewell)
+    await close(ws, err.close_code, str(err))
+
+
+async def send_quietly(ws: WebSocketConnection, message: str | bytes, timeout: float = 1.0) -> None:
+    """Send one message, bounded; a peer already gone is not an error here (goodbyes, error
+    frames before a close)."""
+    with trio.move_on_after(timeout):
+        try:
+            await ws.send_message(message)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
 

@@ -41,7 +41,6 @@ from gateway.adapters.agent.wire import (
     AgentServer,
     Audio,
     ClientState,
-    Connected,
     ServerState,
     SessionEnded,
     TokenPresented,
@@ -54,10 +53,10 @@ from gateway.adapters.agent.wire import (
     token_url,
 )
 from gateway.adapters.listen import ListenSlot, PendingSession
-from gateway.adapters.ws import Closing, close, close_description, dial
+from gateway.adapters.ws import Closing, close, close_description, dial, refuse, send_quietly
 from gateway.codecs.formats import PCM16_16K, AudioFrame
 from gateway.config.options import Options
-from gateway.endpoint import Emit, Endpoint
+from gateway.endpoint import Emit, Endpoint, PcmIngress
 from gateway.errors import CallEnded, LocalProtocolError, RemoteProtocolError, ServiceError
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
@@ -210,10 +209,10 @@ class AgentDial(_AgentEndpoint):
                 self._ws, self._proto = ws, proto
                 self.log.info("agent session connected")
                 task_status.started()
-                timestamp = 0
+                audio = PcmIngress(emit, 16000, self.stats)
                 while True:
                     for event in proto.receive(await ws.get_message()):
-                        timestamp = self._on_event(event, emit, timestamp)
+                        self._on_event(event, audio)
             except ConnectionClosed as closed:
                 if self._closing.started:
                     return
@@ -221,8 +220,7 @@ class AgentDial(_AgentEndpoint):
                     raise CallEnded(f"agent {close_description(closed)}") from None
                 raise ServiceError(f"voice agent {close_description(closed)}") from None
             except RemoteProtocolError as err:
-                self.log.warning("closing the agent session (%d): %s", err.close_code, err)
-                await close(ws, err.close_code, str(err))
+                await refuse(ws, err, self.log, "agent session")
                 raise
             finally:
                 self._ws = self._proto = None
@@ -240,15 +238,11 @@ class AgentDial(_AgentEndpoint):
         if isinstance(event, Unknown):
             self.log.debug("ignoring agent control message of type %r", event.type)
 
-    def _on_event(self, event: Any, emit: Emit, timestamp: int) -> int:
-        """Handle one event; returns the next audio timestamp (samples at 16 kHz)."""
+    def _on_event(self, event: Any, audio: PcmIngress) -> None:
+        """Handle one event of the connected session."""
         if isinstance(event, Audio):
-            frame = AudioFrame.from_bytes(event.pcm, 16000, 1, timestamp)
-            self.stats.frames_in += 1
-            self.stats.bytes_in += len(event.pcm)
-            emit(frame)
-            return timestamp + frame.samples
-        if isinstance(event, AgentReady):
+            audio(event.pcm)
+        elif isinstance(event, AgentReady):
             self.agent_ready = True
             self.route_event("agent_ready")
         elif isinstance(event, SessionEnded):
@@ -259,9 +253,6 @@ class AgentDial(_AgentEndpoint):
             self.route_event("agent_error", code=event.code, message=event.message)
         elif isinstance(event, Unknown):
             self.log.debug("ignoring agent control message of type %r", event.type)
-        elif isinstance(event, Connected):
-            pass
-        return timestamp
 
     async def goodbye(self) -> None:
         ws = self._ws
@@ -424,13 +415,11 @@ class AgentListen(_AgentEndpoint):
                 events = proto.receive(await ws.get_message())
             if waiting.cancelled_caught:
                 self.log.info("client %s sent no token within %g s: closing (1008)", remote, TOKEN_TIMEOUT_S)
-                await _send_quietly(ws, error_message("token_timeout", f"no token message within {TOKEN_TIMEOUT_S:g} s"))
+                await send_quietly(ws, error_message("token_timeout", f"no token message within {TOKEN_TIMEOUT_S:g} s"))
                 await close(ws, 1008, "token timeout")
                 return None
         except RemoteProtocolError as err:
-            self.log.warning("client %s: closing (%d): %s", remote, err.close_code, err)
-            await _send_quietly(ws, error_message("protocol_error", str(err)))
-            await close(ws, err.close_code, str(err))
+            await refuse(ws, err, self.log, f"session of client {remote}", error_message("protocol_error", str(err)))
             return None
         except ConnectionClosed:
             self.log.info("client %s closed before sending its token", remote)
@@ -439,7 +428,7 @@ class AgentListen(_AgentEndpoint):
         assert isinstance(presented, TokenPresented)
         if not self.service.redeem(presented.token, self):
             self.log.info("client %s: session token rejected: closing (1008)", remote)
-            await _send_quietly(ws, error_message("invalid_token", "session token rejected (unknown, used or expired)"))
+            await send_quietly(ws, error_message("invalid_token", "session token rejected (unknown, used or expired)"))
             await close(ws, 1008, "invalid token")
             return None
         await ws.send_message(proto.accept())
@@ -475,11 +464,10 @@ class AgentListen(_AgentEndpoint):
     async def _announce_ready(self, ws: WebSocketConnection, proto: AgentServer) -> None:
         await self._route_up.wait()
         if proto.state is ServerState.CONNECTED:
-            await _send_quietly(ws, proto.agent_ready())
+            await send_quietly(ws, proto.agent_ready())
 
     async def _stream(self, ws: WebSocketConnection, proto: AgentServer, emit: Emit) -> None:
-        timestamp = 0
-        stats = self.stats
+        audio = PcmIngress(emit, 16000, self.stats)
         while True:
             try:
                 message = await ws.get_message()
@@ -488,17 +476,11 @@ class AgentListen(_AgentEndpoint):
             try:
                 events = proto.receive(message)
             except RemoteProtocolError as err:
-                self.log.warning("closing the client session (%d): %s", err.close_code, err)
-                await _send_quietly(ws, error_message("protocol_error", str(err)))
-                await close(ws, err.close_code, str(err))
+                await refuse(ws, err, self.log, "client session", error_message("protocol_error", str(err)))
                 raise
             for event in events:
                 if isinstance(event, Audio):
-                    frame = AudioFrame.from_bytes(event.pcm, 16000, 1, timestamp)
-                    timestamp += frame.samples
-                    stats.frames_in += 1
-                    stats.bytes_in += len(event.pcm)
-                    emit(frame)
+                    audio(event.pcm)
                 elif isinstance(event, Unknown):
                     self.log.debug("ignoring client control message of type %r", event.type)
 
@@ -508,14 +490,6 @@ class AgentListen(_AgentEndpoint):
             return
         if proto.state is not ServerState.ENDED:
             reason = "server_shutdown" if self.route_stopping else "agent_disconnected"
-            await _send_quietly(ws, proto.session_ended(reason))
+            await send_quietly(ws, proto.session_ended(reason))
         await close(ws, 1000, "session ended")
 
-
-async def _send_quietly(ws: WebSocketConnection, message: str) -> None:
-    """Send a control message, bounded; a peer already gone is not an error here."""
-    with trio.move_on_after(1.0):
-        try:
-            await ws.send_message(message)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass

@@ -43,7 +43,7 @@ from gateway.adapters.argon.wire import (
     verify_stream_token,
 )
 from gateway.adapters.listen import ListenSlot
-from gateway.adapters.ws import Closing, close, close_description, dial
+from gateway.adapters.ws import Closing, close, close_description, dial, refuse
 from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, VALID_PTIMES_MS, EncodedFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint
@@ -428,8 +428,7 @@ class ArgonListen(Endpoint):
                         raise RemoteProtocolError("text message on the audio ingress: send Opus packets as binary", close_code=1003)
                     validate_opus_packet(message, channels=channels, frame_duration_ms=params.frame_duration_ms)
                 except RemoteProtocolError as err:
-                    self.log.warning("closing the bot stream (%d): %s", err.close_code, err)
-                    await close(ws, err.close_code, str(err))
+                    await refuse(ws, err, self.log, "bot stream")
                     raise
                 stats.frames_in += 1
                 stats.bytes_in += len(message)

@@ -105,10 +105,10 @@ from gateway.adapters.videosdk.wire import (
     verify_webhook,
     webhook_event,
 )
-from gateway.adapters.ws import Closing, close, close_description, dial, redact_url
+from gateway.adapters.ws import Closing, close, close_description, dial, redact_url, refuse
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
-from gateway.endpoint import Emit, Endpoint, RouteEvent
+from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
 from gateway.errors import CallEnded, ConfigError, LocalProtocolError, RemoteProtocolError, ServiceError
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
@@ -497,8 +497,7 @@ class VideosdkDial(Endpoint):
 
     async def _receive(self, ws: WebSocketConnection, proto: IngestClient, emit: Emit) -> None:
         """Read until the room ends; raises CallEnded or RemoteProtocolError."""
-        stats = self.stats
-        timestamp = 0
+        audio = PcmIngress(emit, SAMPLE_RATE, self.stats)
         while True:
             try:
                 message = await ws.get_message()
@@ -507,16 +506,11 @@ class VideosdkDial(Endpoint):
             try:
                 events = proto.receive(message)
             except RemoteProtocolError as err:
-                self.log.warning("closing the ingest stream (%d): %s", err.close_code, err)
-                await close(ws, err.close_code, str(err))
+                await refuse(ws, err, self.log, "ingest stream")
                 raise
             for event in events:
                 if isinstance(event, Media):
-                    frame = AudioFrame.from_bytes(event.pcm, SAMPLE_RATE, 1, timestamp)
-                    timestamp += frame.samples
-                    stats.frames_in += 1
-                    stats.bytes_in += len(event.pcm)
-                    emit(frame)
+                    audio(event.pcm)
                 elif isinstance(event, Message):
                     self.route_event("message", topic=event.topic, data=event.data, sender_id=event.sender_id,
                                      sender_name=event.sender_name, timestamp=event.timestamp, message_id=event.message_id)
@@ -1006,8 +1000,7 @@ class VideosdkListen(Endpoint):
         try:
             proto.receive(message)  # before start: [Started] or RemoteProtocolError
         except RemoteProtocolError as err:
-            self.log.warning("closing the ingest stream (%d): %s", err.close_code, err)
-            await close(ws, err.close_code, str(err))
+            await refuse(ws, err, self.log, "ingest stream")
             return False
         return True
 
@@ -1050,9 +1043,8 @@ class VideosdkListen(Endpoint):
 
     async def _receive(self, ws, proto: IngestServer, participant: _Participant, emit: Emit, ended: list[str]) -> None:
         """Read until the device stops or goes; raises CallEnded or RemoteProtocolError."""
-        stats = self.stats
+        audio = PcmIngress(emit, SAMPLE_RATE, self.stats)
         room = self.room
-        timestamp = 0
         while True:
             try:
                 message = await ws.get_message()
@@ -1066,16 +1058,11 @@ class VideosdkListen(Endpoint):
             try:
                 events = proto.receive(message)
             except RemoteProtocolError as err:
-                self.log.warning("closing the ingest stream (%d): %s", err.close_code, err)
-                await close(ws, err.close_code, str(err))
+                await refuse(ws, err, self.log, "ingest stream")
                 raise
             for event in events:
                 if isinstance(event, Media):
-                    frame = AudioFrame.from_bytes(event.pcm, SAMPLE_RATE, 1, timestamp)
-                    timestamp += frame.samples
-                    stats.frames_in += 1
-                    stats.bytes_in += len(event.pcm)
-                    emit(frame)
+                    audio(event.pcm)
                 elif isinstance(event, Subscribe):
                     participant.topics.add(event.topic)
                 elif isinstance(event, Unsubscribe):

@@ -30,7 +30,7 @@ from gateway.adapters.voipbin.wire import (
     MediaStreamProtocol,
     PeerError,
 )
-from gateway.adapters.ws import Closing, close, close_description, dial, http_to_ws
+from gateway.adapters.ws import Closing, close, close_description, dial, http_to_ws, refuse
 from gateway.codecs import G711Decoder, G711Encoder
 from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame
 from gateway.config.options import Options
@@ -104,8 +104,7 @@ class _VoipbinEndpoint(Endpoint):
                 try:
                     events = proto.receive(message)
                 except RemoteProtocolError as err:
-                    self.log.warning("closing the media stream (%d): %s", err.close_code, err)
-                    await close(ws, err.close_code, str(err))
+                    await refuse(ws, err, self.log, "media stream")
                     raise
                 for event in events:
                     if isinstance(event, Audio):
