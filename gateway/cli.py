@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -11,19 +12,56 @@ import trio
 
 from gateway import __version__
 from gateway.errors import ConfigError
+from gateway.logs import LOG_FORMATS, log_handler
 
 STOP_DEADLINE = 5.0  # seconds for every route to say goodbye on SIGTERM/SIGINT
 
 
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str = "info", log_format: str = "plain") -> None:
+    """Log to stderr, `plain` lines for a terminal or `json` lines for journald (gateway/logs.py);
+    both redact secrets. Like `logging.basicConfig`, a no-op when logging is already set up."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[log_handler(log_format, sys.stderr)])
     # Libraries log per request or per frame at INFO/DEBUG; keep them quiet.
     for noisy in ("httpx", "httpcore", "trio-websocket", "hypercorn", "hypercorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _check(path: str, log_format: str) -> int:
+    """`gateway check`: every `${...}` reference that cannot be resolved (all of them, one line
+    each, where validation stops at the first), and the validation's error when it is another
+    one; 0 when valid."""
+    from gateway.config.yaml_lines import load_yaml, unresolved_in
+    from gateway.daemon import Gateway
+
+    problems: list[str] = []
+    references = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            references = unresolved_in(load_yaml(f.read(), path), path)
+    except (OSError, UnicodeDecodeError, ConfigError):
+        pass  # the validation below says what is wrong with the file
+    problems += [f"{where}: {err}" for where, err in references]
+    config = None
+    try:
+        config = _load(path)
+        Gateway(config).build()
+    except ConfigError as err:
+        if not any(str(err).endswith(f": {missing}") for _, missing in references):
+            problems.append(str(err))
+    log = logging.getLogger("gateway.check")
+    for problem in problems:
+        if log_format == "json":
+            log.error("invalid: %s", problem)
+        else:
+            print(f"invalid: {problem}", file=sys.stderr)
+    if problems or config is None:
+        return 1
+    ok = f"ok: {path}: {len(config.routes)} route(s)"
+    if log_format == "json":
+        log.info("%s", ok)
+    else:
+        print(ok)
+    return 0
 
 
 def _load(path: str):
@@ -66,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="Real-time audio gateway between WebSocket voice protocols.")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default=os.environ.get("GATEWAY_LOG_FORMAT") or "plain", choices=LOG_FORMATS,
+                        help="plain lines for a terminal or JSON lines for journald (default: $GATEWAY_LOG_FORMAT or plain)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the routes of a YAML config until SIGINT/SIGTERM")
     p_run.add_argument("config")
@@ -78,19 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60], help="Argon Opus frame duration")
     p_demo.add_argument("--stereo", action="store_true", help="stream stereo Opus into the channel")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    if args.log_format not in LOG_FORMATS:
+        parser.error(f"GATEWAY_LOG_FORMAT: expected one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}")
+    setup_logging(args.log_level, args.log_format)
 
     if args.command == "check":
-        try:
-            config = _load(args.config)
-            from gateway.daemon import Gateway
-
-            Gateway(config).build()
-        except ConfigError as err:
-            print(f"invalid: {err}", file=sys.stderr)
-            return 1
-        print(f"ok: {args.config}: {len(config.routes)} route(s)")
-        return 0
+        return _check(args.config, args.log_format)
     if args.command == "run":
         try:
             config = _load(args.config)

@@ -2,17 +2,23 @@
 
 Every error names the file, the line and the dotted key path, and says what was expected:
 `gateway.yaml:14: routes[0].endpoints[1].argon.frame_duration_ms: expected one of 10, 20, 40,
-60, got 25`. Values that are secrets (`secret=True`) are never quoted back in an error.
+60, got 25`. Values that are secrets (`secret=True`) are never quoted back in an error, and
+neither is anything a `${...}` reference gave (environment, file, credential): errors quote the
+reference as written.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Mapping
 
-from gateway.config.yaml_lines import LineDict, LineList, expand_env
+from gateway.config.yaml_lines import LineDict, LineList, UnresolvedReference, expand, has_reference
 from gateway.errors import ConfigError
 
 _MISSING: Any = object()
+SCRUB_MIN_CHARS = 4
+"""`error()` replaces a referenced value of at least this many characters, wherever a message
+quotes it, by its reference (shorter ones, like a port digit, are quoted by the getters)."""
 
 
 class Options:
@@ -35,6 +41,8 @@ class Options:
         self.env = env
         self._mapping = mapping
         self._used: set[str] = set()
+        self._resolved: list[tuple[str, str]] = []
+        """(reference, value) of every `${...}` this mapping expanded, for `error()`."""
 
     # -- errors ---------------------------------------------------------------------------
     def key_path(self, key: str | None = None) -> str:
@@ -47,6 +55,11 @@ class Options:
         return lines.get(key, self.line) if key is not None else self.line
 
     def error(self, key: str | None, message: str) -> ConfigError:
+        """A ConfigError naming file, line and key path. A value that a `${...}` reference of this
+        mapping gave is shown as the reference (callers may quote what `get_str` returned)."""
+        for reference, value in self._resolved:
+            if len(value) >= SCRUB_MIN_CHARS:
+                message = message.replace(value, reference)
         line = self.line_of(key)
         where = f"{self.filename}:{line}" if line else self.filename
         return ConfigError(f"{where}: {self.key_path(key)}: {message}")
@@ -67,17 +80,14 @@ class Options:
         return self._mapping[key]
 
     def get_str(self, key: str, default: Any = _MISSING, *, secret: bool = False, allow_empty: bool = True) -> Any:
-        """A string; `${VAR}` is expanded from the environment. Numbers are accepted as text."""
+        """A string with its `${...}` references expanded (module `yaml_lines`). Numbers are
+        accepted as text."""
         value = self.raw(key, default)
         if value is default and default is not _MISSING:
             return value
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise self.error(key, f"expected a string, got {_kind(value)}")
-        text = str(value)
-        try:
-            text = expand_env(text, self.env)
-        except KeyError as missing:
-            raise self.error(key, f"environment variable {missing.args[0]} is not set") from None
+        text = self._expand(key, str(value))
         if not allow_empty and not text:
             raise self.error(key, "expected a non-empty string" + ("" if secret else ", got ''"))
         return text
@@ -94,19 +104,22 @@ class Options:
         value = self.raw(key, default)
         if value is default and default is not _MISSING:
             return value
+        shown = str(value)
         if isinstance(value, str):
+            text = self._expand(key, value)
+            shown = value if has_reference(value) else text
             try:
-                value = int(expand_env(value, self.env))
-            except (ValueError, KeyError):
-                raise self.error(key, f"expected an integer, got {value!r}") from None
+                value = int(text)
+            except ValueError:
+                raise self.error(key, f"expected an integer, got {shown!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"expected an integer, got {_kind(value)}")
         if choices is not None and value not in tuple(choices):
-            raise self.error(key, f"expected one of {', '.join(map(str, choices))}, got {value}")
+            raise self.error(key, f"expected one of {', '.join(map(str, choices))}, got {shown}")
         if minimum is not None and value < minimum:
-            raise self.error(key, f"expected at least {minimum}, got {value}")
+            raise self.error(key, f"expected at least {minimum}, got {shown}")
         if maximum is not None and value > maximum:
-            raise self.error(key, f"expected at most {maximum}, got {value}")
+            raise self.error(key, f"expected at most {maximum}, got {shown}")
         return value
 
     def get_float(self, key: str, default: Any = _MISSING, *, minimum: float | None = None) -> Any:
@@ -122,7 +135,7 @@ class Options:
     def get_bool(self, key: str, default: Any = _MISSING) -> Any:
         value = self.raw(key, default)
         if isinstance(value, str):
-            lowered = expand_env(value, self.env).strip().lower()
+            lowered = self._expand(key, value).strip().lower()
             if lowered in ("true", "yes", "on", "1"):
                 return True
             if lowered in ("false", "no", "off", "0"):
@@ -135,8 +148,20 @@ class Options:
         choices = tuple(choices)
         value = self.get_str(key, default)
         if value not in choices:
-            raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
+            raw = self._mapping.get(key)
+            shown = raw if isinstance(raw, str) and has_reference(raw) else value
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {shown!r}")
         return value
+
+    def _expand(self, key: str, text: str) -> str:
+        """`text` with its references expanded; a relative `${file:}` path is relative to the
+        config file's directory."""
+        try:
+            expanded, resolved = expand(text, self.env, os.path.dirname(self.filename))
+        except UnresolvedReference as err:
+            raise self.error(key, str(err)) from None
+        self._resolved.extend(resolved)
+        return expanded
 
     def sub(self, key: str, *, required: bool = False) -> Options:
         """The nested mapping at `key` (an empty one when absent and not required)."""
