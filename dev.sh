@@ -25,6 +25,13 @@ setup() {
     ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     if [ "${1:-}" = browser ] && [ ! -x /usr/bin/chromium ]; then missing+=(chromium); fi
+    if [ "${1:-}" = browser ]; then
+        # tests/test_systemd_unit.py: systemd-analyze (verify, security, syscall groups) and what
+        # reproduces the unit's sandbox (unshare, setpriv; libseccomp through ctypes)
+        command -v systemd-analyze >/dev/null || missing+=(systemd)
+        { command -v unshare && command -v setpriv; } >/dev/null || missing+=(util-linux)
+        ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         echo "setup: installing ${missing[*]} with apt-get" >&2
         apt_install "${missing[@]}"
