@@ -1,0 +1,332 @@
+"""Prometheus metrics of a running `Gateway`, in the text exposition format (`GET /metrics`).
+
+Nothing here runs on the media path: the route and the endpoints keep their plain counters
+(`EndpointStats`, `RouteStats`, `RouteState`), and a custom collector reads them when
+Prometheus scrapes. Each `Gateway` gets its own `CollectorRegistry` (created on the first
+scrape, cached for as long as the gateway lives), so several gateways in one process (tests,
+the demo) never mix their series; the process' global default registry is not used.
+
+Two ways to scrape, both returning (body, content type):
+
+- `await render_async(gateway)`, for the control API: copies the counters into a `Snapshot` in
+  the trio thread (~1 ms for 100 routes x 3 endpoints), then builds the metric families and
+  the text in a worker thread. The text is most of a scrape's cost (tens of ms for 100 routes,
+  bench/bench_metrics.py); off the trio thread it holds the GIL only in slices of
+  `sys.getswitchinterval()` (5 ms), which the routes' jitter allowance absorbs, instead of
+  stalling every route's pacer for the whole scrape.
+- `render(gateway)`: all of it in the calling thread, which must be the gateway's trio thread
+  (the collector reads live counters without locks: consistent because no task runs while it
+  reads). For tests, tools and small gateways.
+
+Series (labels `route`, `endpoint`, `kind`, where `kind` is the endpoint's kind: voipbin,
+argon, agent, videosdk, file, record). Audio counters exist only in the direction an endpoint
+has: received for endpoints that produce audio, sent / late / dropped / buffer / level /
+latency for endpoints that take it.
+
+| metric | type | labels | from |
+| --- | --- | --- | --- |
+| gateway_frames_received_total | counter | route, endpoint, kind | frames_in |
+| gateway_bytes_received_total | counter | route, endpoint, kind | bytes_in (payload bytes) |
+| gateway_frames_sent_total | counter | route, endpoint, kind | frames_out |
+| gateway_bytes_sent_total | counter | route, endpoint, kind | bytes_out (payload bytes) |
+| gateway_frames_late_total | counter | route, endpoint, kind | late: egress slots concealed with silence |
+| gateway_frames_dropped_total | counter | route, endpoint, kind | dropped |
+| gateway_buffer_depth_seconds | gauge | route, endpoint, kind | buffered_ms / 1000 |
+| gateway_audio_level_dbfs | gauge | route, endpoint, kind | level_dbfs of the last egress packet |
+| gateway_added_latency_seconds | histogram | route, endpoint, kind | latency (LatencyHistogram, made cumulative) |
+| gateway_connects_total | counter | route, endpoint, kind | connects |
+| gateway_reconnects_total | counter | route, endpoint, kind | connects beyond the first |
+| gateway_events_received_total | counter | route, endpoint, kind | events_in (raised from the peer) |
+| gateway_events_sent_total | counter | route, endpoint, kind | events_out (passed to the peer) |
+| gateway_route_up | gauge | route | 1 while the route streams (state "up") |
+| gateway_route_state | gauge | route, state | 1 for the current state, 0 for the others |
+| gateway_route_state_changed_timestamp_seconds | gauge | route | RouteState.since |
+| gateway_route_info | gauge | route, origin | 1; origin "file" or "api" |
+| gateway_route_restarts_total | counter | route | RouteState.restarts |
+| gateway_route_sessions_total | counter | route | RouteStats.sessions |
+| gateway_route_events_total | counter | route | RouteStats.events |
+| gateway_routes | gauge | | routes configured |
+| gateway_reloads_total, gateway_reload_failures_total | counter | | Gateway.reloads, .reload_failures |
+| gateway_start_time_seconds | gauge | | Gateway.started_at (Unix seconds) |
+| gateway_build_info | gauge | version | 1 |
+
+plus prometheus_client's standard `process_*`, `python_info` and `python_gc_*` series.
+
+"Concealed" audio is `gateway_frames_late_total`: a slot whose audio was late goes out as
+silence and the late audio is discarded when it arrives (`dropped`), so one count covers both
+words; there is no separate concealment counter in the stats.
+
+Counter resets: a route that a reload restarts (its config changed) is built anew, with new
+endpoints and a new route state whose counters start at 0 again; Prometheus sees a counter
+reset, which `rate()` and `increase()` handle. A route restarted after a failure (same config)
+keeps its endpoints, so its counters go on. A removed route disappears from the output. A
+listen endpoint counts one connect per client session, so its "reconnects" are the clients
+after the first.
+
+Label values are route and endpoint names and kinds only: never a URL, a token or an error
+message (which may carry one).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from gateway import __version__
+from gateway.endpoint import LATENCY_BUCKETS
+
+ROUTE_STATES = ("starting", "up", "waiting", "restarting", "ended", "failed", "stopped")
+"""Every state a route can be in (`RouteState.state`). `gateway_route_state` has one series per
+state, 1 for the current one, so a query can select any state at any time (the enum idiom)."""
+
+_ENDPOINT = ("route", "endpoint", "kind")
+_LE = tuple(floatToGoString(bound) for bound in LATENCY_BUCKETS) + ("+Inf",)
+
+
+# ------------------------------------------------------------------------------- snapshot
+class EndpointSnapshot(NamedTuple):
+    """One endpoint's counters at one instant (see `EndpointStats` for each field)."""
+
+    labels: tuple[str, str, str]
+    """(route, endpoint, kind)."""
+    ingress: bool
+    """The endpoint produces audio (its received counters are exported)."""
+    egress: bool
+    """The endpoint takes audio (its sent, late, dropped, buffer, level, latency are exported)."""
+    frames_in: int
+    bytes_in: int
+    frames_out: int
+    bytes_out: int
+    late: int
+    dropped: int
+    buffered_ms: int
+    level_dbfs: float
+    connects: int
+    events_in: int
+    events_out: int
+    latency_counts: tuple[int, ...]
+    """Per-bucket (not cumulative) counts, len(LATENCY_BUCKETS) + 1 (the last: above all)."""
+    latency_sum: float
+
+
+class RouteSnapshot(NamedTuple):
+    """One route at one instant (`RouteState` and `RouteStats`), its endpoints in route order."""
+
+    name: str
+    state: str
+    since: float
+    origin: str
+    restarts: int
+    sessions: int
+    events: int
+    endpoints: tuple[EndpointSnapshot, ...]
+
+
+class Snapshot(NamedTuple):
+    """Everything a scrape exports about one gateway, copied at one instant: plain values,
+    safe to format in any thread."""
+
+    routes: tuple[RouteSnapshot, ...]
+    reloads: int
+    reload_failures: int
+    started_at: float
+
+
+def snapshot(gateway) -> Snapshot:
+    """Copy the gateway's counters. Synchronous and never awaits: call it in the gateway's trio
+    thread, where no route runs while it reads (so every value is from the same instant)."""
+    routes = []
+    for name, state in gateway.routes.items():
+        route = state.route
+        endpoints = []
+        for endpoint in route.endpoints:
+            s = endpoint.stats
+            latency = s.latency
+            endpoints.append(EndpointSnapshot(
+                (name, endpoint.name, endpoint.kind), endpoint.ingress is not None, endpoint.egress is not None,
+                s.frames_in, s.bytes_in, s.frames_out, s.bytes_out, s.late, s.dropped, s.buffered_ms,
+                s.level_dbfs, s.connects, s.events_in, s.events_out, tuple(latency.counts), latency.sum,
+            ))
+        routes.append(RouteSnapshot(name, state.state, state.since, state.origin, state.restarts,
+                                    route.stats.sessions, route.stats.events, tuple(endpoints)))
+    return Snapshot(tuple(routes), gateway.reloads, gateway.reload_failures, gateway.started_at)
+
+
+# ------------------------------------------------------------------------------- families
+_C, _G = CounterMetricFamily, GaugeMetricFamily
+
+ENDPOINT_SERIES = (
+    # (name, type, exported for endpoints that: "ingress" | "egress" | None (all), value, HELP)
+    ("gateway_frames_received", _C, "ingress", lambda e: e.frames_in, "Audio frames received from the peer."),
+    ("gateway_bytes_received", _C, "ingress", lambda e: e.bytes_in, "Audio payload bytes received from the peer."),
+    ("gateway_frames_sent", _C, "egress", lambda e: e.frames_out, "Audio frames sent to the peer."),
+    ("gateway_bytes_sent", _C, "egress", lambda e: e.bytes_out, "Audio payload bytes sent to the peer."),
+    ("gateway_frames_late", _C, "egress", lambda e: e.late,
+     ("Frames sent to the peer as silence because the audio for them was late (concealed); "
+      "the late audio is discarded when it arrives.")),
+    ("gateway_frames_dropped", _C, "egress", lambda e: e.dropped,
+     ("Frames of audio for this peer discarded: late audio whose playout time had passed, "
+      "excess buffered audio, a full queue, or audio while the peer was not connected.")),
+    ("gateway_buffer_depth_seconds", _G, "egress", lambda e: e.buffered_ms / 1000,
+     "Audio waiting in the route's playout buffers for this peer after its last packet."),
+    ("gateway_audio_level_dbfs", _G, "egress", lambda e: e.level_dbfs,
+     "RMS level of the last audio packet sent to this peer, dBFS (-120: digital silence)."),
+    ("gateway_connects", _C, None, lambda e: e.connects,
+     "Connections made (dial) or client sessions served (listen)."),
+    ("gateway_reconnects", _C, None, lambda e: max(0, e.connects - 1),
+     "Connections beyond the first: reconnects (dial) or client sessions after the first (listen)."),
+    ("gateway_events_received", _C, None, lambda e: e.events_in,
+     "Route events this endpoint raised from its peer (DTMF, messages, participants)."),
+    ("gateway_events_sent", _C, None, lambda e: e.events_out, "Route events this endpoint passed on to its peer."),
+)
+"""The per-endpoint series (labels route, endpoint, kind), besides the latency histogram."""
+
+ROUTE_SERIES = (
+    ("gateway_route_up", _G, lambda r: 1.0 if r.state == "up" else 0.0,
+     "1 while the route streams (every endpoint connected), else 0."),
+    ("gateway_route_state_changed_timestamp_seconds", _G, lambda r: r.since,
+     "When the route entered its current state, Unix time."),
+    ("gateway_route_restarts", _C, lambda r: r.restarts, "Restarts of the route after it failed."),
+    ("gateway_route_sessions", _C, lambda r: r.sessions,
+     "Times the route came up (restarts and listen sessions included)."),
+    ("gateway_route_events", _C, lambda r: r.events, "Route events raised by the route's endpoints."),
+)
+"""The per-route series (label route), besides gateway_route_state and gateway_route_info."""
+
+LATENCY_HELP = ("Latency the gateway added to the audio sent to this peer: per packet of a live source, "
+                "from the arrival of its last sample to its send deadline (jitter wait and buffering).")
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
+    """The metric families of a snapshot (pure: any thread). A generator: each family is built
+    when the previous one was formatted, so a scrape keeps one family's samples alive at a time
+    (fewer objects for the garbage collector's older generations)."""
+    endpoints = [e for r in snap.routes for e in r.endpoints]
+    for name, kind, direction, value, doc in ENDPOINT_SERIES:
+        family = kind(name, doc, labels=_ENDPOINT)
+        for e in endpoints:
+            if direction is None or getattr(e, direction):
+                family.add_metric(e.labels, value(e))
+        yield family
+
+    latency = HistogramMetricFamily("gateway_added_latency_seconds", LATENCY_HELP, labels=_ENDPOINT)
+    for e in endpoints:
+        if e.egress:
+            cumulative, buckets = 0, []
+            for le, n in zip(_LE, e.latency_counts):
+                cumulative += n
+                buckets.append((le, cumulative))
+            latency.add_metric(e.labels, buckets, e.latency_sum)
+    yield latency
+
+    for name, kind, value, doc in ROUTE_SERIES:
+        family = kind(name, doc, labels=("route",))
+        for r in snap.routes:
+            family.add_metric((r.name,), value(r))
+        yield family
+    states = _G("gateway_route_state",
+                "The route's state: 1 for the current one (" + ", ".join(ROUTE_STATES) + "), 0 for the others.",
+                labels=("route", "state"))
+    for r in snap.routes:
+        for each in ROUTE_STATES:
+            states.add_metric((r.name, each), 1.0 if each == r.state else 0.0)
+        if r.state not in ROUTE_STATES:  # a state this module does not know yet: still shown
+            states.add_metric((r.name, r.state), 1.0)
+    yield states
+    info = _G("gateway_route_info", "A route and where it came from (origin: file or api); always 1.",
+              labels=("route", "origin"))
+    for r in snap.routes:
+        info.add_metric((r.name, r.origin), 1.0)
+    yield info
+
+    yield _G("gateway_routes", "Routes configured (from the file and the control API).", value=len(snap.routes))
+    yield _C("gateway_reloads", "Configuration reloads applied.", value=snap.reloads)
+    yield _C("gateway_reload_failures", "Configuration reloads refused (invalid file: nothing changed).",
+             value=snap.reload_failures)
+    yield _G("gateway_start_time_seconds", "When the gateway started, Unix time.", value=snap.started_at)
+    build = _G("gateway_build_info", "The gateway's version; always 1.", labels=("version",))
+    build.add_metric((__version__,), 1.0)
+    yield build
+
+
+# ------------------------------------------------------------------------------ collector
+_pinned = threading.local()  # .snapshot: (collector, Snapshot) while render_async formats one
+
+
+class GatewayCollector(Collector):
+    """The gateway's series (see the module doc), read at each scrape.
+
+    Holds the gateway weakly: the registry cache is keyed on the gateway, and a strong
+    reference from its value would keep every gateway alive for good."""
+
+    def __init__(self, gateway) -> None:
+        self._gateway = weakref.ref(gateway)
+
+    def collect(self) -> Iterator[Metric]:
+        pinned = getattr(_pinned, "snapshot", None)
+        if pinned is not None and pinned[0] is self:
+            return families(pinned[1])
+        gateway = self._gateway()
+        if gateway is None:
+            return iter(())
+        return families(snapshot(gateway))
+
+
+class _Metrics(NamedTuple):
+    registry: CollectorRegistry
+    collector: GatewayCollector
+
+
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _metrics(gateway) -> _Metrics:
+    cached = _cache.get(gateway)
+    if cached is None:
+        registry = CollectorRegistry(auto_describe=False)
+        collector = GatewayCollector(gateway)
+        registry.register(collector)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        cached = _cache[gateway] = _Metrics(registry, collector)
+    return cached
+
+
+def registry_for(gateway) -> CollectorRegistry:
+    """The gateway's own registry (created on first use, then cached while the gateway lives):
+    its `GatewayCollector` and the standard process / platform / GC collectors. Other parts
+    of the daemon may register collectors of their own on it (read in the worker thread by
+    `render_async`: they must be thread-safe)."""
+    return _metrics(gateway).registry
+
+
+# --------------------------------------------------------------------------------- render
+def render(gateway) -> tuple[bytes, str]:
+    """The gateway's metrics as (body, content type), all in the calling thread, which must be
+    the gateway's trio thread (see the module doc; prefer `render_async` in a server)."""
+    return generate_latest(registry_for(gateway)), CONTENT_TYPE_LATEST
+
+
+async def render_async(gateway) -> tuple[bytes, str]:
+    """The gateway's metrics as (body, content type), for `GET /metrics`: the counters are
+    copied here, in the trio thread; the text is built in a worker thread."""
+    cached = _metrics(gateway)
+    snap = snapshot(gateway)
+    return await trio.to_thread.run_sync(_render_pinned, cached, snap)
+
+
+def _render_pinned(cached: _Metrics, snap: Snapshot) -> tuple[bytes, str]:
+    _pinned.snapshot = (cached.collector, snap)
+    try:
+        return generate_latest(cached.registry), CONTENT_TYPE_LATEST
+    finally:
+        _pinned.snapshot = None
