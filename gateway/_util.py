@@ -24,3 +24,38 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
     return [exc]
+
+
+# Goodbyes (close frames, hangups) run shielded so a cancelled route still says them; a second
+# SIGTERM must still be able to cut them short: every such scope is registered here.
+_goodbye_scopes: set[trio.CancelScope] = set()
+_aborted = False
+
+
+class goodbye_scope:
+    """`with goodbye_scope(seconds):` — shielded from outside cancellation, bounded by
+    `seconds`, and cancelled by `abort_goodbyes()`."""
+
+    def __init__(self, seconds: float) -> None:
+        self._scope = trio.move_on_after(seconds)
+        self._scope.shield = True
+
+    def __enter__(self) -> trio.CancelScope:
+        scope = self._scope.__enter__()
+        if _aborted:
+            scope.cancel()
+        _goodbye_scopes.add(scope)
+        return scope
+
+    def __exit__(self, *exc) -> bool:
+        _goodbye_scopes.discard(self._scope)
+        return self._scope.__exit__(*exc)
+
+
+def abort_goodbyes() -> None:
+    """Cancel every goodbye in progress and any later one: the process is about to exit (the
+    command line's second signal). Process-wide and final."""
+    global _aborted
+    _aborted = True
+    for scope in list(_goodbye_scopes):
+        scope.cancel()

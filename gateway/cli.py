@@ -11,6 +11,7 @@ import sys
 import trio
 
 from gateway import __version__
+from gateway._util import abort_goodbyes
 from gateway.errors import ConfigError
 from gateway.logs import LOG_FORMATS, log_handler
 
@@ -64,30 +65,99 @@ def _check(path: str, log_format: str) -> int:
     return 0
 
 
+def _reload(path: str, url: str | None, token_file: str | None) -> int:
+    """`gateway reload`: POST /v1/reload to the running gateway. Exit 0 reloaded, 1 refused
+    (the gateway's reason printed: nothing changed), 2 not reachable or not allowed."""
+    import httpx
+
+    from gateway.config.options import Options
+    from gateway.config.schema import ServerConfig
+    from gateway.config.yaml_lines import load_yaml
+
+    token = os.environ.get("GATEWAY_CONTROL_TOKEN", "")
+    try:
+        if token_file:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        # only the server section: the routes are the daemon's to validate (and to refuse)
+        with open(path, encoding="utf-8") as f:
+            data = load_yaml(f.read(), path) or {}
+        server_data = data.get("server") if isinstance(data, dict) else None
+        try:
+            server = ServerConfig.from_options(Options(server_data or {}, filename=path, path="server"))
+        except ConfigError as err:
+            if token or url is None:
+                raise
+            server = None  # the token came from elsewhere, only the URL was needed
+            print(f"reload: ignoring {err}", file=sys.stderr)
+    except (OSError, ConfigError) as err:
+        print(f"reload: {err}", file=sys.stderr)
+        return 2
+    if server is not None and not token and server.control.token:
+        token = server.control.token.reveal()
+    if url is None:
+        if server is None or server.http is None:
+            print(f"reload: {path} has no server.http (the control API's address); pass --url", file=sys.stderr)
+            return 2
+        host = server.http.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+        url = f"http://[{host}]:{server.http.port}" if ":" in host else f"http://{host}:{server.http.port}"
+    if not token:
+        print("reload: no control token (server.control.token, --token-file or $GATEWAY_CONTROL_TOKEN)", file=sys.stderr)
+        return 2
+    try:
+        response = httpx.post(url.rstrip("/") + "/v1/reload", headers={"authorization": f"Bearer {token}"}, timeout=30)
+    except httpx.HTTPError as err:
+        print(f"reload: cannot reach the gateway at {url}: {err}", file=sys.stderr)
+        return 2
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code == 200:
+        print(f"reloaded: {body.get('summary', '')}")
+        return 0
+    print(f"reload: {response.status_code}: {body.get('error', response.text)}", file=sys.stderr)
+    return 1 if response.status_code == 400 else 2
+
+
 def _load(path: str):
     from gateway.config import GatewayConfig
 
     return GatewayConfig.load(path)
 
 
-async def _run(config) -> None:
+async def _run(config, path: str | None = None) -> None:
     from gateway.daemon import Gateway
 
-    gateway = Gateway(config)
+    gateway = Gateway(config, config_path=path)
     gateway.build()
     log = logging.getLogger("gateway")
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run)
 
+            async def reload() -> None:
+                try:
+                    await gateway.reload()
+                except ConfigError:
+                    pass  # logged by the gateway (file:line: key: why); nothing changed
+
             async def wait_signal() -> None:
                 async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        log.info("received SIGHUP: reloading %s", path)
+                        nursery.start_soon(reload)
+                        continue
                     log.info("received %s: closing every route (again to exit at once)", signal.Signals(sig).name)
                     async with trio.open_nursery() as stopping:
 
                         async def second_signal() -> None:
-                            async for _ in signals:
+                            async for again in signals:
+                                if again == signal.SIGHUP:
+                                    continue  # stopping: no reload
                                 log.warning("second signal: exiting now")
+                                abort_goodbyes()
                                 stopping.cancel_scope.cancel()
 
                         stopping.start_soon(second_signal)
@@ -111,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("config")
     p_check = sub.add_parser("check", help="validate a YAML config (exit 0 valid, 1 invalid)")
     p_check.add_argument("config")
+    p_reload = sub.add_parser("reload", help="ask the running gateway to re-read its config (control API)")
+    p_reload.add_argument("config", help="the config the gateway runs (for server.http and server.control.token)")
+    p_reload.add_argument("--url", help="control API base URL (default: http://{server.http})")
+    p_reload.add_argument("--token-file", help="file holding the control token (default: $GATEWAY_CONTROL_TOKEN, "
+                          "else server.control.token of the config)")
     p_demo = sub.add_parser("demo", help="bridge a recorded phone call into a voice channel on loopback")
     p_demo.add_argument("--audio", help="audio file the caller plays (default: bundled 8 kHz speech)")
     p_demo.add_argument("--out", default="out/demo", help="directory for the channel's recordings (default out/demo)")
@@ -127,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         try:
             config = _load(args.config)
-            trio.run(_run, config)
+            trio.run(_run, config, args.config)
         except ConfigError as err:
-            print(f"invalid configuration: {err}", file=sys.stderr)
+            if args.log_format == "json":
+                logging.getLogger("gateway").error("invalid configuration: %s", err)
+            else:
+                print(f"invalid configuration: {err}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "reload":
+        return _reload(args.config, args.url, args.token_file)
     if args.command == "demo":
         from gateway.demo import run_demo
 

@@ -47,10 +47,45 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 class Tagged(logging.LoggerAdapter):
-    """Prefixes every message with `[route/endpoint]`, so each log line says where it is from."""
+    """Attaches `route` and/or `endpoint` to every record, so each log line says where it is
+    from: the plain format prints `[route/endpoint] message`, JSON lines carry them as fields
+    (gateway/logs.py); the message itself stays clean. A record's own `extra` wins."""
+
+    def __init__(self, logger: logging.Logger, *, route: str | None = None, endpoint: str | None = None) -> None:
+        super().__init__(logger, {k: v for k, v in (("route", route), ("endpoint", endpoint)) if v})
 
     def process(self, msg, kwargs):
-        return f"[{self.extra['tag']}] {msg}", kwargs
+        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+"""Upper bounds (seconds) of the added-latency histogram buckets; the last bucket is +Inf."""
+
+
+@attrs.define
+class LatencyHistogram:
+    """The latency the gateway added to a sink's audio: for each packet popped from a live
+    source's playout buffer, the time from the arrival of its last sample to its send deadline
+    (jitter wait and buffering; processing is the same for every packet). Bursty sources are
+    played from a queue by design and are not observed. Counts per bucket, not cumulative;
+    `metrics` exports them in Prometheus' cumulative form."""
+
+    counts: list[int] = attrs.Factory(lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    """counts[i]: observations <= LATENCY_BUCKETS[i] and > the bound before; last: above all."""
+    sum: float = 0.0
+    """Sum of the observations, seconds."""
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
+        self.sum += seconds
+        self.count += 1
 
 
 @attrs.define
@@ -69,6 +104,9 @@ class EndpointStats:
     """Egress frames concealed with silence because the audio for them was late."""
     dropped: int = 0
     """Frames discarded: late audio whose playout time had passed, or buffer overflow."""
+    concealed: int = 0
+    """Ingress frames filled in for packets lost on the way in (an RTP sequence gap: silence
+    of the missing duration, at most 1 s per gap), so the media clock stays whole."""
     buffered_ms: int = 0
     """Audio waiting in the route's playout buffers for this sink, after its last packet."""
     connects: int = 0
@@ -77,9 +115,19 @@ class EndpointStats:
     """Route events this endpoint raised (DTMF, messages received, participants...)."""
     events_out: int = 0
     """Route events this endpoint passed on to its peer (e.g. published to a topic)."""
+    level_dbfs: float = -120.0
+    """Level of the audio last sent to this sink (RMS of the last egress packet, dBFS; -120
+    for digital silence)."""
+    latency: LatencyHistogram = attrs.Factory(LatencyHistogram)
+    """Latency the gateway added to this sink's audio (see LatencyHistogram)."""
 
-    def as_dict(self) -> dict[str, int]:
-        return attrs.asdict(self)
+    def as_dict(self) -> dict[str, object]:
+        """Counters as plain JSON-able values (the latency histogram as count and mean)."""
+        data = attrs.asdict(self, filter=lambda a, v: a.name != "latency")
+        data["level_dbfs"] = round(self.level_dbfs, 1)
+        data["latency_count"] = self.latency.count
+        data["latency_mean_ms"] = round(1000 * self.latency.sum / self.latency.count, 2) if self.latency.count else None
+        return data
 
 
 class PcmIngress:
@@ -138,7 +186,7 @@ class Endpoint(abc.ABC):
         self.name = name
         self.stats = EndpointStats()
         self.route_name = ""
-        self.log: logging.LoggerAdapter = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), {"tag": name})
+        self.log: logging.LoggerAdapter = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), endpoint=name)
         self._post_event: Callable[[RouteEvent], None] = lambda event: None
         self.route_stopping = False
         """Set by `Route.stop()` before the goodbyes: the gateway is shutting the route down
@@ -148,7 +196,7 @@ class Endpoint(abc.ABC):
         """Called by the route that owns this endpoint: log lines then read `[route/name]`;
         `route_event` goes to `post_event`."""
         self.route_name = route_name
-        self.log = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), {"tag": f"{route_name}/{self.name}"})
+        self.log = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), route=route_name, endpoint=self.name)
         if post_event is not None:
             self._post_event = post_event
 
@@ -181,6 +229,10 @@ class Endpoint(abc.ABC):
         and counted. Raises `trio.BrokenResourceError` subclasses' domain equivalents when
         the peer is gone (the route then ends)."""
         raise NotImplementedError(f"{self.kind} endpoint does not accept audio")
+
+    def detach(self) -> None:
+        """Unregister what `from_config` registered on the runtime (listen paths, channels):
+        called once the endpoint's route is removed for good (reload, DELETE). Idempotent."""
 
     async def goodbye(self) -> None:
         """Say the protocol's goodbye (stop frame, hangup, close 1000). Best effort: the route

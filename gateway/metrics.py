@@ -31,6 +31,7 @@ latency for endpoints that take it.
 | gateway_bytes_sent_total | counter | route, endpoint, kind | bytes_out (payload bytes) |
 | gateway_frames_late_total | counter | route, endpoint, kind | late: egress slots concealed with silence |
 | gateway_frames_dropped_total | counter | route, endpoint, kind | dropped |
+| gateway_frames_concealed_total | counter | route, endpoint, kind | concealed: ingress frames filled in for lost packets |
 | gateway_buffer_depth_seconds | gauge | route, endpoint, kind | buffered_ms / 1000 |
 | gateway_audio_level_dbfs | gauge | route, endpoint, kind | level_dbfs of the last egress packet |
 | gateway_added_latency_seconds | histogram | route, endpoint, kind | latency (LatencyHistogram, made cumulative) |
@@ -52,9 +53,10 @@ latency for endpoints that take it.
 
 plus prometheus_client's standard `process_*`, `python_info` and `python_gc_*` series.
 
-"Concealed" audio is `gateway_frames_late_total`: a slot whose audio was late goes out as
-silence and the late audio is discarded when it arrives (`dropped`), so one count covers both
-words; there is no separate concealment counter in the stats.
+Two kinds of concealment: `gateway_frames_late_total` counts egress slots sent as silence
+because their audio was late (the late audio is then discarded: `dropped`);
+`gateway_frames_concealed_total` counts ingress frames filled in for packets lost on the way
+in (RTP sequence gaps).
 
 Counter resets: a route that a reload restarts (its config changed) is built anew, with new
 endpoints and a new route state whose counters start at 0 again; Prometheus sees a counter
@@ -107,6 +109,7 @@ class EndpointSnapshot(NamedTuple):
     bytes_out: int
     late: int
     dropped: int
+    concealed: int
     buffered_ms: int
     level_dbfs: float
     connects: int
@@ -152,7 +155,7 @@ def snapshot(gateway) -> Snapshot:
             latency = s.latency
             endpoints.append(EndpointSnapshot(
                 (name, endpoint.name, endpoint.kind), endpoint.ingress is not None, endpoint.egress is not None,
-                s.frames_in, s.bytes_in, s.frames_out, s.bytes_out, s.late, s.dropped, s.buffered_ms,
+                s.frames_in, s.bytes_in, s.frames_out, s.bytes_out, s.late, s.dropped, s.concealed, s.buffered_ms,
                 s.level_dbfs, s.connects, s.events_in, s.events_out, tuple(latency.counts), latency.sum,
             ))
         routes.append(RouteSnapshot(name, state.state, state.since, state.origin, state.restarts,
@@ -172,6 +175,8 @@ ENDPOINT_SERIES = (
     ("gateway_frames_late", _C, "egress", lambda e: e.late,
      ("Frames sent to the peer as silence because the audio for them was late (concealed); "
       "the late audio is discarded when it arrives.")),
+    ("gateway_frames_concealed", _C, "ingress", lambda e: e.concealed,
+     "Frames filled in for packets the peer sent that were lost on the way (RTP sequence gaps)."),
     ("gateway_frames_dropped", _C, "egress", lambda e: e.dropped,
      ("Frames of audio for this peer discarded: late audio whose playout time had passed, "
       "excess buffered audio, a full queue, or audio while the peer was not connected.")),

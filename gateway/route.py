@@ -38,7 +38,7 @@ import trio
 from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFrame, Frame
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
-from gateway._util import collapse
+from gateway._util import collapse, goodbye_scope
 from gateway.errors import CallEnded
 
 log = logging.getLogger("gateway.route")
@@ -97,7 +97,7 @@ class Route:
         self.jitter_ms = jitter_ms
         self.max_delay_ms = max_delay_ms
         self.stats = RouteStats()
-        self.log = Tagged(log, {"tag": name})
+        self.log = Tagged(log, route=name)
         for endpoint in self.endpoints:
             endpoint.bind_route(name, self.post_event)
         names = {e.name for e in self.endpoints}
@@ -295,7 +295,8 @@ class Route:
         return reason
 
     async def _goodbye(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_DEADLINE):
+        # shielded: a cancelled route still says goodbye, up to GOODBYE_DEADLINE
+        with goodbye_scope(GOODBYE_DEADLINE):
             async with trio.open_nursery() as nursery:
                 for ep in self.endpoints:
                     nursery.start_soon(_quiet_goodbye, ep, self.log)
@@ -335,6 +336,18 @@ class Route:
         window = 0
         stats = sink.stats
         timestamp = 0
+        # Added latency (stats.latency): per source, when each pushed frame arrived, keyed by
+        # the running count of samples pushed; `consumed` counts samples popped or dropped, so
+        # the arrival of a popped packet's last sample is the first entry at or past it.
+        arrivals = [collections.deque() for _ in feeding]
+        pushed = [0] * len(feeding)
+        consumed = [0] * len(feeding)
+        latency = stats.latency
+
+        def drop(slot: int, samples: int) -> int:
+            dropped = buffers[slot].drop(samples)
+            consumed[slot] += dropped
+            return dropped
 
         def accept(item: tuple[int, AudioFrame | None]) -> None:
             slot, frame = item
@@ -343,16 +356,18 @@ class Route:
                 return
             buf = buffers[slot]
             buf.push(frame)
+            pushed[slot] += frame.samples
+            arrivals[slot].append((pushed[slot], trio.current_time()))
             if frame.samples > largest[slot]:
                 largest[slot] = frame.samples
             if complete_at[slot] is None and buf.buffered >= n:
                 complete_at[slot] = trio.current_time()
             if owed[slot]:
-                dropped = buf.drop(min(owed[slot], buf.buffered))
+                dropped = drop(slot, min(owed[slot], buf.buffered))
                 owed[slot] -= dropped
                 stats.dropped += math.ceil(dropped / n) if dropped else 0
             if buf.buffered > limit[slot]:
-                stats.dropped += math.ceil(buf.drop(buf.buffered - limit[slot]) / n)
+                stats.dropped += math.ceil(drop(slot, buf.buffered - limit[slot]) / n)
 
         def ready(slot: int) -> bool:
             return buffers[slot].buffered >= n or ended[slot]
@@ -374,7 +389,7 @@ class Route:
                         # on the next live frame, in phase with the source.
                         for i, buf in enumerate(buffers):
                             if live[i]:
-                                stats.dropped += math.ceil(buf.drop(buf.buffered) / n)
+                                stats.dropped += math.ceil(drop(i, buf.buffered) / n)
                                 complete_at[i] = None
                         continue
                     if any(b.buffered >= n for b in buffers) or all(ended):
@@ -407,7 +422,7 @@ class Route:
                         if short_run[i] < IDLE_AFTER and not ended[i] and live[i]:
                             # Late: conceal this slot; its audio is stale once it arrives.
                             stats.late += 1
-                            stale = buf.drop(buf.buffered)
+                            stale = drop(i, buf.buffered)
                             owed[i] = min(owed[i] + n - stale, max_buffer)
                         short_run[i] = min(short_run[i] + 1, IDLE_AFTER)
                         if short_run[i] >= IDLE_AFTER:
@@ -415,6 +430,13 @@ class Route:
                         continue
                     short_run[i] = 0
                     contributors += 1
+                    consumed[i] += frame.samples
+                    if live[i]:
+                        pending = arrivals[i]
+                        while len(pending) > 1 and pending[0][0] < consumed[i]:
+                            pending.popleft()
+                        if pending:
+                            latency.observe(max(0.0, trio.current_time() - pending[0][1]))
                     done_at = complete_at[i]
                     if done_at is not None and done_at is not _CARRIED:
                         earliest = min(earliest, deadline - done_at)
@@ -430,6 +452,10 @@ class Route:
                     mixed = np.zeros((n, pcm_format.channels), dtype=np.int16)
                 frame = AudioFrame(mixed, pcm_format.rate, timestamp)
                 timestamp += n
+                if contributors:
+                    stats.level_dbfs = _dbfs(mixed)
+                elif stats.level_dbfs > -120.0:
+                    stats.level_dbfs = -120.0
                 for out in encoder.process(frame):
                     await sink.send(out)
                 k += 1
@@ -438,7 +464,7 @@ class Route:
                 if window == ADJUST_EVERY:
                     for i, buf in enumerate(buffers):
                         if 0 < floor[i] < _NEVER and not ended[i] and live[i]:
-                            stats.dropped += math.ceil(buf.drop(floor[i]) / n)
+                            stats.dropped += math.ceil(drop(i, floor[i]) / n)
                     if contributors and 0.001 < earliest < _NEVER_S:
                         anchor -= earliest
                     floor = [_NEVER] * len(feeding)
@@ -456,6 +482,13 @@ class Route:
                         while not any(b.buffered >= n for b in buffers):
                             accept(await recv.receive())
                         anchor = trio.current_time() - k * ptime
+
+
+def _dbfs(pcm: np.ndarray) -> float:
+    """RMS level of int16 PCM in dBFS (full-scale sine: -3 dB; digital silence: -120)."""
+    x = pcm.astype(np.float32).ravel()
+    mean_square = float(np.dot(x, x)) / max(1, x.size)
+    return max(-120.0, 10 * math.log10(mean_square / (32768.0 * 32768.0))) if mean_square > 0 else -120.0
 
 
 def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

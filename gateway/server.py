@@ -37,6 +37,8 @@ class HttpRequest:
     body: bytes
     params: dict[str, str]
     """Named groups of the matched route pattern."""
+    client: str = ""
+    """The client's IP address ("" when the server does not say)."""
 
     def json(self) -> Any:
         """The body as JSON; raises ValueError with a short reason."""
@@ -114,7 +116,8 @@ class HttpServer:
                 continue
             query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            request = HttpRequest(method, path, query, headers, body, match.groupdict())
+            client = scope.get("client") or ("", 0)
+            request = HttpRequest(method, path, query, headers, body, match.groupdict(), str(client[0]))
             try:
                 return await handler(request)
             except Exception:  # a handler bug must not kill the server; the log says where
@@ -189,6 +192,10 @@ class MediaServer:
         self.port: int | None = None
 
     def add(self, pattern: str, handler: MediaHandler) -> Callable[[], None]:
+        """Serve upgrades whose path matches `pattern`; raises ValueError when that exact
+        pattern is already served (two listen endpoints cannot share one path)."""
+        if any(p.pattern == _compile(pattern).pattern for p, _ in self._routes):
+            raise ValueError(f"{pattern} is already served by another listen endpoint")
         entry = (_compile(pattern), handler)
         self._routes.append(entry)
         return lambda: self._routes.remove(entry) if entry in self._routes else None

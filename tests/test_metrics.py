@@ -351,3 +351,44 @@ async def test_a_call_counts_what_the_client_received_and_no_secret_shows(speech
             assert secret.encode() not in text
         assert b"127.0.0.1" not in text and b"token" not in text
     assert last_error  # an error message exists; it is never exported
+
+
+async def test_rtp_sequence_gaps_are_concealed_and_counted(tmp_path):
+    """A VoIPBIN client's RTP stream with 3 packets missing: the gateway fills 60 ms of silence
+    in (the recording keeps its length), and `gateway_frames_concealed_total` says 3."""
+    from aiortc.rtp import RtpPacket
+
+    routes = """\
+routes:
+  - name: call
+    endpoints:
+      - voipbin: {role: listen, call_id: gappy}
+      - record: {path: "$out/gappy.wav", rate: 8000}
+"""
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, routes, out=tmp_path)
+        url = (f"ws://127.0.0.1:{gateway.runtime.media.port}/v1.0/calls/gappy/media_stream"
+               f"?encapsulation=rtp&token={VOIPBIN_TOKEN}")
+        ws = await ws_client(nursery, url)
+        tone = bytes([0x10, 0x90] * 80)  # loud u-law: not silence
+        start_at = trio.current_time()
+        sent = 0
+        for seq in [*range(0, 20), *range(23, 40)]:  # 20, 21, 22 lost
+            packet = RtpPacket(payload_type=0, sequence_number=seq, timestamp=seq * 160, ssrc=7, payload=tone)
+            await trio.sleep_until(start_at + sent * 0.02)
+            await ws.send_message(packet.serialize())
+            sent += 1
+        await trio.sleep(0.1)
+        families = parse((await metrics.render_async(gateway))[0])
+        assert value(families, "gateway_frames_concealed", route="call", endpoint="voipbin") == 3
+        assert value(families, "gateway_frames_received", route="call", endpoint="voipbin") == 37
+        await ws.aclose()
+        with trio.fail_after(5):
+            await gateway.routes["call"].sessions_done.wait()
+        nursery.cancel_scope.cancel()
+    pcm, rate = read_wav(tmp_path / "gappy.wav")
+    level = [float(abs(pcm[i:i + 160].astype(int)).mean()) for i in range(0, len(pcm) - 159, 160)]
+    assert len(pcm) / rate >= 0.78, len(pcm) / rate  # 40 frames of 20 ms: the gap kept its time
+    loud = [l > 1000 for l in level]
+    # the tone, 60 ms of silence where the 3 packets were lost, the tone again
+    assert loud[:20] == [True] * 20 and loud[20:23] == [False] * 3 and loud[23:40] == [True] * 17, level

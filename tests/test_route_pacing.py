@@ -338,7 +338,8 @@ async def test_route_events_are_counted_logged_and_forwarded_to_the_others(autoj
     assert [(e.source, e.kind) for e in room2.events] == [("call", "dtmf"), ("room", "message")]  # never its own
     assert route.stats.events == 2 and source.stats.events_in == 1
     assert [e.kind for _, e in route.stats.recent_events] == ["dtmf", "message"]
-    assert "[t] event from call: dtmf digit=5" in caplog.text
+    (logged,) = [r for r in caplog.records if r.getMessage() == "event from call: dtmf digit=5"]
+    assert logged.route == "t"  # Tagged attaches route (and endpoint) as record fields
 
 
 def test_hears_names_must_exist():

@@ -15,6 +15,7 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
+from gateway._util import goodbye_scope
 from gateway.errors import RemoteProtocolError, ServiceError
 from gateway.logs import install_redaction
 
@@ -123,7 +124,7 @@ async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = 
     cancelled route). The reason is cut to the 123 bytes RFC 6455 §5.5.1 allows."""
     if reason is not None:
         reason = reason.encode()[:123].decode("utf-8", "ignore")
-    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+    with goodbye_scope(2.0):
         try:
             await ws.aclose(code, reason)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -172,7 +173,7 @@ class Closing:
 
     async def settle(self, timeout: float = 2.0) -> None:
         if self.started:
-            with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            with goodbye_scope(timeout):
                 await self._done.wait()
 
 

@@ -32,6 +32,7 @@ class Options:
         path: str = "",
         line: int = 0,
         env: Mapping[str, str] | None = None,
+        references: bool = True,
     ) -> None:
         if mapping is None:
             mapping = {}
@@ -39,6 +40,9 @@ class Options:
         self.path = path
         self.line = getattr(mapping, "line", 0) or line
         self.env = env
+        self.references = references
+        """False: a `${...}` reference is an error, not expanded (data from the control API must
+        not read the daemon's environment, files or credentials)."""
         self._mapping = mapping
         self._used: set[str] = set()
         self._resolved: list[tuple[str, str]] = []
@@ -156,6 +160,9 @@ class Options:
     def _expand(self, key: str, text: str) -> str:
         """`text` with its references expanded; a relative `${file:}` path is relative to the
         config file's directory."""
+        if not self.references and has_reference(text):
+            raise self.error(key, "${...} references are not expanded here (a route added through the control API "
+                             "cannot read the gateway's environment, files or credentials; secrets belong in services)")
         try:
             expanded, resolved = expand(text, self.env, os.path.dirname(self.filename))
         except UnresolvedReference as err:
@@ -170,7 +177,8 @@ class Options:
             value = {}
         if not isinstance(value, Mapping):
             raise self.error(key, f"expected a mapping, got {_kind(value)}")
-        return Options(value, filename=self.filename, path=self.key_path(key), line=self.line_of(key), env=self.env)
+        return Options(value, filename=self.filename, path=self.key_path(key), line=self.line_of(key), env=self.env,
+                       references=self.references)
 
     def items(self, key: str, *, required: bool = False) -> list[tuple[int, Any, int]]:
         """(index, item, line) for the list at `key`."""
@@ -186,7 +194,8 @@ class Options:
         if not isinstance(mapping, Mapping):
             where = f"{self.filename}:{line}" if line else self.filename
             raise ConfigError(f"{where}: {path}: expected a mapping, got {_kind(mapping)}")
-        return Options(mapping, filename=self.filename, path=path, line=line, env=self.env)
+        return Options(mapping, filename=self.filename, path=path, line=line, env=self.env,
+                       references=self.references)
 
     def finish(self) -> None:
         """Raise for the first key that nothing consumed (a typo, usually)."""

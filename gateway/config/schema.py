@@ -12,6 +12,7 @@ Route and endpoint options are validated here (route level) and by each adapter'
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -19,7 +20,7 @@ import attrs
 
 from gateway.config.options import Options
 from gateway.config.secret import Secret
-from gateway.config.yaml_lines import load_yaml
+from gateway.config.yaml_lines import expand_env, load_yaml
 from gateway.errors import ConfigError
 
 ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "file", "record")
@@ -49,26 +50,48 @@ class HostPort:
 
 
 @attrs.frozen
+class ControlConfig:
+    """`server.control`: who may use the control API on `server.http` (README, "Control API")."""
+
+    token: Secret | None = None
+    """`Authorization: Bearer <token>` required by POST/DELETE and reload; without a token
+    configured, mutating calls are refused (403)."""
+    open_reads: bool = False
+    """False: GET /v1/routes and /metrics answer loopback clients only (or any client that
+    sends the control token). True: any client. /healthz and /readyz are always open."""
+
+    @classmethod
+    def from_options(cls, opts: Options) -> ControlConfig:
+        token = opts.get_str("token", None, secret=True)
+        result = cls(token=Secret(token) if token else None, open_reads=opts.get_bool("open_reads", False))
+        opts.finish()
+        return result
+
+
+@attrs.frozen
 class ServerConfig:
-    """Sockets of the listen roles."""
+    """Sockets of the listen roles and the control API."""
 
     http: HostPort | None = None
-    """REST token endpoints of the listen roles (and later the control API)."""
+    """REST token endpoints of the listen roles, and the control API."""
     media: HostPort | None = None
     """WebSocket media of every listen endpoint."""
     media_url: str | None = None
     """Base ws:// URL clients are told to use for media (default ws://{media})."""
+    control: ControlConfig = ControlConfig()
 
     @classmethod
     def from_options(cls, opts: Options) -> ServerConfig:
         http = opts.get_str("http", None)
         media = opts.get_str("media", None)
         media_url = opts.get_str("media_url", None)
+        control = ControlConfig.from_options(opts.sub("control"))
         opts.finish()
         return cls(
             http=HostPort.parse(http, opts, "http") if http else None,
             media=HostPort.parse(media, opts, "media") if media else None,
             media_url=media_url,
+            control=control,
         )
 
 
@@ -262,6 +285,44 @@ class RouteConfig:
     restart: str = "on-failure"
     """`on-failure`: restart with backoff after an error that is not permanent; `never`."""
     where: str = ""
+    source: object = attrs.field(default=None, eq=False, repr=False)
+    """The route's mapping as written (plain dicts and lists), for `same_as` and the API."""
+
+    def same_as(self, other: RouteConfig, services: Services, other_services: Services) -> bool:
+        """True when `other` would run exactly like this route: the same mapping (after
+        `${...}` expansion) and the same settings of the services its endpoints use. Line
+        numbers do not count, so moving a route in the file does not restart it."""
+        if _expanded(self.source, self.env, self.base_dir) != _expanded(other.source, other.env, other.base_dir):
+            return False
+        kinds = {e.kind for e in self.endpoints} | {e.kind for e in other.endpoints}
+        return all(getattr(services, k, None) == getattr(other_services, k, None) for k in kinds)
+
+    @property
+    def env(self):
+        return self.endpoints[0].options.env if self.endpoints else None
+
+    @property
+    def base_dir(self) -> str:
+        """Directory relative `${file:}` references are read from (the config file's)."""
+        return os.path.dirname(self.endpoints[0].options.filename) if self.endpoints else ""
+
+    @classmethod
+    def from_data(cls, data: object, origin: str, env: Mapping[str, str] | None = None) -> RouteConfig:
+        """A route from JSON-like data (the control API's POST /v1/routes), validated exactly
+        as in the YAML file; errors name `origin` and the key.
+
+        Such data comes from a network client, so it may not reach the daemon's secrets: no
+        `${...}` references, and no `api_url` (a route pointing at another host would send it
+        the service's token); both raise ConfigError."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{origin}: expected a route mapping {{name, endpoints: [...]}}, got {type(data).__name__}")
+        route = cls.from_options(Options(data, filename=origin, env=env, references=False))
+        for i, endpoint in enumerate(route.endpoints):
+            if "api_url" in endpoint.options:
+                raise ConfigError(f"{origin}: endpoints[{i}].{endpoint.kind}.api_url: not allowed in a route added through "
+                                  "the control API (it would send the service's credentials to that host); set "
+                                  f"services.{endpoint.kind}.api_url in the file")
+        return route
 
     @classmethod
     def from_options(cls, opts: Options) -> RouteConfig:
@@ -269,7 +330,7 @@ class RouteConfig:
         endpoints = []
         for i, item, line in opts.items("endpoints", required=True):
             path = f"{opts.key_path('endpoints')}[{i}]"
-            where = f"{opts.filename}:{line}"
+            where = f"{opts.filename}:{line}" if line else opts.filename
             if not isinstance(item, Mapping) or len(item) != 1:
                 raise ConfigError(
                     f"{where}: {path}: expected a mapping with one key, the endpoint kind "
@@ -289,10 +350,35 @@ class RouteConfig:
             jitter_ms=opts.get_int("jitter_ms", 20, minimum=0, maximum=1000),
             max_delay_ms=opts.get_int("max_delay_ms", 200, minimum=20, maximum=10000),
             restart=opts.get_choice("restart", ("on-failure", "never"), "on-failure"),
-            where=f"{opts.filename}:{opts.line}",
+            where=f"{opts.filename}:{opts.line}" if opts.line else opts.filename,
+            source=_plain(opts.as_dict()),
         )
         opts.finish()
         return result
+
+
+def _plain(value: object) -> object:
+    """YAML data (LineDict, LineList) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _expanded(value: object, env: Mapping[str, str] | None, base_dir: str = "") -> object:
+    """`value` with every `${...}` reference in its strings replaced (references that cannot
+    be resolved stay as written: validation has reported them already)."""
+    if isinstance(value, Mapping):
+        return {k: _expanded(v, env, base_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expanded(v, env, base_dir) for v in value]
+    if isinstance(value, str) and "${" in value:
+        try:
+            return expand_env(value, env, base_dir)
+        except Exception:  # noqa: BLE001 - an unresolvable reference compares as written
+            return value
+    return value
 
 
 @attrs.frozen

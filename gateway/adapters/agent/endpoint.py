@@ -267,14 +267,20 @@ class AgentListenService:
     ``OPTIONS``. Sessions go to the `agent` listen endpoints, first free one first."""
 
     def __init__(self, runtime: Runtime) -> None:
-        service = runtime.config.services.agent
         self.runtime = runtime
-        self.origins = service.cors_origins
         self.endpoints: list[AgentListen] = []
+        self.next_slot = 1
+        """Slot number of the next listen endpoint (never reused, so a reload that removes one
+        cannot hand its path to another)."""
         self.tokens: dict[str, tuple[AgentListen, float]] = {}
         runtime.http.add("POST", TOKEN_PATH, self.token)
         runtime.http.add("OPTIONS", TOKEN_PATH, self.preflight)
         self.log = logging.getLogger("gateway.endpoint.agent")
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """services.agent.cors_origins of the running config (a reload applies at once)."""
+        return self.runtime.config.services.agent.cors_origins
 
     def _cors(self, request: HttpRequest) -> tuple[tuple[str, str], ...] | None:
         """CORS headers for the request's Origin (Fetch standard §3.2), () when it sent none
@@ -373,9 +379,10 @@ class AgentListen(_AgentEndpoint):
         if not keys:
             raise opts.error(None, "no API keys for the listen token endpoint: set services.agent.listen_api_keys "
                              "(or services.agent.api_key, or api_keys: on the endpoint)")
-        endpoint = cls(name, service=service, slot_id=len(service.endpoints) + 1, api_keys=keys,
+        endpoint = cls(name, service=service, slot_id=service.next_slot, api_keys=keys,
                        bursty=opts.get_bool("bursty", True))
         opts.finish()
+        service.next_slot += 1
         service.endpoints.append(endpoint)
         endpoint._unregister = runtime.media.add(endpoint.ws_path, endpoint._on_upgrade)
         return endpoint

@@ -291,11 +291,8 @@ class ArgonListenService:
     """
 
     def __init__(self, runtime: Runtime) -> None:
-        service = runtime.config.services.argon
         self.runtime = runtime
-        self.secret = service.jwt_secret.reveal() if service.jwt_secret else secrets.token_urlsafe(32)
-        self.bot_tokens = tuple(t.reveal() for t in service.listen_bot_tokens)
-        self.per_minute = service.stream_token_per_minute
+        self._random_secret = secrets.token_urlsafe(32)
         self.channels: dict[tuple[str, str], ArgonListen] = {}
         self._calls: dict[int, collections.deque[float]] = {}
         for prefix in ("/api/bot", ""):
@@ -303,6 +300,21 @@ class ArgonListenService:
         runtime.media.add("/audio/connect", self.ingress)
         runtime.media.add("/", self.ingress)
         self.log = ArgonListen.log_for()
+
+    # Settings are read from the running config on each request, so a reload applies at once.
+    @property
+    def secret(self) -> str:
+        """HS256 key of the stream tokens: services.argon.jwt_secret, else random per process."""
+        service = self.runtime.config.services.argon
+        return service.jwt_secret.reveal() if service.jwt_secret else self._random_secret
+
+    @property
+    def bot_tokens(self) -> tuple[str, ...]:
+        return tuple(t.reveal() for t in self.runtime.config.services.argon.listen_bot_tokens)
+
+    @property
+    def per_minute(self) -> int:
+        return self.runtime.config.services.argon.stream_token_per_minute
 
     def _reply(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
         return HttpResponse(status, error_body(status, message), ERROR_CONTENT_TYPE, headers)

@@ -236,16 +236,23 @@ class VideosdkWebhooks:
     """
 
     def __init__(self, runtime: Runtime, public_key_pem: str) -> None:
+        self.runtime = runtime
         self.calls: dict[str, VideosdkDial] = {}
         """callId → the dial endpoint streaming that session."""
+        self._pem: str | None = None
         self.key = None
         self.key_problem = ""
+        self._load_key(public_key_pem)
+        self._unregister = runtime.http.add("POST", WEBHOOK_PATH, self.handle)
+
+    def _load_key(self, pem: str) -> None:
+        self._pem = pem
+        self.key, self.key_problem = None, ""
         try:
-            self.key = load_webhook_key(public_key_pem)
+            self.key = load_webhook_key(pem)
         except WebhookSignatureError as err:
             self.key_problem = str(err)
             log.error("services.videosdk.webhook_public_key: %s; webhooks will be answered 500", err)
-        self._unregister = runtime.http.add("POST", WEBHOOK_PATH, self.handle)
 
     @classmethod
     def for_runtime(cls, runtime: Runtime) -> VideosdkWebhooks | None:
@@ -257,6 +264,11 @@ class VideosdkWebhooks:
         return runtime.singleton(cls, lambda: cls(runtime, service.webhook_public_key))
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
+        pem = self.runtime.config.services.videosdk.webhook_public_key
+        if not pem:  # removed by a reload
+            return HttpResponse(404, error_body("webhooks are not configured (services.videosdk.webhook_public_key)"))
+        if pem != self._pem:  # changed by a reload
+            self._load_key(pem)
         if self.key is None:
             return HttpResponse(500, error_body(f"webhook key is not usable: {self.key_problem}"))
         try:
@@ -729,11 +741,15 @@ class VideosdkListenService:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._tokens = tuple(t.reveal().encode() for t in runtime.config.services.videosdk.listen_tokens)
         self.rooms: dict[str, _Room] = {}
         self._claims: dict[str, _Claim] = {}
         runtime.http.add("POST", SESSIONS_PATH, self.create_session)
         runtime.media.add(re.escape(INGEST_PATH), self.ingest)
+
+    @property
+    def _tokens(self) -> tuple[bytes, ...]:
+        """services.videosdk.listen_tokens of the running config (a reload applies at once)."""
+        return tuple(t.reveal().encode() for t in self.runtime.config.services.videosdk.listen_tokens)
 
     @classmethod
     def for_runtime(cls, runtime: Runtime) -> VideosdkListenService:

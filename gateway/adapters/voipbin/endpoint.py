@@ -109,6 +109,7 @@ class _VoipbinEndpoint(Endpoint):
                 for event in events:
                     if isinstance(event, Audio):
                         if event.lost:
+                            stats.concealed += min(event.lost, MAX_CONCEALED)
                             for _ in range(min(event.lost, MAX_CONCEALED)):
                                 emit(AudioFrame.silence(FRAME_SAMPLES, 8000, 1, timestamp))
                                 timestamp += FRAME_SAMPLES
@@ -242,7 +243,10 @@ class VoipbinListen(_VoipbinEndpoint):
         endpoint = cls(name, tokens=tokens, target=target, target_id=target_id,
                        encapsulation=_encapsulation(opts), codec=_codec(opts))
         opts.finish()
-        endpoint.attach(runtime)
+        try:
+            endpoint.attach(runtime)
+        except ValueError:
+            raise opts.error(f"{target[:-1]}_id", f"{target[:-1]} {target_id} already has a listen endpoint") from None
         return endpoint
 
     def attach(self, runtime: Runtime) -> None:

@@ -1,0 +1,206 @@
+"""The control API on `server.http` (README, "Control API").
+
+    GET    /healthz            200 while the event loop answers (liveness)
+    GET    /readyz             200 when every route is up or waiting for its client, else 503
+    GET    /metrics            Prometheus text format (gateway.metrics)
+    GET    /v1/routes          every route: state, since when, endpoints and their counters
+    GET    /v1/routes/{name}   one route, with its recent events
+    POST   /v1/routes          add a route: the YAML route schema as JSON; 201, 400, 409
+    DELETE /v1/routes/{name}   stop a route for good (goodbyes, close codes); 200, 404
+    POST   /v1/reload          re-read the YAML file (as SIGHUP); 200 with what changed, 400
+
+Mutating calls need `Authorization: Bearer <server.control.token>` (401 without or with a
+wrong one; 403 when no token is configured). Reads (`/metrics`, `/v1/...`) answer loopback
+clients, or clients sending the control token, unless `server.control.open_reads` is true;
+`/healthz` and `/readyz` answer everyone. Nothing here ever returns a secret: route configs
+are not echoed back, and error texts go through the log redaction.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import trio
+
+from gateway import __version__
+from gateway.config.schema import RouteConfig
+from gateway.errors import ConfigError
+from gateway.logs import redact
+from gateway.server import HttpRequest, HttpResponse
+
+if TYPE_CHECKING:
+    from gateway.daemon import Gateway, RouteState
+
+log = logging.getLogger("gateway.control")
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+def install(gateway: Gateway) -> None:
+    """Register the control API's paths on the gateway's `server.http`."""
+    api = ControlApi(gateway)
+    http = gateway.runtime.http
+    http.add("GET", "/healthz", api.healthz)
+    http.add("GET", "/readyz", api.readyz)
+    http.add("GET", "/metrics", api.reader(api.metrics))
+    http.add("GET", "/v1/routes", api.reader(api.list_routes))
+    http.add("GET", "/v1/routes/{name}", api.reader(api.get_route))
+    http.add("POST", "/v1/routes", api.writer(api.add_route))
+    http.add("DELETE", "/v1/routes/{name}", api.writer(api.delete_route))
+    http.add("POST", "/v1/reload", api.writer(api.reload))
+
+
+def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+    return HttpResponse.json(status, {"error": redact(message)}, headers)
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything unparsable."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+class ControlApi:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    # ------------------------------------------------------------------------------- access
+    def _bearer_ok(self, request: HttpRequest) -> bool | None:
+        """True: the control token was sent; False: a wrong or no token; None: none configured."""
+        token = self.gateway.config.server.control.token
+        if not token:
+            return None
+        scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), token.reveal().encode())
+
+    def reader(self, handler: Handler) -> Handler:
+        async def guarded(request: HttpRequest) -> HttpResponse:
+            control = self.gateway.config.server.control
+            if control.open_reads or is_loopback(request.client) or self._bearer_ok(request):
+                return await handler(request)
+            log.info("control API: refused %s %s from %s (reads are open to loopback only)",
+                     request.method, request.path, request.client or "?")
+            return _error(403, "reads are open to loopback clients only (server.control.open_reads), "
+                               "or to clients sending the control token as a Bearer token")
+
+        return guarded
+
+    def writer(self, handler: Handler) -> Handler:
+        async def guarded(request: HttpRequest) -> HttpResponse:
+            ok = self._bearer_ok(request)
+            if ok is None:
+                return _error(403, "the control API is read-only: no server.control.token is configured")
+            if not ok:
+                log.info("control API: refused %s %s from %s: bearer token missing or wrong",
+                         request.method, request.path, request.client or "?")
+                return _error(401, "send the control token as a Bearer token (server.control.token)",
+                              (("www-authenticate", "Bearer"),))
+            return await handler(request)
+
+        return guarded
+
+    # -------------------------------------------------------------------------------- probes
+    async def healthz(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse.json(200, {"status": "ok", "version": __version__,
+                                       "uptime_s": round(time.time() - self.gateway.started_at, 1)})
+
+    async def readyz(self, request: HttpRequest) -> HttpResponse:
+        gateway = self.gateway
+        not_ready = {name: s.state for name, s in gateway.routes.items() if s.state not in ("up", "waiting")}
+        body = {"ready": gateway.ready, "status": gateway.status_line(), "not_ready": not_ready}
+        return HttpResponse.json(200 if gateway.ready else 503, body)
+
+    async def metrics(self, request: HttpRequest) -> HttpResponse:
+        from gateway.metrics import render_async
+
+        body, content_type = await render_async(self.gateway)  # built off the event loop
+        return HttpResponse(200, body, content_type)
+
+    # -------------------------------------------------------------------------------- routes
+    async def list_routes(self, request: HttpRequest) -> HttpResponse:
+        routes = [describe_route(s, events=False) for s in self.gateway.routes.values()]
+        return HttpResponse.json(200, {"status": self.gateway.status_line(), "routes": routes})
+
+    async def get_route(self, request: HttpRequest) -> HttpResponse:
+        state = self.gateway.routes.get(request.params["name"])
+        if state is None:
+            return _error(404, f"no route named {request.params['name']!r}")
+        return HttpResponse.json(200, describe_route(state, events=True))
+
+    async def add_route(self, request: HttpRequest) -> HttpResponse:
+        try:
+            data = request.json()
+            rc = RouteConfig.from_data(data, "POST /v1/routes")
+        except ValueError as err:  # not JSON
+            return _error(400, str(err))
+        except ConfigError as err:
+            return _error(400, str(err))
+        try:
+            state = await self.gateway.add_route(rc)
+        except KeyError:
+            return _error(409, f"a route named {rc.name!r} exists (DELETE it first, or change it in the file and reload)")
+        except ConfigError as err:
+            return _error(400, str(err))
+        await trio.sleep(0)  # let its supervisor take the first step
+        return HttpResponse.json(201, describe_route(state, events=False), (("location", f"/v1/routes/{rc.name}"),))
+
+    async def delete_route(self, request: HttpRequest) -> HttpResponse:
+        name = request.params["name"]
+        try:
+            await self.gateway.remove_route(name)
+        except KeyError:
+            return _error(404, f"no route named {name!r}")
+        return HttpResponse.json(200, {"removed": name})
+
+    async def reload(self, request: HttpRequest) -> HttpResponse:
+        try:
+            report = await self.gateway.reload()
+        except ConfigError as err:
+            return _error(400, f"reload refused, nothing changed: {err}")
+        return HttpResponse.json(200, {"reloaded": self.gateway.config_path, **report.as_dict(),
+                                       "summary": report.summary()})
+
+
+def _wall(trio_time: float | None) -> float | None:
+    """A trio clock reading as Unix time (seconds, 3 decimals)."""
+    if trio_time is None:
+        return None
+    return round(time.time() - (trio.current_time() - trio_time), 3)
+
+
+def describe_route(state: RouteState, *, events: bool) -> dict[str, object]:
+    """The JSON view of one route (no config values: they may hold secrets)."""
+    route = state.route
+    stats = route.stats
+    data: dict[str, object] = {
+        "name": route.name,
+        "state": state.state,
+        "since": round(state.since, 3),
+        "origin": state.origin,
+        "where": state.config.where,
+        "restarts": state.restarts,
+        "last_error": redact(state.last_error) or None,
+        "sessions": stats.sessions,
+        "up_since": _wall(stats.started_at) if state.state == "up" else None,
+        "ended_by": redact(stats.ended_by) or None,
+        "events": stats.events,
+        "endpoints": [
+            {"name": ep.name, "kind": ep.kind, "role": ep.role, "description": redact(ep.describe()),
+             **ep.stats.as_dict()}
+            for ep in route.endpoints
+        ],
+    }
+    if events:
+        data["recent_events"] = [
+            {"at": _wall(at), "source": ev.source, "kind": ev.kind, "summary": redact(ev.summary())}
+            for at, ev in stats.recent_events
+        ]
+    return data
