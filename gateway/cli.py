@@ -82,21 +82,19 @@ def _reload(path: str, url: str | None, token_file: str | None) -> int:
         # only the server section: the routes are the daemon's to validate (and to refuse)
         with open(path, encoding="utf-8") as f:
             data = load_yaml(f.read(), path) or {}
-        server_data = data.get("server") if isinstance(data, dict) else None
-        try:
-            server = ServerConfig.from_options(Options(server_data or {}, filename=path, path="server"))
-        except ConfigError as err:
-            if token or url is None:
-                raise
-            server = None  # the token came from elsewhere, only the URL was needed
-            print(f"reload: ignoring {err}", file=sys.stderr)
+        server_data = dict(data.get("server") or {}) if isinstance(data, dict) else {}
+        if token:  # the token came from elsewhere: server.control (maybe a credential) is not read
+            server_data.pop("control", None)
+        server = ServerConfig.from_options(Options(server_data, filename=path, path="server"))
     except (OSError, ConfigError) as err:
-        print(f"reload: {err}", file=sys.stderr)
+        hint = ("; outside the service, use `systemctl reload gateway`, or --token-file"
+                if "server.control" in str(err) else "")
+        print(f"reload: {err}{hint}", file=sys.stderr)
         return 2
-    if server is not None and not token and server.control.token:
+    if not token and server.control.token:
         token = server.control.token.reveal()
     if url is None:
-        if server is None or server.http is None:
+        if server.http is None:
             print(f"reload: {path} has no server.http (the control API's address); pass --url", file=sys.stderr)
             return 2
         host = server.http.host

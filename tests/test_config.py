@@ -50,9 +50,11 @@ def test_contract_shape_loads_and_builds():
     assert bridge.endpoints[1].ptime_ms == 20 and bridge.endpoints[1].egress.channels == 1
 
 
-def test_example_config_is_valid():
+def test_example_config_is_valid(tmp_path):
     text = (ROOT / "config" / "gateway.example.yaml").read_text()
-    config = GatewayConfig.from_text(text, "gateway.example.yaml", env=ENV)
+    (tmp_path / "control_token").write_text("ctl-example\n")
+    config = GatewayConfig.from_text(text, "gateway.example.yaml", env=ENV | {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert config.server.control.token.reveal() == "ctl-example"
     Gateway(config).build()
     assert len(config.routes) == 5
 

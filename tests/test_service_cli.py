@@ -96,6 +96,12 @@ routes:
         assert "reloaded: 1 unchanged, 1 removed (second), 1 added (third)" in result.stdout
         assert routes() == ["hold", "third"]
 
+        # a token from --token-file is the one sent: a wrong one is refused (exit 2)
+        (tmp_path / "wrong").write_text("not-the-token\n")
+        result = subprocess.run([sys.executable, "-m", "gateway", "reload", "--token-file", str(tmp_path / "wrong"),
+                                 str(config)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and "reload: 401" in result.stderr
+
         # an invalid file: refused with file:line: key, nothing changes
         config.write_text(head + "  - name: broken\n    endpoints: nope\n")
         result = subprocess.run([sys.executable, "-m", "gateway", "reload", str(config)],
