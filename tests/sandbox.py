@@ -695,6 +695,7 @@ MECHANISMS = {
     "WatchdogSec": "WATCHDOG_USEC and WATCHDOG_PID set; the test waits for WATCHDOG=1",
     "ExecStartPre": "run under the same sandbox before ExecStart (`gateway check`)",
     "ExecStart": "the command the test runs, binary path mapped to this checkout's venv",
+    "ExecReload": "run under the same sandbox and user, $MAINPID substituted",
     "DynamicUser": "setpriv --reuid/--regid to an unallocated uid in 61184-65519, --clear-groups",
     "StateDirectory": "a test directory, owned by that uid, bound read-write at /var/lib/NAME",
     "WorkingDirectory": "chdir before exec",
@@ -729,7 +730,6 @@ MECHANISMS = {
     "SystemCallErrorNumber": "the allow-list's default action",
 }
 NOT_EMULATED = {
-    "ExecReload": "sends SIGHUP from outside the daemon; checked statically (the daemon's reload has its own tests)",
     "Restart": "systemd's own behaviour after an exit; checked statically",
     "RestartSec": "systemd's own behaviour after an exit",
     "TimeoutStartSec": "systemd's timer; the test's READY=1 deadline is well within it",
