@@ -21,7 +21,7 @@ into EPERM / EAFNOSUPPORT / ENOSYS / SIGSYS.
 | DynamicUser=yes | setpriv --reuid/--regid 62205 --clear-groups (no passwd entry) | probe: uid, gid, groups |
 | StateDirectory=, WorkingDirectory=%S/gateway | test dir bound read-write at /var/lib/gateway, chdir | relative recording lands there, owned by the uid |
 | UMask=0077 | umask | files 0600 |
-| LoadCredential= | tmpfs /run/credentials/gateway.service, files 0400, read-only | `${credential:control_token}` resolves; write refused |
+| LoadCredential= | tmpfs /run/credentials/gateway.service, files 0400, read-only | the control API takes the loaded token; write refused |
 | EnvironmentFile=-/etc/gateway/env | absent, so nothing | probe: exact environment |
 | LimitNOFILE= | setrlimit (capped where the host lacks CAP_SYS_RESOURCE) | daemon runs |
 | NoNewPrivileges=yes | setpriv --no-new-privs; libseccomp told not to set it | probe: NoNewPrivs 1 |
@@ -71,6 +71,8 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -367,6 +369,22 @@ def test_demo_end_to_end_under_the_unit(tmp_path, unit, groups):
     assert elapsed < 45
 
 
+def control(port: int, method: str, path: str, token: str) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def json_log(text: str) -> list[dict]:
+    """The daemon's stderr under --log-format json: one object per line (the sandbox's own notes
+    start with "sandbox: ")."""
+    return [json.loads(line) for line in text.splitlines() if not line.startswith("sandbox: ")]
+
+
 def receive(sock: socket.socket, until: float) -> tuple[bytes, int]:
     """One sd_notify datagram and the sender's pid (SCM_CREDENTIALS, as systemd reads it)."""
     sock.settimeout(max(0.01, until - time.monotonic()))
@@ -387,7 +405,9 @@ def test_check_then_run_with_sd_notify_and_sigterm_under_the_unit(tmp_path, unit
     example = re.search(r"^#(LoadCredential=voipbin_token:\S+)$", UNIT_PATH.read_text(), re.MULTILINE).group(1)
     service = sandbox.Directives(unit["Service"] + [tuple(example.split("=", 1))])
     config = f"""\
-server: {{http: "127.0.0.1:${{HTTP_PORT}}"}}
+server:
+  http: "127.0.0.1:${{HTTP_PORT}}"
+  control: {{token: "${{credential:control_token}}"}}
 services:
   voipbin: {{token: "${{credential:voipbin_token}}"}}
 routes:
@@ -396,7 +416,7 @@ routes:
       - file: {{path: "{ASSETS / 'or105.wav'}", rate: 8000, loop: true}}
       - record: {{path: tape.ogg, rate: 8000}}
 """
-    # ${HTTP_PORT} comes from EnvironmentFile=, ${credential:voipbin_token} from LoadCredential=.
+    # ${HTTP_PORT} comes from EnvironmentFile=, ${credential:...} from LoadCredential=.
     spec = make_spec(tmp_path, {"Service": service.pairs}, groups, config=config, env_file="HTTP_PORT=0\n",
                      notify_socket=str(notify))
 
@@ -433,6 +453,15 @@ routes:
         said = [m.split(b"\n")[0] for m, pid in reloaded if pid == daemon.pid and m.startswith((b"RELOADING", b"READY"))]
         assert said == [b"RELOADING=1", b"READY=1"], reloaded
         assert reloaded[-1][0].startswith(b"READY=1\nSTATUS=2 route(s)")
+
+        # The control API: the token systemd loaded is the one the daemon accepts; /metrics has the
+        # process collector's series (it reads /proc/stat: why the unit has no ProcSubset=pid).
+        port = next(int(entry["msg"].rsplit(":", 1)[1]) for entry in json_log(log.read_text())
+                    if entry["msg"].startswith("REST listening on "))
+        assert control(port, "POST", "/v1/reload", "wrong-token") == 401
+        assert control(port, "POST", "/v1/reload", "control_token-secret-value") == 200
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "process_resident_memory_bytes" in metrics and "process_start_time_seconds" in metrics
         time.sleep(0.5)  # some audio into the recordings
         daemon.send_signal(signal.SIGTERM)
         stopping = time.monotonic()
@@ -455,7 +484,7 @@ routes:
             break
     assert (b"STOPPING=1", daemon.pid) in rest
     # --log-format json: one object per line on stderr, as journald stores them.
-    logs = [json.loads(line) for line in stderr.splitlines() if not line.startswith("sandbox: ")]
+    logs = json_log(stderr)
     assert logs and all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
     for name in ("tape.ogg", "tape-2.ogg"):  # relative paths: WorkingDirectory=%S/gateway
         recording = tmp_path / "state" / name
