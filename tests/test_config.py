@@ -124,3 +124,22 @@ def test_cli_check_exit_codes(tmp_path):
     assert ko.returncode == 1
     assert f"{bad}:13: routes[0].endpoints[1].argon.frame_duration_ms: expected one of 10, 20, 40, 60, got 7" in ko.stderr
     assert "bot-secret-123" not in ko.stderr + ko.stdout
+
+
+def test_local_endpoint_options_expand_references(tmp_path):
+    """`file` and `record` options take `${...}` like every other option."""
+    (tmp_path / "rec_dir").write_text(str(tmp_path / "recordings") + "\n")
+    text = """\
+routes:
+  - name: r
+    endpoints:
+      - file: {path: "${CLIP}", rate: 8000}
+      - record: {path: "${file:rec_dir}/call.wav"}
+"""
+    (tmp_path / "gw.yaml").write_text(text)
+    config = GatewayConfig.load(tmp_path / "gw.yaml", env={"CLIP": "/srv/hello.wav"})
+    gateway = Gateway(config)
+    gateway.build()
+    source, recorder = gateway.routes["r"].route.endpoints
+    assert str(source.path) == "/srv/hello.wav" and source.ingress.rate == 8000
+    assert str(recorder.path) == f"{tmp_path}/recordings/call.wav"

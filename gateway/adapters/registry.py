@@ -62,7 +62,9 @@ def _build(config: EndpointConfig, runtime: Runtime, name: str, opts) -> Endpoin
         if role != "dial":
             raise opts.error("role", f"a {kind} endpoint has no listen role")
         cls = FileSource if kind == "file" else Recorder
-        values = {k: opts.raw(k) for k in list(opts.keys()) if k not in ("name", "role", "hears")}
+        # `${...}` references expand here as everywhere (the local adapters take plain values)
+        values = {k: opts.get_str(k) if isinstance(opts.raw(k), str) else opts.raw(k)
+                  for k in list(opts.keys()) if k not in ("name", "role", "hears")}
         try:
             return cls.from_config(name, values)
         except ConfigError as err:
