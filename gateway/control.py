@@ -32,6 +32,8 @@ from gateway.errors import ConfigError
 from gateway.logs import redact
 from gateway.server import HttpRequest, HttpResponse
 
+from gateway.daemon import READY_STATES  # noqa: E402
+
 if TYPE_CHECKING:
     from gateway.daemon import Gateway, RouteState
 
@@ -114,7 +116,7 @@ class ControlApi:
 
     async def readyz(self, request: HttpRequest) -> HttpResponse:
         gateway = self.gateway
-        not_ready = {name: s.state for name, s in gateway.routes.items() if s.state not in ("up", "waiting")}
+        not_ready = {name: s.state for name, s in gateway.routes.items() if s.state not in READY_STATES}
         body = {"ready": gateway.ready, "status": gateway.status_line(), "not_ready": not_ready}
         return HttpResponse.json(200 if gateway.ready else 503, body)
 
@@ -147,6 +149,8 @@ class ControlApi:
             state = await self.gateway.add_route(rc)
         except KeyError:
             return _error(409, f"a route named {rc.name!r} exists (DELETE it first, or change it in the file and reload)")
+        except RuntimeError as err:  # stopping
+            return _error(503, str(err))
         except ConfigError as err:
             return _error(400, str(err))
         await trio.sleep(0)  # let its supervisor take the first step

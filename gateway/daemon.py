@@ -37,6 +37,7 @@ log = logging.getLogger("gateway.daemon")
 
 BACKOFF_FIRST = 1.0  # seconds before the first restart of a failed route
 BACKOFF_MAX = 30.0  # seconds, the longest wait between restarts
+READY_STATES = ("up", "waiting", "ended")
 REMOVE_DEADLINE = 5.0  # seconds for a removed / changed route to say goodbye and end
 
 
@@ -125,8 +126,9 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        """Every route is up (or between sessions of a listen route, waiting for its client)."""
-        return not self.stopping and all(s.state in ("up", "waiting") for s in self.routes.values())
+        """Every route is up, or waiting for its listen client, or done (a file played to its
+        end): none is starting, restarting or failed."""
+        return not self.stopping and all(s.state in READY_STATES for s in self.routes.values())
 
     def build(self) -> None:
         """Construct every endpoint and route; raises ConfigError (with file:line) on the first
@@ -215,6 +217,8 @@ class Gateway:
         if self.config_path is None:
             raise ConfigError("reload: the gateway was not started from a configuration file")
         async with self._changing:
+            if self.stopping:
+                raise ConfigError("reload: the gateway is stopping")
             self.notifier.reloading()
             try:
                 try:
@@ -238,16 +242,18 @@ class Gateway:
         kept = tuple(s.config for name, s in self.routes.items()
                      if s.origin == "api" and name not in {rc.name for rc in new.routes})
         check = attrs.evolve(new, routes=new.routes + kept)
-        Gateway(check).build()
+        Gateway(check, notifier=Notifier({})).build()
         return new
 
     async def _apply(self, new: GatewayConfig) -> ReloadReport:
         old = self.config
-        kept_server = new.server != old.server
+        sockets = lambda server: (server.http, server.media, server.media_url)  # noqa: E731
+        kept_server = sockets(new.server) != sockets(old.server)
         if kept_server:
-            log.warning("reload: server: changed in %s; the running sockets and control settings stay as "
-                        "they are until the next restart", new.filename)
-            new = attrs.evolve(new, server=old.server)
+            log.warning("reload: server.http/media/media_url changed in %s; the running sockets stay as they "
+                        "are until the next restart", new.filename)
+        # server.control (token, open_reads) applies at once: a token can be rotated by a reload
+        new = attrs.evolve(new, server=attrs.evolve(old.server, control=new.server.control))
         wanted = {rc.name: rc for rc in new.routes}
         unchanged, restarted, removed = [], [], []
         for name, state in self.routes.items():
@@ -267,7 +273,8 @@ class Gateway:
         for name in removed + restarted:
             del self.routes[name]
         for name in restarted + added:
-            self._start(self._build_route_logged(wanted[name]))
+            if not self.stopping:  # a stop that came during the goodbyes wins
+                self._start(self._build_route_logged(wanted[name]))
         order = [name for name in wanted] + [name for name in self.routes if name not in wanted]
         self.routes = {name: self.routes[name] for name in order if name in self.routes}
         return ReloadReport(tuple(unchanged), tuple(restarted), tuple(removed), tuple(added), kept_server)
@@ -280,8 +287,8 @@ class Gateway:
             raise
 
     def _start(self, state: RouteState) -> None:
-        if self._nursery is None:
-            raise RuntimeError("the gateway is not running")
+        if self._nursery is None or self.stopping:
+            raise RuntimeError("the gateway is not running" if self._nursery is None else "the gateway is stopping")
         self.routes[state.route.name] = state
         self._nursery.start_soon(self.supervise, state)
 
@@ -306,6 +313,8 @@ class Gateway:
         """Start a new route (control API). Raises KeyError when a route of that name exists,
         ConfigError when it does not validate (nothing is started then)."""
         async with self._changing:
+            if self.stopping:
+                raise RuntimeError("the gateway is stopping")
             if rc.name in self.routes:
                 raise KeyError(rc.name)
             state = self._build_route(rc, origin="api")

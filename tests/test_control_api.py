@@ -207,3 +207,33 @@ async def test_reads_from_other_hosts(open_reads, token, status):
     assert response.status == status
     if status == 403:
         assert b"loopback" in response.body
+
+
+async def test_reload_rotates_the_control_token(tmp_path, speech_clip):
+    async with trio.open_nursery() as nursery:
+        gateway, api = await start(nursery, tmp_path, speech_clip)
+        path = tmp_path / "gateway.yaml"
+        path.write_text(path.read_text().replace(CONTROL_TOKEN, "ctl-SECRET-rotated-1f"))
+        assert (await api.post("/v1/reload", headers=AUTH)).status_code == 200
+        assert (await api.post("/v1/reload", headers=AUTH)).status_code == 401  # the old token is gone
+        rotated = {"authorization": "Bearer ctl-SECRET-rotated-1f"}
+        reloaded = await api.post("/v1/reload", headers=rotated)
+        assert reloaded.status_code == 200 and reloaded.json()["kept_server"] is False
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_route_that_played_to_its_end_is_ready(tmp_path, speech_clip):
+    text = CONFIG + f"""\
+  - name: once
+    endpoints:
+      - file: {{path: "$clip", rate: 8000}}
+      - record: {{path: "{tmp_path}/once.wav", rate: 8000}}
+"""
+    async with trio.open_nursery() as nursery:
+        gateway, api = await start(nursery, tmp_path, speech_clip, text)
+        with trio.fail_after(10):
+            await gateway.routes["once"].finished.wait()
+        ready = await api.get("/readyz")
+        assert gateway.routes["once"].state == "ended"
+        assert ready.status_code == 200, ready.json()
+        nursery.cancel_scope.cancel()
