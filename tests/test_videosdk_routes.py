@@ -118,8 +118,10 @@ async def test_room_and_call_hear_each_other_at_a_steady_pace(tmp_path, monkeypa
     assert np.percentile(gaps, 99) < 0.045, np.round(np.sort(gaps)[-5:], 3)
     bunched = np.min(times[4:] - times[:-4])  # 5 frames (100 ms of audio) within ...
     assert bunched > 0.01, f"a burst: 5 frames within {bunched * 1000:.1f} ms"
-    expected = (times[-1] - times[0]) / 0.020 + 1
-    assert abs(len(times) - expected) <= 3, f"{len(times)} frames in {times[-1] - times[0]:.3f} s"
+    # no drift: between stalls of a loaded machine (the pacer re-anchors after a stall of more
+    # than 2 ptimes rather than burst; p99 above allows at most one), frames come every 20 ms
+    steady = gaps[gaps < 0.045]
+    assert abs(steady.mean() - 0.020) < 0.0004, f"mean gap {steady.mean() * 1000:.2f} ms over {len(steady)} frames"
     for secret in SECRETS:
         assert secret not in caplog.text
 
