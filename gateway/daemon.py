@@ -273,18 +273,15 @@ class Gateway:
         for name in removed + restarted:
             del self.routes[name]
         for name in restarted + added:
-            if not self.stopping:  # a stop that came during the goodbyes wins
-                self._start(self._build_route_logged(wanted[name]))
+            if self.stopping:  # a stop that came during the goodbyes wins
+                break
+            try:
+                self._start(self._build_route(wanted[name]))
+            except ConfigError as err:  # validated already: only a race with the running set
+                log.error("route %s not started: %s", name, err)
         order = [name for name in wanted] + [name for name in self.routes if name not in wanted]
         self.routes = {name: self.routes[name] for name in order if name in self.routes}
         return ReloadReport(tuple(unchanged), tuple(restarted), tuple(removed), tuple(added), kept_server)
-
-    def _build_route_logged(self, rc: RouteConfig, origin: str = "file") -> RouteState:
-        try:
-            return self._build_route(rc, origin)
-        except ConfigError as err:  # validated already: only a race with the running set
-            log.error("route %s not started: %s", rc.name, err)
-            raise
 
     def _start(self, state: RouteState) -> None:
         if self._nursery is None or self.stopping:
