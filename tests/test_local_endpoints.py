@@ -134,6 +134,20 @@ async def test_file_source_catches_up_after_a_stall_instead_of_drifting(autojump
     assert len(got) == 421
 
 
+async def test_file_source_moves_its_clock_after_a_long_stall_instead_of_bursting(autojump_clock):
+    """A stall of more than 2 ptimes (a starved event loop) would make a catch-up burst that
+    the route drops as excess latency: the file's clock moves later instead, and every frame
+    still plays, one per 20 ms."""
+    source = FileSource("prompt", OR105, rate=8000)
+    got, took = await play(source, clock=autojump_clock, stall=lambda k: 0.200 if k == 10 else 0)
+    times = [t for t, _ in got]
+    assert len(got) == 421 and [f.timestamp for _, f in got] == [k * 160 for k in range(421)]
+    assert times[11] == pytest.approx(0.400)  # at once after the stall, then on the moved grid
+    for k in range(11, len(got)):
+        assert times[k] == pytest.approx(0.400 + (k - 11) * 0.020, abs=1e-9)
+    assert took == pytest.approx(421 * 0.020 + 0.180, abs=1e-9)
+
+
 async def test_file_source_upsamples_to_48k(autojump_clock):
     ref, _ = read_wav(OR105)
     source = FileSource("prompt", OR105)  # rate 48000 by default

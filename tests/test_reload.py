@@ -155,7 +155,7 @@ async def test_reload_applies_changes_and_unchanged_route_loses_no_frame(tmp_pat
         packets = [(t, RtpPacket.parse(m)) for t, m in keep.messages]
         seqs = [p.sequence_number for _, p in packets]
         stamps = [p.timestamp for _, p in packets]
-        assert len(packets) == 150, len(packets)
+        assert len(packets) == 150, (len(packets), keep_state.route.endpoints[1].stats)
         assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:])), "a sequence number is missing"
         assert all((b - a) % 2**32 == 160 for a, b in zip(stamps, stamps[1:])), "a timestamp jumped"
         gaps = [b - a for (a, _), (b, _) in zip(packets, packets[1:])]

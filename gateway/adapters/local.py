@@ -135,6 +135,17 @@ def _os_error(err: av.FFmpegError | OSError, path: Path) -> OSError:
 # ---------------------------------------------------------------------------------------
 
 
+async def _play_at(start: float, k: int, ptime: float) -> float:
+    """Wait for frame k's time `start + k·ptime` and return the (maybe moved) start. A file is
+    not live: after a stall of the event loop (more than 2 ptimes late) its clock moves later
+    instead of catching up in a burst, which the route would take for excess latency and drop."""
+    now = trio.current_time()
+    if now > start + (k + 2) * ptime:
+        start = now - k * ptime
+    await trio.sleep_until(start + k * ptime)
+    return start
+
+
 class FileSource(Endpoint):
     """Plays an audio file into a route, in real time.
 
@@ -200,8 +211,10 @@ class FileSource(Endpoint):
 
         Without `loop`, the last partial frame is padded with silence and `run` returns at
         the end of the last frame's ptime (`start + frames * ptime`), i.e. after exactly the
-        file's duration rounded up to a frame. With `loop`, the file restarts at its end with
-        no gap and no padding (timestamps keep counting) until `run` is cancelled.
+        file's duration rounded up to a frame (plus any stall of the event loop: the file's
+        clock then moves later rather than bursting, so no frame is dropped downstream). With
+        `loop`, the file restarts at its end with no gap and no padding (timestamps keep
+        counting) until `run` is cancelled.
 
         Raises OSError (naming the path) before `started()` when the file cannot be opened,
         MediaFileError when it holds no decodable audio.
@@ -219,14 +232,14 @@ class FileSource(Endpoint):
                 pending = chunk if pending is None else np.concatenate((pending, chunk))
                 full = len(pending) // n
                 for i in range(full):
-                    await trio.sleep_until(start + k * ptime)
+                    start = await _play_at(start, k, ptime)
                     self._emit(emit, pending[i * n : (i + 1) * n], k * n)
                     k += 1
                 pending = pending[full * n :] if len(pending) > full * n else None
             if pending is not None:
                 last = np.zeros((n, self.channels), dtype=np.int16)
                 last[: len(pending)] = pending
-                await trio.sleep_until(start + k * ptime)
+                start = await _play_at(start, k, ptime)
                 self._emit(emit, last, k * n)
                 k += 1
             await trio.sleep_until(start + k * ptime)
