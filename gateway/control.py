@@ -28,11 +28,10 @@ import trio
 
 from gateway import __version__
 from gateway.config.schema import RouteConfig
+from gateway.daemon import READY_STATES
 from gateway.errors import ConfigError
 from gateway.logs import redact
 from gateway.server import HttpRequest, HttpResponse
-
-from gateway.daemon import READY_STATES  # noqa: E402
 
 if TYPE_CHECKING:
     from gateway.daemon import Gateway, RouteState

@@ -10,6 +10,7 @@ Per-frame rules (DESIGN.md, "Performance model"): `emit` is synchronous and neve
 from __future__ import annotations
 
 import abc
+import bisect
 import logging
 from typing import Any, Callable
 
@@ -78,12 +79,7 @@ class LatencyHistogram:
     count: int = 0
 
     def observe(self, seconds: float) -> None:
-        i = 0
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
         self.count += 1
 

@@ -356,12 +356,14 @@ class Route:
                 return
             buf = buffers[slot]
             buf.push(frame)
-            pushed[slot] += frame.samples
-            arrivals[slot].append((pushed[slot], trio.current_time()))
+            now = trio.current_time()
+            if live[slot]:  # bursty sources are queued by design: their latency is not observed
+                pushed[slot] += frame.samples
+                arrivals[slot].append((pushed[slot], now))
             if frame.samples > largest[slot]:
                 largest[slot] = frame.samples
             if complete_at[slot] is None and buf.buffered >= n:
-                complete_at[slot] = trio.current_time()
+                complete_at[slot] = now
             if owed[slot]:
                 dropped = drop(slot, min(owed[slot], buf.buffered))
                 owed[slot] -= dropped
@@ -412,6 +414,7 @@ class Route:
                 # Take one ptime from each source; mix-minus (the sink is never among `feeding`).
                 mixed: np.ndarray | None = None
                 contributors = 0
+                now = trio.current_time()
                 for i, buf in enumerate(buffers):
                     frame = buf.pop()
                     if frame is None and ended[i] and buf.buffered:
@@ -436,7 +439,7 @@ class Route:
                         while len(pending) > 1 and pending[0][0] < consumed[i]:
                             pending.popleft()
                         if pending:
-                            latency.observe(max(0.0, trio.current_time() - pending[0][1]))
+                            latency.observe(max(0.0, now - pending[0][1]))
                     done_at = complete_at[i]
                     if done_at is not None and done_at is not _CARRIED:
                         earliest = min(earliest, deadline - done_at)
@@ -452,10 +455,7 @@ class Route:
                     mixed = np.zeros((n, pcm_format.channels), dtype=np.int16)
                 frame = AudioFrame(mixed, pcm_format.rate, timestamp)
                 timestamp += n
-                if contributors:
-                    stats.level_dbfs = _dbfs(mixed)
-                elif stats.level_dbfs > -120.0:
-                    stats.level_dbfs = -120.0
+                stats.level_dbfs = _dbfs(mixed) if contributors else -120.0
                 for out in encoder.process(frame):
                     await sink.send(out)
                 k += 1

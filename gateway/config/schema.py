@@ -286,7 +286,7 @@ class RouteConfig:
     """`on-failure`: restart with backoff after an error that is not permanent; `never`."""
     where: str = ""
     source: object = attrs.field(default=None, eq=False, repr=False)
-    """The route's mapping as written (plain dicts and lists), for `same_as` and the API."""
+    """The route's mapping as written, for `same_as` (which compares it expanded, as plain data)."""
 
     def same_as(self, other: RouteConfig, services: Services, other_services: Services) -> bool:
         """True when `other` would run exactly like this route: the same mapping (after
@@ -351,24 +351,15 @@ class RouteConfig:
             max_delay_ms=opts.get_int("max_delay_ms", 200, minimum=20, maximum=10000),
             restart=opts.get_choice("restart", ("on-failure", "never"), "on-failure"),
             where=f"{opts.filename}:{opts.line}" if opts.line else opts.filename,
-            source=_plain(opts.as_dict()),
+            source=opts.as_dict(),
         )
         opts.finish()
         return result
 
 
-def _plain(value: object) -> object:
-    """YAML data (LineDict, LineList) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _expanded(value: object, env: Mapping[str, str] | None, base_dir: str = "") -> object:
-    """`value` with every `${...}` reference in its strings replaced (references that cannot
-    be resolved stay as written: validation has reported them already)."""
+    """`value` as plain dicts and lists, with every `${...}` reference in its strings replaced
+    (references that cannot be resolved stay as written: validation has reported them)."""
     if isinstance(value, Mapping):
         return {k: _expanded(v, env, base_dir) for k, v in value.items()}
     if isinstance(value, list):
