@@ -166,7 +166,9 @@ class Endpoint(abc.ABC):
     bursty: bool = False
     """True for sources that send faster than real time in bursts (an AI agent's text to
     speech): the route queues their audio and plays it at real time without dropping or
-    speeding up, up to `burst_buffer_ms`, instead of treating early audio as excess latency."""
+    speeding up, up to `burst_buffer_ms`, instead of treating early audio as excess latency.
+    A source may set it during a session (a client found to send unpaced): the route's pacer
+    reads it again with each frame."""
     burst_buffer_ms: int = 60_000
     """Bound of a bursty source's playout queue (ms of audio); beyond it the oldest is dropped."""
     local_source: bool = False

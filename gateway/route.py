@@ -354,6 +354,9 @@ class Route:
             if frame is _END:
                 ended[slot] = True
                 return
+            if feeding[slot].bursty == live[slot]:  # the source found out it is bursty (or not)
+                live[slot] = not feeding[slot].bursty
+                limit[slot] = max_buffer if live[slot] else max(pcm_format.samples(feeding[slot].burst_buffer_ms), 2 * n)
             buf = buffers[slot]
             buf.push(frame)
             now = trio.current_time()
