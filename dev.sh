@@ -3,7 +3,7 @@
 #   ./dev.sh demo   set up if needed, then run the demo (phone call -> voice channel)
 #   ./dev.sh test   set up if needed, then run the whole test suite
 #   ./dev.sh bench  set up if needed, then run the concurrency benchmark
-#   ./dev.sh setup  only the set-up: system packages (libopus0, chromium), .venv, the project and its test extras
+#   ./dev.sh setup  only the set-up: system packages (libopus0, chromium, nodejs, node-ws, ffmpeg), .venv, the project and its test extras
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -31,6 +31,14 @@ setup() {
         command -v systemd-analyze >/dev/null || missing+=(systemd)
         { command -v unshare && command -v setpriv; } >/dev/null || missing+=(util-linux)
         ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+        # tests/test_seed_clients.py: the specs' own example clients (Node.js with `ws`, and the
+        # Argon example's ffmpeg); any node on PATH will do (tests/seed_clients.py adapts to it)
+        command -v node >/dev/null || missing+=(nodejs)
+        if ! command -v node >/dev/null \
+            || ! NODE_PATH=/usr/share/nodejs node -e "require('ws')" >/dev/null 2>&1; then
+            missing+=(node-ws)
+        fi
+        command -v ffmpeg >/dev/null || missing+=(ffmpeg)
     fi
     if [ ${#missing[@]} -gt 0 ]; then
         echo "setup: installing ${missing[*]} with apt-get" >&2

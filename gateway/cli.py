@@ -184,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     p_reload.add_argument("--url", help="control API base URL (default: http://{server.http})")
     p_reload.add_argument("--token-file", help="file holding the control token (default: $GATEWAY_CONTROL_TOKEN, "
                           "else server.control.token of the config)")
-    p_demo = sub.add_parser("demo", help="bridge a recorded phone call into a voice channel on loopback")
+    p_demo = sub.add_parser("demo", help="a phone caller and a person in a voice channel talk through the gateway, on loopback")
     p_demo.add_argument("--audio", help="audio file the caller plays (default: bundled 8 kHz speech)")
-    p_demo.add_argument("--out", default="out/demo", help="directory for the channel's recordings (default out/demo)")
+    p_demo.add_argument("--person", help="audio file the person in the voice channel plays (default: another voice)")
+    p_demo.add_argument("--out", default="out/demo", help="directory for the recordings of both sides (default out/demo)")
     p_demo.add_argument("--encapsulation", default="rtp", choices=["rtp", "sln", "audiosocket"])
     p_demo.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60], help="Argon Opus frame duration")
     p_demo.add_argument("--stereo", action="store_true", help="stream stereo Opus into the channel")
@@ -213,5 +214,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from gateway.demo import run_demo
 
-        return trio.run(run_demo, args.audio, args.out, args.encapsulation, args.frame_ms, args.stereo)
+        return trio.run(run_demo, args.audio, args.out, args.encapsulation, args.frame_ms, args.stereo, args.person)
     return 2

@@ -27,7 +27,7 @@ from gateway._util import collapse
 from gateway.adapters.registry import build_endpoint
 from gateway.config.schema import GatewayConfig, RouteConfig
 from gateway.endpoint import Endpoint
-from gateway.errors import ConfigError, GatewayError, RemoteProtocolError, ServiceError
+from gateway.errors import CallEnded, ConfigError, GatewayError, RemoteProtocolError, ServiceError
 from gateway.route import Route
 from gateway.runtime import Runtime
 from gateway.server import serve_http, serve_media
@@ -61,10 +61,27 @@ class RouteState:
     """Set when the route is being removed (reload, DELETE): it will not run again."""
     since: float = attrs.Factory(time.time)
     """Wall-clock time (Unix seconds) the route entered its current `state`."""
+    calls: dict[str, Route] = attrs.Factory(dict)
+    """A route that answers calls (`argon` `calls: incoming`): the session of each call in
+    progress, by call id. They share `route`'s counters (`route` itself never runs)."""
+    line: object = None
+    """Its place at the bot's call desk (`CallLine`), while it takes calls."""
 
     @property
     def has_listen(self) -> bool:
-        return any(e.role == "listen" for e in self.config.endpoints)
+        """The route waits for someone (a listen client, a call) before each session."""
+        return any(e.role == "listen" for e in self.config.endpoints) or self.takes_calls
+
+    @property
+    def takes_calls(self) -> bool:
+        return any(getattr(e, "calls", None) is not None for e in self.route.endpoints)
+
+    def stop_calls(self) -> None:
+        """Stop taking calls and end the calls in progress (goodbyes, close codes)."""
+        if self.line is not None:
+            self.line.close()  # type: ignore[attr-defined]
+        for call in list(self.calls.values()):
+            call.stop()
 
     def enter(self, state: str) -> None:
         if state != self.state:
@@ -150,6 +167,10 @@ class Gateway:
             names = [e.name for e in endpoints]
             if len(set(names)) != len(names):
                 raise ConfigError(f"{rc.where}: routes[{rc.name}]: endpoint names must be unique, got {names}")
+            answering = [e.name for e in endpoints if getattr(e, "calls", None) is not None]
+            if answering and (len(answering) > 1 or any(e.role == "listen" for e in endpoints)):
+                raise ConfigError(f"{rc.where}: routes[{rc.name}]: a route that answers calls (calls: incoming) has one "
+                                  "such endpoint and no listen endpoint (each call runs a session of its own)")
             try:
                 route = Route(rc.name, endpoints, jitter_ms=rc.jitter_ms, max_delay_ms=rc.max_delay_ms)
             except ValueError as err:
@@ -173,7 +194,7 @@ class Gateway:
                 await nursery.start(serve_media, self.runtime.media, server.media.host, server.media.port)
             if not self.routes:
                 self.build()
-            self._nursery = nursery
+            self._nursery = self.runtime.nursery = nursery
             for state in self.routes.values():
                 await nursery.start(self.supervise, state)  # started: its route is starting
             log.info("gateway running: %d route(s)", len(self.routes))
@@ -202,6 +223,7 @@ class Gateway:
         self.notifier.stopping()
         for state in self.routes.values():
             state.route.stop()
+            state.stop_calls()
             if state.pause is not None:
                 state.pause.cancel()
         with trio.move_on_after(timeout):
@@ -295,6 +317,7 @@ class Gateway:
         for state in states:
             state.removed = True
             state.route.stop("removed")
+            state.stop_calls()
             if state.pause is not None:
                 state.pause.cancel()
         with trio.move_on_after(REMOVE_DEADLINE):
@@ -333,6 +356,9 @@ class Gateway:
         route, rc = state.route, state.config
         rlog = route.log
         backoff = BACKOFF_FIRST
+        if state.takes_calls:
+            await self._supervise_calls(state, task_status)
+            return
         try:
             while True:
                 state.enter("waiting" if state.has_listen else "starting")
@@ -364,6 +390,15 @@ class Gateway:
                         rlog.error("route failed: %s (permanent: not retrying)", err)
                         state.enter("failed")
                         return
+                    rlog.warning("route failed: %s", err)
+                except CallEnded as err:
+                    if state.has_listen and not (self.stopping or state.removed):
+                        # The session ended before it was up (the bot rejected the call, the
+                        # caller hung up while it rang): normal, the next caller is served.
+                        rlog.info("session ended before it was up: %s", route.stats.ended_by or err)
+                        state.sessions_done.set()
+                        continue
+                    state.last_error = str(err)
                     rlog.warning("route failed: %s", err)
                 except RemoteProtocolError as err:
                     state.last_error = str(err)
@@ -400,3 +435,72 @@ class Gateway:
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
             state.finished.set()
+
+    # ------------------------------------------------------------------------ incoming calls
+    async def _supervise_calls(self, state: RouteState, task_status: trio.TaskStatus[None]) -> None:
+        """Run a route that answers calls (`argon` with `calls: incoming`): each call the bot's
+        call desk gives this route (its `from:` filter, `max_calls`) runs as a session of its
+        own, built afresh from the route's config, side by side with the others."""
+        from gateway.adapters.argon.dial import CallDesk, CallLine, incoming_endpoint
+
+        template = incoming_endpoint(state.route.endpoints)
+        assert template is not None
+        rlog = state.route.log
+        line = CallLine(template, active=lambda: len(state.calls))
+        desk = CallDesk.shared(self.runtime, template.api)
+        state.line = line
+        state.enter("waiting")
+        task_status.started()
+        try:
+            if self.stopping or state.removed:
+                return
+            desk.add(line)
+            rlog.info("waiting for calls to bot %s (%s, at most %d at once)", template.api_url,
+                      f"from {', '.join(template.callers)}" if template.callers else "from anyone", template.max_calls)
+            async with trio.open_nursery() as sessions:
+                async for call in line.calls:
+                    if self.stopping or state.removed:
+                        break
+                    try:
+                        session = self._build_route(state.config).route
+                    except ConfigError as err:  # validated already: a race with the running set
+                        rlog.error("call %s not answered: %s", call.call_id, err)
+                        continue
+                    session.stats = state.route.stats  # one set of counters for the route
+                    for mine, shared in zip(session.endpoints, state.route.endpoints):
+                        mine.stats = shared.stats
+                    endpoint = incoming_endpoint(session.endpoints)
+                    assert endpoint is not None
+                    endpoint.call = call
+                    state.calls[call.call_id] = session
+                    line.sessions[call.call_id] = endpoint
+                    sessions.start_soon(self._run_call, state, session, call.call_id)
+                for session in list(state.calls.values()):
+                    session.stop()
+        finally:
+            desk.remove(line)
+            line.close()
+            state.line = None
+            state.enter("stopped" if self.stopping or state.removed else "ended")
+            state.finished.set()
+
+    async def _run_call(self, state: RouteState, session: Route, call_id: str) -> None:
+        rlog = session.log
+        state.enter("up")
+        try:
+            reason = await session.run()
+            rlog.info("call %s ended: %s", call_id, reason)
+        except (GatewayError, OSError) as err:
+            state.last_error = str(err)
+            rlog.warning("call %s failed: %s", call_id, err)
+        except Exception as err:  # a bug: keep the other calls and routes running
+            state.last_error = repr(err)
+            rlog.exception("call %s crashed (a bug: please report the trace)", call_id)
+        finally:
+            state.calls.pop(call_id, None)
+            line = state.line
+            if line is not None:
+                line.sessions.pop(call_id, None)  # type: ignore[attr-defined]
+            state.sessions_done.set()
+            if not state.calls and state.state == "up":
+                state.enter("waiting")

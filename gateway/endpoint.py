@@ -97,9 +97,14 @@ class EndpointStats:
     bytes_out: int = 0
     """Payload bytes sent to the peer."""
     late: int = 0
-    """Egress frames concealed with silence because the audio for them was late."""
+    """Egress frames concealed with silence because the audio for them was late (the late
+    audio is played when it arrives, a ptime later)."""
     dropped: int = 0
-    """Frames discarded: late audio whose playout time had passed, or buffer overflow."""
+    """Frames of audio lost: beyond a playout buffer's bound (`max_delay_ms`, or the start-up
+    allowance) or a full sink queue."""
+    skipped: int = 0
+    """Egress packets of pause (silence, breath, low background) left out to win back added
+    latency: a pause got shorter, no speech was lost."""
     concealed: int = 0
     """Ingress frames filled in for packets lost on the way in (an RTP sequence gap: silence
     of the missing duration, at most 1 s per gap), so the media clock stays whole."""
@@ -179,6 +184,13 @@ class Endpoint(abc.ABC):
     hears: tuple[str, ...] | None = None
     """Names of the route's endpoints this sink takes audio from (option `hears:`); None: every
     other endpoint (mix-minus). A recorder that `hears: [call]` records the call alone."""
+    mixes: bool = True
+    """False for a sink that takes each source on its own lane instead of a mix (an Argon room
+    publishes each participant as a track of its own): the route runs one pacer per source and
+    calls `send_from(source, frame)`; `wants_from(source)` says whether a lane is listened to."""
+    identity: str = ""
+    """Who this endpoint is as a participant of a room (option `identity:`, default its name):
+    a bot in an Argon listen channel that hears identity `call` hears this route's `call`."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -189,11 +201,25 @@ class Endpoint(abc.ABC):
         self.route_stopping = False
         """Set by `Route.stop()` before the goodbyes: the gateway is shutting the route down
         (a listen endpoint then says "server shutdown" rather than "the other side left")."""
+        self.identity = name
+        self.peers: tuple[Endpoint, ...] = ()
+        """The route's other endpoints (set by the route)."""
 
-    def bind_route(self, route_name: str, post_event: Callable[[RouteEvent], None] | None = None) -> None:
+    @property
+    def start_phase(self) -> int:
+        """When the route starts this endpoint: 0 with the listen endpoints (the route comes up
+        when their clients connect), 1 with the other peers (dialed once the listen side is
+        there), 2 last (local sources such as files, which play from their start to someone)."""
+        if self.local_source:
+            return 2
+        return 0 if self.role == "listen" else 1
+
+    def bind_route(self, route_name: str, post_event: Callable[[RouteEvent], None] | None = None,
+                   peers: tuple[Endpoint, ...] = ()) -> None:
         """Called by the route that owns this endpoint: log lines then read `[route/name]`;
-        `route_event` goes to `post_event`."""
+        `route_event` goes to `post_event`; `peers` are the route's other endpoints."""
         self.route_name = route_name
+        self.peers = peers
         self.log = Tagged(logging.getLogger(f"gateway.endpoint.{self.kind}"), route=route_name, endpoint=self.name)
         if post_event is not None:
             self._post_event = post_event
@@ -227,6 +253,16 @@ class Endpoint(abc.ABC):
         and counted. Raises `trio.BrokenResourceError` subclasses' domain equivalents when
         the peer is gone (the route then ends)."""
         raise NotImplementedError(f"{self.kind} endpoint does not accept audio")
+
+    async def send_from(self, source: Endpoint, frame: Frame) -> None:
+        """`send` for a sink that does not mix (`mixes = False`): one egress frame of `source`'s
+        own lane, at that lane's deadline."""
+        raise NotImplementedError(f"{self.kind} endpoint does not take separate sources")
+
+    def wants_from(self, source: Endpoint) -> bool:
+        """For a sink that does not mix: whether `source`'s lane has a listener now (when not,
+        the route skips encoding and sending it). Synchronous, cheap: called per packet."""
+        return True
 
     def detach(self) -> None:
         """Unregister what `from_config` registered on the runtime (listen paths, channels):

@@ -54,7 +54,7 @@ latency for endpoints that take it.
 plus prometheus_client's standard `process_*`, `python_info` and `python_gc_*` series.
 
 Two kinds of concealment: `gateway_frames_late_total` counts egress slots sent as silence
-because their audio was late (the late audio is then discarded: `dropped`);
+because their audio was late (the late audio plays when it arrives, a slot later);
 `gateway_frames_concealed_total` counts ingress frames filled in for packets lost on the way
 in (RTP sequence gaps).
 
@@ -109,6 +109,7 @@ class EndpointSnapshot(NamedTuple):
     bytes_out: int
     late: int
     dropped: int
+    skipped: int
     concealed: int
     buffered_ms: int
     level_dbfs: float
@@ -155,7 +156,7 @@ def snapshot(gateway) -> Snapshot:
             latency = s.latency
             endpoints.append(EndpointSnapshot(
                 (name, endpoint.name, endpoint.kind), endpoint.ingress is not None, endpoint.egress is not None,
-                s.frames_in, s.bytes_in, s.frames_out, s.bytes_out, s.late, s.dropped, s.concealed, s.buffered_ms,
+                s.frames_in, s.bytes_in, s.frames_out, s.bytes_out, s.late, s.dropped, s.skipped, s.concealed, s.buffered_ms,
                 s.level_dbfs, s.connects, s.events_in, s.events_out, tuple(latency.counts), latency.sum,
             ))
         routes.append(RouteSnapshot(name, state.state, state.since, state.origin, state.restarts,
@@ -174,12 +175,15 @@ ENDPOINT_SERIES = (
     ("gateway_bytes_sent", _C, "egress", lambda e: e.bytes_out, "Audio payload bytes sent to the peer."),
     ("gateway_frames_late", _C, "egress", lambda e: e.late,
      ("Frames sent to the peer as silence because the audio for them was late (concealed); "
-      "the late audio is discarded when it arrives.")),
+      "the late audio plays when it arrives.")),
     ("gateway_frames_concealed", _C, "ingress", lambda e: e.concealed,
      "Frames filled in for packets the peer sent that were lost on the way (RTP sequence gaps)."),
     ("gateway_frames_dropped", _C, "egress", lambda e: e.dropped,
-     ("Frames of audio for this peer discarded: late audio whose playout time had passed, "
-      "excess buffered audio, a full queue, or audio while the peer was not connected.")),
+     ("Frames of audio for this peer lost: beyond the playout buffer's bound, a full queue, "
+      "or audio while the peer was not connected.")),
+    ("gateway_frames_skipped", _C, "egress", lambda e: e.skipped,
+     ("Packets of pause (silence, breath, low background) left out for this peer to win back added "
+      "latency: a pause got shorter, no speech was lost.")),
     ("gateway_buffer_depth_seconds", _G, "egress", lambda e: e.buffered_ms / 1000,
      "Audio waiting in the route's playout buffers for this peer after its last packet."),
     ("gateway_audio_level_dbfs", _G, "egress", lambda e: e.level_dbfs,

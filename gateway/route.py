@@ -6,20 +6,39 @@ has one pacer task: it owns one `Reframer` per source (the playout buffer), and 
 deadlines `anchor + k·ptime` (trio.sleep_until semantics, so no drift) it takes one ptime from
 each, mixes them (a sink never hears itself: mix-minus), encodes, and calls `sink.send`.
 
-Playout rules, per sink (DESIGN.md, "Route"):
+Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back latency:
+- Audio that arrives before the sink's pacer runs (the sink still coming up, e.g. an Argon
+  side waiting for `ready`) waits in the sink's queue, bounded by duration (STARTUP_BUFFER_MS,
+  whatever the frame size; beyond it the newest frames are dropped and counted `dropped`).
 - The clock anchors when the first whole packet of audio is buffered, so the first packet goes
-  out at once and the gateway adds no waiting of its own. Audio that queued up while the route
-  was still connecting is stale: it is dropped and the clock anchors on the next live frame.
+  out at once and the gateway adds no waiting of its own. A start-up backlog plays from its
+  first sample; what a live source has buffered beyond one packet (or one of its frames) is
+  excess latency from then on.
 - At each deadline a source that is short waits up to `jitter_ms` for its audio; then its slot
-  is filled with silence (counted `late`) and the late audio, when it arrives, is discarded up
-  to the concealed amount (counted `dropped`) so latency returns to its target at once.
+  is filled with silence (counted `late`). The late audio plays when it arrives, a slot later
+  than planned (excess latency, won back like any other).
 - A source short for `IDLE_AFTER` packets in a row is idle: no more waiting for it; silence
-  flows. When every source was idle, the clock re-anchors on the next audio.
-- Audio buffered beyond `max_delay_ms` is dropped oldest first (bounded latency, bounded memory).
-- Latency control, every `ADJUST_EVERY` packets: audio that stayed buffered through a whole
-  window (after a stall, or queued while the route came up) is excess and is dropped; if every
-  packet waited for its deadline, the clock moves earlier by the least wait. So the latency the
-  gateway adds returns to "processing only" after anything pushes it up.
+  flows. When every source was idle, the clock re-anchors on the next audio, and what has
+  queued by then (a stalled source's backlog, sent at once) is excess.
+- A stalled loop (more than two ptimes behind) re-anchors rather than bursting; what queued
+  meanwhile is excess (up to `max_delay_ms`: an overloaded gateway gets no allowance).
+- Latency control, per live source. Excess is also measured every `ADJUST_EVERY` packets: the
+  least audio left buffered after a pop over the window (audio that waited through all of it).
+  Excess is won back only in pauses: a packet is skipped (counted `skipped`) when it is a pause
+  (`_Pauses`: its level is close to the background or far below the recent speech, or below
+  PAUSE_FLOOR_DBFS), at least MIN_PAUSE_MS of that pause has been played, the packet after it is
+  buffered and a pause too (so the packet before speech always plays), and a whole packet of
+  excess is left. A packet of speech is never skipped for latency. What is left, less than a
+  packet, goes when every packet of a window waited for its deadline: the clock moves earlier
+  by the least wait. So the latency the gateway adds returns to "processing only" after a start-
+  up backlog, a stall or late audio pushed it up, at the speed the pauses allow.
+- Audio buffered beyond `max_delay_ms` is dropped oldest first (bounded latency, bounded
+  memory). For a live source that bound is raised by its start-up allowance: all of
+  STARTUP_BUFFER_MS while the source is idle (it starts idle) and through the first window
+  after it is back, then at each window's end no more than what is still buffered, and none once
+  no excess is left: the allowance shrinks as the backlog is worked off, and a backlog is never
+  cut by `max_delay_ms`. Bursty sources (`Endpoint.bursty`) are queued up to their own
+  `burst_buffer_ms` and played at real time, never latency-controlled.
 - When a source ends, what it buffered is played out (the last packet padded), then the route
   ends; every endpoint says its protocol's goodbye.
 """
@@ -39,12 +58,25 @@ from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFrame, Frame
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway._util import collapse, goodbye_scope
-from gateway.errors import CallEnded
+from gateway.errors import CallEnded, GatewayError
 
 log = logging.getLogger("gateway.route")
 
-SINK_QUEUE = 64  # frames queued for one sink pacer before the newest are dropped
+STARTUP_BUFFER_MS = 5000  # audio kept for a sink before its pacer runs, or when an idle source returns
+MIN_PAUSE_MS = 80  # of every pause at least this much is played before any of it is skipped
+PAUSE_FLOOR_DBFS = -55.0  # the background is taken to be at least this loud (digital silence, hiss)
+PAUSE_ABOVE_NOISE_DB = 6.0  # a packet within this of the background level is a pause...
+PAUSE_BELOW_SPEECH_DB = 18.0  # ...and so is one this far below the recent speech level
+NOISE_RISE_DB_PER_S = 0.5  # how fast the background estimate creeps up (through speech)...
+NOISE_SEEK_DB_PER_S = 5.0  # ...and rises once no packet came near it for NOISE_SEEK_AFTER_S
+NOISE_SEEK_AFTER_S = 1.5  # (a louder background, or a noisy line at the start)
+NOISE_NEAR_DB = 3.0  # a packet within this of the background estimate confirms it
+PRIME_MS = 500  # a start-up backlog at least this long gives the first background estimate
+SPEECH_FALL_DB_PER_S = 0.5  # how fast the speech level estimate decays between words
+SPEECH_START_DBFS = -20.0  # speech level assumed before any speech was heard (a 20 ms peak)
 IDLE_AFTER = 5  # consecutive short packets after which a source counts as idle
+PLAYOUT_START_WAIT = 1.0  # seconds an ended source waits for the sinks' pacers to start (a far
+# side about to be up gets the audio kept for it; one still ringing is given up)
 GOODBYE_DEADLINE = 2.0  # seconds for every endpoint to say goodbye when a route stops
 ADJUST_EVERY = 50  # packets per latency-control window (1 s at 20 ms)
 RECENT_EVENTS = 32  # route events kept for the report / control API
@@ -99,7 +131,7 @@ class Route:
         self.stats = RouteStats()
         self.log = Tagged(log, route=name)
         for endpoint in self.endpoints:
-            endpoint.bind_route(name, self.post_event)
+            endpoint.bind_route(name, self.post_event, tuple(e for e in self.endpoints if e is not endpoint))
         names = {e.name for e in self.endpoints}
         for endpoint in self.endpoints:
             unknown = sorted(set(endpoint.hears or ()) - names)
@@ -142,22 +174,29 @@ class Route:
                     self.log.exception("endpoint %s failed to take event %s", ep.name, event.kind)
 
     # ----------------------------------------------------------------------------- plumbing
-    def _legs(self) -> tuple[dict[int, list[_Leg]], dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]]]:
-        """Plan the source → sink chains; returns legs by source and queues by sink."""
+    def feeding(self, sink: Endpoint) -> list[Endpoint]:
+        """The sources whose audio `sink` takes: every other source, or those it `hears`."""
+        return [s for s in self.sources if s is not sink and (sink.hears is None or s.name in sink.hears)]
+
+    def _legs(self) -> tuple[dict[int, list[_Leg]], list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint]]]]:
+        """Plan the source → sink chains; returns legs by source and, per pacer, (the sink or
+        one lane of a sink that does not mix, its queue, the sources it takes)."""
         legs: dict[int, dict] = {id(s): {} for s in self.sources}
-        queues: dict[int, tuple[trio.MemoryReceiveChannel, list[Endpoint]]] = {}
+        pacers: list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint]]] = []
         for sink in self.sinks:
-            send, recv = trio.open_memory_channel(SINK_QUEUE)
-            feeding = [s for s in self.sources if s is not sink and (sink.hears is None or s.name in sink.hears)]
-            queues[id(sink)] = (recv, feeding)
+            feeding = self.feeding(sink)
+            lanes = [(sink, feeding)] if sink.mixes else [(_Lane(sink, s), [s]) for s in feeding]
             target = sink.egress.as_pcm()
-            for slot, source in enumerate(feeding):
-                leg = legs[id(source)].get(target)
-                if leg is None:
-                    leg = legs[id(source)][target] = _Leg(plan(source.ingress, target))
-                    self.log.debug("%s → %s: %s", source.name, target, leg.chain)
-                leg.targets.append((send, slot, sink))
-        return {key: list(by_format.values()) for key, by_format in legs.items()}, queues
+            for pacer_sink, sources in lanes:
+                send, recv = _open_sink_queue()
+                pacers.append((pacer_sink, recv, sources))
+                for slot, source in enumerate(sources):
+                    leg = legs[id(source)].get(target)
+                    if leg is None:
+                        leg = legs[id(source)][target] = _Leg(plan(source.ingress, target))
+                        self.log.debug("%s → %s: %s", source.name, target, leg.chain)
+                    leg.targets.append((send, slot, sink))
+        return {key: list(by_format.values()) for key, by_format in legs.items()}, pacers
 
     def _emitter(self, legs: list[_Leg]):
         """The synchronous `emit` a source calls per frame: decode once per target format,
@@ -183,7 +222,7 @@ class Route:
         Returns how the route ended ("file: end of file", ...). Raises what an endpoint raised
         (ServiceError, RemoteProtocolError, OSError...) after the others said goodbye.
         """
-        legs, queues = self._legs()
+        legs, pacers = self._legs()
         done = trio.Event()
         ended_by: list[str] = []
         failures: list[Exception] = []
@@ -194,6 +233,8 @@ class Route:
             if not done.is_set():
                 ended_by.append(reason)
                 done.set()
+                if self._startup is not None:  # ended while others still connect (a caller who
+                    self._startup.cancel()     # hung up while the bot rang): stop connecting
 
         async def run_endpoint(ep: Endpoint, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             emit = self._emitter(legs.get(id(ep), []))
@@ -210,8 +251,9 @@ class Route:
             except BaseException as raised:
                 err = collapse(raised)
                 if isinstance(err, CallEnded):
-                    if not started:
-                        raise err from None  # ended before it was up: the route's start failed
+                    if not started:  # ended before it was up (a call the bot rejected): no session
+                        self.stats.ended_by = f"{ep.name}: {err.reason}"
+                        raise err from None
                     reason = f"{ep.name}: {err.reason}"
                 elif isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
                     if not started:
@@ -236,12 +278,29 @@ class Route:
                             pass
                 # the sinks' pacers play out what this source buffered, then the route ends
                 # (a bursty source may have queued up to its whole burst buffer)
-                backlog_ms = ep.burst_buffer_ms if ep.bursty else self.max_delay_ms
-                with trio.move_on_after(backlog_ms / 1000 + 1.0):
-                    await drained[id(ep)].wait()
+                backlog_ms = ep.burst_buffer_ms if ep.bursty else self.max_delay_ms + STARTUP_BUFFER_MS
+                with trio.move_on_after(PLAYOUT_START_WAIT):  # the others may be about to be up: then
+                    await pacing.wait()                       # what was kept for them still plays
+                if pacing.is_set():
+                    with trio.move_on_after(backlog_ms / 1000 + 1.0):
+                        await drained[id(ep)].wait()
             finish(reason)
 
         drained = {id(s): trio.Event() for s in self.sources}
+
+        async def pace(sink, recv: trio.MemoryReceiveChannel, feeding: list[Endpoint]) -> None:
+            # A sink whose peer is gone ends the route as its run() would: CallEnded is the
+            # peer hanging up, other errors a failure (after the route ended: expected).
+            name = getattr(sink, "sink", sink).name
+            try:
+                await self._pace(sink, recv, feeding, drained)
+            except CallEnded as err:
+                finish(f"{name}: {err.reason}")
+            except (GatewayError, OSError) as err:
+                if not done.is_set():
+                    failures.append(err)
+                    finish(f"{name}: failed: {err}")
+        pacing = trio.Event()  # the sinks' pacers run (they start once the peers are connected)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -251,23 +310,24 @@ class Route:
                         startup.cancel()
                     # Listen endpoints first: the route comes up when their clients connect (no
                     # outgoing stream is held open for nobody). Then the other peers, concurrently;
-                    # local sources (files) last, so a file plays from its beginning to someone.
-                    listen = [e for e in self.endpoints if e.role == "listen"]
-                    peers = [e for e in self.endpoints if e.role != "listen" and not e.local_source]
-                    local = [e for e in self.endpoints if e.local_source]
-                    await _start_all(nursery, run_endpoint, listen)
-                    await _start_all(nursery, run_endpoint, peers)
-                    for sink in self.sinks:
-                        recv, feeding = queues[id(sink)]
-                        nursery.start_soon(self._pace, sink, recv, feeding, drained)
-                    await _start_all(nursery, run_endpoint, local)
+                    # local sources (files) last, so a file plays from its beginning to someone
+                    # (Endpoint.start_phase).
+                    phase = {ep.name: ep.start_phase for ep in self.endpoints}
+                    await _start_all(nursery, run_endpoint, [e for e in self.endpoints if phase[e.name] == 0])
+                    await _start_all(nursery, run_endpoint, [e for e in self.endpoints if phase[e.name] == 1])
+                    for pacer_sink, recv, feeding in pacers:
+                        nursery.start_soon(pace, pacer_sink, recv, feeding)
+                    pacing.set()
+                    await _start_all(nursery, run_endpoint, [e for e in self.endpoints if phase[e.name] >= 2])
                 self._startup = None
-                if startup.cancelled_caught:  # stop() while connecting / waiting for a client
+                if startup.cancelled_caught:  # stop(), or an endpoint ended, while connecting
                     task_status.started()
                     await self._goodbye()
                     nursery.cancel_scope.cancel()
-                    self.stats.ended_by = "stopped"
-                    return "stopped"
+                    reason = self.stats.ended_by = ended_by[0] if ended_by else "stopped"
+                    if failures:
+                        raise failures[0]
+                    return reason
                 self.stats.started_at = trio.current_time()
                 self.stats.sessions += 1
                 self.up.set()
@@ -319,18 +379,34 @@ class Route:
         # time without drops, up to their own bound; only live sources get latency control.
         live = [not s.bursty for s in feeding]
         limit = [max_buffer if live[i] else max(pcm_format.samples(s.burst_buffer_ms), 2 * n) for i, s in enumerate(feeding)]
-        jitter_samples = pcm_format.samples(self.jitter_ms)
+        # A live source may buffer max_buffer plus `extra`, its start-up allowance: all of
+        # STARTUP_BUFFER_MS while it is idle (every source starts idle) and through the first
+        # latency window after it is back (a backlog may arrive in pieces); at each window's end
+        # no more than the most it held after a pop in that window, and 0 once no excess is
+        # left: it shrinks as the backlog is worked off, then max_delay_ms alone applies.
+        startup = pcm_format.samples(STARTUP_BUFFER_MS)
+        extra = [startup] * len(feeding)
         encoder = plan(pcm_format, sink.egress, **sink.encoder_options)
         buffers = [Reframer(pcm_format, sink.ptime_ms) for _ in feeding]
-        owed = [0] * len(feeding)  # samples concealed whose late audio is still to be discarded
         short_run = [IDLE_AFTER] * len(feeding)  # consecutive short packets (starts idle)
         ended = [False] * len(feeding)
         largest = [0] * len(feeding)  # largest frame each source has sent (samples at sink rate)
-        # Latency control over windows of ADJUST_EVERY packets: `floor` is the least audio left
-        # in a buffer after its pop (audio that waited a whole window is excess: dropped);
+        # Latency control. `excess` (samples) is what a live source has buffered beyond what
+        # playout needs: the backlog beyond one packet (or one of its frames) at a (re-)anchor,
+        # then `floor` of each window of ADJUST_EVERY packets (the least audio left in the buffer
+        # after a pop: audio that waited through the whole window). It is won back only in
+        # pauses: whole packets of pause are skipped (`pauses` tells them; `paused` is how much
+        # of the current pause was played; `ahead` caches the level of a packet peeked at).
         # `earliest` is the least time a whole packet waited for its deadline (the clock then
         # moves earlier by that much, so deadlines line up with the audio's arrival).
+        excess = [0] * len(feeding)
+        pauses = [_Pauses(sink.ptime_ms) for _ in feeding]
+        paused = [0] * len(feeding)
+        ahead = [(-1, 0.0)] * len(feeding)  # (consumed count when it is next, its level)
+        min_pause = pcm_format.samples(MIN_PAUSE_MS)
+        prime_samples = pcm_format.samples(PRIME_MS)
         floor = [_NEVER] * len(feeding)
+        peak = [0] * len(feeding)  # the most audio left in a buffer after a pop, this window
         complete_at: list = [None] * len(feeding)  # when the next packet became whole
         earliest = _NEVER_S
         window = 0
@@ -367,15 +443,31 @@ class Route:
                 largest[slot] = frame.samples
             if complete_at[slot] is None and buf.buffered >= n:
                 complete_at[slot] = now
-            if owed[slot]:
-                dropped = drop(slot, min(owed[slot], buf.buffered))
-                owed[slot] -= dropped
-                stats.dropped += math.ceil(dropped / n) if dropped else 0
-            if buf.buffered > limit[slot]:
-                stats.dropped += math.ceil(drop(slot, buf.buffered - limit[slot]) / n)
+            bound = limit[slot] + extra[slot] if live[slot] else limit[slot]
+            if buf.buffered > bound:
+                stats.dropped += math.ceil(drop(slot, buf.buffered - bound) / n)
 
         def ready(slot: int) -> bool:
             return buffers[slot].buffered >= n or ended[slot]
+
+        def drain() -> None:
+            """Take in everything already queued (at a (re-)anchor: the backlog)."""
+            while True:
+                try:
+                    accept(recv.receive_nowait())
+                except trio.WouldBlock:
+                    return
+
+        def rebase() -> None:
+            """At a (re-)anchor: what a live source has buffered beyond one packet (or one of
+            its frames) is excess from now on; the latency-control window starts over."""
+            nonlocal floor, peak, earliest, window
+            for i, buf in enumerate(buffers):
+                excess[i] = max(0, buf.buffered - max(n, largest[i])) if live[i] else 0
+            floor = [_NEVER] * len(feeding)
+            peak = [0] * len(feeding)
+            earliest = _NEVER_S
+            window = 0
 
         anchor: float | None = None
         k = 0
@@ -383,29 +475,23 @@ class Route:
             while True:
                 if anchor is None:
                     accept(await recv.receive())
-                    while True:
-                        try:
-                            accept(recv.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    backlog = any(live[i] and b.buffered > max(n, largest[i]) + jitter_samples for i, b in enumerate(buffers))
-                    if backlog and not any(ended):
-                        # Audio queued while the route came up is stale: drop it and anchor
-                        # on the next live frame, in phase with the source.
-                        for i, buf in enumerate(buffers):
-                            if live[i]:
-                                stats.dropped += math.ceil(drop(i, buf.buffered) / n)
-                                complete_at[i] = None
-                        continue
+                    drain()  # what queued before this pacer ran (its sink coming up) is kept
                     if any(b.buffered >= n for b in buffers) or all(ended):
                         anchor, k = trio.current_time(), 0
+                        rebase()
+                        for i, buf in enumerate(buffers):
+                            if live[i] and buf.buffered >= prime_samples:
+                                pauses[i].prime(buf.peek(buf.buffered), n)
                     continue
                 deadline = anchor + k * ptime
                 now = trio.current_time()
                 if now > deadline + 2 * ptime:
-                    # We fell behind (stalled loop): re-anchor rather than burst.
+                    # We fell behind (stalled loop): re-anchor rather than burst; what queued
+                    # meanwhile is excess, won back in pauses.
                     anchor = now - k * ptime
                     deadline = now
+                    drain()
+                    rebase()
                 with trio.move_on_at(deadline):
                     while True:
                         accept(await recv.receive())
@@ -417,6 +503,7 @@ class Route:
                 # Take one ptime from each source; mix-minus (the sink is never among `feeding`).
                 mixed: np.ndarray | None = None
                 contributors = 0
+                single: float | None = None  # the level of the packet, when it is one live source's
                 now = trio.current_time()
                 for i, buf in enumerate(buffers):
                     frame = buf.pop()
@@ -426,16 +513,39 @@ class Route:
                         floor[i] = 0
                         complete_at[i] = None
                         if short_run[i] < IDLE_AFTER and not ended[i] and live[i]:
-                            # Late: conceal this slot; its audio is stale once it arrives.
-                            stats.late += 1
-                            stale = drop(i, buf.buffered)
-                            owed[i] = min(owed[i] + n - stale, max_buffer)
+                            stats.late += 1  # late: silence in this slot; the audio plays when it comes
                         short_run[i] = min(short_run[i] + 1, IDLE_AFTER)
                         if short_run[i] >= IDLE_AFTER:
-                            owed[i] = 0
+                            extra[i] = startup  # idle: what it sends when it returns is kept too
                         continue
                     short_run[i] = 0
                     contributors += 1
+                    done_at = complete_at[i]
+                    single = None
+                    if live[i]:
+                        level = ahead[i][1] if ahead[i][0] == consumed[i] else _dbfs(frame.pcm)
+                        pause = pauses[i].observe(level)
+                        # Excess latency is won back in pauses only: this packet is skipped when
+                        # it is a pause, MIN_PAUSE_MS of the pause was played, and the packet
+                        # after it is buffered and a pause too (so the last packet of a pause,
+                        # before speech, always plays), while there is a packet of excess.
+                        while pause and excess[i] >= n and paused[i] >= min_pause:
+                            after = buf.peek(n)
+                            if after is None:
+                                break
+                            after_level = _dbfs(after)
+                            if after_level >= pauses[i].threshold():
+                                ahead[i] = (consumed[i] + frame.samples, after_level)
+                                break
+                            consumed[i] += frame.samples
+                            excess[i] -= frame.samples
+                            stats.skipped += 1
+                            frame = buf.pop()
+                            level = after_level
+                            pause = pauses[i].observe(level)
+                            done_at = _CARRIED
+                        paused[i] = paused[i] + frame.samples if pause else 0
+                        single = level
                     consumed[i] += frame.samples
                     if live[i]:
                         pending = arrivals[i]
@@ -443,12 +553,12 @@ class Route:
                             pending.popleft()
                         if pending:
                             latency.observe(max(0.0, now - pending[0][1]))
-                    done_at = complete_at[i]
                     if done_at is not None and done_at is not _CARRIED:
                         earliest = min(earliest, deadline - done_at)
                     # a packet already whole after this pop is excess, measured by `floor`
                     complete_at[i] = _CARRIED if buf.buffered >= n else None
                     floor[i] = min(floor[i], buf.buffered)
+                    peak[i] = max(peak[i], buf.buffered)
                     mixed = frame.pcm if mixed is None else _mix(mixed, frame.pcm)
                 if mixed is None and all(ended):
                     for source in feeding:
@@ -458,19 +568,27 @@ class Route:
                     mixed = np.zeros((n, pcm_format.channels), dtype=np.int16)
                 frame = AudioFrame(mixed, pcm_format.rate, timestamp)
                 timestamp += n
-                stats.level_dbfs = _dbfs(mixed) if contributors else -120.0
-                for out in encoder.process(frame):
-                    await sink.send(out)
+                if contributors == 1 and single is not None:
+                    stats.level_dbfs = single  # already measured (the pause detector's level)
+                else:
+                    stats.level_dbfs = _dbfs(mixed) if contributors else -120.0
+                if getattr(sink, "listened", True):  # a lane nobody hears is not encoded
+                    for out in encoder.process(frame):
+                        await sink.send(out)
                 k += 1
                 stats.buffered_ms = sum(b.buffered for b in buffers) * 1000 // pcm_format.rate
                 window += 1
                 if window == ADJUST_EVERY:
-                    for i, buf in enumerate(buffers):
-                        if 0 < floor[i] < _NEVER and not ended[i] and live[i]:
-                            stats.dropped += math.ceil(drop(i, floor[i]) / n)
+                    for i in range(len(feeding)):
+                        if live[i] and not ended[i] and short_run[i] < IDLE_AFTER:
+                            excess[i] = floor[i] if floor[i] < _NEVER else 0
+                            # the allowance covers the backlog still there; none once no audio
+                            # waited through a whole window (then max_delay_ms alone applies)
+                            extra[i] = min(extra[i], peak[i]) if excess[i] else 0
                     if contributors and 0.001 < earliest < _NEVER_S:
                         anchor -= earliest
                     floor = [_NEVER] * len(feeding)
+                    peak = [0] * len(feeding)
                     earliest = _NEVER_S
                     window = 0
                 for i, source in enumerate(feeding):
@@ -485,6 +603,8 @@ class Route:
                         while not any(b.buffered >= n for b in buffers):
                             accept(await recv.receive())
                         anchor = trio.current_time() - k * ptime
+                        drain()  # a source that stalled may send its backlog at once
+                        rebase()
 
 
 def _dbfs(pcm: np.ndarray) -> float:
@@ -497,6 +617,142 @@ def _dbfs(pcm: np.ndarray) -> float:
 def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Sum two int16 (samples, channels) blocks with saturation."""
     return np.clip(a.astype(np.int32) + b, -32768, 32767).astype(np.int16)
+
+
+class _Pauses:
+    """Tells a pause (silence, breath, low background) from speech by a packet's level, for one
+    live source of one pacer. It keeps two estimates, updated with each packet it is shown:
+
+    - `noise`, the background: down at once to a quieter packet, never below PAUSE_FLOOR_DBFS
+      (so digital silence does not make hiss look like speech); up by NOISE_RISE_DB_PER_S, or
+      by NOISE_SEEK_DB_PER_S once no packet came within NOISE_NEAR_DB of it for
+      NOISE_SEEK_AFTER_S (the background got louder: speech alone keeps dipping to it);
+    - `speech`, the recent speech level: up at once to a louder packet, down by
+      SPEECH_FALL_DB_PER_S.
+
+    A packet is a pause when its level (RMS dBFS of the packet, `_dbfs`) is below
+    max(PAUSE_FLOOR_DBFS, min(noise + PAUSE_ABOVE_NOISE_DB, speech - PAUSE_BELOW_SPEECH_DB)):
+    close to the background and, on a noisy line, well below the speech; always when quieter
+    than the floor. Per packet: a few float operations (the level is one float32 dot product).
+    """
+
+    __slots__ = ("noise", "speech", "_unseen", "_rise", "_seek", "_seek_after", "_fall")
+
+    def __init__(self, ptime_ms: float) -> None:
+        self.noise = PAUSE_FLOOR_DBFS
+        self.speech = SPEECH_START_DBFS
+        self._unseen = 0  # packets since one came near the background estimate
+        self._rise = NOISE_RISE_DB_PER_S * ptime_ms / 1000
+        self._seek = NOISE_SEEK_DB_PER_S * ptime_ms / 1000
+        self._seek_after = NOISE_SEEK_AFTER_S * 1000 / ptime_ms
+        self._fall = SPEECH_FALL_DB_PER_S * ptime_ms / 1000
+
+    def threshold(self) -> float:
+        """The level (dBFS) below which a packet is a pause, as the estimates stand."""
+        return max(PAUSE_FLOOR_DBFS, min(self.noise + PAUSE_ABOVE_NOISE_DB, self.speech - PAUSE_BELOW_SPEECH_DB))
+
+    def prime(self, backlog: np.ndarray, n: int) -> None:
+        """Before its first packet: start the background estimate at the quietest packet (of
+        `n` samples) of a start-up backlog of int16 PCM (the pacer passes one of PRIME_MS or
+        more: long enough to hold a gap between words), so its pauses are found at once, on a
+        noisy line too. One vectorized pass, once."""
+        packets = len(backlog) // n
+        if packets == 0:
+            return
+        x = backlog[: packets * n].astype(np.float32).reshape(packets, -1)
+        mean_square = np.einsum("ij,ij->i", x, x) / x.shape[1] / (32768.0 * 32768.0)
+        levels = 10 * np.log10(mean_square[mean_square > 0])
+        levels = levels[levels > PAUSE_FLOOR_DBFS]
+        if levels.size:
+            self.noise = float(levels.min())
+
+    def observe(self, level: float) -> bool:
+        """Take the level of the source's next packet into the estimates; True: a pause.
+        (`threshold` inlined: this runs for every packet of every live source.)"""
+        noise = self.noise
+        self._unseen = unseen = 0 if level < noise + NOISE_NEAR_DB else self._unseen + 1
+        noise += self._seek if unseen > self._seek_after else self._rise
+        self.noise = noise = max(PAUSE_FLOOR_DBFS, min(level, noise))
+        self.speech = speech = level if level > self.speech else self.speech - self._fall
+        return level < max(PAUSE_FLOOR_DBFS, min(noise + PAUSE_ABOVE_NOISE_DB, speech - PAUSE_BELOW_SPEECH_DB))
+
+
+def _open_sink_queue(bound_ms: int = STARTUP_BUFFER_MS) -> tuple[_SinkQueue, _SinkQueue]:
+    """A sink pacer's queue, in place of `trio.open_memory_channel`: (send end, receive end)."""
+    queue = _SinkQueue(bound_ms)
+    return queue, queue
+
+
+class _SinkQueue:
+    """The queue from the emitters to one sink pacer, bounded by the duration of the audio in
+    it rather than by a count of frames (10 to 60 ms each): up to `bound_ms` of what arrives
+    before the pacer runs (a sink still coming up) is kept for it.
+
+    Send side (the emitters): `send_nowait((slot, frame))` never blocks; a frame that would take
+    the queue beyond its bound raises `trio.WouldBlock` (the emitter drops that newest frame and
+    counts it); the end-of-stream marker always fits; BrokenResourceError once the pacer has
+    finished. Receive side (the pacer): `receive`, `receive_nowait`, and `with queue:` closes it.
+    """
+
+    __slots__ = ("_send", "_recv", "_queued_us", "_bound_us")
+
+    def __init__(self, bound_ms: int) -> None:
+        self._send, self._recv = trio.open_memory_channel(math.inf)  # bounded below, by duration
+        self._queued_us = 0
+        self._bound_us = bound_ms * 1000
+
+    def send_nowait(self, item: tuple[int, AudioFrame | None]) -> None:
+        frame = item[1]
+        if frame is _END:
+            self._send.send_nowait(item)
+            return
+        cost = frame.samples * 1_000_000 // frame.rate
+        if self._queued_us + cost > self._bound_us:
+            raise trio.WouldBlock
+        self._send.send_nowait(item)
+        self._queued_us += cost
+
+    def _took(self, item: tuple[int, AudioFrame | None]) -> tuple[int, AudioFrame | None]:
+        frame = item[1]
+        if frame is not _END:
+            self._queued_us -= frame.samples * 1_000_000 // frame.rate
+        return item
+
+    async def receive(self) -> tuple[int, AudioFrame | None]:
+        return self._took(await self._recv.receive())
+
+    def receive_nowait(self) -> tuple[int, AudioFrame | None]:
+        return self._took(self._recv.receive_nowait())
+
+    def close(self) -> None:
+        self._bound_us = math.inf  # nothing queues any more: senders get BrokenResourceError
+        self._recv.close()
+
+    def __enter__(self) -> _SinkQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Lane:
+    """One source's own lane into a sink that does not mix (`Endpoint.mixes` False): what the
+    pacer needs of a sink, with `send` going to `sink.send_from(source, frame)`. Counters are the
+    sink's own (every lane adds to them)."""
+
+    __slots__ = ("sink", "source", "name", "egress", "ptime_ms", "encoder_options", "stats")
+
+    def __init__(self, sink: Endpoint, source: Endpoint) -> None:
+        self.sink, self.source = sink, source
+        self.name = f"{sink.name}<{source.name}"
+        self.egress, self.ptime_ms, self.encoder_options, self.stats = sink.egress, sink.ptime_ms, sink.encoder_options, sink.stats
+
+    @property
+    def listened(self) -> bool:
+        return self.sink.wants_from(self.source)
+
+    async def send(self, frame: Frame) -> None:
+        await self.sink.send_from(self.source, frame)
 
 
 class _Started:

@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 import httpx
+import trio
 
 from gateway.config.schema import GatewayConfig
 from gateway.server import HttpServer, MediaServer
@@ -23,6 +24,9 @@ class Runtime:
     """Shared HTTP client for dial-side REST calls (created by the daemon inside trio)."""
     shared: dict[Any, Any] = attrs.Factory(dict)
     """Per-process singletons keyed by their owner (rate limiters, listen registries)."""
+    nursery: trio.Nursery | None = None
+    """The running gateway's nursery, for tasks shared by routes (an Argon events stream
+    serving several routes); set by `Gateway.run`."""
 
     def singleton(self, key: Any, factory) -> Any:
         if key not in self.shared:

@@ -3,6 +3,10 @@
 Listen endpoints register the paths they serve; the servers only route requests. HTTP is
 served by hypercorn (ASGI, trio worker); media by trio-websocket. Both bind in `serve_*`
 and report the bound port through `task_status` (bind port 0 in tests, read it back).
+
+A handler returns an `HttpResponse`: a whole body, or a `stream` of chunks (server-sent
+events: `HttpResponse.event_stream`) that runs until it ends, the client leaves, or the server
+stops (the stream is cancelled then; hypercorn's `graceful_timeout` does not wait for it).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -46,18 +50,41 @@ class HttpRequest:
             return json.loads(self.body or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"body is not JSON: {err}") from None
+        except RecursionError:  # e.g. 200,000 "[": the C scanner gives up before the parser does
+            raise ValueError("body is not JSON: nested too deeply") from None
+
+
+StreamFactory = Callable[[], AsyncIterator[bytes]]
+"""Makes the chunks of a streaming response; called once, when the headers have been sent."""
 
 
 @attrs.frozen
 class HttpResponse:
+    """A response: a whole `body`, or (with `stream`) a body sent chunk by chunk as it is made."""
+
     status: int
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    stream: StreamFactory | None = attrs.field(default=None, kw_only=True)
+    """Called once the headers are out; each chunk it yields is sent at once (no content-length:
+    HTTP/1.1 chunked encoding). A client that disconnects cancels it (an async generator's
+    `finally` runs then); an exception it raises is logged and drops the connection, so the
+    client sees a truncated response, not a complete one."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.stream is not None and self.body:
+            raise ValueError("an HttpResponse has a body or a stream, not both")
 
     @classmethod
     def json(cls, status: int, data: Any, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
         return cls(status, json.dumps(data).encode(), "application/json", headers)
+
+    @classmethod
+    def event_stream(cls, stream: StreamFactory, headers: tuple[tuple[str, str], ...] = (), status: int = 200) -> HttpResponse:
+        """Server-sent events (`text/event-stream`), never cached nor buffered by a proxy."""
+        return cls(status, content_type="text/event-stream",
+                   headers=(("cache-control", "no-cache"), ("x-accel-buffering", "no"), *headers), stream=stream)
 
 
 HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -101,7 +128,10 @@ class HttpServer:
             if not message.get("more_body"):
                 break
         response = await self.dispatch(scope, body)
-        await _send_response(send, response)
+        if response.stream is None:
+            await _send_response(send, response)
+        else:
+            await _send_stream(receive, send, response, f"{scope['method']} {scope['path']}")
 
     async def dispatch(self, scope: dict, body: bytes) -> HttpResponse:
         path = scope["path"]
@@ -133,6 +163,45 @@ async def _send_response(send: Callable, response: HttpResponse) -> None:
     headers += [(k.encode(), v.encode()) for k, v in response.headers]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
+
+
+async def _send_stream(receive: Callable, send: Callable, response: HttpResponse, what: str) -> None:
+    """Send `response.stream` chunk by chunk while watching `receive` for the client leaving."""
+    headers = [(b"content-type", response.content_type.encode())]
+    headers += [(k.encode(), v.encode()) for k, v in response.headers]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    disconnected = False
+    completed = False
+
+    async def cancel_on_disconnect(scope: trio.CancelScope) -> None:
+        nonlocal disconnected
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected = True
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel_on_disconnect, nursery.cancel_scope)
+        try:
+            chunks = response.stream()  # a plain function that raises here is a bug like any other
+            try:
+                async for chunk in chunks:
+                    if not isinstance(chunk, (bytes, bytearray)):
+                        raise TypeError(f"a response stream yields bytes, not {type(chunk).__name__}")
+                    if chunk:
+                        await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+            finally:
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:  # an async generator left at a `yield` runs its `finally` now
+                    await aclose()
+            completed = True
+        except Exception:  # headers are out: no 500 possible; the server carries on
+            log.exception("HTTP stream for %s failed after its headers were sent; dropping the connection", what)
+        nursery.cancel_scope.cancel()
+    if completed and not disconnected:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    # else return without the last body: hypercorn closes the connection, so the client sees
+    # a truncated response (chunked encoding without its last chunk), never a complete one
 
 
 async def serve_http(app: HttpServer, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

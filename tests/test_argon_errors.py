@@ -110,7 +110,8 @@ async def test_stream_token_400_is_not_a_voice_channel(caplog):
 
 
 async def test_rejected_upgrade_names_the_cause(tmp_path, caplog):
-    """A stream token the ingress does not accept (here: expired) → 401 on the upgrade."""
+    """A stream token the ingress does not accept (here: expired) → 403 on the upgrade, as
+    Argon's ingress answers (argon-voice-ws.md, "Authentication")."""
     caplog.set_level(logging.DEBUG)
     async with trio.open_nursery() as nursery:
         gateway = await start(nursery, CHANNEL_ROUTE, out=tmp_path)
@@ -124,7 +125,7 @@ async def test_rejected_upgrade_names_the_cause(tmp_path, caplog):
         port = await nursery.start(serve_http, app, "127.0.0.1", 0)
         err = await run_dial(dial(gateway, api_url=f"http://127.0.0.1:{port}/api/bot"))
         nursery.cancel_scope.cancel()
-    assert err.status == 401 and not err.permanent  # a fresh token may work: the route retries
+    assert err.status == 403 and not err.permanent  # a fresh token may work: the route retries
     assert "stream token rejected" in str(err) and "expired" in str(err)
     assert expired not in str(err) and expired not in caplog.text
     assert_no_secret(str(err), caplog.text)
@@ -224,7 +225,7 @@ async def test_ingress_refuses_forged_token(tmp_path):
         with pytest.raises(ServiceError) as info:
             await dial_ws(nursery, url, service="bot", rejected=INGRESS_REJECTED)
         nursery.cancel_scope.cancel()
-    assert info.value.status == 401
+    assert info.value.status == 403  # Argon: a bad signature is 403 (a missing token 401)
     assert "stream token rejected" in str(info.value) and "signature" in str(info.value)
     assert forged not in str(info.value)
 
@@ -251,4 +252,4 @@ async def test_ingress_sends_ready_then_closes_on_malformed_packet(tmp_path):
         assert channel.stats.frames_in == 3
         nursery.cancel_scope.cancel()
     assert info.value.reason.code == 1007
-    assert "too short" in info.value.reason.reason
+    assert "Opus packet of 1 bytes: the ingress takes 2 to 3825 bytes" in info.value.reason.reason

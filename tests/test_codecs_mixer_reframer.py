@@ -111,6 +111,19 @@ def test_pacer_interface_push_pop_drop_buffered():
         r.drop(-1)
 
 
+
+def test_peek_looks_ahead_without_consuming_across_the_ring_seam():
+    r = Reframer(PCM16_8K, 20)  # ring of 4 frames (640 samples)
+    r.push(AudioFrame(ramp(600), 8000, 0))
+    r.drop(500)
+    r.push(AudioFrame(ramp(300, start=600), 8000, 600))  # wraps around the end of the ring
+    np.testing.assert_array_equal(r.peek(320), ramp(320, start=500))
+    assert r.buffered == 400 and r.peek(401) is None
+    ahead = r.peek(160)
+    np.testing.assert_array_equal(r.pop().pcm, ahead)  # the next pop returns what peek showed
+    ahead[:] = 0  # a copy: the buffer is not changed through it
+    np.testing.assert_array_equal(r.peek(80), ramp(80, start=660))
+
 def test_clock_resyncs_when_pushed_into_an_empty_buffer():
     r = Reframer(PCM16_8K, 20)
     assert [f.timestamp for f in r.process(AudioFrame(ramp(160), 8000, 0))] == [0]

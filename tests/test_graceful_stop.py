@@ -99,7 +99,7 @@ async def test_stop_sends_every_protocols_goodbye(tmp_path, speech_clip, caplog)
         ended = {name: b.routes[name].route.stats.ended_by for name in ("b-call", "b-channel", "b-agent", "b-room")}
         assert ended == {
             "b-call": "voipbin: hangup",                           # AudioSocket hangup frame
-            "b-channel": "argon: bot closed (1000 stream ended)",  # WebSocket close 1000
+            "b-channel": "argon: every bot left the channel (the last: bot0_bot closed (1000 stream ended))",
             "b-agent": "agent: client closed (1000 session over)",
             "b-room": "videosdk: stop",                            # VideoSDK stop frame
         }

@@ -107,7 +107,8 @@ routes:
             jwt = stream["token"]
             async with open_websocket_url(ingress) as bot:
                 await bot.get_message()  # ready
-                await bot.send_message("text is not Opus")
+                await bot.send_message("text is ignored, as Argon does")
+                await bot.send_message(b"\x01")  # one byte: not an Opus packet the ingress takes
                 with pytest.raises(ConnectionClosed):
                     with trio.fail_after(2):
                         await bot.get_message()
@@ -149,4 +150,4 @@ routes:
     for name, secret in SECRETS.items():
         assert secret not in written, f"{name} leaked: {[l for l in written.splitlines() if secret in l][:3]}"
     assert jwt not in written and not JWT.search(written), JWT.search(written)
-    assert "closing the" in output and "1003" in output  # the bot's malformed message was refused
+    assert "closing the" in output and "(1007)" in output  # the bot's malformed packet was refused

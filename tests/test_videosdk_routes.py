@@ -17,7 +17,7 @@ import opuslib
 import pytest
 import trio
 
-import gateway.adapters.argon.endpoint as argon_endpoint
+import gateway.adapters.argon.room as argon_room
 from audio_checks import best_alignment, blockwise_alignment, read_wav, write_wav
 from conftest import ASSETS
 from gateway.adapters.argon.wire import validate_opus_packet
@@ -146,12 +146,13 @@ routes:
 async def test_device_speech_reaches_an_argon_channel_as_opus(tmp_path, speech_clip, monkeypatch):
     packets = []
 
-    def spy(packet, **kw):  # the real validator runs; we keep what it saw
-        info = validate_opus_packet(packet, **kw)
-        packets.append((packet, info))
-        return info
+    real_check = argon_room.BotSession._check
 
-    monkeypatch.setattr(argon_endpoint, "validate_opus_packet", spy)
+    def spy(packet):  # the listen role's own check runs; we keep what it saw, described
+        real_check(packet)
+        packets.append((packet, validate_opus_packet(packet)))
+
+    monkeypatch.setattr(argon_room.BotSession, "_check", staticmethod(spy))
     async with trio.open_nursery() as nursery:
         gateway = await start(nursery, DEVICE_TO_CHANNEL, out=tmp_path, clip=speech_clip)
         with trio.fail_after(20):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import struct
 import uuid
+import wave
 
 import pytest
 from aiortc.rtp import RtpPacket
@@ -17,9 +18,11 @@ from gateway.adapters.voipbin.wire import (
     Dtmf,
     Encapsulation,
     Hangup,
+    Headerless,
     MediaStreamProtocol,
     PeerError,
 )
+from conftest import ASSETS
 from gateway.errors import LocalProtocolError, RemoteProtocolError
 
 RTP, SLN, AS = Encapsulation.RTP, Encapsulation.SLN, Encapsulation.AUDIOSOCKET
@@ -272,31 +275,197 @@ def test_audiosocket_send_receive_round_trip():
     ]
 
 
+MALFORMED_AUDIOSOCKET = [
+    (b"\x10\x01", 1002, ("header truncated", "expected 3", "got 2")),
+    (b"\x10\x01\x40" + SLIN_20MS[:100], 1002, ("audio frame truncated", "expected 320", "got 100")),
+    (as_frame(0x10, SLIN_20MS) + b"\x00", 1002, ("header truncated", "got 1")),
+    (b"\x02\x00\x00", 1003, ("unknown AudioSocket kind 0x02",)),
+    (b"\x11\x01\x40" + SLIN_20MS, 1003, ("unknown AudioSocket kind 0x11",)),
+    (as_frame(0x01, b"\x00" * 15), 1007, ("UUID", "15 bytes", "expected 16")),
+    (as_frame(0x03, b""), 1007, ("DTMF",)),
+    (as_frame(0x03, b"12"), 1007, ("DTMF",)),
+    (as_frame(0x03, b"x"), 1007, ("DTMF",)),
+    (as_frame(0x10, b"\x00" * 321), 1007, ("odd", "321")),
+    (b"\x10\x07\x82" + b"\x00" * 1922, 1009, ("1922 bytes", "1920")),
+    (b"\x10\xff\xff", 1009, ("65535 bytes",)),  # declared too big: refused before reading
+]
+
+
+def framed(codec: Codec = Codec.AUTO) -> MediaStreamProtocol:
+    """An audiosocket protocol whose session started with a well-formed AudioSocket message."""
+    proto = MediaStreamProtocol(AS, codec)
+    assert proto.receive(as_frame(0x10, SLIN_20MS)) == [Audio(SLIN_20MS, Codec.SLIN, None, None, 0)]
+    assert not proto.headerless
+    return proto
+
+
+@pytest.mark.parametrize("message, code, fragments", MALFORMED_AUDIOSOCKET)
+def test_audiosocket_malformed(message, code, fragments):
+    # once the session is AudioSocket, every malformed message is refused
+    expect_rpe(framed(), message, code, *fragments)
+    # as a first message of odd length (never raw slin): refused the same way
+    if len(message) % 2:
+        expect_rpe(MediaStreamProtocol(AS), message, code, *fragments)
+
+
+@pytest.mark.parametrize("message, code, fragments", [m for m in MALFORMED_AUDIOSOCKET if len(m[0]) % 2 == 0])
+def test_audiosocket_malformed_even_first_message_is_raw_slin(message, code, fragments):
+    proto = MediaStreamProtocol(AS)
+    [note, audio] = proto.receive(message)
+    assert isinstance(note, Headerless) and fragments[0] in note.reason, note
+    assert audio == Audio(message, Codec.SLIN, None, None, 0)
+    assert proto.headerless and proto.codec is Codec.SLIN and proto.packets_in == 1
+
+
+# --- AudioSocket without headers: the spec's Node.js example ------------------------------
+
+
+def speech_slin() -> bytes:
+    """The bundled recording as raw slin (PCM16 LE 8 kHz mono): what the example sends."""
+    with wave.open(str(ASSETS / "or105.wav")) as w:
+        assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (8000, 2, 1)
+        return w.readframes(w.getnframes())
+
+
+def test_headerless_node_example_stream_is_raw_slin_audio():
+    """What the example sends: the file in 320-byte chunks (the last one shorter)."""
+    raw = speech_slin()
+    chunks = [raw[i : i + 320] for i in range(0, len(raw), 320)]
+    assert len(chunks[-1]) < 320
+    proto = MediaStreamProtocol(AS)
+    events = [event for chunk in chunks for event in proto.receive(chunk)]
+    assert isinstance(events[0], Headerless) and "unknown AudioSocket kind" in events[0].reason
+    audio = events[1:]
+    assert all(isinstance(e, Audio) and e.codec is Codec.SLIN and e.lost == 0 for e in audio)
+    assert b"".join(e.payload for e in audio) == raw  # every byte, in order, as audio
+    assert proto.headerless and proto.packets_in == len(chunks)
+    # what we send back stays AudioSocket (the encapsulation the client asked for)
+    assert proto.send_audio(SLIN_20MS) == b"\x10\x01\x40" + SLIN_20MS
+    assert proto.send_hangup() == b"\x00\x00\x00"
+
+
+@pytest.mark.parametrize("size", [2, 160, 320, 322, 480, 640, 960, 1920])
+def test_headerless_split_invariance(size):
+    """However the raw stream is cut into even-length messages, the audio is the same bytes."""
+    raw = speech_slin()[8000:24000]
+    proto = MediaStreamProtocol(AS)
+    events = [e for i in range(0, len(raw), size) for e in proto.receive(raw[i : i + size])]
+    assert sum(isinstance(e, Headerless) for e in events) == 1 and isinstance(events[0], Headerless)
+    assert b"".join(e.payload for e in events if isinstance(e, Audio)) == raw
+    assert all(e.codec is Codec.SLIN for e in events if isinstance(e, Audio))  # 160 bytes too: never u-law
+
+
+def test_headerless_detection_at_every_offset_of_real_speech():
+    """A session whose first chunk starts anywhere in the speech is recognised as raw slin:
+    speech starts with a known kind byte often, but never chains frames to the chunk's end."""
+    raw = speech_slin()
+    looked_like_a_header = 0
+    for offset in range(0, len(raw) - 320, 2):
+        chunk = raw[offset : offset + 320]
+        looked_like_a_header += chunk[0] in (0x00, 0x01, 0x03, 0x10, 0xFF)
+        events = MediaStreamProtocol(AS).receive(chunk)
+        assert isinstance(events[0], Headerless) and events[1].payload == chunk, offset
+    assert looked_like_a_header > 1000
+
+
 @pytest.mark.parametrize(
-    "message, code, fragments",
+    "chunk, why",
     [
-        (b"\x10\x01", 1002, ("header truncated", "expected 3", "got 2")),
-        (b"\x10\x01\x40" + SLIN_20MS[:100], 1002, ("audio frame truncated", "expected 320", "got 100")),
-        (as_frame(0x10, SLIN_20MS) + b"\x00", 1002, ("header truncated", "got 1")),
-        (b"\x02\x00\x00", 1003, ("unknown AudioSocket kind 0x02",)),
-        (b"\x11\x01\x40" + SLIN_20MS, 1003, ("unknown AudioSocket kind 0x11",)),
-        (as_frame(0x01, b"\x00" * 15), 1007, ("UUID", "15 bytes", "expected 16")),
-        (as_frame(0x03, b""), 1007, ("DTMF",)),
-        (as_frame(0x03, b"12"), 1007, ("DTMF",)),
-        (as_frame(0x03, b"x"), 1007, ("DTMF",)),
-        (as_frame(0x10, b"\x00" * 321), 1007, ("odd", "321")),
-        (b"\x10\x07\x82" + b"\x00" * 1922, 1009, ("1922 bytes", "1920")),
-        (b"\x10\xff\xff", 1009, ("65535 bytes",)),  # declared too big: refused before reading
+        # starts like an audio frame whose length is the rest of the message: an odd payload
+        (b"\x10\x01\x3d" + bytes(range(256)) + bytes(61), "odd"),
+        # starts like a 320-byte audio frame, but the message is too short for it
+        (b"\x10\x01\x40" + bytes(317), "truncated"),
+        # digital silence: a run of hangup frames when the length is a multiple of 3
+        (bytes(480), "frame after a hangup"),
+        (bytes(960), "frame after a hangup"),
+        (bytes(1920), "frame after a hangup"),
+        (bytes(320), "frame after a hangup"),  # (would be 106 hangups and 2 bytes)
+        (b"\x00\x01\x3d" + bytes(317), "hangup frame with a 317-byte payload"),
+        (b"\xff\x00\x01\x04" + bytes(316), "frame after an error"),
+        (b"\x10\x00\x00" + b"\x10\x01\x3b" + bytes(314), "empty AudioSocket audio frame"),
+        (b"\x01\x00\x10" + bytes(16) + b"\x10\x01\x40" + bytes(298), "truncated"),  # a UUID, then a cut frame
     ],
 )
-def test_audiosocket_malformed(message, code, fragments):
-    expect_rpe(MediaStreamProtocol(AS), message, code, *fragments)
+def test_headerless_ambiguous_first_messages_are_raw_slin(chunk, why):
+    assert len(chunk) % 2 == 0
+    proto = MediaStreamProtocol(AS)
+    events = proto.receive(chunk)
+    assert isinstance(events[0], Headerless) and why in events[0].reason, events[0]
+    assert events[1:] == [Audio(chunk, Codec.SLIN, None, None, 0)]
+    assert proto.headerless
 
 
-def test_audiosocket_unframed_pcm_fails_fast():
-    # The spec's Node.js example sends raw PCM chunks; we must not parse them as frames.
-    pcm = struct.pack("<160h", *([1000] * 160))  # starts with 0xe8: not a known kind
-    expect_rpe(MediaStreamProtocol(AS), pcm, 1003, "unknown AudioSocket kind 0xe8")
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        # UUID then audio (Asterisk's order), even in length: AudioSocket
+        (as_frame(0x01, uuid.UUID(int=5).bytes) + as_frame(0x10, SLIN_20MS),
+         [CallUuid(str(uuid.UUID(int=5))), Audio(SLIN_20MS, Codec.SLIN, None, None, 0)]),
+        (as_frame(0x10, SLIN_20MS) + as_frame(0x03, b"1") + as_frame(0x00),  # ends with a hangup
+         [Audio(SLIN_20MS, Codec.SLIN, None, None, 0), Dtmf("1"), Hangup()]),
+        (as_frame(0x10, SLIN_20MS[:316]) + as_frame(0xFF),  # ends with an error
+         [Audio(SLIN_20MS[:316], Codec.SLIN, None, None, 0), PeerError(None, b"")]),
+    ],
+)
+def test_well_formed_even_first_messages_stay_audiosocket(message, expected):
+    assert len(message) % 2 == 0
+    proto = MediaStreamProtocol(AS)
+    assert proto.receive(message) == expected
+    assert not proto.headerless
+
+
+def test_a_raw_chunk_well_formed_by_chance_is_audiosocket_and_the_next_raw_one_is_refused():
+    """The rule's residual ambiguity fails loudly, on the second message."""
+    lucky = as_frame(0x10, bytes(314)) + as_frame(0x00)  # 320 bytes of "PCM" that parse whole
+    proto = MediaStreamProtocol(AS)
+    assert proto.receive(lucky) == [Audio(bytes(314), Codec.SLIN, None, None, 0), Hangup()]
+    expect_rpe(proto, speech_slin()[:320], 1003, "unknown AudioSocket kind")
+
+
+def test_an_audiosocket_session_keeps_refusing_garbage():
+    raw = speech_slin()
+    expect_rpe(framed(), raw[:320], 1003, "unknown AudioSocket kind")
+    expect_rpe(framed(), bytes(320), 1002, "truncated")
+    expect_rpe(framed(Codec.SLIN), b"\x10\x01\x3d" + bytes(317), 1007, "odd")
+    # a first message of odd length that is AudioSocket settles the framing too
+    proto = MediaStreamProtocol(AS)
+    assert proto.receive(as_frame(0x03, b"5")) == [Dtmf("5")]
+    expect_rpe(proto, bytes(320), 1002)
+    assert not proto.headerless
+
+
+def test_headerless_session_checks_sizes_like_sln():
+    proto = MediaStreamProtocol(AS)
+    proto.receive(speech_slin()[:320])
+    assert proto.headerless
+    [audio] = proto.receive(b"\x10\x01\x40" + SLIN_20MS + b"\x00")  # a "header" is audio now
+    assert audio.payload[:3] == b"\x10\x01\x40" and len(audio.payload) == 324
+    expect_rpe(proto, b"\x00" * 321, 1007, "odd", "321")
+    proto = MediaStreamProtocol(AS)
+    proto.receive(speech_slin()[:320])
+    expect_rpe(proto, b"\x00" * 1922, 1009, "1922 bytes")
+    # the first message itself may be refused for its size
+    expect_rpe(MediaStreamProtocol(AS), speech_slin()[:4000], 1009, "4000 bytes")
+
+
+def test_headerless_with_explicit_codecs():
+    chunk = speech_slin()[:320]
+    assert isinstance(MediaStreamProtocol(AS, Codec.SLIN).receive(chunk)[0], Headerless)
+    # explicit u-law: raw u-law has no sample boundaries to check, so no detection
+    proto = MediaStreamProtocol(AS, Codec.ULAW)
+    expect_rpe(proto, chunk, 1003, "unknown AudioSocket kind")
+    assert not proto.headerless
+
+
+def test_headerless_is_only_about_audiosocket():
+    chunk = speech_slin()[:320]
+    for encapsulation in (SLN, RTP):
+        proto = MediaStreamProtocol(encapsulation, Codec.SLIN)
+        try:
+            events = proto.receive(chunk)
+        except RemoteProtocolError:  # raw speech is not an RTP packet
+            events = []
+        assert not any(isinstance(e, Headerless) for e in events) and not proto.headerless
 
 
 def test_audiosocket_only_helpers_refuse_other_encapsulations():
@@ -459,8 +628,12 @@ AUDIOSOCKET_FRAMES = [
 def test_audiosocket_every_truncation_raises(frame):
     assert MediaStreamProtocol(AS).receive(frame) is not None  # the whole frame is valid
     for cut in range(len(frame)):
-        err = expect_rpe(MediaStreamProtocol(AS), frame[:cut], 1002)
+        err = expect_rpe(framed(), frame[:cut], 1002)  # in an AudioSocket session
         assert "empty" in str(err) or "truncated" in str(err)
+        if cut % 2 or not cut:  # a first message of odd length (or empty): refused the same way
+            expect_rpe(MediaStreamProtocol(AS), frame[:cut], 1002)
+        else:  # of even length: raw slin
+            assert MediaStreamProtocol(AS).receive(frame[:cut])[1:] == [Audio(frame[:cut], Codec.SLIN, None, None, 0)]
 
 
 def test_rtp_truncation_in_header_raises_and_in_payload_shortens():
@@ -492,7 +665,7 @@ def test_fuzz_never_raises_anything_but_remote_protocol_error(encapsulation, cod
     rng = random.Random(f"{encapsulation.value}-{codec.value}")
     seeds = [rtp(1), rtp(2, payload=SLIN_20MS, pt=96), SLIN_20MS, *AUDIOSOCKET_FRAMES, b"".join(AUDIOSOCKET_FRAMES)]
     outcomes = set()
-    proto = MediaStreamProtocol(encapsulation, codec)
+    settled = MediaStreamProtocol(encapsulation, codec)  # one session for every message
     for _ in range(3000):
         message = bytearray(rng.choice(seeds))
         for _ in range(rng.randint(1, 4)):  # mutate a few bytes, maybe cut or extend
@@ -503,12 +676,15 @@ def test_fuzz_never_raises_anything_but_remote_protocol_error(encapsulation, cod
                 del message[rng.randrange(len(message) + 1):]
             else:
                 message += bytes(rng.randrange(256) for _ in range(rng.randrange(8)))
-        try:
-            events = proto.receive(bytes(message))
-        except RemoteProtocolError as err:
-            assert err.close_code in (1002, 1003, 1007, 1009)
-            outcomes.add(err.close_code)
-        else:
-            assert all(isinstance(e, (Audio, Hangup, CallUuid, Dtmf, PeerError)) for e in events)
-            outcomes.add("ok")
+        # the same message in the long session, and as the first message of a new one
+        for proto in (settled, MediaStreamProtocol(encapsulation, codec)):
+            try:
+                events = proto.receive(bytes(message))
+            except RemoteProtocolError as err:
+                assert err.close_code in (1002, 1003, 1007, 1009)
+                outcomes.add(err.close_code)
+            else:
+                assert all(isinstance(e, (Audio, Hangup, CallUuid, Dtmf, PeerError, Headerless)) for e in events)
+                assert sum(isinstance(e, Headerless) for e in events) <= 1
+                outcomes.add("ok")
     assert "ok" in outcomes and len(outcomes) >= 2  # the fuzzer reached both paths

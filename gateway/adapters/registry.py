@@ -11,16 +11,19 @@ from gateway.runtime import Runtime
 def build_endpoint(config: EndpointConfig, runtime: Runtime, default_name: str) -> Endpoint:
     """Validate the endpoint's options and construct it; raises ConfigError (file:line, key).
 
-    Options every kind takes: `name` (unique in the route; default the kind), `role`, and
-    `hears` (names of the endpoints whose audio this one takes; default all the others)."""
+    Options every kind takes: `name` (unique in the route; default the kind), `role`, `hears`
+    (names of the endpoints whose audio this one takes; default all the others) and `identity`
+    (who it is as a participant of a room, e.g. an Argon listen channel; default its name)."""
     opts = config.options
     name = opts.get_str("name", default_name, allow_empty=False)
+    identity = opts.get_str("identity", name, allow_empty=False)
     hears = None
     if "hears" in opts:
         hears = tuple(opts.child({"h": h}, f"{opts.key_path('hears')}[{i}]", line).get_str("h", allow_empty=False)
                       for i, h, line in opts.items("hears"))
     endpoint = _build(config, runtime, name, opts)
     endpoint.hears = hears
+    endpoint.identity = identity
     return endpoint
 
 
@@ -64,7 +67,7 @@ def _build(config: EndpointConfig, runtime: Runtime, name: str, opts) -> Endpoin
         cls = FileSource if kind == "file" else Recorder
         # `${...}` references expand here as everywhere (the local adapters take plain values)
         values = {k: opts.get_str(k) if isinstance(opts.raw(k), str) else opts.raw(k)
-                  for k in list(opts.keys()) if k not in ("name", "role", "hears")}
+                  for k in list(opts.keys()) if k not in ("name", "role", "hears", "identity")}
         try:
             return cls.from_config(name, values)
         except ConfigError as err:

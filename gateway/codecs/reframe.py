@@ -27,7 +27,7 @@ class Reframer:
       (possibly [] for a short input); `flush()` also returns the last partial frame padded
       with silence, then starts over.
     - from a real-time pacer: `push(frame)`, `pop()` (one frame or None), `buffered`,
-      `drop(samples)`.
+      `peek(samples)` (look ahead without consuming), `drop(samples)`.
 
     Timestamps: an output frame carries the timestamp of its first sample. Input is treated
     as contiguous; when a push arrives with nothing buffered, the clock re-syncs to that
@@ -120,6 +120,15 @@ class Reframer:
         frame = AudioFrame(out, self.fmt.rate, self._head_ts)
         self._consume(n)
         return frame
+
+    def peek(self, samples: int) -> np.ndarray | None:
+        """A copy of the oldest `samples` buffered samples, not consumed (the next `pop` returns
+        them); None when fewer wait."""
+        if samples < 0 or self._count < samples:
+            return None
+        out = np.empty((samples, self._ring.shape[1]), dtype=np.int16)
+        self._read(out)
+        return out
 
     def drop(self, samples: int) -> int:
         """Discard up to `samples` of the oldest samples; returns how many were discarded.

@@ -8,6 +8,13 @@ it is only known once the peer's first packet arrives (`wire.MediaStreamProtocol
 
 The service ends a call by closing without a close frame (1006): that is the call ending
 (`CallEnded`), not a failure to retry.
+
+A client on audiosocket that sends raw slin without AudioSocket headers (the spec's own Node.js
+example: the whole file in 320-byte chunks, as fast as it can) is served (`wire`,
+"Headerless AudioSocket"): one warning says so, and the endpoint is `bursty` for that session,
+so the route queues the unpaced burst (up to `burst_buffer_ms`) and plays it at real time
+instead of dropping it as excess latency; when the client closes right after sending, the
+route still plays out what it queued before ending.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from gateway.adapters.voipbin.wire import (
     Dtmf,
     Encapsulation,
     Hangup,
+    Headerless,
     MediaStreamProtocol,
     PeerError,
 )
@@ -92,6 +100,7 @@ class _VoipbinEndpoint(Endpoint):
         """Receive until the call ends; raises CallEnded (hangup, close) or RemoteProtocolError."""
         self._ws, self._proto = ws, proto
         self.stats.connects += 1
+        self.bursty = False  # until this session's peer shows it sends unpaced (Headerless)
         timestamp = 0
         stats = self.stats
         decoder = self._decoder
@@ -123,6 +132,14 @@ class _VoipbinEndpoint(Endpoint):
                         emit(frame)
                     elif isinstance(event, Hangup):
                         raise CallEnded("hangup")
+                    elif isinstance(event, Headerless):
+                        self.bursty = True  # before its first frame reaches the route's pacer
+                        self.log.warning(
+                            "%s sends raw slin without AudioSocket headers (as the spec's Node.js example does; "
+                            "its first message is not AudioSocket framing: %s); treating it as sln and playing "
+                            "its unpaced burst at real time",
+                            "client" if self.role == "listen" else "the service", event.reason,
+                        )
                     elif isinstance(event, Dtmf):
                         self.dtmf.append(event.digit)
                         self.route_event("dtmf", digit=event.digit)

@@ -22,10 +22,47 @@ Encapsulations
   docs/Configuration/Channel-Drivers/AudioSocket.md). Kinds: 0x00 hangup, 0x01 UUID (16 bytes
   binary), 0x03 DTMF (one ASCII digit), 0x10 audio (slin 8 kHz little-endian), 0xff error
   (optional payload; Asterisk's own codes are 0x01 hangup of calling party, 0x02 frame forwarding
-  error, 0x04 memory error). The spec's Node.js AudioSocket example sends raw 320-byte chunks
-  with no AudioSocket header; we follow the AudioSocket protocol its name refers to, so such a
-  peer fails fast with `RemoteProtocolError` (1003 unknown kind, or 1002 bad length) instead of
-  having its audio parsed as frames of garbage.
+  error, 0x04 memory error).
+
+Headerless AudioSocket: the spec's own Node.js example
+------------------------------------------------------
+The spec's "Node.js Example (AudioSocket)" connects with ``encapsulation=audiosocket`` and sends
+the raw file in 320-byte chunks: slin with no AudioSocket header, as fast as it can. Such a peer
+is recognised on its first binary message, and the decision is final for the session:
+
+- The first message is taken for raw slin ("headerless") when its length is even (whole
+  16-bit samples) and it is not a well-formed AudioSocket message. Well-formed means: it
+  parses whole into frames (known kinds, each length field matching what follows, the checks
+  below), no audio frame in it is empty, and a hangup (with no payload) or an error frame
+  comes only as its last frame. Otherwise it is parsed as AudioSocket, as every later message.
+- From then on every message is raw slin audio (`Audio` events in slin whatever `Codec.AUTO`
+  would make of the size; an odd length is 1007, more than `MAX_PAYLOAD_BYTES` is 1009, as on
+  sln). `headerless` is True and the first message's events start with one `Headerless`
+  event naming why its framing was refused, so the adapter can say so once.
+- A session whose first message was well-formed AudioSocket stays AudioSocket: a later
+  message that does not parse is refused as before (1002, 1003, 1007, 1009). An odd-length
+  first message is parsed as AudioSocket (and refused if it does not parse): raw slin is
+  never odd, while one audio frame of 320 bytes is 323. An explicit `Codec.ULAW` turns the
+  detection off (raw u-law has no sample boundaries to check).
+
+Why the rule holds: a chunk of raw speech starts with a known kind byte often enough (0x00,
+0x01, 0x03, 0x10, 0xff), but it also has to chain frame lengths exactly to its end with valid
+payloads; none of the 131,000 320-byte chunks taken at every even offset of the two bundled
+8 kHz recordings does (the tests check or105.wav at every offset). The ambiguous cases are a
+raw chunk that starts like a header, e.g. ``10 01 3d`` (audio, 317 bytes = its length - 3):
+its payload is odd, so it is not slin and the message is headerless; and digital silence (all
+zero bytes), which parses as a run of hangup frames when its length is a multiple of 3 (480,
+960 or 1920 bytes): a hangup followed by anything is not well-formed, so it is headerless too.
+A raw chunk that is well-formed AudioSocket by chance (it would have to end exactly on a frame
+boundary with only plausible frames in it) is taken for AudioSocket, and the next raw message
+is then refused with 1002/1003: it fails loudly, never as audio parsed from garbage.
+
+What we send to a headerless peer: AudioSocket audio frames (kind 0x10, length, 320 bytes of
+slin), the framing the client asked for with ``encapsulation=audiosocket`` and the one the
+spec documents for it. A client that parses AudioSocket keeps working; the spec's example,
+which appends every message it receives to a file, gets a 3-byte header before each 20 ms of
+audio in that file (and the 3-byte hangup frame at the end), exactly what it would get from
+an AudioSocket server that honours the encapsulation it asked for.
 
 Codec: the contradiction in the spec, and the choice made
 ---------------------------------------------------------
@@ -58,8 +95,8 @@ Errors (`RemoteProtocolError.close_code`, RFC 6455 §7.4.1)
   (expected vs got).
 - 1003: text message on this binary stream, RTP payload type other than 0/96, unknown
   AudioSocket kind.
-- 1007: slin payload with an odd byte count, UUID frame not 16 bytes, DTMF frame not one valid
-  digit.
+- 1007: slin payload with an odd byte count (a raw message of a headerless session included),
+  UUID frame not 16 bytes, DTMF frame not one valid digit.
 - 1009: an audio (or AudioSocket) payload larger than `MAX_PAYLOAD_BYTES` (120 ms of slin).
 
 After a `RemoteProtocolError` the adapter closes the WebSocket with `err.close_code` and
@@ -89,6 +126,7 @@ __all__ = [
     "Event",
     "FRAME_BYTES",
     "Hangup",
+    "Headerless",
     "MAX_DROPOUT",
     "MAX_PAYLOAD_BYTES",
     "MediaStreamProtocol",
@@ -201,7 +239,16 @@ class PeerError:
     """The whole payload as received (application-specific; often empty or the code alone)."""
 
 
-Event = Audio | Hangup | CallUuid | Dtmf | PeerError
+@attrs.frozen
+class Headerless:
+    """The peer sends raw slin without AudioSocket headers (the spec's Node.js example),
+    decided on its first message; reported once, before that message's `Audio`."""
+
+    reason: str
+    """Why the first message is not AudioSocket framing (e.g. "unknown AudioSocket kind 0xe8")."""
+
+
+Event = Audio | Hangup | CallUuid | Dtmf | PeerError | Headerless
 
 _HANGUP = Hangup()
 
@@ -245,6 +292,10 @@ class MediaStreamProtocol:
     """Audio packets produced by `send_audio`."""
     lost: int
     """Packets missing by RTP sequence number so far (sum of `Audio.lost`)."""
+    headerless: bool
+    """audiosocket only: True once the peer's first message showed raw slin without AudioSocket
+    headers (module docstring); every message is then raw slin audio."""
+    _framed: bool  # audiosocket: a message parsed as AudioSocket frames, so the framing is settled
     _out_sequence: int
     _out_timestamp: int
     _highest_sequence: int | None
@@ -274,6 +325,8 @@ class MediaStreamProtocol:
         self.packets_in = 0
         self.packets_out = 0
         self.lost = 0
+        self.headerless = False
+        self._framed = False
         self._out_sequence = random16() if sequence is None else sequence
         self._out_timestamp = random32() if timestamp is None else timestamp
         self._highest_sequence = None
@@ -284,7 +337,8 @@ class MediaStreamProtocol:
         """Events from one WebSocket message.
 
         Returns a list: one `Audio` for rtp/sln (none for an RTP packet with an empty
-        payload), and one event per AudioSocket frame for audiosocket. Raises
+        payload), and one event per AudioSocket frame for audiosocket (for a headerless peer,
+        one `Audio` per message, the first preceded by `Headerless`). Raises
         `RemoteProtocolError` with the close code to send (module docstring) when the message
         breaks the protocol; never anything else.
         """
@@ -361,6 +415,29 @@ class MediaStreamProtocol:
         return gap
 
     def _receive_audiosocket(self, data: bytes) -> list[Event]:
+        if self.headerless:
+            return [self._audio(data, self._resolve(data), None, None, 0)]
+        if self._framed or len(data) % 2 or (self.codec_resolved and self.codec is Codec.ULAW):
+            events = self._parse_audiosocket(data, first=False)
+            self._framed = True
+            return events
+        # The first message, of even length: AudioSocket frames, or raw slin without headers?
+        packets_in = self.packets_in
+        try:
+            events = self._parse_audiosocket(data, first=True)
+        except RemoteProtocolError as err:
+            # Raw slin: undo what frames parsed before the failure committed (count, codec).
+            self.packets_in = packets_in
+            self.headerless = True
+            self.codec, self.codec_resolved = Codec.SLIN, True
+            return [Headerless(str(err)), self._audio(data, self._resolve(data), None, None, 0)]
+        self._framed = True
+        return events
+
+    def _parse_audiosocket(self, data: bytes, *, first: bool) -> list[Event]:
+        """Events of every frame in `data`. With `first`, also refuse what a well-formed first
+        message never holds: an empty audio frame, or anything after a hangup or error frame
+        (then the caller takes the message for raw slin)."""
         events: list[Event] = []
         pos = 0
         end = len(data)
@@ -377,6 +454,9 @@ class MediaStreamProtocol:
                 raise RemoteProtocolError(
                     f"AudioSocket {name} payload {length} bytes, limit {MAX_PAYLOAD_BYTES}", close_code=1009
                 )
+            if first and events and isinstance(events[-1], (Hangup, PeerError)):
+                last = "a hangup" if isinstance(events[-1], Hangup) else "an error"
+                raise RemoteProtocolError(f"AudioSocket {name} frame after {last} frame", close_code=1002)
             pos += _AS_HEADER.size
             if end - pos < length:
                 raise RemoteProtocolError(
@@ -388,7 +468,13 @@ class MediaStreamProtocol:
             if kind == _KIND_AUDIO:
                 if payload:
                     events.append(self._audio(payload, self._resolve(payload), None, None, 0))
+                elif first:
+                    raise RemoteProtocolError("empty AudioSocket audio frame", close_code=1002)
             elif kind == _KIND_HANGUP:
+                if first and length:
+                    raise RemoteProtocolError(
+                        f"AudioSocket hangup frame with a {length}-byte payload", close_code=1002
+                    )
                 events.append(_HANGUP)
             elif kind == _KIND_UUID:
                 if length != 16:
