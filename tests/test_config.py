@@ -20,7 +20,7 @@ server:
   http: 127.0.0.1:8080
   media: 127.0.0.1:12880
 services:
-  argon:   {api_url: https://api.argon.gl/api/bot, bot_token: "${ARGON_BOT_TOKEN}"}
+  argon:   {api_url: https://gateway.argon.zone, bot_token: "${ARGON_BOT_TOKEN}"}
   voipbin: {api_url: https://api.voipbin.net, token: "${VOIPBIN_TOKEN}"}
 routes:
   - name: support-line
@@ -55,8 +55,18 @@ def test_example_config_is_valid(tmp_path):
     (tmp_path / "control_token").write_text("ctl-example\n")
     config = GatewayConfig.from_text(text, "gateway.example.yaml", env=ENV | {"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert config.server.control.token.reveal() == "ctl-example"
-    Gateway(config).build()
-    assert len(config.routes) == 5
+    gateway = Gateway(config)
+    gateway.build()
+    assert len(config.routes) == 10
+    # the Argon scenarios as documented: two-way, follow, hear only, incoming calls, listen
+    argon = {name: next(e for e in gateway.routes[name].route.endpoints if e.kind == "argon")
+             for name in ("support-line", "open-line", "minutes", "hotline", "lobby", "call-the-desk")}
+    assert argon["support-line"].ingress is not None and argon["support-line"].egress is not None
+    assert argon["open-line"].hear == "follow"
+    assert argon["minutes"].egress is None and argon["minutes"].ingress is not None
+    assert argon["hotline"].calls == "incoming" and argon["hotline"].max_calls == 4
+    assert gateway.routes["hotline"].takes_calls and gateway.routes["hotline"].has_listen
+    assert argon["lobby"].channel is not None and argon["call-the-desk"].call_bot.username == "desk_bot"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from gateway.config.yaml_lines import expand_env, load_yaml
 from gateway.errors import ConfigError
 
 ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "file", "record")
-ARGON_API_URL = "https://api.argon.gl/api/bot"
+ARGON_API_URL = "https://gateway.argon.zone"  # argon-voice-ws.md "Calls and events" (the seed: api.argon.gl/api/bot)
 ARGON_INGRESS_PATH = "/audio/connect"
 VOIPBIN_API_URL = "https://api.voipbin.net"
 VIDEOSDK_API_URL = "https://api.videosdk.live"
