@@ -85,9 +85,10 @@ def blockwise_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarr
     """Correlation of each speech block of the reference with the received audio, each at its
     own best lag within ±`search_s` of the overall lag.
 
-    A live path may conceal a late packet or drop audio to win back latency (a shift of a few
-    ms mid-stream); per block such a shift costs one block, while noise, wrong byte order or a
-    wrong rate fail every block.
+    A live path may conceal a late packet or shorten a pause to win back latency (a shift of a
+    few ms mid-stream); per block such a shift costs one block, while noise, wrong byte order or
+    a wrong rate fail every block, and a speech block the received audio does not reach (its
+    head or tail missing) scores 0. Pauses of the reference are not scored.
     """
     ref = reference.astype(np.float64)
     ref = ref.mean(axis=1) if ref.ndim > 1 else ref
@@ -103,8 +104,9 @@ def blockwise_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarr
         a = ref[start : start + block]
         if np.sqrt(np.mean(a**2)) < threshold:
             continue  # a pause: nothing to compare
-        if start + base < 0 or start + base + block > len(got):
-            continue  # before or after what was received (a stale head dropped at start-up)
+        if start + base + search < 0 or start + base - search + block > len(got):
+            scores.append(0.0)  # before or after what was received: that speech is missing
+            continue
         lo = max(0, start + base - search)
         window = got[lo : start + base + search + block]
         if len(window) < block:

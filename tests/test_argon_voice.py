@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import trio
 
-from audio_checks import blockwise_alignment, read_wav
+from audio_checks import blockwise_alignment, read_wav, write_wav
 from conftest import ASSETS
 from gateway.adapters.argon import room as room_module
 from gateway.demo import start_demo
@@ -92,9 +92,12 @@ async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch,
     target reopens the bot's duplex session, and the channel hears the caller throughout with
     no gap over 100 ms."""
     caplog.set_level("INFO")
-    caller, _, rate = clip(tmp_path, "caller.wav", "or105.wav", 0.0, 8.0)
-    alice_pcm = read_wav(ASSETS / "or109.wav")[0][int(0.2 * rate): int(1.7 * rate)]
-    bob_pcm = read_wav(ASSETS / "or105.wav")[0][int(4.0 * rate): int(5.5 * rate)]
+    rate = 8000
+    caller = str(tmp_path / "caller.wav")  # 16 s: outlasts the test
+    write_wav(caller, np.concatenate([read_wav(ASSETS / name)[0] for name in ("or105.wav", "or109.wav")]), rate)
+    # each long enough (~10 speech blocks) that a packet concealed under load costs one block
+    alice_pcm = read_wav(ASSETS / "or109.wav")[0][int(0.2 * rate): int(2.7 * rate)]
+    bob_pcm = read_wav(ASSETS / "or105.wav")[0][int(4.0 * rate): int(6.5 * rate)]
     published: list[float] = []  # when the room got each packet the bridge's bot published
     real_publish = room_module.Room.publish
 
@@ -126,7 +129,7 @@ async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch,
         nursery.cancel_scope.cancel()
     heard, _ = read_wav(tmp_path / "phone-hears.wav")
     alice_at, bob_at = locate(alice_pcm, heard, rate), locate(bob_pcm, heard, rate)
-    assert 0 < alice_at < bob_at - 1.5, (alice_at, bob_at)  # alice's words, then bob's
+    assert 0 < alice_at < bob_at - 2.5, (alice_at, bob_at)  # alice's words, then bob's
     for pcm, at in ((alice_pcm, alice_at), (bob_pcm, bob_at)):
         part = heard[int(at * rate): int(at * rate) + len(pcm)]
         blocks = blockwise_alignment(pcm, rate, part, rate)
@@ -178,9 +181,10 @@ async def test_malformed_opus_from_the_participant_is_concealed_not_fatal(tmp_pa
     count = [0]
 
     def forward(self, identity, packet):
-        count[0] += 1
-        if count[0] % 25 == 0:
-            packet = garbage
+        if identity == "person":
+            count[0] += 1
+            if count[0] in (10, 45, 80):  # three bad packets in the person's speech
+                packet = garbage
         return real_forward(self, identity, packet)
 
     monkeypatch.setattr(room_module.Room, "forward", forward)
@@ -190,6 +194,9 @@ async def test_malformed_opus_from_the_participant_is_concealed_not_fatal(tmp_pa
             await gateway.routes["support-line"].sessions_done.wait()
         nursery.cancel_scope.cancel()
     bot = gateway.routes["support-line"].route.endpoints[1]
-    assert bot.playout.stats.malformed >= 3 and bot.stats.concealed >= 3
+    assert bot.playout.stats.malformed == 3 and bot.stats.concealed >= 3
     assert gateway.routes["support-line"].route.stats.ended_by.startswith("voipbin")  # not the bot
-    check_speech(person_pcm, rate, tmp_path / "caller-hears.wav", min_seconds=1.8, what="channel → caller")
+    # the speech reached the caller: each bad packet costs at most its own block
+    heard, _ = read_wav(tmp_path / "caller-hears.wav")
+    blocks = blockwise_alignment(person_pcm, rate, heard, rate)
+    assert len(blocks) >= 4 and sum(b > 0.85 for b in blocks) >= len(blocks) - 3, np.round(blocks, 2)

@@ -40,11 +40,11 @@ def stats(gateway):
 
 def check_speech_arrived(tmp_path, clip, gateway):
     """The speech is in the channel's recording: quarter second by quarter second, in order,
-    with little delay. Audio that queued while the bridge was still connecting is kept and
-    played from its start, so the recording starts with the speech's beginning (the latency it
-    added is won back in pauses, so the speech may come up to a few hundred ms early in the
-    recording); a packet concealed under load costs one block. Noise, a wrong byte order or a
-    wrong rate fail every block."""
+    with little delay. Audio that queued while the bridge was still connecting is kept (the
+    latency it added is won back in pauses, so later speech may come a little early in the
+    recording: tests/test_argon_startup.py checks the start-up case itself, with an ingress
+    that takes 1 s); a packet concealed under load costs one block. Noise, a wrong byte order
+    or a wrong rate fail every block."""
     source, source_rate = read_wav(clip)
     received, rate = read_wav(tmp_path / "channel.wav")
     corr, lag = best_alignment(source, source_rate, received, rate)
@@ -52,13 +52,6 @@ def check_speech_arrived(tmp_path, clip, gateway):
     blocks = blockwise_alignment(source, source_rate, received, rate)
     good = sum(b > 0.9 for b in blocks)
     assert len(blocks) >= 4 and good >= 0.8 * len(blocks), f"speech blocks {np.round(blocks, 2)}: {stats(gateway)}"
-    # the beginning of the speech (its first quarter second of speech, with the pause before
-    # it) is in the recording: nothing queued at start-up was dropped (0.8: one packet
-    # concealed in it under load still passes; a missing head scores near 0)
-    x, block = source.astype(np.float64).mean(axis=1), int(0.25 * source_rate)
-    loud = [np.sqrt(np.mean(x[i : i + block] ** 2)) >= 0.3 * np.sqrt(np.mean(x**2)) for i in range(0, len(x) - block + 1, block)]
-    head = blockwise_alignment(source[: (loud.index(True) + 1) * block], source_rate, received, rate)
-    assert head and head[-1] > 0.8, f"the speech's beginning is not in the recording ({np.round(head, 2)}): {stats(gateway)}"
     # nothing lost once the bridge was up: the recording runs to the end of the speech
     assert abs(len(received) / rate - (len(source) / source_rate + lag)) < 0.1
     return corr
@@ -94,9 +87,11 @@ async def test_every_opus_message_is_one_valid_packet(tmp_path, speech_clip, mon
     gateway = await bridge(tmp_path, speech_clip, frame_ms=frame_ms, stereo=stereo)
     channels = 2 if stereo else 1
     # every packet of the call's audio (what queued while the Argon side connected too, less
-    # the pauses shortened to win that latency back), and never more than the speech
+    # the pauses shortened to win that latency back), and never more than the call sent
+    # (nothing duplicated): its 20 ms frames, the last one padded, and the encoder's flush
     expected = CLIP_S * 1000 / frame_ms
-    assert 0.8 * expected <= len(packets) <= expected + 2 + 40 // frame_ms
+    sent_by_call = gateway.routes["phone-call"].route.endpoints[0].stats.frames_out
+    assert 0.8 * expected <= len(packets) <= sent_by_call * 20 / frame_ms + 2
     decoder = opuslib.Decoder(48000, channels)
     for packet, info in packets:
         assert len(packet) > 2

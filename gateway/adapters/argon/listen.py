@@ -329,7 +329,12 @@ class ArgonListenService:
         """One upgrade on an audio path: refused before the upgrade, or served until it ends."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.request.headers}
         try:
-            audio = parse_audio_request(request.request.path, headers.get("authorization"))
+            try:
+                audio = parse_audio_request(request.request.path, headers.get("authorization"))
+            except AudioRefusal as refusal:
+                if refusal.token is not None:  # Argon verifies the token before it reads target_identity
+                    verify_room_token(self.secret, refusal.token, now=time.time(), issuer=ISSUER)
+                raise
             grant = verify_room_token(self.secret, audio.token, now=time.time(), issuer=ISSUER)
         except (AudioRefusal, TokenError) as err:
             status = getattr(err, "status", 401)

@@ -143,14 +143,16 @@ class BotSession:
                 if not self.ended_by:
                     self.ended_by = close_description(closed)
                 return
-            if isinstance(message, str):
-                continue  # "client text frames are ignored"
             if self.path is AudioPath.SUBSCRIBE:
-                if len(message) > MAX_SUBSCRIBE_MESSAGE:
+                # the read limit counts every message, text too (1009 before the text is ignored)
+                size = len(message.encode()) if isinstance(message, str) else len(message)
+                if size > MAX_SUBSCRIBE_MESSAGE:
                     await self._refuse(RemoteProtocolError(
-                        f"message of {len(message)} bytes on /audio/subscribe (limit {MAX_SUBSCRIBE_MESSAGE})", close_code=1009))
+                        f"message of {size} bytes on /audio/subscribe (limit {MAX_SUBSCRIBE_MESSAGE})", close_code=1009))
                     return
                 continue  # a subscriber publishes nothing
+            if isinstance(message, str):
+                continue  # "client text frames are ignored"
             try:
                 if self.ogg is None and self.packets_in == 0 and looks_like_ogg(message):
                     self.ogg = OggOpusDemuxer()

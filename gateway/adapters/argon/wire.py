@@ -843,12 +843,17 @@ class AudioRefusal(GatewayError):
     and 503, come from `verify_room_token` and admission); the answer is a plain-text body,
     `str(err)` (= `reason`), never a WebSocket close code (argon-voice-ws.md "Every refusal is
     a plain-text HTTP error before the upgrade"). The message never contains the token.
+
+    `token` is the request's token (unverified) when it was read before the refusal (a 400 for
+    a missing ``target_identity``), else None: the server verifies the token first, so a
+    listen side checks it before answering 400. It is not part of the message or `repr`.
     """
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int, token: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = message
+        self.token = token
 
 
 @attrs.frozen(kw_only=True)
@@ -953,8 +958,8 @@ def parse_audio_request(target: str, authorization: str | None) -> AudioRequest:
       ``target_track_source`` "microphone" / "screen_share_audio", anything else → None.
 
     The server checks the token before `target_identity`; a listen side that wants the
-    same order for a request with both wrong verifies the token of a 400 first. Messages
-    never contain the token.
+    same order for a request with both wrong verifies the token of a 400 first (the
+    refusal's `AudioRefusal.token`). Messages never contain the token.
     """
     raw_path, query = _split_target(target)
     legacy = raw_path in ("", "/")
@@ -997,7 +1002,7 @@ def parse_audio_request(target: str, authorization: str | None) -> AudioRequest:
     if path.hears:
         target_identity = values.get("target_identity", "")
         if not target_identity:
-            raise _refuse(400, "missing target_identity parameter")
+            raise AudioRefusal("missing target_identity parameter", status=400, token=token)
         target_source = values.get("target_track_source", "")
         fields.update(
             target_identity=target_identity,
