@@ -488,7 +488,13 @@ class Gateway:
         rlog = session.log
         state.enter("up")
         try:
-            reason = await session.run()
+            try:
+                reason = await session.run()
+            except BaseExceptionGroup as group:
+                err = collapse(group)
+                if isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
+                    raise err from None
+                raise
             rlog.info("call %s ended: %s", call_id, reason)
         except (GatewayError, OSError) as err:
             state.last_error = str(err)

@@ -38,6 +38,7 @@ SPACE_ID = "550e8400-e29b-41d4-a716-446655440000"
 CHANNEL_ID = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
 CALLER_TAIL_S = 1.0  # silence after the caller's speech: what the channel says last still arrives
 PERSON_TAIL_S = 2.0  # the person's clip outlasts the caller's, so the call's end ends the demo
+PERSON_HEADROOM_S = 0.5  # the person's words end this long before the call, to reach the caller
 
 DEMO_CONFIG = string.Template("""\
 server:
@@ -94,10 +95,13 @@ async def start_gateway(nursery: trio.Nursery, make_config, prepare=None) -> Gat
     return gateway
 
 
-def padded(source: str | Path, out: Path, name: str, tail_s: float, *, at_least_s: float = 0.0) -> Path:
-    """`source` (a WAV file) with `tail_s` seconds of silence after it (and more, up to
-    `at_least_s` in all), written to out/name."""
+def padded(source: str | Path, out: Path, name: str, tail_s: float, *, at_least_s: float = 0.0,
+           speech_at_most_s: float | None = None) -> Path:
+    """`source` (a WAV file), cut to `speech_at_most_s` seconds when longer, with `tail_s`
+    seconds of silence after it (and more, up to `at_least_s` in all), written to out/name."""
     pcm, rate = read_wav(source)
+    if speech_at_most_s is not None:
+        pcm = pcm[: max(rate // 10, int(speech_at_most_s * rate))]
     tail = max(int(tail_s * rate), int(at_least_s * rate) - len(pcm))
     path = Path(out) / name
     write_wav(path, np.concatenate([pcm, np.zeros((tail, pcm.shape[1]), dtype=np.int16)]), rate)
@@ -109,12 +113,15 @@ async def start_demo(nursery: trio.Nursery, *, audio: str, out: str, person: str
                      listen_codec: str = "auto") -> Gateway:
     """The demo's three routes on ephemeral ports. `audio` is what the caller says, `person`
     what the person in the channel says (None: nobody speaks in the channel, the bridge is
-    heard one way). The person's clip is padded with silence to outlast the caller's (a
-    participant whose file ends ends the channel's session), so the call's end ends the demo."""
+    heard one way). The person's clip is written to `out/person-says.wav`: no longer than the
+    call (their words must reach the caller before the call ends), then padded with silence to
+    outlast it (a participant whose file ends ends the channel's session), so the call's end
+    ends the demo."""
     if person and person.endswith(".wav") and audio.endswith(".wav"):
         caller_pcm, caller_rate = read_wav(audio)
-        person = str(padded(person, Path(out), "person-says.wav", PERSON_TAIL_S,
-                            at_least_s=len(caller_pcm) / caller_rate + PERSON_TAIL_S))
+        call_s = len(caller_pcm) / caller_rate
+        person = str(padded(person, Path(out), "person-says.wav", PERSON_TAIL_S, at_least_s=call_s + PERSON_TAIL_S,
+                            speech_at_most_s=call_s - PERSON_HEADROOM_S))
     return await start_gateway(nursery, lambda http_port, media_port: demo_config(
         http_port, media_port, audio=audio, person=person, out=out, encapsulation=encapsulation,
         frame_ms=frame_ms, stereo=stereo, listen_codec=listen_codec))
@@ -141,7 +148,9 @@ async def run_demo(audio: str | None, out: str, encapsulation: str, frame_ms: in
             await routes["voice-channel"].sessions_done.wait()
         nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - started
-    return report(gateway, str(caller_src), str(person_src), out_dir, elapsed, timed_out=timeout.cancelled_caught)
+    said = out_dir / "person-says.wav"  # what the person said: their clip, cut to the call
+    return report(gateway, str(caller_src), str(said if said.exists() else person_src), out_dir, elapsed,
+                  timed_out=timeout.cancelled_caught)
 
 
 def media_duration(path: Path) -> float:

@@ -26,14 +26,20 @@ from trio_websocket import ConnectionClosed, serve_websocket
 
 from audio_checks import blockwise_alignment, read_wav
 from conftest import ASSETS
+from gateway.adapters.argon.dial import incoming_endpoint
 from gateway.adapters.voipbin.wire import Audio, Codec, Encapsulation, Hangup, MediaStreamProtocol
 from harness import start
-from test_argon_calls import BOT_USER, BOTS, check_heard
+from test_argon_calls import BOT_USER, BOTS
 from voice_clients import Caller
 
 RATE = 8000
 USERS = ("user-7", "user-8", "user-9")
 MAX_CALLS = 2
+SETTLE_S = 0.3  # after a call is set up, before anyone speaks
+# Two relays in each direction (the app user's route, the answering session), each with a pacer
+# that shortens pauses to win back latency and plays late audio a slot later: the lag of the
+# speech through them is not constant, so each block is looked for at its own lag.
+SEARCH_S = 0.3
 
 
 def speech(source: str, start_s: float, end_s: float) -> np.ndarray:
@@ -77,6 +83,8 @@ class Line:
         self.connected_at = trio.current_time()
         self.closed_at: float | None = None
         self.closed = trio.Event()
+        self.talk = trio.Event()
+        """Set by the test: the line says its clip from then on (silence until then)."""
 
     def recording(self) -> np.ndarray:
         return np.concatenate(self.heard) if self.heard else np.zeros(0, np.int16)
@@ -84,8 +92,8 @@ class Line:
 
 class PhoneLines:
     """A VoIPBIN-compatible media server (audiosocket, slin) on which every connection is a
-    phone line of its own: it says `clips[k]` (then silence, as a live line does) in real time
-    and records what it hears, until the gateway hangs up."""
+    phone line of its own: it sends silence in real time, as a live line does, says `clips[k]`
+    once its `talk` is set, and records what it hears, until the gateway hangs up."""
 
     def __init__(self, clips: list[np.ndarray]) -> None:
         self.clips = clips
@@ -123,12 +131,16 @@ class PhoneLines:
         clip = line.clip
         start = trio.current_time()
         k = 0
+        said_from: int | None = None  # the frame at which the clip started
         try:
             while True:
                 await trio.sleep_until(start + 0.02 * k)
                 frame = np.zeros(160, np.int16)
-                piece = clip[k * 160 : (k + 1) * 160]
-                frame[: len(piece)] = piece
+                if said_from is None and line.talk.is_set():
+                    said_from = k
+                if said_from is not None:
+                    piece = clip[(k - said_from) * 160 : (k - said_from + 1) * 160]
+                    frame[: len(piece)] = piece
                 await ws.send_message(proto.send_audio(frame.astype("<i2").tobytes()))
                 line.sent += 1
                 k += 1
@@ -136,22 +148,26 @@ class PhoneLines:
             pass
 
 
+def found(reference: np.ndarray, received: np.ndarray) -> float:
+    """The share of `reference`'s speech blocks found in `received` (correlation > 0.85), each
+    at its own lag within SEARCH_S of the overall one: near 1 for the speech that was sent
+    there, near 0 for other speech."""
+    blocks = blockwise_alignment(reference, RATE, received, RATE, search_s=SEARCH_S)
+    assert len(blocks) >= 3, "too little speech in the reference"
+    return sum(b > 0.85 for b in blocks) / len(blocks)
+
+
 def matches(reference: np.ndarray, received: np.ndarray) -> bool:
-    """`received` holds `reference`, block by block (the check_heard criterion)."""
-    blocks = blockwise_alignment(reference, RATE, received, RATE)
-    return len(blocks) >= 3 and sum(b > 0.85 for b in blocks) >= 0.8 * len(blocks)
-
-
-def crossed(reference: np.ndarray, received: np.ndarray) -> float:
-    """The share of `reference`'s speech blocks found in `received` (near 0 for other speech)."""
-    blocks = blockwise_alignment(reference, RATE, received, RATE)
-    return sum(b > 0.85 for b in blocks) / max(1, len(blocks))
+    """`received` holds `reference`, block by block (test_argon_calls.check_heard's criterion)."""
+    return found(reference, received) >= 0.8
 
 
 async def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
+    with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(0.02)
+        return
+    raise AssertionError(f"waited {timeout:g} s for {what}")
 
 
 async def test_two_calls_at_once_each_on_its_own_line_a_third_is_busy_then_served(tmp_path, caplog):
@@ -179,22 +195,29 @@ async def test_two_calls_at_once_each_on_its_own_line_a_third_is_busy_then_serve
         assert set(answer.calls) == set(rung.values())
         sessions = list(answer.calls.values())
         assert sessions[0] is not sessions[1] and answer.route not in sessions
+        answering = [incoming_endpoint(s.endpoints) for s in sessions]  # each session's own argon endpoint
         assert all(line.path.startswith("/v1.0/calls/desk-1/media_stream?encapsulation=audiosocket&token=")
                    for line in pbx.lines)  # the same call id for every session: the config says so
 
-        # both speak at the same time; meanwhile a third caller is turned away: busy
+        # a third caller while two are up: turned away, busy
+        with trio.fail_after(15):
+            await callers["user-9"].connect(nursery)
+            await app["user-9"].sessions_done.wait()
+        busy = app["user-9"].route.stats.ended_by
+        assert busy == "argon: bot rejected the call: busy", busy
+        assert "rejecting (busy)" in caplog.text
+        assert answer.state == "up" and len(answer.calls) == 2 and len(pbx.lines) == 2
+
+        # both users and both lines speak at the same time (after the call set-up work: this
+        # checks where the audio goes, not how a loaded machine copes with set-up and speech)
+        await trio.sleep(SETTLE_S)
         with trio.fail_after(20):
             async with trio.open_nursery() as talking:
                 for u in USERS[:2]:
                     talking.start_soon(callers[u].speak, said[u])
-                await trio.sleep(0.5)
-                await callers["user-9"].connect(nursery)
-                await app["user-9"].sessions_done.wait()
-                assert answer.state == "up" and len(answer.calls) == 2 and len(pbx.lines) == 2
+                for line in pbx.lines:
+                    line.talk.set()
             await trio.sleep(0.6)  # the last words reach the lines and come back
-        busy = app["user-9"].route.stats.ended_by
-        assert busy == "argon: bot rejected the call: busy", busy
-        assert "rejecting (busy)" in caplog.text
 
         # one call ends: the route takes the next caller, on a third line
         with trio.fail_after(15):
@@ -207,6 +230,9 @@ async def test_two_calls_at_once_each_on_its_own_line_a_third_is_busy_then_serve
             await app["user-9"].route.up.wait()
             await wait_until(lambda: len(pbx.lines) == 3, "the third line dialled")
             assert answer.state == "up" and len(answer.calls) == 2
+            answering += [incoming_endpoint(s.endpoints) for s in answer.calls.values() if s not in sessions]
+            await trio.sleep(SETTLE_S)
+            pbx.lines[2].talk.set()
             await callers["user-9"].speak(said["user-9"])
             await trio.sleep(0.6)
             for u in USERS[1:]:
@@ -217,25 +243,23 @@ async def test_two_calls_at_once_each_on_its_own_line_a_third_is_busy_then_serve
         assert answer.state == "waiting"
         nursery.cancel_scope.cancel()
 
-    # which line each caller got: the one whose recording holds the caller's speech, and only
-    # that caller's
+    # which line each caller got: the one whose recording holds the caller's speech; and it
+    # holds only that caller's
     line_of: dict[str, Line] = {}
     for line in pbx.lines:
         heard = line.recording()
-        found = [u for u in USERS if matches(said[u], heard)]
-        assert len(found) == 1, (line.index, {u: round(crossed(said[u], heard), 2) for u in USERS})
-        line_of[found[0]] = line
-        for other in USERS:
-            if other != found[0]:
-                assert crossed(said[other], heard) < 0.2, (line.index, other)
+        shares = {u: round(found(said[u], heard), 2) for u in USERS}
+        callers_heard = [u for u in USERS if shares[u] >= 0.8]
+        assert len(callers_heard) == 1, (line.index, shares)
+        line_of[callers_heard[0]] = line
+        assert all(shares[u] < 0.3 for u in USERS if u not in callers_heard), (line.index, shares)
     assert set(line_of) == set(USERS) and line_of["user-9"] is pbx.lines[2]
     # ...and each caller heard its own line, not the other one of its time
     for u in USERS:
         recording = callers[u].recording()
-        check_heard(line_of[u].clip, RATE, recording, RATE, f"line {line_of[u].index} → {u}")
-        for line in pbx.lines:
-            if line is not line_of[u]:
-                assert crossed(line.clip, recording) < 0.2, (u, line.index)
+        shares = [round(found(line.clip, recording), 2) for line in pbx.lines]
+        assert shares[line_of[u].index] >= 0.8, (u, shares)
+        assert all(share < 0.3 for i, share in enumerate(shares) if i != line_of[u].index), (u, shares)
         assert line_of[u].hung_up  # the gateway hung the line up (audiosocket hangup) when the call ended
     # the first two calls ran side by side
     first, second = line_of["user-7"], line_of["user-8"]
@@ -252,4 +276,7 @@ async def test_two_calls_at_once_each_on_its_own_line_a_third_is_busy_then_serve
     assert forwarded - 10 * len(USERS) <= argon_in.stats.frames_in <= forwarded
     published = sum(app[u].route.endpoints[1].stats.frames_in for u in USERS)  # what the bot published
     assert published <= argon_in.stats.frames_out <= published + 10 * len(USERS)
+    # (packets the bot's playout concealed, per session: the shared counter is their sum)
+    print("CONCEALED", argon_in.stats.concealed, [e.playout.stats.concealed for e in answering])
+    assert len(answering) == 3 and argon_in.stats.concealed == sum(e.playout.stats.concealed for e in answering)
     assert "the caller hung up (callEnded)" in answer.route.stats.ended_by

@@ -56,6 +56,7 @@ from gateway.adapters.argon.wire import (
     IngressParams,
     StatusMessage,
     accept_request,
+    api_error_cause,
     build_audio_url,
     build_ingress_url,
     parse_accept_response,
@@ -67,7 +68,7 @@ from gateway.adapters.argon.wire import (
     reject_request,
     stream_token_request,
 )
-from gateway.adapters.ws import close, close_description, dial
+from gateway.adapters.ws import Closing, close_description, dial
 from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, PCM16_48K, PCM16_48K_STEREO, VALID_PTIMES_MS, EncodedFrame
 from gateway.codecs.playout import OpusPlayout
 from gateway.config.options import Options
@@ -175,7 +176,7 @@ class BotApi:
             except ServiceError as err:
                 if err.status != 429 or attempt == MAX_RATE_RETRIES:
                     raise
-                retry_after = err.retry_after or RATE_WINDOW
+                retry_after = RATE_WINDOW if err.retry_after is None else err.retry_after
                 log.warning("%s rate limited; retrying in %.0f s", what, retry_after)
                 limiter.back_off(retry_after)
         raise AssertionError("unreachable")
@@ -206,7 +207,8 @@ class BotApi:
         if self._me is None:
             self._me = await self.request(
                 "GET", GET_ME_PATH, self.calls_limiter,
-                lambda status, body, retry_after_s: parse_get_me_response(status, body), what="Argon GetMe")
+                lambda status, body, retry_after_s: parse_get_me_response(status, body, retry_after_s=retry_after_s),
+                what="Argon GetMe")
         return self._me
 
 
@@ -244,6 +246,7 @@ class EventsClient:
         function that unsubscribes. Starts the stream if it is not running."""
         self._subscribers.append(callback)
         if self._scope is None:
+            self.failure = None  # a new start (a reload may have fixed what failed)
             nursery = self.runtime.nursery
             if nursery is None:
                 raise RuntimeError("the events stream needs a running gateway (Runtime.nursery)")
@@ -286,15 +289,19 @@ class EventsClient:
         with scope:
             while True:
                 try:
-                    await self._stream(url)
-                    backoff = EVENTS_BACKOFF[0]
+                    await self._stream(url)  # returns only by raising: every end is a break
                 except ServiceError as err:
                     if err.permanent:
-                        log.error("Argon events stream: %s (permanent: not reconnecting)", err)
+                        log.error("%s (permanent: not reconnecting)", err)
                         self.failure = err
+                        if self._scope is scope:
+                            self._scope = None  # the next subscriber starts it afresh
                         self.changed()
                         return
-                    log.warning("Argon events stream: %s; reconnecting in %.0f s", err, backoff)
+                    if self.connected:  # it was up: a fresh break, not one more failed attempt
+                        backoff = EVENTS_BACKOFF[0]
+                    # a 429's Retry-After holds the limiter back: the next connect waits for both
+                    log.warning("%s; reconnecting in %.0f s", err, max(backoff, err.retry_after or 0.0))
                 self.connected = False
                 self.changed()
                 await trio.sleep(backoff * random.uniform(0.8, 1.2))
@@ -317,9 +324,10 @@ class EventsClient:
                         self.api.events_limiter.back_off(retry)
                     cause = {401: "bot token rejected", 403: "intents not allowed (calls need a verified bot)",
                              429: "rate limited"}.get(response.status_code, f"HTTP {response.status_code}")
-                    detail = body[:100].decode("utf-8", "replace") if response.status_code not in (401,) else ""
-                    raise ServiceError(f"{cause} (HTTP {response.status_code}{'; ' + detail if detail else ''})",
-                                       status=response.status_code, permanent=permanent)
+                    detail = api_error_cause(body) if response.status_code != 401 else None
+                    raise ServiceError(f"Argon events stream: {cause} (HTTP {response.status_code}"
+                                       f"{'; ' + detail if detail else ''})",
+                                       status=response.status_code, permanent=permanent, retry_after=retry)
                 self.connected = True
                 log.info("Argon events stream connected (intents %d%s)", self.intents,
                          f", resuming after {self.last_event_id}" if self.last_event_id else "")
@@ -327,8 +335,8 @@ class EventsClient:
                     for item in parser.feed(chunk):
                         self._handle(item)
         except httpx.HTTPError as err:
-            raise ServiceError(f"events stream broke: {err.__class__.__name__}") from None
-        raise ServiceError("events stream ended by the server")
+            raise ServiceError(f"Argon events stream broke: {err.__class__.__name__}") from None
+        raise ServiceError("Argon events stream ended by the server")
 
     def _handle(self, item: Any) -> None:
         if isinstance(item, SseMalformed):
@@ -357,6 +365,10 @@ class _Session:
         self.session_id: str | None = None
         self.end: str = ""
         self.target_left = False
+        self.left = trio.Event()
+        """Set on `target_left` (the server keeps a duplex socket open after it)."""
+        self.closer = Closing()
+        """Our close handshake, which `run()` lets finish before it stops the socket's reader."""
 
     def describe(self) -> str:
         return f"{self.path.value}" + (f" hearing {self.target}" if self.target else "")
@@ -430,6 +442,8 @@ class ArgonDial(Endpoint):
         self._session: _Session | None = None
         """The session we publish on (the newest, during a target change)."""
         self._sessions: list[_Session] = []
+        self._closing: list[_Session] = []
+        """Sessions whose close handshake is in progress (it needs their reader to finish)."""
         self._nursery: trio.Nursery | None = None
         self._packets: trio.MemorySendChannel[tuple[bytes, float]] | None = None
         self._call_ended = trio.Event()
@@ -561,6 +575,8 @@ class ArgonDial(Endpoint):
             finally:
                 self._session = None
                 await self._close_all()
+                for session in list(self._closing):  # e.g. goodbye()'s: the reader has to see the reply
+                    await session.closer.settle()
                 if self._packets is not None:
                     self._packets.close()
                 nursery.cancel_scope.cancel()
@@ -569,9 +585,16 @@ class ArgonDial(Endpoint):
         playout = self.playout
         assert playout is not None
         stats = self.stats
+        counted = 0  # of this session's concealments, added to `stats` so far
 
         def emit_counted(frame) -> None:
-            stats.concealed = playout.stats.concealed
+            # add, not assign: the counter adds up across reconnects (each has its own playout)
+            # and across the calls of a route that answers calls (their sessions share `stats`)
+            nonlocal counted
+            concealed = playout.stats.concealed
+            if concealed != counted:
+                stats.concealed += concealed - counted
+                counted = concealed
             emit(frame)
 
         await play_out(packets, emit_counted, playout)
@@ -670,6 +693,7 @@ class ArgonDial(Endpoint):
                     wait.cancel()
 
                 waiters.start_soon(wake, session.ended.wait)
+                waiters.start_soon(wake, session.left.wait)  # the caller left the call's room
                 waiters.start_soon(wake, self._call_ended.wait)
         if self._call_ended.is_set():
             raise CallEnded("the caller hung up (callEnded)")
@@ -759,6 +783,7 @@ class ArgonDial(Endpoint):
             session.ready.set()
         elif kind == "target_left":
             session.target_left = True
+            session.left.set()
         elif kind == "error":
             self.log.warning("ingress error: %.200s", status.message or text)
             self.route_event("error", message=(status.message or "")[:200])
@@ -769,7 +794,11 @@ class ArgonDial(Endpoint):
 
     async def _close_session(self, session: _Session) -> None:
         session.closing = True
-        await close(session.ws, 1000, "stream ended")
+        self._closing.append(session)
+        try:
+            await session.closer.close(session.ws, 1000, "stream ended")
+        finally:
+            self._closing.remove(session)
 
     async def _close_all(self) -> None:
         for session in list(self._sessions):

@@ -573,5 +573,7 @@ class ArgonListen(Endpoint):
                 while room.sessions:
                     await room.wait_change()
             await room.close_all(1000, "call ended")
-        elif room.hosts == [self] or not room.hosts:
-            await room.close_all(1000, "channel closed")
+        else:
+            room.detach(self)  # routes in the same channel stop together: the last one out closes it
+            if not room.hosts:
+                await room.close_all(1000, "channel closed")

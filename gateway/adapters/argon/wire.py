@@ -119,6 +119,7 @@ __all__ = [
     "accept_request",
     "accept_response",
     "api_error_body",
+    "api_error_cause",
     "build_audio_url",
     "build_ingress_url",
     "error_body",
@@ -1399,6 +1400,9 @@ _SECRET_LIKE = re.compile(r"[A-Za-z0-9_~+/=.-]{20,}")
 _GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 #: "Bot <token>", "Bearer <token>", "token=<token>", "token: <token>": the value is a secret.
 _AUTH_SCHEME_VALUE = re.compile(r"(?i)\b(bot\s+|bearer\s+|token\s*[:=]\s*)[A-Za-z0-9_~+/=.-]{6,}")
+#: Argon's error codes ("call_already_answered", "not_voice_channel"): quoted as they are, though
+#: some are as long as a token-like run (lowercase words joined by underscores: no token looks so).
+_ERROR_CODE = re.compile(r"[a-z]{1,32}(?:_[a-z]{1,32}){0,7}")
 
 
 def _scrub(text: str) -> str:
@@ -1426,7 +1430,8 @@ def _server_cause(parsed: Any) -> str | None:
         keys = ("detail",)
     else:  # RFC 9457 §3.1.3
         keys = ("title",)
-    pieces = [_scrub(value) for key in keys if isinstance(value := parsed.get(key), str)]
+    pieces = [value if key == "error" and _ERROR_CODE.fullmatch(value) else _scrub(value)
+              for key in keys if isinstance(value := parsed.get(key), str)]
     text = ": ".join(piece for piece in pieces if piece)
     return text or None
 
@@ -1436,6 +1441,17 @@ def _parse_body(body: bytes) -> Any:
         return loads_strict(body) if body else None
     except (ValueError, RecursionError):
         return None
+
+
+def api_error_cause(body: bytes) -> str | None:
+    """The cause a refused bot API request's body gives, fit to quote in an error: Argon's
+    ``{"error", "message"}`` (or RFC 9457 ``detail`` / ``title``), else the start of a body that
+    is not JSON (a proxy's text), scrubbed of anything token-like; None when it says nothing.
+    For refusals outside the parse functions above (the events stream's)."""
+    parsed = _parse_body(body)
+    if parsed is not None:
+        return _server_cause(parsed)
+    return _scrub(body[: 2 * _MAX_CAUSE_CHARS].decode("utf-8", "replace")) or None
 
 
 def _refused(
