@@ -101,10 +101,10 @@ async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch,
     published: list[float] = []  # when the room got each packet the bridge's bot published
     real_publish = room_module.Room.publish
 
-    def publish(self, session, packet):
+    def publish(self, session, packet, samples):
         if session.path.publishes and "voipbin" not in session.identity:
             published.append(trio.current_time())
-        return real_publish(self, session, packet)
+        return real_publish(self, session, packet, samples)
 
     monkeypatch.setattr(room_module.Room, "publish", publish)
     async with trio.open_nursery() as nursery:

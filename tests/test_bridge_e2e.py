@@ -80,8 +80,9 @@ async def test_every_opus_message_is_one_valid_packet(tmp_path, speech_clip, mon
     real_check = argon_room.BotSession._check
 
     def spy(packet):  # the listen role's own check runs; we keep what it saw, described
-        real_check(packet)
+        samples = real_check(packet)
         packets.append((packet, validate_opus_packet(packet)))
+        return samples
 
     monkeypatch.setattr(argon_room.BotSession, "_check", staticmethod(spy))
     gateway = await bridge(tmp_path, speech_clip, frame_ms=frame_ms, stereo=stereo)

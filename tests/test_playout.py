@@ -660,7 +660,9 @@ async def test_driver_plays_a_burst_in_order_and_never_conceals_a_waiting_packet
 
 async def test_driver_returns_when_the_channel_closes_while_idle(autojump_clock):
     send, receive = trio.open_memory_channel(4)
+    emitted: list = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sender, send, [])
-            await play_out(receive, lambda frame: None, OpusPlayout(1))
+            await play_out(receive, emitted.append, OpusPlayout(1))
+    assert emitted == [] and trio.current_time() < 10  # returned at once, having nothing to play

@@ -149,8 +149,9 @@ async def test_device_speech_reaches_an_argon_channel_as_opus(tmp_path, speech_c
     real_check = argon_room.BotSession._check
 
     def spy(packet):  # the listen role's own check runs; we keep what it saw, described
-        real_check(packet)
+        samples = real_check(packet)
         packets.append((packet, validate_opus_packet(packet)))
+        return samples
 
     monkeypatch.setattr(argon_room.BotSession, "_check", staticmethod(spy))
     async with trio.open_nursery() as nursery:

@@ -551,7 +551,7 @@ def _sign(claims: dict, *, secret: str = SECRET, algorithm: str = "HS256") -> st
     return jwt.api_jws.PyJWS().encode(json.dumps(claims).encode(), secret, algorithm=algorithm)
 
 
-def token_refused(token: str, status: int, fragment: str, *, now: float = NOW, issuer: str | None = None) -> TokenError:
+def check_token_refused(token: str, status: int, fragment: str, *, now: float = NOW, issuer: str | None = None) -> TokenError:
     with pytest.raises(TokenError) as info:
         verify_room_token(SECRET, token, now=now, issuer=issuer)
     err = info.value
@@ -580,7 +580,7 @@ def token_refused(token: str, status: int, fragment: str, *, now: float = NOW, i
     ],
 )
 def test_unparseable_token_is_401(token):
-    err = token_refused(token, 401, "room token")
+    err = check_token_refused(token, 401, "room token")
     assert "empty" in str(err) or "malformed" in str(err)
 
 
@@ -596,50 +596,50 @@ def test_unparseable_token_is_401(token):
     ],
 )
 def test_registered_claims_of_the_wrong_type_are_401(overrides, fragment):
-    token_refused(_sign(_claims(**overrides)), 401, fragment)
+    check_token_refused(_sign(_claims(**overrides)), 401, fragment)
 
 
 def test_wrong_issuer_is_403():
     token = _sign(_claims())
     assert verify_room_token(SECRET, token, now=NOW, issuer="gateway").identity == BOT_USER
     assert verify_room_token(SECRET, token, now=NOW).identity == BOT_USER  # issuer not checked
-    token_refused(token, 403, "issuer", issuer="APIotherkey")
-    token_refused(_sign(_claims(iss=...)), 403, "issuer", issuer="gateway")
+    check_token_refused(token, 403, "issuer", issuer="APIotherkey")
+    check_token_refused(_sign(_claims(iss=...)), 403, "issuer", issuer="gateway")
     # the issuer is compared before the signature, as the server does (API key, then Verify)
-    token_refused(_sign(_claims(iss="x"), secret="another-secret-another-secret-32b"), 403, "issuer", issuer="gateway")
+    check_token_refused(_sign(_claims(iss="x"), secret="another-secret-another-secret-32b"), 403, "issuer", issuer="gateway")
 
 
 def test_bad_signature_is_403():
-    token_refused(_sign(_claims(), secret="another-secret-another-secret-32b"), 403, "signature")
+    check_token_refused(_sign(_claims(), secret="another-secret-another-secret-32b"), 403, "signature")
     header, payload, signature = _sign(_claims()).split(".")
     tampered = ".".join([header, _b64(_claims(video={"room": f"{SPACE}/other", "roomJoin": True})), signature])
-    token_refused(tampered, 403, "signature")
-    token_refused(f"{header}.{payload}.", 403, "signature")
+    check_token_refused(tampered, 403, "signature")
+    check_token_refused(f"{header}.{payload}.", 403, "signature")
 
 
 def test_other_algorithms_are_403():
     unsigned = f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(_claims())}."
-    token_refused(unsigned, 403, "algorithm")
-    token_refused(_sign(_claims(), secret=SECRET + SECRET, algorithm="HS512"), 403, "algorithm")
-    token_refused(_sign(_claims(), secret=SECRET + SECRET, algorithm="HS384"), 403, "algorithm")
+    check_token_refused(unsigned, 403, "algorithm")
+    check_token_refused(_sign(_claims(), secret=SECRET + SECRET, algorithm="HS512"), 403, "algorithm")
+    check_token_refused(_sign(_claims(), secret=SECRET + SECRET, algorithm="HS384"), 403, "algorithm")
     no_alg = f"{_b64({'typ': 'JWT'})}.{_b64(_claims())}.c2ln"
-    token_refused(no_alg, 403, "algorithm")
+    check_token_refused(no_alg, 403, "algorithm")
 
 
 def test_expiry_with_the_one_minute_leeway():
     token = _sign(_claims(exp=int(NOW) + 10))
     assert verify_room_token(SECRET, token, now=int(NOW) + 10 + 60).identity == BOT_USER  # at the edge
-    token_refused(token, 403, "expired", now=int(NOW) + 10 + 60.5)
+    check_token_refused(token, 403, "expired", now=int(NOW) + 10 + 60.5)
     with pytest.raises(TokenError):
         verify_room_token(SECRET, token, now=int(NOW) + 11, leeway_s=0)
-    token_refused(_sign(_claims(exp=...)), 403, "no exp")
+    check_token_refused(_sign(_claims(exp=...)), 403, "no exp")
 
 
 def test_not_yet_valid_with_the_one_minute_leeway():
     token = _sign(_claims(nbf=int(NOW) + 100))
     assert verify_room_token(SECRET, token, now=int(NOW) + 40).identity == BOT_USER
-    token_refused(token, 403, "not yet valid", now=int(NOW) + 39.5)
-    token_refused(_sign(_claims(iat=int(NOW) + 100)), 403, "issued in the future", now=int(NOW))
+    check_token_refused(token, 403, "not yet valid", now=int(NOW) + 39.5)
+    check_token_refused(_sign(_claims(iat=int(NOW) + 100)), 403, "issued in the future", now=int(NOW))
     assert verify_room_token(SECRET, _sign(_claims(nbf=...)), now=NOW).room == f"{SPACE}/{CHANNEL}"
 
 
@@ -659,12 +659,12 @@ def test_not_yet_valid_with_the_one_minute_leeway():
     ],
 )
 def test_no_room_grant_is_403(video):
-    token_refused(_sign(_claims(video=video)), 403, "no room grant")
+    check_token_refused(_sign(_claims(video=video)), 403, "no room grant")
 
 
 @pytest.mark.parametrize("sub", [..., ""])
 def test_no_identity_is_403(sub):
-    token_refused(_sign(_claims(sub=sub)), 403, "no identity")
+    check_token_refused(_sign(_claims(sub=sub)), 403, "no identity")
 
 
 def test_grant_flags():
@@ -674,8 +674,8 @@ def test_grant_flags():
     video = {"room": room, "roomJoin": True, "canPublish": False, "canSubscribe": True}
     grant = verify_room_token(SECRET, _sign(_claims(video=video)), now=NOW)
     assert (grant.can_publish, grant.can_subscribe) == (False, True)
-    token_refused(_sign(_claims(video={**video, "canPublish": "no"})), 403, "canPublish")
-    token_refused(_sign(_claims(name=7)), 403, "name")
+    check_token_refused(_sign(_claims(video={**video, "canPublish": "no"})), 403, "canPublish")
+    check_token_refused(_sign(_claims(name=7)), 403, "name")
 
 
 def test_verify_room_token_misuse():

@@ -63,7 +63,6 @@ from gateway.adapters.argon.wire import (
     verify_room_token,
 )
 from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, VALID_PTIMES_MS, EncodedFrame, Frame
-from gateway.codecs.opus import packet_samples
 from gateway.config.options import Options
 from gateway.config.schema import ArgonBot
 from gateway.endpoint import Emit, Endpoint
@@ -478,11 +477,10 @@ class ArgonListen(Endpoint):
                 self.session_id = primary.session_id
         self.bursty = primary is not None and primary.bursty
 
-    def on_bot_packet(self, session: BotSession, packet: bytes) -> None:
+    def on_bot_packet(self, session: BotSession, packet: bytes, samples: int) -> None:
         emit = self._emit
         if emit is None or session is not self._primary:
             return
-        samples = packet_samples(packet)  # checked by the session already: cannot raise here
         self.stats.frames_in += 1
         self.stats.bytes_in += len(packet)
         emit(EncodedFrame(packet, self.ingress, samples, self._timestamp))

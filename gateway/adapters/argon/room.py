@@ -53,7 +53,7 @@ OUT_QUEUE = 64  # messages waiting for one slow bot before the newest are droppe
 class Host(Protocol):
     """What a room needs of an endpoint attached to it (`ArgonListen`)."""
 
-    def on_bot_packet(self, session: BotSession, packet: bytes) -> None: ...
+    def on_bot_packet(self, session: BotSession, packet: bytes, samples: int) -> None: ...
 
     def on_room_change(self) -> None: ...
 
@@ -161,24 +161,25 @@ class BotSession:
                     self.room.changed()
                 packets = self.ogg.feed(message) if self.ogg is not None else [message]
                 for packet in packets:
-                    self._check(packet)
+                    samples = self._check(packet)
                     self.packets_in += 1
                     self.bytes_in += len(packet)
                     self._last_packet = trio.current_time()
-                    self.room.publish(self, packet)
+                    self.room.publish(self, packet, samples)
             except RemoteProtocolError as err:
                 await self._refuse(err)
                 return
 
     @staticmethod
-    def _check(packet: bytes) -> None:
-        """One published packet: 2 to 3,825 bytes of valid Opus framing (RFC 6716 §3.2).
+    def _check(packet: bytes) -> int:
+        """One published packet: 2 to 3,825 bytes of valid Opus framing (RFC 6716 §3.2);
+        returns its duration in samples at 48 kHz (from the TOC, §3.1).
         The real server drops TCP for a bad size and checks nothing else; we close with 1007
         and the cause, so the bot's log says what was wrong."""
         if not MIN_PACKET <= len(packet) <= MAX_PACKET:
             raise RemoteProtocolError(f"Opus packet of {len(packet)} bytes: the ingress takes {MIN_PACKET} to "
                                       f"{MAX_PACKET} bytes per message", close_code=1007)
-        packet_samples(packet)
+        return packet_samples(packet)
 
     async def _refuse(self, err: RemoteProtocolError) -> None:
         log.warning("[argon] closing the bot stream of %s (%d): %s", self.identity, err.close_code, err)
@@ -383,14 +384,14 @@ class Room:
             if session.subscribed and session.target == identity:
                 session.deliver(packet)
 
-    def publish(self, session: BotSession, packet: bytes) -> None:
+    def publish(self, session: BotSession, packet: bytes, samples: int) -> None:
         """A bot published `packet`: to the routes (when it is the room's primary publisher)
         and to the bots hearing it."""
         if self.sessions.get(session.identity) is not session:
             return  # a replaced session's last packets
         self.forward(session.identity, packet)
         for host in self.hosts:
-            host.on_bot_packet(session, packet)
+            host.on_bot_packet(session, packet, samples)
 
     async def close_all(self, code: int = 1000, reason: str | None = None) -> None:
         """Close every bot session (a goodbye), concurrently and bounded."""
