@@ -371,10 +371,7 @@ class Gateway:
                             if not (self.stopping or state.removed):
                                 state.enter("up")
                     except BaseExceptionGroup as group:
-                        err = collapse(group)
-                        if isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
-                            raise err from None
-                        raise
+                        _raise_leaf(group)
                     backoff = BACKOFF_FIRST
                     state.sessions_done.set()
                     if self.stopping or state.removed:
@@ -491,10 +488,7 @@ class Gateway:
             try:
                 reason = await session.run()
             except BaseExceptionGroup as group:
-                err = collapse(group)
-                if isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
-                    raise err from None
-                raise
+                _raise_leaf(group)
             rlog.info("call %s ended: %s", call_id, reason)
         except (GatewayError, OSError) as err:
             state.last_error = str(err)
@@ -510,3 +504,12 @@ class Gateway:
             state.sessions_done.set()
             if not state.calls and state.state == "up":
                 state.enter("waiting")
+
+
+def _raise_leaf(group: BaseExceptionGroup) -> None:
+    """Raise the one error a route's nurseries wrapped (`collapse`), so the supervisor's
+    handlers see a ServiceError as itself; the group as it is when it holds more."""
+    err = collapse(group)
+    if isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
+        raise err from None
+    raise group

@@ -52,9 +52,11 @@ def assert_no_secret(*texts):
 
 
 async def run_dial(endpoint: ArgonDial) -> ServiceError:
+    """Run a dial endpoint that must be refused; the ServiceError it failed with."""
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(endpoint.run, lambda frame: None)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(endpoint.run, lambda frame: None)
     except BaseException as raised:  # noqa: BLE001 - unwrapped and checked below
         err = collapse(raised)
         assert isinstance(err, ServiceError), repr(raised)

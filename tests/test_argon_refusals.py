@@ -40,7 +40,6 @@ from wsproto.events import (
     TextMessage,
 )
 
-from gateway._util import collapse
 from gateway.adapters.argon.dial import INGRESS_REJECTED, ArgonDial, BotApi, EventsClient, StreamTokenLimiter
 from gateway.adapters.argon.events_hub import encode_sse
 from gateway.adapters.argon.listen import ArgonListenService
@@ -51,6 +50,7 @@ from gateway.errors import ServiceError
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, HttpServer, serve_http, serve_media
 from harness import BOT_TOKEN, JWT_SECRET, SECRETS, start
+from test_argon_errors import run_dial
 from voice_clients import Caller
 
 SPACE = "550e8400-e29b-41d4-a716-446655440000"
@@ -738,18 +738,6 @@ def hand_dial(stub: StubArgon, **options: Any) -> ArgonDial:
                      client=httpx.AsyncClient(timeout=httpx.Timeout(10.0)), space_id=SPACE, channel_id=CHANNEL, **options)
 
 
-async def run_until_refused(endpoint: ArgonDial) -> ServiceError:
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(endpoint.run, lambda frame: None)
-    except BaseException as raised:  # noqa: BLE001 - unwrapped and checked below
-        err = collapse(raised)
-        assert isinstance(err, ServiceError), repr(raised)
-        return err
-    raise AssertionError("the dial endpoint connected")
-
-
 @pytest.mark.parametrize(
     "status, options, path, body, cause, permanent",
     [
@@ -769,7 +757,7 @@ async def test_dial_names_the_cause_of_a_refused_upgrade(caplog, status, options
     async with trio.open_nursery() as nursery:
         stub = await StubArgon().start(nursery)
         stub.on_audio = text_refusal(status, body)
-        err = await run_until_refused(hand_dial(stub, **options))
+        err = await run_dial(hand_dial(stub, **options))
         nursery.cancel_scope.cancel()
     assert [u["path"] for u in stub.upgrades] == [path]
     assert stub.upgrades[0]["query"]["token"] == STREAM_JWT  # it was sent, and only there
