@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import gc
 import signal
 import sys
 
@@ -134,6 +135,11 @@ async def _run(config, path: str | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run)
+            # What start-up built (modules, config, routes) lives as long as the process: out of
+            # the cyclic collector's sight, so a full collection scans only what calls make, a
+            # few ms rather than tens of ms of stalled media (gc.freeze, Python >= 3.7).
+            gc.collect()
+            gc.freeze()
 
             async def reload() -> None:
                 try:

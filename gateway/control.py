@@ -5,7 +5,7 @@
     GET    /metrics            Prometheus text format (gateway.metrics)
     GET    /v1/routes          every route: state, since when, endpoints and their counters
     GET    /v1/routes/{name}   one route, with its recent events
-    POST   /v1/routes          add a route: the YAML route schema as JSON; 201, 400, 409
+    POST   /v1/routes          add a route: the YAML route schema as JSON; 201, 400, 409, 413
     DELETE /v1/routes/{name}   stop a route for good (goodbyes, close codes); 200, 404
     POST   /v1/reload          re-read the YAML file (as SIGHUP); 200 with what changed, 400
 
@@ -14,6 +14,11 @@ wrong one; 403 when no token is configured). Reads (`/metrics`, `/v1/...`) answe
 clients, or clients sending the control token, unless `server.control.open_reads` is true;
 `/healthz` and `/readyz` answer everyone. Nothing here ever returns a secret: route configs
 are not echoed back, and error texts go through the log redaction.
+
+Bodies are bounded by `gateway.server` before a handler runs: 64 KiB (413 beyond), JSON nested
+32 levels at most (400). Route and endpoint names follow one rule, in the file and here:
+1 to 64 of A-Z a-z 0-9 . _ - (`gateway.config.options.NAME_RULE`); a name that breaks it is
+refused with 400 and quoted with repr(), so it can reach neither a log line nor a header raw.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable
+from urllib.parse import quote
 
 import trio
 
@@ -140,7 +146,7 @@ class ControlApi:
         try:
             data = request.json()
             rc = RouteConfig.from_data(data, "POST /v1/routes")
-        except ValueError as err:  # not JSON
+        except ValueError as err:  # not JSON (size and nesting were checked before the handler)
             return _error(400, str(err))
         except ConfigError as err:
             return _error(400, str(err))
@@ -153,7 +159,8 @@ class ControlApi:
         except ConfigError as err:
             return _error(400, str(err))
         await trio.sleep(0)  # let its supervisor take the first step
-        return HttpResponse.json(201, describe_route(state, events=False), (("location", f"/v1/routes/{rc.name}"),))
+        location = f"/v1/routes/{quote(rc.name, safe='')}"  # a valid name needs no quoting: belt and braces
+        return HttpResponse.json(201, describe_route(state, events=False), (("location", location),))
 
     async def delete_route(self, request: HttpRequest) -> HttpResponse:
         name = request.params["name"]

@@ -5,7 +5,10 @@ route's endpoints (listen endpoints register their paths before any route starts
 of the same process can dial each other), then supervises each route in its own task: a route
 that fails is logged and restarted with backoff unless the error is permanent; the others keep
 streaming. Routes with a listen endpoint go back to waiting for the next client after a
-session ends.
+session ends, however it ended: a client that broke the protocol or vanished mid-handshake
+ends its own session (the route turns that into a normal end, counted in `peer_errors`),
+never the route, so nobody can hold a call in restart backoff by sending bad bytes. Backoff
+is for what retrying can fix on our side (a dial whose service is unreachable).
 
 Reload (`reload()`, on SIGHUP or POST /v1/reload) re-reads the YAML file and validates all of
 it, off the event loop, before touching anything: an invalid file changes nothing. Then routes
@@ -121,6 +124,7 @@ class Gateway:
         self.config = config
         self.runtime = runtime or Runtime(config)
         self.runtime.config = config
+        self.runtime.apply_server_limits()
         self.config_path = config_path
         self.routes: dict[str, RouteState] = {}
         self.stopping = False

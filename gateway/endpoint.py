@@ -110,6 +110,9 @@ class EndpointStats:
     of the missing duration, at most 1 s per gap), so the media clock stays whole."""
     buffered_ms: int = 0
     """Audio waiting in the route's playout buffers for this sink, after its last packet."""
+    peer_errors: int = 0
+    """Connections closed because the peer broke the protocol (malformed data: closed with
+    the protocol's code) or, for a listen client, failed under us (reset, gone mid-handshake)."""
     connects: int = 0
     """Successful connections (1 + reconnects for dial endpoints, sessions for listen ones)."""
     events_in: int = 0
@@ -233,6 +236,12 @@ class Endpoint(abc.ABC):
     def on_route_event(self, event: RouteEvent) -> None:
         """An event from another endpoint of the route (only called when `accepts_events`).
         Synchronous and must not block: queue it for the endpoint's own task."""
+
+    async def prepare(self) -> None:
+        """Work the endpoint can do before its session, so the session starts cheaply (a file
+        is decoded once, in small steps between checkpoints). The route awaits it before it
+        connects anything or waits for a listen client. Must not raise: whatever is wrong is
+        raised by `run()`."""
 
     def on_route_up(self) -> None:
         """Called once per session when every endpoint of the route is connected (a listen

@@ -16,6 +16,13 @@ Two formats (`gateway --log-format`), both with the route and endpoint that `Tag
             "route": "support-line", "endpoint": "call", "msg": "connected"}
 
 JSON is one object per line (journald, log shippers); `exc` holds a traceback when there is one.
+
+No value from a peer can start a line: a record starts with its timestamp, and nothing else
+does. Plain lines escape every control character of the message and the fields (C0, DEL, C1
+including U+0085, and U+2028 / U+2029) as `\\n`, `\\r`, `\\t`, `\\xNN` or `\\uNNNN`; a
+traceback stays multi-line, each of its lines indented as `  | …`, and the exception's own
+message (which may quote a peer) is escaped to one line. JSON escapes C0 itself; U+007F-U+009F,
+U+2028 and U+2029, which `json.dumps(ensure_ascii=False)` leaves raw, are written `\\uNNNN` too.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import logging
 import re
 import time
+import traceback
 from typing import TextIO
 
 _QUERY_SECRET = re.compile(r"(?i)\b((?:access_)?token|api_key|apikey|key|secret|password|ref)=([^&\s'\"<>]+)")
@@ -65,6 +73,30 @@ def install_redaction() -> None:
 
 LOG_FORMATS = ("plain", "json")
 PLAIN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(where)s%(message)s"
+CONTINUATION = "  | "
+"""Starts every line of a traceback or stack in plain format (a record starts with a timestamp)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters that end a line for some reader (str.splitlines: \\n \\r \\v \\f \\x1c-\\x1e \\x85
+\\u2028 \\u2029) or move a terminal's cursor (ESC): every C0 and C1 control, DEL, and the two
+Unicode separators."""
+_JSON_RAW = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+"""What json.dumps(ensure_ascii=False) leaves raw of `_CONTROL` (it escapes C0 itself)."""
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]  # \n \r \t \x1b \x85 \u2028
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line: every control character written as repr() writes it (`\\n`, `\\x85`, `\\u2028`)."""
+    return _CONTROL.sub(_escape_char, text)
+
+
+def indented(block: str) -> str:
+    """A multi-line text of ours (traceback, stack) for a plain log: every line escaped and
+    prefixed with `CONTINUATION`, so none can pass for the start of a record."""
+    return "\n".join(CONTINUATION + escape_controls(line) for line in block.rstrip("\n").split("\n"))
 
 
 def where(record: logging.LogRecord) -> str:
@@ -72,50 +104,95 @@ def where(record: logging.LogRecord) -> str:
     return "/".join(str(part) for part in (getattr(record, "route", None), getattr(record, "endpoint", None)) if part)
 
 
+def format_exception(ei) -> str:
+    """The traceback as `traceback.print_exception` writes it, except that each exception's own
+    line (`ValueError: <message>`, notes, chained causes too) is escaped to one line: a message
+    may quote a peer, and must not start a line of the log."""
+    te = traceback.TracebackException(ei[0], ei[1], ei[2], compact=True)
+    seen: set[int] = set()
+    todo = [te]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        original = current.format_exception_only
+
+        def one_line(original=original):
+            for chunk in original():
+                yield escape_controls(chunk[:-1]) + "\n" if chunk.endswith("\n") else escape_controls(chunk)
+
+        current.format_exception_only = one_line  # type: ignore[method-assign]  # this instance only
+        todo += [current.__cause__, current.__context__, *(getattr(current, "exceptions", None) or ())]
+    return "".join(te.format()).rstrip("\n")
+
+
 class _Redacting(logging.Formatter):
     """Redacts the traceback and stack text it makes. Logging caches a traceback on the record
     (`exc_text`) for every handler, and another handler may have made it: the formatters below
-    redact what they write out as well."""
+    redact (and escape) what they write out as well."""
 
     def formatException(self, ei) -> str:
-        return redact(super().formatException(ei))
+        return redact(format_exception(ei))
 
     def formatStack(self, stack_info: str) -> str:
         return redact(super().formatStack(stack_info))
 
+    def _exc_text(self, record: logging.LogRecord) -> str:
+        """The record's traceback, made here from `exc_info` (the `exc_text` another handler's
+        formatter cached has the exception's message as it was), redacted."""
+        if record.exc_info:
+            return self.formatException(record.exc_info)
+        return redact(record.exc_text) if record.exc_text else ""
+
 
 class PlainFormatter(_Redacting):
-    """For a terminal: `asctime level logger: [route/endpoint] message`."""
+    """For a terminal: `asctime level logger: [route/endpoint] message`, then the traceback
+    indented (`  | `). Every field is redacted, then escaped to one line."""
 
     def __init__(self) -> None:
         super().__init__(PLAIN_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        tag = where(record)
-        return PLAIN_FORMAT % {**record.__dict__, "where": f"[{tag}] " if tag else ""}
+        tag = escape_controls(redact(where(record)))
+        return PLAIN_FORMAT % {
+            **record.__dict__,
+            "name": escape_controls(str(record.name)),
+            "levelname": escape_controls(str(record.levelname)),
+            "where": f"[{tag}] " if tag else "",
+            "message": escape_controls(redact(record.message)),
+        }
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        exc_text = self._exc_text(record)
+        if exc_text:
+            text += "\n" + indented(exc_text)
+        if record.stack_info:
+            text += "\n" + indented(self.formatStack(record.stack_info))
+        return text
 
 
 class JsonFormatter(_Redacting):
     """One JSON object per line: ts (ISO-8601 UTC, ms), level, logger, route and endpoint when
-    known, msg, exc (traceback) and stack when there are any."""
+    known, msg, exc (traceback) and stack when there are any. Values are kept as they were
+    (JSON escapes them), redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": _utc(record), "level": record.levelname.lower(), "logger": record.name}
+        entry = {"ts": _utc(record), "level": str(record.levelname).lower(), "logger": str(record.name)}
         for key in ("route", "endpoint"):
             value = getattr(record, key, None)
             if value:
-                entry[key] = str(value)
+                entry[key] = redact(str(value))
         entry["msg"] = redact(record.getMessage())
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["exc"] = redact(record.exc_text)
+        exc_text = self._exc_text(record)
+        if exc_text:
+            entry["exc"] = exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(entry, ensure_ascii=False, default=str))
 
 
 def _utc(record: logging.LogRecord) -> str:

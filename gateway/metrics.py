@@ -114,6 +114,7 @@ class EndpointSnapshot(NamedTuple):
     buffered_ms: int
     level_dbfs: float
     connects: int
+    peer_errors: int
     events_in: int
     events_out: int
     latency_counts: tuple[int, ...]
@@ -142,6 +143,8 @@ class Snapshot(NamedTuple):
     reloads: int
     reload_failures: int
     started_at: float
+    setups_delayed: int = 0
+    setups_refused: int = 0
 
 
 def snapshot(gateway) -> Snapshot:
@@ -157,11 +160,13 @@ def snapshot(gateway) -> Snapshot:
             endpoints.append(EndpointSnapshot(
                 (name, endpoint.name, endpoint.kind), endpoint.ingress is not None, endpoint.egress is not None,
                 s.frames_in, s.bytes_in, s.frames_out, s.bytes_out, s.late, s.dropped, s.skipped, s.concealed, s.buffered_ms,
-                s.level_dbfs, s.connects, s.events_in, s.events_out, tuple(latency.counts), latency.sum,
+                s.level_dbfs, s.connects, s.peer_errors, s.events_in, s.events_out, tuple(latency.counts), latency.sum,
             ))
         routes.append(RouteSnapshot(name, state.state, state.since, state.origin, state.restarts,
                                     route.stats.sessions, route.stats.events, tuple(endpoints)))
-    return Snapshot(tuple(routes), gateway.reloads, gateway.reload_failures, gateway.started_at)
+    pacer = gateway.runtime.media.pacer
+    return Snapshot(tuple(routes), gateway.reloads, gateway.reload_failures, gateway.started_at,
+                    pacer.delayed, pacer.refused)
 
 
 # ------------------------------------------------------------------------------- families
@@ -192,6 +197,9 @@ ENDPOINT_SERIES = (
      "Connections made (dial) or client sessions served (listen)."),
     ("gateway_reconnects", _C, None, lambda e: max(0, e.connects - 1),
      "Connections beyond the first: reconnects (dial) or client sessions after the first (listen)."),
+    ("gateway_peer_errors", _C, None, lambda e: e.peer_errors,
+     "Connections closed because the peer broke the protocol (closed with the protocol's code), or "
+     "listen clients whose connection failed under us; a listen route serves its next client at once."),
     ("gateway_events_received", _C, None, lambda e: e.events_in,
      "Route events this endpoint raised from its peer (DTMF, messages, participants)."),
     ("gateway_events_sent", _C, None, lambda e: e.events_out, "Route events this endpoint passed on to its peer."),
@@ -261,6 +269,11 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield _C("gateway_reload_failures", "Configuration reloads refused (invalid file: nothing changed).",
              value=snap.reload_failures)
     yield _G("gateway_start_time_seconds", "When the gateway started, Unix time.", value=snap.started_at)
+    yield _C("gateway_session_setups_delayed", "Listen session set-ups that waited for their turn "
+             "(server.setups_per_second): a crowd of clients spread out so running calls keep their pace.",
+             value=snap.setups_delayed)
+    yield _C("gateway_session_setups_refused", "Listen session set-ups refused with 503: their turn was more "
+             "than 2 s away.", value=snap.setups_refused)
     build = _G("gateway_build_info", "The gateway's version; always 1.", labels=("version",))
     build.add_metric((__version__,), 1.0)
     yield build

@@ -53,12 +53,13 @@ from typing import Sequence
 import attrs
 import numpy as np
 import trio
+from trio_websocket import ConnectionClosed
 
 from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFrame, Frame
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway._util import collapse, goodbye_scope
-from gateway.errors import CallEnded, GatewayError
+from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
 
 log = logging.getLogger("gateway.route")
 
@@ -246,10 +247,20 @@ class Route:
                 task_status.started()
 
             try:
-                await ep.run(emit, task_status=_Started(mark_started))
+                try:
+                    await ep.run(emit, task_status=_Started(mark_started))
+                finally:
+                    returned[id(ep)].set()
                 reason = f"{ep.name}: ended"
             except BaseException as raised:
                 err = collapse(raised)
+                if isinstance(err, RemoteProtocolError) or client_fault(ep, err):
+                    ep.stats.peer_errors += 1
+                if client_fault(ep, err):
+                    # A listen client broke the protocol or vanished: its connection is closed
+                    # (with the code naming the cause); that is the client's failure, not the
+                    # route's, so the session ends and the next client is served at once.
+                    err = CallEnded(f"client {describe_fault(err)}")
                 if isinstance(err, CallEnded):
                     if not started:  # ended before it was up (a call the bot rejected): no session
                         self.stats.ended_by = f"{ep.name}: {err.reason}"
@@ -287,17 +298,32 @@ class Route:
             finish(reason)
 
         drained = {id(s): trio.Event() for s in self.sources}
+        returned = {id(e): trio.Event() for e in self.endpoints}  # its run() is over
+
+        async def sink_gone(endpoint: Endpoint, reason: str) -> None:
+            # The peer of a sink is gone. When the same endpoint is a source whose run() still
+            # reads, that reader sees the close in a moment and ends run(), and what the peer
+            # sent before it left (an agent's queued speech) plays out to the others first.
+            if endpoint.ingress is not None and not returned[id(endpoint)].is_set():
+                with trio.move_on_after(SINK_GONE_WAIT):
+                    await returned[id(endpoint)].wait()
+                if returned[id(endpoint)].is_set():
+                    return
+            finish(reason)
 
         async def pace(sink, recv: trio.MemoryReceiveChannel, feeding: list[Endpoint]) -> None:
             # A sink whose peer is gone ends the route as its run() would: CallEnded is the
             # peer hanging up, other errors a failure (after the route ended: expected).
             name = getattr(sink, "sink", sink).name
+            endpoint = getattr(sink, "sink", sink)
             try:
                 await self._pace(sink, recv, feeding, drained)
             except CallEnded as err:
-                finish(f"{name}: {err.reason}")
-            except (GatewayError, OSError) as err:
-                if not done.is_set():
+                await sink_gone(endpoint, f"{name}: {err.reason}")
+            except (GatewayError, OSError, trio.BrokenResourceError, ConnectionClosed) as err:
+                if client_fault(endpoint, err):
+                    await sink_gone(endpoint, f"{name}: client {describe_fault(err)}")
+                elif not done.is_set():
                     failures.append(err)
                     finish(f"{name}: failed: {err}")
         pacing = trio.Event()  # the sinks' pacers run (they start once the peers are connected)
@@ -308,6 +334,8 @@ class Route:
                     self._startup = startup
                     if self._stopping:
                         startup.cancel()
+                    for ep in self.endpoints:  # before anyone waits on this route
+                        await ep.prepare()
                     # Listen endpoints first: the route comes up when their clients connect (no
                     # outgoing stream is held open for nobody). Then the other peers, concurrently;
                     # local sources (files) last, so a file plays from its beginning to someone
@@ -763,6 +791,26 @@ class _Started:
 
     def started(self, value: object = None) -> None:
         self._callback()
+
+
+SINK_GONE_WAIT = 2.0  # seconds a sink's peer that left has for its own reader to notice (then the route ends)
+
+CLIENT_FAULTS = (RemoteProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed)
+"""What a listen endpoint's client can cause: a protocol break (closed with its code) or a
+connection that failed under us (reset, gone between the upgrade and the first read)."""
+
+
+def client_fault(ep: Endpoint, err: BaseException) -> bool:
+    """True when `err`, raised by `ep`, is its listen client's failure, not the route's."""
+    return ep.role == "listen" and isinstance(err, CLIENT_FAULTS)
+
+
+def describe_fault(err: BaseException) -> str:
+    """'broke the protocol: <cause>' / 'connection lost: <cause>' (never a secret: the causes
+    are ours, or socket errors)."""
+    if isinstance(err, RemoteProtocolError):
+        return f"broke the protocol ({err.close_code}): {err}"
+    return f"connection lost: {type(err).__name__}{': ' + str(err) if str(err) else ''}"
 
 
 async def _start_all(nursery: trio.Nursery, run_endpoint, endpoints: list[Endpoint]) -> None:

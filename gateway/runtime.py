@@ -10,7 +10,7 @@ import httpx
 import trio
 
 from gateway.config.schema import GatewayConfig
-from gateway.server import HttpServer, MediaServer
+from gateway.server import HttpServer, MediaServer, SetupPacer
 
 
 @attrs.define
@@ -27,6 +27,14 @@ class Runtime:
     nursery: trio.Nursery | None = None
     """The running gateway's nursery, for tasks shared by routes (an Argon events stream
     serving several routes); set by `Gateway.run`."""
+
+    def __attrs_post_init__(self) -> None:
+        self.apply_server_limits()
+
+    def apply_server_limits(self) -> None:
+        """(Re)build what `server:` limits: the media server's set-up pacer."""
+        server = self.config.server
+        self.media.pacer = SetupPacer(server.setups_per_second, server.setup_burst)
 
     def singleton(self, key: Any, factory) -> Any:
         if key not in self.shared:

@@ -7,24 +7,78 @@ and report the bound port through `task_status` (bind port 0 in tests, read it b
 A handler returns an `HttpResponse`: a whole body, or a `stream` of chunks (server-sent
 events: `HttpResponse.event_stream`) that runs until it ends, the client leaves, or the server
 stops (the stream is cancelled then; hypercorn's `graceful_timeout` does not wait for it).
+
+Request bodies are bounded before any handler sees them (README, "Limits"): every REST path
+here takes a small JSON body, so a route accepts `MAX_JSON_BODY` bytes nested at most
+`MAX_JSON_DEPTH` levels unless it says otherwise (`HttpServer.add`). A bigger body gets 413
+(refused from its Content-Length before it is read when it says so), a deeper one 400, each
+with a JSON error naming the cause, and one log line. Response headers are checked as well: a
+value hypercorn would refuse (control characters) is dropped with a log line, never an empty 500.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
+import numpy as np
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 log = logging.getLogger("gateway.server")
 
+BODY_TIMEOUT = 10.0  # seconds for a request body to arrive in full once its headers did (408)
 MAX_MEDIA_MESSAGE = 2**16  # 64 KiB: far above one Opus packet (≤ 1275 B × 6) or 120 ms of PCM
 WS_CONNECT_TIMEOUT = 10.0  # seconds for a client to finish the opening handshake
+MAX_JSON_BODY = 2**16  # 64 KiB: a route config is ~1 KiB, a token call or a webhook well under 4 KiB
+MAX_JSON_DEPTH = 32  # levels of [ and {: a route config needs 5, a VideoSDK participant's metadata a few more
+MAX_DRAINED_BODY = 2**20  # 1 MiB: a too-big body up to this size is read and dropped before the 413, so
+# the client (which sends its whole body before reading) gets the answer; a bigger one is refused
+# from its Content-Length at once and the connection closed (unread data there resets it).
+
+
+# ------------------------------------------------------------------------------ JSON bodies
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*(?:"|\Z)', re.DOTALL)
+"""A JSON string, escapes included, or an unterminated one up to the end: never fails from a
+quote, so one pass over the body is linear (no backtracking from each later quote)."""
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep `body` (JSON text, UTF-8) nests arrays and objects, without parsing it: strings
+    removed (a regex), then every byte but brackets (bytes.translate), then the running count of
+    open brackets (numpy). For malformed text, an upper bound of how deep a parser recurses
+    before it finds the mistake."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    opens = brackets.count(b"[") + brackets.count(b"{")
+    if opens <= 1:
+        return opens
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
+    return max(0, int(np.cumsum(steps).max()))
+
+
+def json_problem(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why `body` is refused before parsing, or None: nested deeper than `max_depth`, or not
+    UTF-8 (RFC 8259 §8.1; a NUL byte, as in UTF-16, would hide brackets from `json_depth`)."""
+    if b"\0" in body:
+        return "body is not JSON: RFC 8259 JSON is UTF-8 text (found a NUL byte)"
+    if json_depth(body) > max_depth:
+        return f"JSON nested deeper than {max_depth} levels"
+    return None
+
+
+def _size(n: int) -> str:
+    """64 KiB, 1 MiB, 500 bytes."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
 
 
 # ------------------------------------------------------------------------------------ HTTP
@@ -44,14 +98,20 @@ class HttpRequest:
     client: str = ""
     """The client's IP address ("" when the server does not say)."""
 
-    def json(self) -> Any:
-        """The body as JSON; raises ValueError with a short reason."""
+    def json(self, max_depth: int = MAX_JSON_DEPTH) -> Any:
+        """The body as JSON (None when empty); raises ValueError naming the cause: not UTF-8,
+        malformed, or nested deeper than `max_depth` (checked before parsing)."""
+        if not self.body:
+            return None
+        problem = json_problem(self.body, max_depth)
+        if problem:
+            raise ValueError(problem)
         try:
-            return json.loads(self.body or b"null")
+            return json.loads(self.body.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"body is not JSON: {err}") from None
-        except RecursionError:  # e.g. 200,000 "[": the C scanner gives up before the parser does
-            raise ValueError("body is not JSON: nested too deeply") from None
+        except RecursionError:  # cannot happen below max_depth; kept as the last line of defence
+            raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
 
 
 StreamFactory = Callable[[], AsyncIterator[bytes]]
@@ -88,6 +148,14 @@ class HttpResponse:
 
 
 HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+Refusal = Callable[[int, str], HttpResponse]
+"""Makes the answer to a request refused before its handler ran: (status, cause) → response,
+so a service can keep its own error shape (Argon's {"error": code, "message": …})."""
+
+
+def json_refusal(status: int, cause: str) -> HttpResponse:
+    """The default refusal body: {"error": cause}."""
+    return HttpResponse.json(status, {"error": cause})
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -95,17 +163,49 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
 
 
+@attrs.frozen(eq=False)
+class _HttpRoute:
+    method: str
+    pattern: re.Pattern[str]
+    handler: HttpHandler
+    max_body: int = MAX_JSON_BODY
+    """Bytes of body accepted; more get 413."""
+    json_depth: int | None = MAX_JSON_DEPTH
+    """Nesting a JSON body may have (400 beyond); None: the body is not JSON, not checked."""
+    refuse: Refusal = json_refusal
+
+
+_UNROUTED = _HttpRoute("", re.compile("$^"), None)  # type: ignore[arg-type]  # limits of 404/405 answers
+
+
 class HttpServer:
     """A tiny ASGI router; `add(method, pattern, handler)` returns a function that removes it."""
 
     def __init__(self) -> None:
-        self._routes: list[tuple[str, re.Pattern[str], HttpHandler]] = []
+        self._routes: list[_HttpRoute] = []
         self.port: int | None = None
 
-    def add(self, method: str, pattern: str, handler: HttpHandler) -> Callable[[], None]:
-        entry = (method.upper(), _compile(pattern), handler)
+    def add(self, method: str, pattern: str, handler: HttpHandler, *, max_body: int = MAX_JSON_BODY,
+            json_depth: int | None = MAX_JSON_DEPTH, refuse: Refusal = json_refusal) -> Callable[[], None]:
+        """Serve `method pattern` with `handler`. Its body is bounded before the handler runs:
+        at most `max_body` bytes (413), JSON nested at most `json_depth` levels (400; None for a
+        body that is not JSON); `refuse(status, cause)` makes those answers."""
+        entry = _HttpRoute(method.upper(), _compile(pattern), handler, max_body, json_depth, refuse)
         self._routes.append(entry)
         return lambda: self._routes.remove(entry) if entry in self._routes else None
+
+    def _match(self, method: str, path: str) -> tuple[_HttpRoute | None, dict[str, str], list[str]]:
+        """(route, path parameters, methods allowed on the path when the method does not match)."""
+        allowed = []
+        for route in list(self._routes):
+            match = route.pattern.match(path)
+            if not match:
+                continue
+            if route.method != method:
+                allowed.append(route.method)
+                continue
+            return route, match.groupdict(), []
+        return None, {}, allowed
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -118,38 +218,78 @@ class HttpServer:
                     return
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > 2**20:
-                await _send_response(send, HttpResponse.json(413, {"error": "body over 1 MiB"}))
+        what = f"{scope['method']} {scope['path']}"
+        route, _, _ = self._match(scope["method"].upper(), scope["path"])
+        limits = route or _UNROUTED
+        with trio.move_on_after(BODY_TIMEOUT) as reading:
+            body = await self._read_body(scope, receive, send, limits, what)
+        if reading.cancelled_caught:  # a body that trickles or never comes holds nothing of ours
+            log.info("HTTP %s from %s refused (408): the body did not arrive within %g s", what, _client(scope), BODY_TIMEOUT)
+            response = limits.refuse(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s")
+            await _send_response(send, attrs.evolve(response, headers=(*response.headers, ("connection", "close"))), what)
+            return
+        if body is None:  # refused, or the client left
+            return
+        if body and route is not None and route.json_depth is not None:
+            problem = json_problem(body, route.json_depth)
+            if problem:
+                log.info("HTTP %s from %s refused (400): %s", what, _client(scope), problem)
+                await _send_response(send, route.refuse(400, problem), what)
                 return
-            if not message.get("more_body"):
-                break
         response = await self.dispatch(scope, body)
         if response.stream is None:
-            await _send_response(send, response)
+            await _send_response(send, response, what)
         else:
-            await _send_stream(receive, send, response, f"{scope['method']} {scope['path']}")
+            await _send_stream(receive, send, response, what)
+
+    async def _read_body(self, scope: dict, receive: Callable, send: Callable, limits: _HttpRoute, what: str) -> bytes | None:
+        """The whole body, or None once a 413 was sent (or the client left). A Content-Length
+        over the limit is refused before the body is read: drained first when it is small enough
+        for the client to be still reading, else answered at once and the connection closed."""
+        declared = _content_length(scope)
+        body = bytearray()
+        more = True
+        if declared is None or declared <= limits.max_body:
+            while more and len(body) <= limits.max_body:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            if not more and len(body) <= limits.max_body:
+                return bytes(body)
+        # over the limit: drop what comes, up to MAX_DRAINED_BODY in all, then answer
+        received = len(body)
+        del body
+        if declared is not None and declared > MAX_DRAINED_BODY:
+            more = True
+            received = 0
+        else:
+            while more and received <= MAX_DRAINED_BODY:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                received += len(message.get("body", b""))
+                more = message.get("more_body", False)
+        cause = f"body over {_size(limits.max_body)}"
+        log.info("HTTP %s from %s refused (413): %s (%s)", what, _client(scope), cause,
+                 f"Content-Length {declared}" if declared is not None else f"{received} bytes or more")
+        response = limits.refuse(413, cause)
+        if more:  # the rest is not read: say so, hypercorn closes the connection after the answer
+            response = attrs.evolve(response, headers=(*response.headers, ("connection", "close")))
+        await _send_response(send, response, what)
+        return None
 
     async def dispatch(self, scope: dict, body: bytes) -> HttpResponse:
         path = scope["path"]
         method = scope["method"].upper()
-        allowed = []
-        for m, pattern, handler in list(self._routes):
-            match = pattern.match(path)
-            if not match:
-                continue
-            if m != method:
-                allowed.append(m)
-                continue
+        route, params, allowed = self._match(method, path)
+        if route is not None:
             query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            client = scope.get("client") or ("", 0)
-            request = HttpRequest(method, path, query, headers, body, match.groupdict(), str(client[0]))
+            request = HttpRequest(method, path, query, headers, body, params, _client(scope, ""))
             try:
-                return await handler(request)
+                return await route.handler(request)
             except Exception:  # a handler bug must not kill the server; the log says where
                 log.exception("HTTP handler for %s %s failed", method, path)
                 return HttpResponse.json(500, {"error": "internal error"})
@@ -158,17 +298,68 @@ class HttpServer:
         return HttpResponse.json(404, {"error": f"no such resource: {path}"})
 
 
-async def _send_response(send: Callable, response: HttpResponse) -> None:
-    headers = [(b"content-type", response.content_type.encode()), (b"content-length", str(len(response.body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in response.headers]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
+def _client(scope: dict, unknown: str = "?") -> str:
+    client = scope.get("client") or ("", 0)
+    return str(client[0]) or unknown
+
+
+def _content_length(scope: dict) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:  # h11 refuses these before us; chunked framing then
+                return None
+    return None
+
+
+_HEADER_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?")
+"""RFC 9110 §5.5 field-value as h11 checks it: no control characters, no CR or LF, no space at
+either end."""
+
+
+def _header(name: object, value: object, what: str) -> tuple[bytes, bytes] | None:
+    """(name, value) as bytes, or None (and one log line) when hypercorn would refuse it."""
+    try:
+        raw = (str(name).encode("ascii"), str(value).encode())
+    except UnicodeEncodeError:
+        raw = None
+    if raw is None or not _HEADER_NAME.fullmatch(raw[0]) or not _HEADER_VALUE.fullmatch(raw[1]):
+        log.warning("HTTP %s: dropped the response header %r: control characters or spaces at either end "
+                    "are not allowed in a header (a bug: the value came from somewhere unchecked)", what, str(name)[:40])
+        return None
+    return raw
+
+
+def _headers(response: HttpResponse, what: str, *, length: bool) -> list[tuple[bytes, bytes]]:
+    content_type = _header("content-type", response.content_type, what) or (b"content-type", b"application/octet-stream")
+    headers = [content_type]
+    if length:
+        headers.append((b"content-length", str(len(response.body)).encode()))
+    headers += [h for h in (_header(k, v, what) for k, v in response.headers) if h is not None]
+    return headers
+
+
+_CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+"""What hypercorn's `send` raises when the client closed its connection as the answer went out.
+BusyResourceError too: after the body, hypercorn sends the (empty) end of the message while its
+reading task, which saw the client close, shuts the socket's sending side (a race in hypercorn
+0.18: a client that closes as soon as it has read a `Connection: close` answer hits it)."""
+
+
+async def _send_response(send: Callable, response: HttpResponse, what: str = "response") -> None:
+    headers = _headers(response, what, length=True)
+    try:
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+    except _CLIENT_GONE as err:
+        log.debug("HTTP %s: the client left as its %d answer was sent (%s)", what, response.status, type(err).__name__)
 
 
 async def _send_stream(receive: Callable, send: Callable, response: HttpResponse, what: str) -> None:
     """Send `response.stream` chunk by chunk while watching `receive` for the client leaving."""
-    headers = [(b"content-type", response.content_type.encode())]
-    headers += [(k.encode(), v.encode()) for k, v in response.headers]
+    headers = _headers(response, what, length=False)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     disconnected = False
     completed = False
@@ -239,10 +430,9 @@ class MediaRequest:
     """First value of each query parameter (may hold secrets: never log it)."""
     params: dict[str, str]
     """Named groups of the matched route pattern."""
-
-    @property
-    def remote(self) -> str:
-        return str(self.request.remote)
+    remote: str = "?"
+    """The client's `address:port`, read once at the upgrade: the socket may be gone by the
+    time a log line names it (getpeername then raises ENOTCONN)."""
 
     async def reject(self, status: int, reason: str) -> None:
         """Refuse the upgrade with an HTTP status and a JSON body naming the cause."""
@@ -253,12 +443,52 @@ class MediaRequest:
 MediaHandler = Callable[[MediaRequest], Awaitable[None]]
 
 
-class MediaServer:
-    """Routes WebSocket upgrades to listen endpoints by path; unknown paths get 404."""
+SETUPS_PER_SECOND = 100.0  # session set-ups started per second, beyond a burst of SETUP_BURST
+SETUP_BURST = 10
+SETUP_MAX_WAIT = 2.0  # seconds an upgrade may wait for its turn before 503
 
-    def __init__(self) -> None:
+
+class SetupPacer:
+    """Spreads session set-ups (token checks, the upgrade, a route session's start) so a
+    crowd of clients arriving together cannot hold the event loop in one long stretch while
+    calls are running: at most `rate` per second after a burst of `burst` (GCRA, the
+    virtual-scheduling form of ITU-T I.371's cell-rate algorithm). A set-up whose turn is more
+    than `max_wait` seconds away is refused instead."""
+
+    def __init__(self, rate: float = SETUPS_PER_SECOND, burst: int = SETUP_BURST, max_wait: float = SETUP_MAX_WAIT) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a set-up pacer needs rate > 0 and burst >= 1")
+        self.interval = 1.0 / rate
+        self.tolerance = (burst - 1) * self.interval
+        self.max_wait = max_wait
+        self._tat = -math.inf  # theoretical arrival time of the next set-up
+        self.delayed = 0
+        """Set-ups that waited for their turn."""
+        self.refused = 0
+        """Set-ups refused (503) because their turn was more than `max_wait` away."""
+
+    def turn(self, now: float) -> float | None:
+        """Seconds the set-up arriving `now` waits (0: at once), or None: refuse it."""
+        tat = max(self._tat, now)
+        wait = tat - self.tolerance - now
+        if wait > self.max_wait:
+            self.refused += 1
+            return None
+        self._tat = tat + self.interval
+        if wait > 0:
+            self.delayed += 1
+            return wait
+        return 0.0
+
+
+class MediaServer:
+    """Routes WebSocket upgrades to listen endpoints by path; unknown paths get 404. Set-ups
+    are paced (`SetupPacer`); one refused for that gets 503 with Retry-After."""
+
+    def __init__(self, pacer: SetupPacer | None = None) -> None:
         self._routes: list[tuple[re.Pattern[str], MediaHandler]] = []
         self.port: int | None = None
+        self.pacer = pacer or SetupPacer()
 
     def add(self, pattern: str, handler: MediaHandler) -> Callable[[], None]:
         """Serve upgrades whose path matches `pattern`; raises ValueError when that exact
@@ -270,16 +500,49 @@ class MediaServer:
         return lambda: self._routes.remove(entry) if entry in self._routes else None
 
     async def handle(self, request: WebSocketRequest) -> None:
+        remote = peer_of(request)
         parts = urlsplit(request.path)
         path = parts.path or "/"
         query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         for pattern, handler in list(self._routes):
             match = pattern.match(path)
             if match:
-                await handler(MediaRequest(request, path, query, match.groupdict()))
+                wait = self.pacer.turn(trio.current_time())
+                if wait is None:
+                    log.warning("media: refused upgrade from %s on %s (503): more session set-ups than %g per "
+                                "second for %g s", remote, path, 1 / self.pacer.interval, self.pacer.max_wait)
+                    await _reject_quietly(request, 503, "too many sessions starting at once; retry in a second",
+                                          (b"retry-after", b"1"))
+                    return
+                if wait:
+                    await trio.sleep(wait)
+                try:
+                    await handler(MediaRequest(request, path, query, match.groupdict(), remote))
+                except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+                    log.info("media: connection from %s on %s lost: %s", remote, path, type(err).__name__)
+                except Exception:  # a handler bug ends that connection, never the media server
+                    log.exception("media handler for %s from %s failed", path, remote)
                 return
-        log.info("media: refused upgrade from %s: no listen endpoint at %s", request.remote, path)
-        await MediaRequest(request, path, query, {}).reject(404, f"no listen endpoint at {path}")
+        log.info("media: refused upgrade from %s: no listen endpoint at %s", remote, path)
+        await MediaRequest(request, path, query, {}, remote).reject(404, f"no listen endpoint at {path}")
+
+
+async def _reject_quietly(request: WebSocketRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
+    body = json.dumps({"error": reason}).encode()
+    try:
+        await request.reject(status, extra_headers=[(b"content-type", b"application/json"), *headers], body=body)
+    except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+def peer_of(request: WebSocketRequest) -> str:
+    """`address:port` of the client, or "?" when its socket is already gone."""
+    try:
+        peer = request.remote
+    except OSError:
+        return "?"
+    address, port = getattr(peer, "address", None), getattr(peer, "port", None)
+    return f"{address}:{port}" if address is not None else str(peer)
 
 
 async def serve_media(server: MediaServer, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

@@ -250,7 +250,7 @@ async def test_an_open_stream_does_not_hold_up_the_server_stopping():
 
 async def test_deeply_nested_json_is_a_value_error_not_a_500():
     direct = HttpRequest("POST", "/x", {}, {}, b"[" * 200_000, {})
-    with pytest.raises(ValueError, match="body is not JSON: nested too deeply"):
+    with pytest.raises(ValueError, match="JSON nested deeper than 32 levels"):
         direct.json()
 
     async def handler(request: HttpRequest) -> HttpResponse:
@@ -264,9 +264,11 @@ async def test_deeply_nested_json_is_a_value_error_not_a_500():
     app.add("POST", "/echo", handler)
     async with trio.open_nursery() as nursery:
         client = await start(nursery, app)
-        refused = await client.post("/echo", content=b"[" * 200_000)
+        refused = await client.post("/echo", content=b"[" * 60_000)  # refused before the handler parses it
         assert refused.status_code == 400
-        assert refused.json() == {"error": "body is not JSON: nested too deeply"}
+        assert refused.json() == {"error": "JSON nested deeper than 32 levels"}
+        too_big = await client.post("/echo", content=b"[" * 200_000)
+        assert too_big.status_code == 413 and too_big.json() == {"error": "body over 64 KiB"}
         assert (await client.post("/echo", content=b"[[1]]")).json() == {"got": [[1]]}
         assert (await client.post("/echo", content=b"{")).status_code == 400
         await client.aclose()

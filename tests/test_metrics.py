@@ -140,7 +140,7 @@ async def test_names_types_help_and_labels(autojump_clock, tmp_path):
     text = body.decode()
     expected = {
         "counter": ["gateway_frames_received", "gateway_frames_sent", "gateway_bytes_received", "gateway_bytes_sent",
-                    "gateway_frames_dropped", "gateway_frames_late", "gateway_connects", "gateway_reconnects",
+                    "gateway_frames_dropped", "gateway_frames_late", "gateway_connects", "gateway_reconnects", "gateway_peer_errors",
                     "gateway_events_received", "gateway_events_sent", "gateway_route_restarts",
                     "gateway_route_sessions", "gateway_route_events", "gateway_reloads", "gateway_reload_failures"],
         "gauge": ["gateway_buffer_depth_seconds", "gateway_audio_level_dbfs", "gateway_route_up", "gateway_route_state",

@@ -15,6 +15,7 @@ from trio_websocket import WebSocketConnection
 from gateway.server import MediaRequest
 
 OFFER_TIMEOUT = 10.0  # seconds an upgrade waits for its route to take it before 503
+BUSY_WAIT = 1.0  # seconds a client arriving during another's session waits for it to end before 409
 
 
 @attrs.define(eq=False)
@@ -47,19 +48,28 @@ class ListenSlot:
         return self._current is not None and not self._current.finished.is_set()
 
     async def offer(self, request: MediaRequest, context: object = None) -> None:
-        """Called in the media server's handler task; returns when the session is over."""
+        """Called in the media server's handler task; returns when the session is over.
+
+        A client that arrives while another's session runs waits up to `BUSY_WAIT` for it to
+        end (a session a broken client held for a few ms must not turn an honest client away),
+        then gets 409. The slot is claimed before the route takes the session, so of two
+        clients arriving together one is served and the other refused, never both queued."""
+        if self.busy:
+            with trio.move_on_after(BUSY_WAIT):
+                while self._current is not None and not self._current.finished.is_set():
+                    await self._current.finished.wait()
         if self.busy:
             await request.reject(409, f"{self.label} already has a connected client")
             return
         session = PendingSession(request, context)
-        try:
-            with trio.fail_after(OFFER_TIMEOUT):
-                await self._send.send(session)
-        except trio.TooSlowError:
-            await request.reject(503, f"{self.label} is not running (its route is down)")
-            return
         self._current = session
         try:
+            try:
+                with trio.fail_after(OFFER_TIMEOUT):
+                    await self._send.send(session)
+            except trio.TooSlowError:
+                await request.reject(503, f"{self.label} is not running (its route is down)")
+                return
             await session.finished.wait()
         finally:
             if self._current is session:

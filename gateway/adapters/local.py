@@ -24,6 +24,7 @@ Errors:
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -47,6 +48,43 @@ OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # Hz, the input rates libopus a
 RECORD_FORMATS = ("wav", "ogg")
 _EXTENSIONS = {".wav": "wav", ".ogg": "ogg", ".opus": "ogg"}
 _LAYOUTS = {1: "mono", 2: "stereo"}
+
+
+CACHE_MAX_BYTES = 64 * 2**20  # decoded audio kept per process, all files together
+CACHE_FILE_MAX_BYTES = 16 * 2**20  # a file that decodes to more (~9 min at 16 kHz mono) streams
+
+
+class _DecodedAudio:
+    """Decoded files by `FileSource._cache_key`, least recently used evicted first, at most
+    `CACHE_MAX_BYTES` in all. Arrays are never written to after they are kept."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple[object, ...], np.ndarray] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[object, ...]) -> np.ndarray | None:
+        pcm = self._items.get(key)
+        if pcm is not None:
+            self._items.move_to_end(key)
+        return pcm
+
+    def put(self, key: tuple[object, ...], pcm: np.ndarray) -> None:
+        if key in self._items or pcm.nbytes > self.max_bytes:
+            return
+        pcm.setflags(write=False)
+        self._items[key] = pcm
+        self._bytes += pcm.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
+
+
+_DECODED = _DecodedAudio(CACHE_MAX_BYTES)
+_DECODING: dict[tuple[object, ...], trio.Event] = {}
+"""Files being decoded by a `prepare` now (one decode per file, however many routes start)."""
+_STREAMED: set[tuple[object, ...]] = set()
+"""Files found too long to keep: they stream, and `prepare` does not try again."""
 
 
 class MediaFileError(GatewayError):
@@ -156,8 +194,11 @@ class FileSource(Endpoint):
     so the pace never drifts and MockClock controls it.
 
     Decoding is lazy: one demuxed packet at a time (a few thousand samples), converted with
-    `av.AudioResampler(format="s16", layout=..., rate=rate)`, so a long file is never held in
-    memory. Files with more or fewer channels than `channels` are down-/up-mixed by FFmpeg.
+    `av.AudioResampler(format="s16", layout=..., rate=rate)`. A file that decodes to at most
+    `CACHE_FILE_MAX_BYTES` is decoded once per process and replayed from memory by its loops
+    and later sessions (`CACHE_MAX_BYTES` in all, least recently used first out; a changed
+    file, by size or mtime, is decoded again); a longer one streams, never held in memory.
+    Files with more or fewer channels than `channels` are down-/up-mixed by FFmpeg.
     """
 
     kind = "file"
@@ -219,8 +260,10 @@ class FileSource(Endpoint):
         Raises OSError (naming the path) before `started()` when the file cannot be opened,
         MediaFileError when it holds no decodable audio.
         """
-        container = self._open()
-        chunks = self._chunks(container)
+        key = self._cache_key()
+        cached = _DECODED.get(key) if key is not None else None
+        container = None if cached is not None else self._open()
+        chunks = self._replay(cached) if cached is not None else self._chunks(container, key)  # type: ignore[arg-type]
         try:
             task_status.started()
             n = self.frame_samples
@@ -245,7 +288,8 @@ class FileSource(Endpoint):
             await trio.sleep_until(start + k * ptime)
         finally:
             chunks.close()  # closes the container of the pass in progress
-            container.close()  # idempotent; in case the first pass never started
+            if container is not None:
+                container.close()  # idempotent; in case the first pass never started
 
     def _emit(self, emit: Emit, pcm: np.ndarray, timestamp: int) -> None:
         emit(AudioFrame(pcm, self.rate, timestamp))
@@ -265,19 +309,99 @@ class FileSource(Endpoint):
             raise MediaFileError(f"{self.path}: no audio stream")
         return container
 
-    def _chunks(self, container: av.container.InputContainer) -> Iterator[np.ndarray]:
+    async def prepare(self) -> None:
+        """Decode the file into `_DECODED` (once per process and file version), in steps of
+        one demuxed packet with a checkpoint between them, so the event loop is never held
+        for more than a packet (the open itself, FFmpeg's probe, is the one longer step, a few
+        ms, once). A file that decodes to more than `CACHE_FILE_MAX_BYTES` streams instead, as
+        does one that fails here (`run()` then raises what is wrong)."""
+        key = self._cache_key()
+        if key is None or key in _STREAMED or _DECODED.get(key) is not None:
+            return
+        busy = _DECODING.get(key)
+        if busy is not None:  # another route decodes this very file now: wait for it
+            await busy.wait()
+            return
+        _DECODING[key] = done = trio.Event()
+        try:
+            await self._decode_into_cache(key)
+        finally:
+            del _DECODING[key]
+            done.set()
+
+    async def _decode_into_cache(self, key: tuple[object, ...]) -> None:
+        try:
+            container = self._open()
+        except (OSError, GatewayError):
+            return
+        kept: list[np.ndarray] = []
+        size = 0
+        try:
+            for chunk in self._decode(container):
+                size += chunk.nbytes
+                if size > CACHE_FILE_MAX_BYTES:
+                    _STREAMED.add(key)
+                    return
+                kept.append(chunk)
+                await trio.sleep(0)
+        except GatewayError:
+            return
+        finally:
+            container.close()
+        if kept:
+            _DECODED.put(key, np.concatenate(kept))
+
+    def _cache_key(self) -> tuple[object, ...] | None:
+        """What the decoded audio depends on: the file (path, size, mtime) and the output
+        rate, channels and gain. None when the file cannot be stat'ed (`_open` says why)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (str(self.path), st.st_size, st.st_mtime_ns, self.rate, self.channels, self.gain_db)
+
+    def _chunks(self, container: av.container.InputContainer, key: tuple[object, ...] | None) -> Iterator[np.ndarray]:
         """Yield the file's audio as int16 arrays of shape (samples, channels), pass after
-        pass when looping. Raises MediaFileError when a pass yields no samples."""
+        pass when looping. Raises MediaFileError when a pass yields no samples.
+
+        A file that decodes to at most `CACHE_FILE_MAX_BYTES` is kept (`_DECODED`): its
+        loops and the sessions after this one replay it from memory, with no open (FFmpeg's
+        probe costs milliseconds of the event loop) and no decoding. A longer file streams."""
+        kept: list[np.ndarray] | None = [] if key is not None else None
+        size = 0
         while True:
             samples = 0
             for chunk in self._decode(container):
                 samples += len(chunk)
+                if kept is not None:
+                    size += chunk.nbytes
+                    if size <= CACHE_FILE_MAX_BYTES:
+                        kept.append(chunk)
+                    else:
+                        kept = None  # too long to keep: this file streams
                 yield chunk
             if samples == 0:
                 raise MediaFileError(f"{self.path}: no audio samples")
+            if kept is not None:
+                pcm = np.concatenate(kept)  # a copy: owns its memory, whatever PyAV reuses
+                _DECODED.put(key, pcm)
+                if self.loop:
+                    yield from self._replay(pcm, first=False)
+                return
             if not self.loop:
                 return
             container = self._open()
+
+    def _replay(self, pcm: np.ndarray, *, first: bool = True) -> Iterator[np.ndarray]:
+        """The decoded file from memory, in views of one second, pass after pass when looping
+        (`first`: include the first pass)."""
+        step = self.rate
+        if first:
+            for i in range(0, len(pcm), step):
+                yield pcm[i : i + step]
+        while self.loop:
+            for i in range(0, len(pcm), step):
+                yield pcm[i : i + step]
 
     def _decode(self, container: av.container.InputContainer) -> Iterator[np.ndarray]:
         """One pass over the file: decoded, resampled, gain applied; closes `container`."""

@@ -15,7 +15,7 @@ def build_endpoint(config: EndpointConfig, runtime: Runtime, default_name: str) 
     (names of the endpoints whose audio this one takes; default all the others) and `identity`
     (who it is as a participant of a room, e.g. an Argon listen channel; default its name)."""
     opts = config.options
-    name = opts.get_str("name", default_name, allow_empty=False)
+    name = opts.get_name("name", default_name, what="endpoint name")
     identity = opts.get_str("identity", name, allow_empty=False)
     hears = None
     if "hears" in opts:

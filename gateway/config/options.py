@@ -10,6 +10,7 @@ reference as written.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 from gateway.config.yaml_lines import LineDict, LineList, UnresolvedReference, expand, has_reference
@@ -19,6 +20,23 @@ _MISSING: Any = object()
 SCRUB_MIN_CHARS = 4
 """`error()` replaces a referenced value of at least this many characters, wherever a message
 quotes it, by its reference (shorter ones, like a port digit, are quoted by the getters)."""
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME_RULE = "use 1 to 64 of A-Z a-z 0-9 . _ -"
+"""Route and endpoint names are identifiers: they go into log lines, metrics labels, URL paths
+(`/v1/routes/{name}`) and HTTP headers (`Location`), so one rule keeps all of those safe."""
+
+
+def is_name(text: str) -> bool:
+    """True when `text` follows `NAME_RULE`, and is not "." or ".." (a path segment of its own)."""
+    return bool(NAME_PATTERN.fullmatch(text)) and text not in (".", "..")
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """`text` as repr() quotes it (control characters escaped), cut after `limit` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 class Options:
@@ -95,6 +113,17 @@ class Options:
         if not allow_empty and not text:
             raise self.error(key, "expected a non-empty string" + ("" if secret else ", got ''"))
         return text
+
+    def get_name(self, key: str, default: Any = _MISSING, *, what: str = "name") -> Any:
+        """A route or endpoint name (`NAME_RULE`); the error quotes it with repr(), so no control
+        character of it reaches a log line or an HTTP answer."""
+        value = self.get_str(key, default, allow_empty=False)
+        if value is default and default is not _MISSING:
+            return value
+        if not is_name(value):
+            rule = NAME_RULE if value not in (".", "..") else f"{NAME_RULE}, not . or .. alone"
+            raise self.error(key, f"{shown(value)} is not a valid {what}: {rule}")
+        return value
 
     def get_int(
         self,

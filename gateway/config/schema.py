@@ -79,6 +79,11 @@ class ServerConfig:
     media_url: str | None = None
     """Base ws:// URL clients are told to use for media (default ws://{media})."""
     control: ControlConfig = ControlConfig()
+    setups_per_second: float = 100.0
+    """Listen sessions set up per second at most, after a burst of `setup_burst`: a crowd of
+    clients is spread out (each waits its turn, up to 2 s, else 503) so running calls keep
+    their pace."""
+    setup_burst: int = 10
 
     @classmethod
     def from_options(cls, opts: Options) -> ServerConfig:
@@ -86,12 +91,16 @@ class ServerConfig:
         media = opts.get_str("media", None)
         media_url = opts.get_str("media_url", None)
         control = ControlConfig.from_options(opts.sub("control"))
+        setups = opts.get_float("setups_per_second", 100.0, minimum=1.0)
+        burst = opts.get_int("setup_burst", 10, minimum=1)
         opts.finish()
         return cls(
             http=HostPort.parse(http, opts, "http") if http else None,
             media=HostPort.parse(media, opts, "media") if media else None,
             media_url=media_url,
             control=control,
+            setups_per_second=float(setups),
+            setup_burst=burst,
         )
 
 
@@ -333,6 +342,8 @@ class RouteConfig:
     """A route joins two or more endpoints (README, "Routes")."""
 
     name: str
+    """1 to 64 of A-Z a-z 0-9 . _ - (`options.NAME_RULE`): it is in log lines, metrics labels,
+    the control API's paths and its `Location` header."""
     endpoints: tuple[EndpointConfig, ...]
     jitter_ms: int = 20
     """How long past its deadline a packet waits for late audio before silence fills it."""
@@ -382,7 +393,7 @@ class RouteConfig:
 
     @classmethod
     def from_options(cls, opts: Options) -> RouteConfig:
-        name = opts.get_str("name", allow_empty=False)
+        name = opts.get_name("name", what="route name")
         endpoints = []
         for i, item, line in opts.items("endpoints", required=True):
             path = f"{opts.key_path('endpoints')}[{i}]"

@@ -19,15 +19,28 @@ include the caller's; the page opens ``ws_url`` (on `server.media`) and must sen
 within `TOKEN_TIMEOUT_S` (5 s), else it gets ``{"type":"error","code":"token_timeout"}`` and
 close 1008. Then ``connected``; ``agent_ready`` once the route's other side is up; on stop
 ``session_ended`` with ``server_shutdown`` (``agent_disconnected`` when the other side hung up).
+
+Free means: the endpoint's route is waiting for a client (`AgentListen.phase` "waiting": not
+starting, not in a session or a handshake, not still ending the last session — a route plays
+out what a bursty client queued before it ends — nor restarting) and no unused, unexpired
+token is promised it. A token promises its endpoint until it is used, its handshake fails, or
+it expires: its holder is served at once, and the ``?session=`` of its ws_url keeps anyone
+else (a previous page reconnecting with its old URL) from taking that endpoint meanwhile
+(409). When none is free the token request is refused: 503 with Retry-After and
+``{"error": "no free agent session (… by cause); try again in N s", "retry_after": N,
+"sessions": {"in_use": …, "promised": …, "ending": …, "starting": …}}``
+(the spec says nothing about the token endpoint's errors; this follows RFC 9110 §15.6.4).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 from typing import Any
 
+import attrs
 import httpx
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -64,7 +77,11 @@ from gateway.server import HttpRequest, HttpResponse, MediaRequest
 MAX_RATE_RETRIES = 5  # 429s retried for one token call before giving up
 DEFAULT_RETRY_S = 5.0  # seconds to wait after a 429 without Retry-After
 TOKEN_TTL_S = 60.0  # seconds a listen session token stays valid if unused
+TOKEN_WAIT_S = 0.5  # seconds a token request waits for an endpoint about to be free (its route
+# re-arming after a session or a failed handshake) before it is refused with 503
+RETRY_AFTER_S = 5  # seconds a 503 asks the caller to wait (less when a promise expires sooner)
 WS_PATH = "/api/v1/sdk/ws/{slot}"  # listen WebSocket path (the token response names it)
+SESSION_PARAM = "session"  # query parameter of ws_url: which token's promise the upgrade claims
 CORS_MAX_AGE_S = 600  # seconds a browser may cache our preflight answer
 
 REJECTED = {
@@ -99,6 +116,13 @@ class _AgentEndpoint(Endpoint):
         try:
             await ws.send_message(payload)
         except ConnectionClosed as closed:
+            if self.role == "listen":
+                # The client left. Sending fails as soon as its close frame is read, while
+                # messages it sent before may still be queued for run(): run() ends the
+                # session once it has read them all, so the route plays out everything the
+                # client said (ending the route from here would cut that audio).
+                self.stats.dropped += 1
+                return
             raise CallEnded(f"{self._peer} {close_description(closed)}") from None
         self.stats.frames_out += 1
         self.stats.bytes_out += len(payload)
@@ -261,10 +285,30 @@ class AgentDial(_AgentEndpoint):
 
 
 # ------------------------------------------------------------------------------ listen role
+@attrs.define(eq=False)
+class Grant:
+    """An issued session token not used yet: its endpoint is promised to its holder."""
+
+    token: str = attrs.field(repr=False)
+    """The session token (single use; never logged)."""
+    endpoint: AgentListen
+    """The listen endpoint its ws_url points at."""
+    expires: float
+    """trio clock time after which the token is invalid and the promise void."""
+    session: str = attrs.field(repr=False)
+    """The ``?session=`` value of its ws_url: an upgrade carrying it may take the endpoint."""
+
+
+def _same(a: str | None, b: str) -> bool:
+    """Constant-time equality of a value the peer sent and one we issued."""
+    return a is not None and hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode())
+
+
 class AgentListenService:
     """The agent-compatible token endpoint of one gateway process (spec §1), registered once
     per runtime on `server.http`: ``POST /api/v1/sdk/token`` and its CORS preflight
-    ``OPTIONS``. Sessions go to the `agent` listen endpoints, first free one first."""
+    ``OPTIONS``. Sessions go to the `agent` listen endpoints, first free one first (see the
+    module doc: a free endpoint waits for a client and is promised to no unused token)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -272,7 +316,9 @@ class AgentListenService:
         self.next_slot = 1
         """Slot number of the next listen endpoint (never reused, so a reload that removes one
         cannot hand its path to another)."""
-        self.tokens: dict[str, tuple[AgentListen, float]] = {}
+        self.grants: dict[str, Grant] = {}
+        """Unused tokens by token; expired ones are dropped by the next token request."""
+        self._change = trio.Event()  # set (and replaced) when an endpoint may have become free
         runtime.http.add("POST", TOKEN_PATH, self.token)
         runtime.http.add("OPTIONS", TOKEN_PATH, self.preflight)
         self.log = logging.getLogger("gateway.endpoint.agent")
@@ -314,34 +360,95 @@ class AgentListenService:
         key = parse_bearer(request.headers.get("authorization"))
         if key is None:
             return HttpResponse.json(401, {"error": "expected Authorization: Bearer <api key>"}, cors)
-        candidates = [e for e in self.endpoints if e.accepts_key(key)]
-        if not candidates:
+        if not any(e.accepts_key(key) for e in self.endpoints):
             self.log.info("agent token: refused %s: API key rejected", request.headers.get("origin", "a client"))
             return HttpResponse.json(401, {"error": "API key rejected"}, cors)
-        now = trio.current_time()
-        for token, (_, expires) in list(self.tokens.items()):
-            if expires <= now:
-                del self.tokens[token]
-        # a free endpoint, preferring one no other caller holds an unused token for
-        pending = {id(e) for e, _ in self.tokens.values()}
-        free = sorted((e for e in candidates if not e.busy), key=lambda e: id(e) in pending)
-        if not free:
-            return HttpResponse.json(503, {"error": "every agent session is in use; try again later"},
-                                     cors + (("retry-after", "5"),))
-        endpoint = free[0]
-        token = secrets.token_urlsafe(32)
-        self.tokens[token] = (endpoint, now + TOKEN_TTL_S)
-        ws_url = self.runtime.media_url() + endpoint.ws_path
-        return HttpResponse(200, token_response(token, ws_url), "application/json", cors)
+        # A free endpoint now, or within TOKEN_WAIT_S (a route re-arming after a session, a
+        # handshake that just failed, a promise about to expire); else 503 naming the cause.
+        deadline = trio.current_time() + TOKEN_WAIT_S
+        while True:
+            now = trio.current_time()
+            self._expire(now)
+            candidates = [e for e in self.endpoints if e.accepts_key(key)]
+            promised = {id(g.endpoint) for g in self.grants.values()}
+            endpoint = next((e for e in candidates if e.phase == "waiting" and id(e) not in promised), None)
+            if endpoint is not None or now >= deadline:
+                break
+            with trio.move_on_at(min([deadline] + [g.expires for g in self.grants.values()])):
+                await self._change.wait()
+        if endpoint is None:
+            return self._refuse(candidates, now, cors)
+        grant = Grant(secrets.token_urlsafe(32), endpoint, now + TOKEN_TTL_S, secrets.token_urlsafe(16))
+        self.grants[grant.token] = grant
+        ws_url = f"{self.runtime.media_url()}{endpoint.ws_path}?{SESSION_PARAM}={grant.session}"
+        self.log.debug("agent token: %s promised for %g s", endpoint.ws_path, TOKEN_TTL_S)
+        return HttpResponse(200, token_response(grant.token, ws_url), "application/json", cors)
 
-    def redeem(self, token: str, endpoint: AgentListen) -> bool:
-        """True if `token` was issued for `endpoint` and is unexpired; single use."""
+    def _refuse(self, candidates: list[AgentListen], now: float, cors: tuple[tuple[str, str], ...]) -> HttpResponse:
+        """503: no endpoint free. Counts the candidates by cause; Retry-After is RETRY_AFTER_S,
+        or less when a promise expires sooner (its endpoint is free then)."""
+        promises = {id(g.endpoint): g.expires for g in self.grants.values()}
+        counts = {"in_use": 0, "promised": 0, "ending": 0, "starting": 0}
+        for e in candidates:
+            if e.busy:
+                counts["in_use"] += 1
+            elif id(e) in promises:
+                counts["promised"] += 1
+            elif e.phase == "ending":
+                counts["ending"] += 1
+            else:
+                counts["starting"] += 1
+        retry = RETRY_AFTER_S
+        expiries = [promises[id(e)] for e in candidates if id(e) in promises]
+        if expiries:
+            retry = max(1, min(retry, math.ceil(min(expiries) - now)))
+        labels = {"in_use": "in use", "promised": "promised to a client that has not connected yet",
+                  "ending": "ending its previous session", "starting": "not started yet"}
+        causes = ", ".join(f"{n} {labels[k]}" for k, n in counts.items() if n) or "no agent listen endpoint running"
+        message = f"no free agent session ({causes}); try again in {retry} s"
+        self.log.info("agent token: refused: %s", message)
+        headers = cors + (("retry-after", str(retry)),)
+        if cors:  # a page may read why, and when to ask again (Retry-After is not CORS-safelisted)
+            headers += (("access-control-expose-headers", "Retry-After"),)
+        return HttpResponse.json(503, {"error": message, "retry_after": retry, "sessions": counts}, headers)
+
+    def _expire(self, now: float) -> None:
+        for token, grant in list(self.grants.items()):
+            if grant.expires <= now:
+                del self.grants[token]
+
+    def changed(self) -> None:
+        """An endpoint may have become free (it waits for a client again, a promise ended):
+        wake the token requests waiting for one."""
+        self._change.set()
+        self._change = trio.Event()
+
+    def promise_of(self, endpoint: AgentListen) -> Grant | None:
+        """The unused, unexpired token promised `endpoint`, if any."""
         now = trio.current_time()
-        for issued, (owner, expires) in list(self.tokens.items()):
-            if hmac.compare_digest(issued.encode(), token.encode()):
-                del self.tokens[issued]
-                return owner is endpoint and expires > now
-        return False
+        return next((g for g in self.grants.values() if g.endpoint is endpoint and g.expires > now), None)
+
+    def release(self, grant: Grant) -> None:
+        """End a promise (its handshake failed: a ws_url is single use, like its token)."""
+        if self.grants.get(grant.token) is grant:
+            del self.grants[grant.token]
+            self.changed()
+
+    def redeem(self, token: str, endpoint: AgentListen, grant: Grant | None = None) -> bool:
+        """True if `token` was issued for `endpoint` and is unexpired; single use. `grant` is
+        the promise the connection claimed with its ``?session=`` (released whatever the
+        outcome)."""
+        now = trio.current_time()
+        matched = None
+        for issued in list(self.grants):
+            if _same(token, issued):
+                matched = self.grants.pop(issued)
+                break
+        if grant is not None:
+            self.grants.pop(grant.token, None)
+        if matched is not None or grant is not None:
+            self.changed()
+        return matched is not None and matched.endpoint is endpoint and matched.expires > now
 
 
 class AgentListen(_AgentEndpoint):
@@ -369,6 +476,12 @@ class AgentListen(_AgentEndpoint):
         self._slot = ListenSlot(f"agent session {slot_id}")
         self._unregister = None
         self._route_up: trio.Event | None = None
+        self.phase = "starting"
+        """Where the endpoint is, for the token endpoint: "starting" (its route has not run it
+        yet), "waiting" (for a client: the only phase in which it is handed out), "connecting"
+        (a client's upgrade claimed it; handshake), "in use" (a session), "ending" (the session
+        is over but the route is still playing out what the client sent, saying goodbye or
+        restarting; also after a stop)."""
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> AgentListen:
@@ -396,7 +509,8 @@ class AgentListen(_AgentEndpoint):
 
     @property
     def busy(self) -> bool:
-        return self._slot.busy
+        """A client holds it (handshake or session)."""
+        return self.phase in ("connecting", "in use")
 
     def accepts_key(self, key: str) -> bool:
         return any(hmac.compare_digest(key.encode(), k.encode()) for k in self._keys)
@@ -405,7 +519,26 @@ class AgentListen(_AgentEndpoint):
         return f"{self.name} (listen agent session at {self.ws_path})"
 
     async def _on_upgrade(self, request: MediaRequest) -> None:
-        await self._slot.offer(request)
+        """An upgrade to our path (in the media server's handler task). While a token is
+        promised this endpoint only the upgrade carrying its ``?session=`` may take it; others
+        get 409 at once. An upgrade that would have to wait for the route (starting, ending) is
+        refused with 503, so it can never take the endpoint from under a promise made later."""
+        slot = f"agent session {self.slot_id}"
+        grant = self.service.promise_of(self)
+        if grant is not None and not _same(request.query.get(SESSION_PARAM), grant.session):
+            self.log.info("client %s refused (409): %s is promised to another client's token", request.remote, slot)
+            await request.reject(409, f"{slot} is promised to another client (an unused session token); "
+                                 "fetch a token of your own")
+            return
+        if self.busy:
+            await request.reject(409, f"{slot} already has a connected client")
+            return
+        if self.phase == "waiting":
+            self.phase = "connecting"  # claimed: no token is handed out for it during the handshake
+        elif grant is None:
+            await request.reject(503, f"{slot} is not ready (its route is {self.phase}); fetch a new token")
+            return
+        await self._slot.offer(request, grant)
 
     def on_route_up(self) -> None:
         if self._route_up is not None:
@@ -433,7 +566,7 @@ class AgentListen(_AgentEndpoint):
             return None
         presented = events[0]
         assert isinstance(presented, TokenPresented)
-        if not self.service.redeem(presented.token, self):
+        if not self.service.redeem(presented.token, self, session.context):
             self.log.info("client %s: session token rejected: closing (1008)", remote)
             await send_quietly(ws, error_message("invalid_token", "session token rejected (unknown, used or expired)"))
             await close(ws, 1008, "invalid token")
@@ -442,17 +575,31 @@ class AgentListen(_AgentEndpoint):
         return ws, proto
 
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._session(emit, task_status)
+        finally:
+            # not free until the route runs this again: it may still be playing out what the
+            # client sent (a bursty client's queue), saying goodbye, restarting or stopped
+            self.phase = "ending"
+
+    async def _session(self, emit: Emit, task_status) -> None:
         while True:  # a client that fails the handshake does not take the route down
+            self.phase = "waiting"
+            self.service.changed()
             session = await self._slot.take()
+            self.phase = "connecting"
             try:
                 shook = await self._handshake(session)
             except ConnectionClosed:
                 shook = None
             if shook is None:
+                if session.context is not None:
+                    self.service.release(session.context)
                 session.finished.set()
                 continue
             break
         ws, proto = shook
+        self.phase = "in use"
         self._route_up = trio.Event()
         self.stats.connects += 1
         self.log.info("client %s connected", session.request.remote)

@@ -48,7 +48,13 @@ _DECIMAL = re.compile(r"[0-9]{1,19}")
 
 
 # ----------------------------------------------------------------------------------- wire
-def encode_sse(event: str, data: object, *, id: str | None = None) -> bytes:
+def event_json(data: object) -> str:
+    """The JSON text `encode_sse` sends for `data` (compact, ASCII-only); raises ValueError for
+    data that is not JSON (NaN included). Encode once, publish to many hubs."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+def encode_sse(event: str, data: object, *, id: str | None = None, text: str | None = None) -> bytes:
     """One server-sent event: `id:`, `event:`, one `data:` line per line of the JSON text of
     `data`, then a blank line. The JSON is compact and ASCII-only (every non-ASCII character as
     \\uXXXX), so a client that splits lines like `str.splitlines` (U+2028, U+0085 ...) still sees
@@ -58,7 +64,8 @@ def encode_sse(event: str, data: object, *, id: str | None = None) -> bytes:
         raise ValueError(f"event name must be one non-empty line, got {event!r}")
     if id is not None and (_LINE_BREAK.search(id) or "\0" in id):
         raise ValueError(f"event id must be one line without NUL (a client ignores it otherwise), got {id!r}")
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    if text is None:
+        text = event_json(data)
     lines = [f"id: {id}"] if id is not None else []
     lines.append(f"event: {event}")
     lines += [f"data: {line}" for line in _LINE_BREAK.split(text)]
@@ -141,15 +148,16 @@ class EventHub:
     def closed(self) -> bool:
         return self._closed
 
-    def publish(self, event: str, data: dict, *, intent: int) -> str:
+    def publish(self, event: str, data: dict, *, intent: int, text: str | None = None) -> str:
         """Send `event` to every stream whose intents include `intent`; returns its id.
+        `text`: `event_json(data)` when the caller has it already (one event to many hubs).
 
         Never blocks: a stream whose queue is full is disconnected after the events already
         queued (it resumes from its last id); counted in `slow_disconnects`."""
         if intent <= 0 or intent > MAX_INTENTS:
             raise ValueError(f"intent must be an intent bit (e.g. {INTENT_VOICE}), got {intent}")
         seq = self._next_seq
-        chunk = encode_sse(event, data, id=str(seq))  # raises before anything changed
+        chunk = encode_sse(event, data, id=str(seq), text=text)  # raises before anything changed
         self._next_seq += 1
         self.published += 1
         now = trio.current_time()

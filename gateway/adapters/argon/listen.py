@@ -37,7 +37,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed
 
-from gateway.adapters.argon.events_hub import EventHub
+from gateway.adapters.argon.events_hub import EventHub, event_json
 from gateway.adapters.argon.room import BotSession, Room, user_object
 from gateway.adapters.argon.wire import (
     CALL_TOKEN_TTL_S,
@@ -128,12 +128,12 @@ class ArgonListenService:
         self.hubs: dict[str, EventHub] = {}
         self._limits = _PerMinute()
         self._sessions = 0
-        for prefix in API_PREFIXES:
-            runtime.http.add("POST", prefix + STREAM_TOKEN_PATH, self.stream_token)
-            runtime.http.add("GET", prefix + EVENTS_PATH, self.events)
-            runtime.http.add("POST", prefix + CALLS_ACCEPT_PATH, self.accept)
-            runtime.http.add("POST", prefix + CALLS_REJECT_PATH, self.reject)
-            runtime.http.add("GET", prefix + GET_ME_PATH, self.get_me)
+        for prefix in API_PREFIXES:  # a body too big or nested too deep: refused in Argon's error shape
+            runtime.http.add("POST", prefix + STREAM_TOKEN_PATH, self.stream_token, refuse=self._refused)
+            runtime.http.add("GET", prefix + EVENTS_PATH, self.events, refuse=self._refused)
+            runtime.http.add("POST", prefix + CALLS_ACCEPT_PATH, self.accept, refuse=self._refused)
+            runtime.http.add("POST", prefix + CALLS_REJECT_PATH, self.reject, refuse=self._refused)
+            runtime.http.add("GET", prefix + GET_ME_PATH, self.get_me, refuse=self._refused)
         for path in AudioPath:
             runtime.media.add(path.value, self.audio)
         runtime.media.add("/", self.audio)  # the seed's bare ingressUrl
@@ -171,8 +171,9 @@ class ArgonListenService:
         if room is None:
             def voice_event(kind: str, user: dict[str, Any]) -> None:
                 data = {"spaceId": space_id, "channelId": channel_id, "user": user}
+                text = event_json(data)  # once, for every bot's hub
                 for bot in self.bots:
-                    self.hub(bot).publish(kind, data, intent=INTENT_VOICE)
+                    self.hub(bot).publish(kind, data, intent=INTENT_VOICE, text=text)
 
             room = self.rooms[name] = Room(name, space_id=space_id, channel_id=channel_id, events=voice_event)
         return room
@@ -180,6 +181,10 @@ class ArgonListenService:
     def register(self, endpoint: ArgonListen) -> None:
         if endpoint.channel is not None:
             self.channels.setdefault(endpoint.channel, []).append(endpoint)
+            # The room exists from now on, not from the route's first run: a bot connecting
+            # just after the gateway started was refused with 404 "no room" (found by
+            # tests/test_fuzz.py), which an Argon client takes for a permanent refusal.
+            self.channel_room(*endpoint.channel)
 
     def unregister(self, endpoint: ArgonListen) -> None:
         if endpoint.channel is not None:
@@ -224,6 +229,11 @@ class ArgonListenService:
     @staticmethod
     def _error(status: int, code: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
         return HttpResponse(status, api_error_body(code, message), "application/json", headers)
+
+    @classmethod
+    def _refused(cls, status: int, cause: str) -> HttpResponse:
+        """A body refused before its handler ran (gateway.server: 413 too big, 400 nested too deep)."""
+        return cls._error(status, "payload_too_large" if status == 413 else "bad_request", cause)
 
     def _limited(self, bot: ArgonBot, what: str, limit: int) -> HttpResponse | None:
         retry = self._limits.retry_after(f"{what}:{bot.user_id}", limit)
@@ -408,6 +418,8 @@ class ArgonListen(Endpoint):
         self.session_id: str | None = None
         self.params = None
         """The primary bot's AudioRequest (stereo, frame_duration_ms, track_name...)."""
+        self._emptied = False
+        """The channel's session ended because every bot had left (goodbye closes nobody then)."""
 
     @property
     def channel(self) -> tuple[str, str] | None:
@@ -468,6 +480,9 @@ class ArgonListen(Endpoint):
                 await room.remove_user(identity, self)
 
     # -- from the room ------------------------------------------------------------------------
+    def on_peer_error(self, session: BotSession) -> None:
+        self.stats.peer_errors += 1
+
     def on_room_change(self) -> None:
         primary = self.room.primary if self.room is not None else None
         if primary is not self._primary:
@@ -515,6 +530,7 @@ class ArgonListen(Endpoint):
     async def _run_channel(self, emit: Emit, task_status) -> None:
         room = self.room = self.service.channel_room(self.space_id or "", self.channel_id or "")
         room.attach(self)
+        self._emptied = False
         try:
             while not room.sessions:
                 await room.wait_change()
@@ -526,6 +542,7 @@ class ArgonListen(Endpoint):
             task_status.started()
             while room.sessions:
                 await room.wait_change()
+            self._emptied = True
             raise CallEnded(f"every bot left the channel (the last: {room.last_left})")
         finally:
             room.detach(self)
@@ -573,5 +590,9 @@ class ArgonListen(Endpoint):
             await room.close_all(1000, "call ended")
         else:
             room.detach(self)  # routes in the same channel stop together: the last one out closes it
-            if not room.hosts:
+            # A session that ended because every bot left has no bot of its own to close: the
+            # bots in the room now joined while it was ending, and they are the next session's
+            # (found by tests/test_fuzz.py: a bot arriving within ~20 ms of the last one leaving
+            # was closed with 1000 "channel closed" instead of being served).
+            if not room.hosts and (self.route_stopping or not self._emptied):
                 await room.close_all(1000, "channel closed")

@@ -57,6 +57,10 @@ class Host(Protocol):
 
     def on_room_change(self) -> None: ...
 
+    def on_peer_error(self, session: BotSession) -> None:
+        """A bot of the room broke the protocol (its connection is being closed)."""
+        ...
+
 
 def track_sid(identity: str) -> str:
     """A stable LiveKit-style track id for a participant's microphone track."""
@@ -184,6 +188,8 @@ class BotSession:
     async def _refuse(self, err: RemoteProtocolError) -> None:
         log.warning("[argon] closing the bot stream of %s (%d): %s", self.identity, err.close_code, err)
         self.ended_by = f"broke the protocol: {err}"
+        for host in list(self.room.hosts):
+            host.on_peer_error(self)
         await close_ws(self.ws, err.close_code, str(err))
 
     async def _writer(self) -> None:

@@ -570,9 +570,20 @@ def _number(claims: dict[str, Any], name: str) -> float:
     value = claims.get(name)
     if value is None:
         raise TokenError(f"stream token malformed: no {name} claim")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise TokenError(f"stream token malformed: {name} claim is not a number")
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    """True for a number a float holds. JSON integers have no bound (``1`` and 400 zeros is
+    valid JSON), and `math.isfinite` / `float` raise OverflowError for one beyond ~1.8e308:
+    found by tests/test_fuzz.py, an unauthenticated token with such an ``exp`` made the audio
+    upgrade handler crash instead of answering 401."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def verify_stream_token(secret: str, token: str, *, now: float) -> StreamGrant:
@@ -1167,7 +1178,7 @@ def _claim_number(claims: dict[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise TokenError(f"room token malformed: {name} claim is not a number", status=401)
     return float(value)
 

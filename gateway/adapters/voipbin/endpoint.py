@@ -15,12 +15,28 @@ example: the whole file in 320-byte chunks, as fast as it can) is served (`wire`
 so the route queues the unpaced burst (up to `burst_buffer_ms`) and plays it at real time
 instead of dropping it as excess latency; when the client closes right after sending, the
 route still plays out what it queued before ending.
+
+Idle listen clients: the listen role serves one client per call, so a client that upgrades and
+then sends nothing would hold the call (every other client gets 409) for as long as it likes.
+A listen client that sends no media message for `idle_timeout_s` (default `IDLE_TIMEOUT_S`,
+60 s, as Argon's server ends an idle /audio/connect session) is closed with 1008 (policy
+violation: the gateway's rule, like the agent token and VideoSDK start timeouts) and the
+reason "idle timeout: no media for 60 s", with one warning line; the route ends that session
+as a normal end (`CallEnded`) and waits for the next client at once. The time counts from
+the upgrade and from each well-formed message: any message the wire accepts, audio or not
+(an RTP packet with an empty payload, the RFC 6263 keepalive; AudioSocket UUID, DTMF, error
+or empty audio frames). WebSocket pings are not media: trio-websocket answers them without
+telling us, and a silent client must not hold the call by pinging. `idle_timeout_s: 0` turns
+the limit off, for receive-only clients (the spec's recording and analysis tools). The dial
+role has no idle limit (the service streams continuously and ends calls itself).
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import re
+from typing import NoReturn
 from urllib.parse import urlencode
 
 import trio
@@ -49,6 +65,8 @@ from gateway.server import MediaRequest
 
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz
 MAX_CONCEALED = 50  # packets of silence inserted for one RTP sequence gap (1 s)
+IDLE_TIMEOUT_S = 60.0  # seconds a listen client may send no media message (default of idle_timeout_s)
+IDLE_CLOSE_CODE = 1008  # policy violation (RFC 6455 §7.4.1): the client broke the gateway's rule
 
 REJECTED = {
     401: ("token rejected", True),
@@ -63,6 +81,8 @@ class _VoipbinEndpoint(Endpoint):
     ingress = PCM16_8K
     egress = PCM16_8K
     ptime_ms = 20
+    idle_timeout = 0.0
+    """Seconds without a media message from the peer before it is closed; 0: no limit."""
 
     def __init__(self, name: str, *, target: str, target_id: str, encapsulation: Encapsulation, codec: Codec) -> None:
         super().__init__(name)
@@ -77,6 +97,7 @@ class _VoipbinEndpoint(Endpoint):
         self._closing = Closing()
         self.dtmf: list[str] = []
         self.call_uuid: str | None = None
+        self._ended: str | None = None  # why we closed this session ourselves (idle timeout)
 
     @staticmethod
     def _parse_target(opts: Options) -> tuple[str, str]:
@@ -96,25 +117,35 @@ class _VoipbinEndpoint(Endpoint):
         return f"{self.name} ({self.role} {self.target[:-1]} {self.target_id}, {self.encapsulation.value})"
 
     # ------------------------------------------------------------------------- streaming
-    async def _stream(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit) -> None:
-        """Receive until the call ends; raises CallEnded (hangup, close) or RemoteProtocolError."""
+    async def _stream(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit,
+                      peer: str = "the service") -> None:
+        """Receive until the call ends; raises CallEnded (hangup, close, idle timeout) or
+        RemoteProtocolError. `peer` names the other side in log lines."""
         self._ws, self._proto = ws, proto
+        self._ended = None
         self.stats.connects += 1
         self.bursty = False  # until this session's peer shows it sends unpaced (Headerless)
         timestamp = 0
         stats = self.stats
         decoder = self._decoder
+        idle = self.idle_timeout
+        deadline = trio.current_time() + idle if idle > 0 else math.inf  # from the upgrade
         try:
             while True:
-                try:
-                    message = await ws.get_message()
-                except ConnectionClosed as closed:
-                    raise CallEnded(close_description(closed)) from None
+                with trio.move_on_at(deadline) as waiting:
+                    try:
+                        message = await ws.get_message()
+                    except ConnectionClosed as closed:
+                        raise CallEnded(close_description(closed)) from None
+                if waiting.cancelled_caught:
+                    await self._close_idle(ws, peer)
                 try:
                     events = proto.receive(message)
                 except RemoteProtocolError as err:
                     await refuse(ws, err, self.log, "media stream")
                     raise
+                if idle > 0:
+                    deadline = trio.current_time() + idle  # any well-formed message, audio or not
                 for event in events:
                     if isinstance(event, Audio):
                         if event.lost:
@@ -151,6 +182,18 @@ class _VoipbinEndpoint(Endpoint):
         finally:
             self._ws = self._proto = None
 
+    async def _close_idle(self, ws: WebSocketConnection, peer: str) -> NoReturn:
+        """The peer sent no media message for `idle_timeout`: close 1008, one warning, and
+        end the session normally (raises CallEnded)."""
+        idle = self.idle_timeout
+        reason = f"idle timeout: no media for {idle:g} s"
+        self._ended = f"{reason} (closed {IDLE_CLOSE_CODE})"
+        self._ws = self._proto = None  # the route's pacer stops sending to it (and blames no one else)
+        self.log.warning("closing the media stream (%d): idle timeout: %s sent no media message for %g s "
+                         "(idle_timeout_s: 0 allows receive-only clients)", IDLE_CLOSE_CODE, peer, idle)
+        await close(ws, IDLE_CLOSE_CODE, reason)
+        raise CallEnded(self._ended)
+
     async def send(self, frame: AudioFrame) -> None:
         ws, proto = self._ws, self._proto
         if ws is None or proto is None:
@@ -163,7 +206,7 @@ class _VoipbinEndpoint(Endpoint):
         try:
             await ws.send_message(proto.send_audio(payload))
         except ConnectionClosed as closed:
-            raise CallEnded(close_description(closed)) from None
+            raise CallEnded(self._ended or close_description(closed)) from None
         self.stats.frames_out += 1
         self.stats.bytes_out += len(payload)
 
@@ -242,13 +285,15 @@ class VoipbinListen(_VoipbinEndpoint):
     """The gateway as a VoIPBIN-compatible media server for one call or conference:
     clients connect to `{server.media}/v1.0/calls/{id}/media_stream?encapsulation=…&token=…`
     exactly as they would to VoIPBIN. The token must be one of `services.voipbin.listen_tokens`
-    (default: `services.voipbin.token`); the client's `encapsulation` wins over the option."""
+    (default: `services.voipbin.token`); the client's `encapsulation` wins over the option.
+    A client that sends no media message for `idle_timeout` seconds is closed (module doc)."""
 
     role = "listen"
 
-    def __init__(self, name: str, *, tokens: tuple[str, ...], **kw) -> None:
+    def __init__(self, name: str, *, tokens: tuple[str, ...], idle_timeout: float = IDLE_TIMEOUT_S, **kw) -> None:
         super().__init__(name, **kw)
         self._tokens = tokens
+        self.idle_timeout = idle_timeout
         self._slot = ListenSlot(f"VoIPBIN {self.target[:-1]} {self.target_id}")
         self._unregister = None
 
@@ -258,7 +303,8 @@ class VoipbinListen(_VoipbinEndpoint):
         target, target_id = cls._parse_target(opts)
         tokens = tuple(t.reveal() for t in service.listen_tokens)
         endpoint = cls(name, tokens=tokens, target=target, target_id=target_id,
-                       encapsulation=_encapsulation(opts), codec=_codec(opts))
+                       encapsulation=_encapsulation(opts), codec=_codec(opts),
+                       idle_timeout=opts.get_float("idle_timeout_s", IDLE_TIMEOUT_S, minimum=0.0))
         opts.finish()
         try:
             endpoint.attach(runtime)
@@ -295,7 +341,7 @@ class VoipbinListen(_VoipbinEndpoint):
             proto = MediaStreamProtocol(session.context, self.codec)
             self.log.info("client %s connected (%s)", session.request.remote, session.context.value)
             task_status.started()
-            await self._stream(ws, proto, emit)
+            await self._stream(ws, proto, emit, peer=f"client {session.request.remote}")
         finally:
             if session.ws is not None:
                 await close(session.ws, 1000, "call ended")
