@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,13 +92,6 @@ async def test_a_burst_of_50_sessions_leaves_a_running_call_unstalled(tmp_path, 
                 await ws.get_message()
                 received += 1
 
-        gcs = []
-        def gc_timer(phase, info, started=[0.0]):
-            if phase == "start":
-                started[0] = time.perf_counter()
-            else:
-                gcs.append((round((time.perf_counter() - started[0]) * 1000, 1), info["generation"]))
-        gc.callbacks.append(gc_timer)
         nursery.start_soon(listen)
         await trio.sleep(1.0)
         burst = await trio.run_process(
@@ -109,8 +101,6 @@ async def test_a_burst_of_50_sessions_leaves_a_running_call_unstalled(tmp_path, 
         await trio.sleep(max(0.0, STEADY_S - 1.0 - 2.0))
         nursery.cancel_scope.cancel()
     gc.unfreeze()
-    gc.callbacks.remove(gc_timer)
-    print("GC", sorted(gcs, reverse=True)[:5])
 
     assert burst.returncode == 0, burst.stderr.decode()[-2000:]
     report = json.loads(burst.stdout.decode().strip().splitlines()[-1])
@@ -119,8 +109,6 @@ async def test_a_burst_of_50_sessions_leaves_a_running_call_unstalled(tmp_path, 
 
     gaps = [(t1 - t0) - (w1 - w0) for (t0, w0), (t1, w1) in zip(sends, sends[1:])]
     span = sends[-1][0] - sends[0][0]
-    worst = sorted(gaps, reverse=True)[:5]
-    print("GAPS", [round(g * 1000, 1) for g in worst], "raw", round(max(t1 - t0 for (t0, _), (t1, _) in zip(sends, sends[1:])) * 1000, 1))
     preempted = sends[-1][1] - sends[0][1]  # the OS's doing, not ours: a file source moves its clock on
     assert len(sends) >= (span - preempted) / 0.020 - 3, f"{len(sends)} packets in {span:.2f} s ({preempted:.2f} s preempted)"
     assert received >= len(sends) - 5, (received, len(sends))  # and they reached the caller
