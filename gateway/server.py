@@ -443,7 +443,7 @@ class MediaRequest:
 MediaHandler = Callable[[MediaRequest], Awaitable[None]]
 
 
-SETUPS_PER_SECOND = 100.0  # session set-ups started per second, beyond a burst of SETUP_BURST
+SETUPS_PER_SECOND = 50.0  # session set-ups started per second, beyond a burst of SETUP_BURST
 SETUP_BURST = 10
 SETUP_MAX_WAIT = 2.0  # seconds an upgrade may wait for its turn before 503
 

@@ -79,7 +79,7 @@ class ServerConfig:
     media_url: str | None = None
     """Base ws:// URL clients are told to use for media (default ws://{media})."""
     control: ControlConfig = ControlConfig()
-    setups_per_second: float = 100.0
+    setups_per_second: float = 50.0
     """Listen sessions set up per second at most, after a burst of `setup_burst`: a crowd of
     clients is spread out (each waits its turn, up to 2 s, else 503) so running calls keep
     their pace."""
@@ -91,7 +91,7 @@ class ServerConfig:
         media = opts.get_str("media", None)
         media_url = opts.get_str("media_url", None)
         control = ControlConfig.from_options(opts.sub("control"))
-        setups = opts.get_float("setups_per_second", 100.0, minimum=1.0)
+        setups = opts.get_float("setups_per_second", 50.0, minimum=1.0)
         burst = opts.get_int("setup_burst", 10, minimum=1)
         opts.finish()
         return cls(
