@@ -28,13 +28,14 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import numpy as np
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 log = logging.getLogger("gateway.server")
 
 BODY_TIMEOUT = 10.0  # seconds for a request body to arrive in full once its headers did (408)
 MAX_MEDIA_MESSAGE = 2**16  # 64 KiB: far above one Opus packet (≤ 1275 B × 6) or 120 ms of PCM
 WS_CONNECT_TIMEOUT = 10.0  # seconds for a client to finish the opening handshake
+WS_DISCONNECT_TIMEOUT = 2.0  # seconds a connection may linger once its session is over (then TCP closed)
 MAX_JSON_BODY = 2**16  # 64 KiB: a route config is ~1 KiB, a token call or a webhook well under 4 KiB
 MAX_JSON_DEPTH = 32  # levels of [ and {: a route config needs 5, a VideoSDK participant's metadata a few more
 MAX_DRAINED_BODY = 2**20  # 1 MiB: a too-big body up to this size is read and dropped before the 413, so
@@ -500,10 +501,26 @@ class MediaServer:
         return lambda: self._routes.remove(entry) if entry in self._routes else None
 
     async def handle(self, request: WebSocketRequest) -> None:
+        """Route one upgrade; when it is over (refused, or its session ended and said its
+        goodbye), the TCP connection is closed: trio-websocket would otherwise keep reading a
+        refused client's socket until that client closed it."""
+        try:
+            await self._handle(request)
+        finally:
+            stream = getattr(getattr(request, "_connection", None), "_stream", None)  # trio-websocket's
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+    async def _handle(self, request: WebSocketRequest) -> None:
         remote = peer_of(request)
-        parts = urlsplit(request.path)
+        try:
+            parts = urlsplit(request.path)
+            query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        except ValueError as err:  # e.g. "http://[::1/x": an absolute target urlsplit refuses
+            log.info("media: refused upgrade from %s (400): bad request target (%s)", remote, err)
+            await _reject_quietly(request, 400, "bad request target")
+            return
         path = parts.path or "/"
-        query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         for pattern, handler in list(self._routes):
             match = pattern.match(path)
             if match:
@@ -522,6 +539,7 @@ class MediaServer:
                     log.info("media: connection from %s on %s lost: %s", remote, path, type(err).__name__)
                 except Exception:  # a handler bug ends that connection, never the media server
                     log.exception("media handler for %s from %s failed", path, remote)
+                    await _reject_quietly(request, 500, "internal error")  # when not upgraded yet
                 return
         log.info("media: refused upgrade from %s: no listen endpoint at %s", remote, path)
         await MediaRequest(request, path, query, {}, remote).reject(404, f"no listen endpoint at {path}")
@@ -546,19 +564,48 @@ def peer_of(request: WebSocketRequest) -> str:
 
 
 async def serve_media(server: MediaServer, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve WebSocket media on host:port; reports the bound port via task_status."""
+    """Serve WebSocket media on host:port; reports the bound port via task_status.
+
+    Each connection runs contained: whatever a peer makes trio-websocket or wsproto raise (a
+    header that is not ASCII, a frame over the size limit while we are closing, a request
+    target urlsplit cannot parse) ends that connection with one log line, never the server,
+    and its TCP connection is closed when its handling ends (a refused upgrade included)."""
+    from trio_websocket import WebSocketServer
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    # disconnect_timeout: how long trio-websocket waits for a close handshake after our handler
+    # returned (ours are done by then, bounded; a refused upgrade has none and would wait it all)
+    ws_server = WebSocketServer(server.handle, listeners, max_message_size=MAX_MEDIA_MESSAGE,
+                                connect_timeout=WS_CONNECT_TIMEOUT, disconnect_timeout=WS_DISCONNECT_TIMEOUT)
+
+    async def contained(stream: trio.SocketStream) -> None:
+        try:
+            # trio-websocket's per-connection handling (its reader and our handler); a private
+            # method of the pinned version: its public serve_websocket lets these errors escape
+            await ws_server._handle_connection(stream)
+        except Exception as err:  # noqa: BLE001 - the peer's bytes, not our bug (handlers log theirs)
+            log.info("media: connection from %s dropped: %s", _stream_peer(stream), _leaf_name(err))
+        finally:
+            await trio.aclose_forcefully(stream)
+
     async with trio.open_nursery() as nursery:
-        ws_server = await nursery.start(
-            lambda task_status: serve_websocket(
-                server.handle,
-                host,
-                port,
-                None,
-                max_message_size=MAX_MEDIA_MESSAGE,
-                connect_timeout=WS_CONNECT_TIMEOUT,
-                task_status=task_status,
-            )
-        )
+        await nursery.start(trio.serve_listeners, contained, listeners)
         server.port = ws_server.port
         log.info("media listening on %s:%d", host, ws_server.port)
         task_status.started(ws_server.port)
+
+
+def _stream_peer(stream: trio.SocketStream) -> str:
+    try:
+        address, port = stream.socket.getpeername()[:2]
+    except (OSError, AttributeError, ValueError):
+        return "?"
+    return f"{address}:{port}"
+
+
+def _leaf_name(err: BaseException) -> str:
+    """`WsprotoLocalProtocolError: …` for the first leaf of a (nested) exception group."""
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    text = str(err)[:160]
+    return f"{type(err).__name__}{': ' + text if text else ''}"

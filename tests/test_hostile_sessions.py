@@ -186,3 +186,99 @@ async def test_broken_sessions_never_put_a_listen_route_in_backoff(tmp_path, cap
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text[-3000:]
     for secret in (*SECRETS, OTHER_BOT_TOKEN):
         assert secret not in caplog.text
+
+
+CALL = """\
+routes:
+  - name: call
+    endpoints:
+      - voipbin: {role: listen, call_id: c1}
+      - file: {path: "$audio", rate: 8000, loop: true}
+"""
+UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+
+async def read_until_closed(stream, limit_s: float = 5.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the TCP connection, and how long it took."""
+    began, data = trio.current_time(), b""
+    with trio.fail_after(limit_s):
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data, trio.current_time() - began
+
+
+async def served(nursery, gateway) -> bool:
+    """An honest VoIPBIN client of the call gets audio."""
+    url = f"ws://127.0.0.1:{gateway.runtime.media.port}/v1.0/calls/c1/media_stream?encapsulation=rtp&token={VOIPBIN_TOKEN}"
+    ws = await ws_client(nursery, url)
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    await ws.aclose()
+    return isinstance(message, bytes) and len(message) == 172  # RTP header + 160 B of u-law
+
+
+async def test_requests_the_websocket_layer_cannot_parse_end_only_that_connection(caplog):
+    """A request target urlsplit refuses, a Host header that is not ASCII, and a message over
+    the size limit right after a frame that made the gateway close: each used to escape
+    trio-websocket and end the whole media server (the process)."""
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, CALL, audio=DEFAULT_AUDIO)
+        port = gateway.runtime.media.port
+        for target, host in ((b"http://[::1/x", b"127.0.0.1"), (b"/v1.0/calls/c1/media_stream", b"\xec\x80")):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + UPGRADE)
+            data, _ = await read_until_closed(stream)
+            assert data == b"" or data.startswith(b"HTTP/1.1 400 "), data
+        url = f"ws://127.0.0.1:{port}/v1.0/calls/c1/media_stream?encapsulation=rtp&token={VOIPBIN_TOKEN}"
+        ws = await ws_client(nursery, url)
+        await ws.send_message(b"\x80\x00\x00")  # truncated RTP: the gateway closes with 1002...
+        try:
+            await ws.send_message(b"\x00" * (2**16 + 1))  # ...and one message over the 64 KiB limit
+        except ConnectionClosed:
+            pass
+        with trio.move_on_after(5):
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed:
+                pass
+        assert await served(nursery, gateway)  # the media server is still there
+        nursery.cancel_scope.cancel()
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_refused_upgrade_closes_its_tcp_connection_at_once():
+    """Before: the answer was sent, then the socket stayed open until the client closed it."""
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, CALL, audio=DEFAULT_AUDIO)
+        for target, status in ((b"/v1.0/calls/c1/media_stream?token=wrong", b"401"), (b"/nowhere", b"404")):
+            stream = await trio.open_tcp_stream("127.0.0.1", gateway.runtime.media.port)
+            await stream.send_all(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + UPGRADE)
+            data, took = await read_until_closed(stream)
+            assert data.startswith(b"HTTP/1.1 " + status + b" "), data
+            assert took < 2.0, took  # closed right after the answer, not when the client gives up
+        assert await served(nursery, gateway)
+        nursery.cancel_scope.cancel()
+
+
+def test_a_file_path_with_a_nul_byte_is_a_config_error():
+    """Before: accepted, then the route crashed on os.stat and looped in restart backoff."""
+    from gateway.config import GatewayConfig
+    from gateway.errors import ConfigError
+
+    text = 'routes:\n  - name: nul\n    endpoints:\n      - file: {path: "/tmp/a\\0b.wav"}\n      - record: {path: /tmp/x.wav}\n'
+    try:
+        from gateway.daemon import Gateway
+
+        Gateway(GatewayConfig.from_text(text, "nul.yaml")).build()
+    except ConfigError as err:
+        assert "NUL byte" in str(err) and "path" in str(err)
+    else:
+        raise AssertionError("a path with a NUL byte was accepted")

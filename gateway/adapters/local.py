@@ -103,6 +103,8 @@ def _check_path(value: Any) -> Path:
         path = Path(value)
     else:
         raise ValueError(f"option 'path' must be a non-empty string (a file path), got {value!r}")
+    if "\0" in str(path):
+        raise ValueError(f"option 'path' must not contain a NUL byte, got {str(path)!r}")
     return path.expanduser()
 
 

@@ -381,8 +381,11 @@ class ArgonListenService:
 
 async def _refuse(request: MediaRequest, status: int, reason: str) -> None:
     """A plain-text HTTP error instead of the upgrade, as Argon's ingress answers."""
+    # backslashreplace: the reason may quote a claim of a signed token ("no room X here"),
+    # and JSON lets a claim hold a lone surrogate ("\ud800"), which strict UTF-8 refuses:
+    # found by tests/test_fuzz.py, the handler crashed and the upgrade went unanswered
     await request.request.reject(status, extra_headers=[(b"content-type", b"text/plain; charset=utf-8")],
-                                 body=reason.encode())
+                                 body=reason.encode("utf-8", "backslashreplace"))
 
 
 class ArgonListen(Endpoint):
