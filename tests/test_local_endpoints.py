@@ -7,6 +7,7 @@ under test uses. Pacing runs under trio's `autojump_clock` (a MockClock): no rea
 from __future__ import annotations
 
 import math
+import os
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -220,6 +221,33 @@ async def test_file_source_loop_is_seamless(autojump_clock):
     # the second pass starts right after the last sample of the first: no padding, no gap
     out = pcm_of(got)
     np.testing.assert_array_equal(out, np.tile(ref, (3, 1))[: len(out)])
+
+
+async def test_a_prepared_file_plays_from_memory_exactly_as_decoded(autojump_clock, tmp_path, monkeypatch):
+    """`prepare` decodes the file once (the cache); sessions after it replay the very samples,
+    loops seamless as before, and never open the file again. A changed file is decoded anew."""
+    import gateway.adapters.local as local
+    from gateway.quality import write_wav
+
+    path = tmp_path / "hold.wav"
+    ref, _ = read_wav(OR105)
+    write_wav(path, ref, 8000)
+    duration = len(ref) / 8000
+    source = FileSource("hold-music", path, rate=8000, loop=True)
+    await source.prepare()
+    opened = []
+    monkeypatch.setattr(FileSource, "_open", lambda self: opened.append(1) or (_ for _ in ()).throw(AssertionError("opened")))
+    got, _ = await play(source, seconds=2 * duration)
+    assert not opened
+    out = pcm_of(got)
+    np.testing.assert_array_equal(out, np.tile(ref, (3, 1))[: len(out)])
+    assert [frame.timestamp for _, frame in got] == [k * 160 for k in range(len(got))]
+    monkeypatch.undo()
+    write_wav(path, ref[: len(ref) // 2], 8000)  # the file changed: its size and mtime differ
+    os.utime(path, ns=(1, 1))
+    assert local._DECODED.get(source._cache_key()) is None
+    short, _ = await play(FileSource("hold-music", path, rate=8000))
+    assert len(pcm_of(short)) == math.ceil(len(ref) // 2 / 160) * 160
 
 
 async def test_file_source_gain(autojump_clock):

@@ -197,7 +197,8 @@ class FileSource(Endpoint):
 
     Decoding is lazy: one demuxed packet at a time (a few thousand samples), converted with
     `av.AudioResampler(format="s16", layout=..., rate=rate)`. A file that decodes to at most
-    `CACHE_FILE_MAX_BYTES` is decoded once per process and replayed from memory by its loops
+    `CACHE_FILE_MAX_BYTES` is decoded once per process (by `prepare`, which a route awaits before
+    each session) and replayed from memory by its loops
     and later sessions (`CACHE_MAX_BYTES` in all, least recently used first out; a changed
     file, by size or mtime, is decoded again); a longer one streams, never held in memory.
     Files with more or fewer channels than `channels` are down-/up-mixed by FFmpeg.
@@ -265,7 +266,7 @@ class FileSource(Endpoint):
         key = self._cache_key()
         cached = _DECODED.get(key) if key is not None else None
         container = None if cached is not None else self._open()
-        chunks = self._replay(cached) if cached is not None else self._chunks(container, key)  # type: ignore[arg-type]
+        chunks = self._replay(cached) if cached is not None else self._chunks(container)  # type: ignore[arg-type]
         try:
             task_status.started()
             n = self.frame_samples
@@ -362,48 +363,29 @@ class FileSource(Endpoint):
             return None
         return (str(self.path), st.st_size, st.st_mtime_ns, self.rate, self.channels, self.gain_db)
 
-    def _chunks(self, container: av.container.InputContainer, key: tuple[object, ...] | None) -> Iterator[np.ndarray]:
+    def _chunks(self, container: av.container.InputContainer) -> Iterator[np.ndarray]:
         """Yield the file's audio as int16 arrays of shape (samples, channels), pass after
-        pass when looping. Raises MediaFileError when a pass yields no samples.
-
-        A file that decodes to at most `CACHE_FILE_MAX_BYTES` is kept (`_DECODED`): its
-        loops and the sessions after this one replay it from memory, with no open (FFmpeg's
-        probe costs milliseconds of the event loop) and no decoding. A longer file streams."""
-        kept: list[np.ndarray] | None = [] if key is not None else None
-        size = 0
+        pass when looping. Raises MediaFileError when a pass yields no samples. (A file that
+        `prepare` kept in `_DECODED` is replayed from memory instead: `_replay`.)"""
         while True:
             samples = 0
             for chunk in self._decode(container):
                 samples += len(chunk)
-                if kept is not None:
-                    size += chunk.nbytes
-                    if size <= CACHE_FILE_MAX_BYTES:
-                        kept.append(chunk)
-                    else:
-                        kept = None  # too long to keep: this file streams
                 yield chunk
             if samples == 0:
                 raise MediaFileError(f"{self.path}: no audio samples")
-            if kept is not None:
-                pcm = np.concatenate(kept)  # a copy: owns its memory, whatever PyAV reuses
-                _DECODED.put(key, pcm)
-                if self.loop:
-                    yield from self._replay(pcm, first=False)
-                return
             if not self.loop:
                 return
             container = self._open()
 
-    def _replay(self, pcm: np.ndarray, *, first: bool = True) -> Iterator[np.ndarray]:
-        """The decoded file from memory, in views of one second, pass after pass when looping
-        (`first`: include the first pass)."""
+    def _replay(self, pcm: np.ndarray) -> Iterator[np.ndarray]:
+        """The decoded file from memory, in views of one second, pass after pass when looping."""
         step = self.rate
-        if first:
+        while True:
             for i in range(0, len(pcm), step):
                 yield pcm[i : i + step]
-        while self.loop:
-            for i in range(0, len(pcm), step):
-                yield pcm[i : i + step]
+            if not self.loop:
+                return
 
     def _decode(self, container: av.container.InputContainer) -> Iterator[np.ndarray]:
         """One pass over the file: decoded, resampled, gain applied; closes `container`."""
