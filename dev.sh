@@ -63,7 +63,9 @@ case "$cmd" in
     demo)  setup; exec "$VENV/bin/gateway" demo "$@" ;;
     test)  setup browser  # the browser test runs, not skips: a missing Chromium is a failure
            export GATEWAY_REQUIRE_BROWSER=${GATEWAY_REQUIRE_BROWSER:-1}
-           exec "$VENV/bin/python" -m pytest -n 2 -q "$@" ;;
+           # loadgroup: the tests marked xdist_group("realtime") (CPU-heavy real-time calls, the
+           # session burst, the fuzz) run one after another on one worker, never against each other
+           exec "$VENV/bin/python" -m pytest -n 2 --dist loadgroup -q "$@" ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_routes.py "$@" ;;
     *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

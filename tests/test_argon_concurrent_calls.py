@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import soxr
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, serve_websocket
 
@@ -31,6 +32,10 @@ from gateway.adapters.voipbin.wire import Audio, Codec, Encapsulation, Hangup, M
 from harness import start
 from test_argon_calls import BOT_USER, BOTS
 from voice_clients import Caller
+
+# CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("realtime")
+
 
 RATE = 8000
 USERS = ("user-7", "user-8", "user-9")

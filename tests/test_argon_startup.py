@@ -23,6 +23,7 @@ a packet beyond its deadline.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, serve_websocket
 
@@ -35,6 +36,10 @@ from gateway.endpoint import LATENCY_BUCKETS
 from gateway.server import HttpResponse, HttpServer, serve_http
 from harness import start
 from test_route_startup import speech_blocks_found
+
+# CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("realtime")
+
 
 RATE = 8000
 READY_WAIT_S = 1.0

@@ -70,6 +70,10 @@ from gateway.demo import DEFAULT_AUDIO, start_gateway
 from gateway.errors import GatewayError, RemoteProtocolError
 from harness import AGENT_API_KEY, BOT_TOKEN, JWT_SECRET, SECRETS, VIDEOSDK_TOKEN, VOIPBIN_TOKEN
 
+# CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("realtime")
+
+
 # ------------------------------------------------------------------------------ settings
 _SEED_ENV = os.environ.get("GATEWAY_FUZZ_SEED", "")
 SEED = random.randrange(2**32) if _SEED_ENV == "random" else int(_SEED_ENV or 20261001)

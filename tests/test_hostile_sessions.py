@@ -19,6 +19,7 @@ import json
 import random
 import statistics
 
+import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -31,6 +32,10 @@ from harness import AGENT_API_KEY, BOT_TOKEN, SECRETS, VOIPBIN_TOKEN, start
 from test_argon_errors import CHANNEL, SPACE
 from test_argon_refusals import BOTS, OTHER_BOT_TOKEN
 from test_videosdk_endpoint import create_session
+
+# CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("realtime")
+
 
 ATTACK_S = 20
 SEED = 10_1

@@ -30,6 +30,10 @@ from gateway.demo import DEFAULT_AUDIO
 from harness import SECRETS, VOIPBIN_TOKEN, start, ws_client
 from test_argon_errors import CHANNEL, SPACE
 
+# CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("realtime")
+
+
 SESSIONS = 50
 STEADY_S = 4.0  # the burst runs in the middle of it
 MAX_GAP_S = 0.040
