@@ -437,8 +437,7 @@ class MediaRequest:
 
     async def reject(self, status: int, reason: str) -> None:
         """Refuse the upgrade with an HTTP status and a JSON body naming the cause."""
-        body = json.dumps({"error": reason}).encode()
-        await self.request.reject(status, extra_headers=[(b"content-type", b"application/json")], body=body)
+        await _reject(self.request, status, reason)
 
 
 MediaHandler = Callable[[MediaRequest], Awaitable[None]]
@@ -545,10 +544,16 @@ class MediaServer:
         await MediaRequest(request, path, query, {}, remote).reject(404, f"no listen endpoint at {path}")
 
 
-async def _reject_quietly(request: WebSocketRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
+async def _reject(request: WebSocketRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
+    """Refuse an upgrade: `status` and {"error": reason} as JSON."""
     body = json.dumps({"error": reason}).encode()
+    await request.reject(status, extra_headers=[(b"content-type", b"application/json"), *headers], body=body)
+
+
+async def _reject_quietly(request: WebSocketRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
+    """`_reject`, when the client may be gone already (then nothing happens)."""
     try:
-        await request.reject(status, extra_headers=[(b"content-type", b"application/json"), *headers], body=body)
+        await _reject(request, status, reason, *headers)
     except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
 
