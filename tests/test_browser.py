@@ -33,6 +33,10 @@ import trio
 from audio_checks import best_alignment, blockwise_alignment, read_wav, write_wav
 from browser import Browser, fake_mic_wav, require_chromium, serve_page
 
+# CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("realtime")
+
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 ASSETS = REPO / "gateway" / "assets"
