@@ -107,7 +107,17 @@ CAPTURE_JS = r"""
 (() => {
   const cap = window.__capture = {
     played: [], taps: [], texts: [], sentFrames: 0, sentBytes: 0, firstSent: null, lastSent: null,
-    closes: [], errors: [], sockets: 0,
+    closes: [], errors: [], sockets: 0, contexts: [],
+  };
+  // How long each AudioContext took to construct (ms): Chromium's first one opens the audio
+  // output and holds the page's main thread meanwhile (messages queue; see Browser.warm_audio).
+  const NativeAudioContext = window.AudioContext;
+  window.AudioContext = class extends NativeAudioContext {
+    constructor(...args) {
+      const t0 = performance.now();
+      super(...args);
+      cap.contexts.push(performance.now() - t0);
+    }
   };
   const start = AudioBufferSourceNode.prototype.start;
   AudioBufferSourceNode.prototype.start = function (when = 0, ...rest) {
@@ -163,6 +173,19 @@ CAPTURE_JS = r"""
 })();
 """
 
+# Opens Chromium's audio output once (Browser.warm_audio); not recorded in the capture.
+WARM_AUDIO_JS = r"""
+async () => {
+  const t0 = performance.now();
+  const ctx = new AudioContext({sampleRate: 16000});
+  const took = performance.now() - t0;
+  window.__capture.contexts.pop();
+  if (ctx.state === 'suspended') await ctx.resume();
+  await ctx.close();
+  return took;
+}
+"""
+
 # Reads the capture back as JSON-friendly values (audio as base64 little-endian float32).
 READ_CAPTURE_JS = r"""
 () => {
@@ -189,7 +212,7 @@ READ_CAPTURE_JS = r"""
     tapState: tap ? tap.state() : null,
     texts: cap.texts, sentFrames: cap.sentFrames, sentBytes: cap.sentBytes,
     firstSent: cap.firstSent, lastSent: cap.lastSent, closes: cap.closes, errors: cap.errors,
-    sockets: cap.sockets, now: performance.now(),
+    sockets: cap.sockets, contexts: cap.contexts, now: performance.now(),
   };
 }
 """
@@ -238,6 +261,8 @@ class Capture:
     closes: list[dict]
     errors: list[str]
     sockets: int
+    contexts_ms: list[float]
+    """How long each AudioContext the page created took to construct (ms), in order."""
 
     def schedule(self) -> dict[str, float]:
         """The page's playout schedule in numbers: `audio_s` played, `wall_s` between the
@@ -357,6 +382,13 @@ class Browser:
             finally:
                 self._executor.shutdown(wait=False)
 
+    async def warm_audio(self) -> float:
+        """Open (and close) one AudioContext in the page, so that Chromium's audio output is up
+        before the page under test creates its own: the first one ever takes 100-400 ms on a
+        loaded machine, holding the page's main thread while WebSocket messages queue. Returns
+        its construction time in ms."""
+        return await self.call(lambda page: page.evaluate(WARM_AUDIO_JS))
+
     async def capture(self) -> Capture:
         """Read back what the page played and sent (`CAPTURE_JS`)."""
         raw = await self.call(lambda page: page.evaluate(READ_CAPTURE_JS))
@@ -377,4 +409,5 @@ class Browser:
             closes=raw["closes"],
             errors=raw["errors"],
             sockets=raw["sockets"],
+            contexts_ms=raw["contexts"],
         )

@@ -144,6 +144,26 @@ def call_clip(out: Path) -> tuple[np.ndarray, int]:
     return speech, rate
 
 
+def send_times(endpoint) -> list[float]:
+    """Record when each of `endpoint`'s sends completed (trio clock seconds), from now on."""
+    times: list[float] = []
+    send = endpoint.send
+
+    async def timed(frame):
+        await send(frame)
+        times.append(trio.current_time())
+
+    endpoint.send = timed
+    return times
+
+
+def largest_burst(times: list[float], ptime: float) -> float:
+    """How far (s) any run of packets, one `ptime` each, was sent ahead of real time: the most
+    that packets i..j carried beyond the time between them, over all i <= j."""
+    ahead = np.arange(len(times)) * ptime - (np.asarray(times) - (times[0] if times else 0.0))
+    return float(np.max(ahead - np.minimum.accumulate(ahead))) if times else 0.0
+
+
 # ------------------------------------------------------------------------------- the test
 async def test_spec_page_talks_to_a_call_through_the_gateway(tmp_path):
     require_chromium()
@@ -155,10 +175,12 @@ async def test_spec_page_talks_to_a_call_through_the_gateway(tmp_path):
         gateway = await harness.start(nursery, ROUTES, call_audio=tmp_path / "call-audio.wav", out=tmp_path)
         api_url = f"http://127.0.0.1:{gateway.runtime.http.port}"
         url = await serve_page(nursery, page_html(api_url, harness.AGENT_API_KEY))
+        sent_at = send_times(gateway.routes["web"].route.endpoints[0])  # the gateway -> the page
         assert url.rsplit(":", 1)[0] == api_url.rsplit(":", 1)[0] and url != api_url  # another origin: CORS applies
 
         async with Browser(tmp_path / "profile", tmp_path / "mic.wav") as browser:
             await browser.call(lambda page: page.goto(url))
+            warm_ms = await browser.warm_audio()  # Chromium's first audio start is not the call's
             await browser.call(lambda page: page.click("#start"))
             # the page flips its buttons once it has its token and opened the WebSocket
             await browser.call(lambda page: page.wait_for_function(
@@ -219,9 +241,14 @@ async def test_spec_page_talks_to_a_call_through_the_gateway(tmp_path):
         assert len(blocks) >= 6 and sum(b > 0.9 for b in blocks) >= 0.8 * len(blocks), verdict
     assert capture.tap_rate == RATE and capture.tap_state == "running", context
 
-    # 3. ... paced: the page played it at real time, as it arrived, without bursts or holes
+    # 3. ... paced: the gateway sent it at real time, never in a burst (measured where it
+    #    sends), and the page played it at real time, as it arrived, without bursts or holes
+    burst = largest_burst(sent_at, ptime=0.02)
+    assert len(sent_at) >= (CALL_SPEECH_S + CALL_SILENCE_S - 0.8) / 0.02, (len(sent_at), context)
+    assert burst < 0.1, f"the gateway sent {burst * 1000:.0f} ms ahead of real time to the page; {context}"
     s = capture.schedule()
-    verdict = f"page playout {s}; {context}"
+    verdict = (f"page playout {s}; the gateway's largest burst {burst * 1000:.0f} ms; AudioContext construction "
+               f"{warm_ms:.0f} ms (warm-up), then {[round(ms) for ms in capture.contexts_ms]} ms; {context}")
     assert s["audio_s"] >= CALL_SPEECH_S + CALL_SILENCE_S - 0.8, verdict  # the whole call, but a stale head
     assert abs(s["audio_s"] - s["wall_s"]) < 0.05 * s["wall_s"] + 0.1, verdict  # real time
     assert s["max_lead_s"] < 0.3 and s["max_gap_s"] < 0.1 and s["gaps_s"] < 0.25, verdict
