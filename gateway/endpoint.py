@@ -106,8 +106,37 @@ class EndpointStats:
     """Egress packets of pause (silence, breath, low background) left out to win back added
     latency: a pause got shorter, no speech was lost."""
     concealed: int = 0
-    """Ingress frames filled in for packets lost on the way in (an RTP sequence gap: silence
-    of the missing duration, at most 1 s per gap), so the media clock stays whole."""
+    """Ingress frames filled in for packets lost on the way in (an RTP sequence gap, a lost Opus
+    packet): synthesized by loss concealment (G.711 waveform repeat, libopus PLC), fading to
+    silence in a long loss, or silence where concealment is off; the media clock stays whole."""
+    fec_recovered: int = 0
+    """Ingress Opus frames rebuilt from the next packet's in-band FEC (LBRR) data instead of
+    concealed (RFC 6716 §2.1.7)."""
+    jitter_ms: float = 0.0
+    """Interarrival jitter of the ingress packets, ms (RFC 3550 §6.4.1 estimator); 0 where the
+    stream carries no RTP timing."""
+    jitter_depth_ms: int = 0
+    """Current depth of the ingress jitter buffer, ms (what it holds back to reorder and absorb
+    jitter); adapts to `jitter_ms`."""
+    reordered: int = 0
+    """Ingress packets that arrived out of order and were put back in sequence order."""
+    duplicates: int = 0
+    """Ingress packets received more than once (same sequence number): the copies are dropped."""
+    late_packets: int = 0
+    """Ingress packets that arrived after their playout time (their slot was already
+    concealed): dropped."""
+    dtmf_in: int = 0
+    """DTMF key presses received from the peer (RFC 4733 events, AudioSocket DTMF frames), one
+    per press."""
+    dtmf_out: int = 0
+    """DTMF key presses sent to the peer (RFC 4733 events, AudioSocket DTMF frames, tones)."""
+    outages: int = 0
+    """Times this (dial) endpoint's connection failed mid-call and it reconnected on its own
+    while the route kept running (route events endpoint-down / endpoint-up)."""
+    down_s: float = 0.0
+    """Seconds this endpoint has been away during outages (the current one included)."""
+    dropped_while_down: int = 0
+    """Egress packets meant for this endpoint while it was away: dropped, never queued."""
     buffered_ms: int = 0
     """Audio waiting in the route's playout buffers for this sink, after its last packet."""
     peer_errors: int = 0
@@ -129,6 +158,8 @@ class EndpointStats:
         """Counters as plain JSON-able values (the latency histogram as count and mean)."""
         data = attrs.asdict(self, filter=lambda a, v: a.name != "latency")
         data["level_dbfs"] = round(self.level_dbfs, 1)
+        data["jitter_ms"] = round(self.jitter_ms, 2)
+        data["down_s"] = round(self.down_s, 3)
         data["latency_count"] = self.latency.count
         data["latency_mean_ms"] = round(1000 * self.latency.sum / self.latency.count, 2) if self.latency.count else None
         return data

@@ -32,6 +32,16 @@ latency for endpoints that take it.
 | gateway_frames_late_total | counter | route, endpoint, kind | late: egress slots concealed with silence |
 | gateway_frames_dropped_total | counter | route, endpoint, kind | dropped |
 | gateway_frames_concealed_total | counter | route, endpoint, kind | concealed: ingress frames filled in for lost packets |
+| gateway_frames_fec_recovered_total | counter | route, endpoint, kind | fec_recovered: Opus frames rebuilt from in-band FEC |
+| gateway_jitter_seconds | gauge | route, endpoint, kind | jitter_ms / 1000 (RFC 3550 §6.4.1) |
+| gateway_jitter_buffer_depth_seconds | gauge | route, endpoint, kind | jitter_depth_ms / 1000 |
+| gateway_packets_reordered_total | counter | route, endpoint, kind | reordered |
+| gateway_packets_duplicate_total | counter | route, endpoint, kind | duplicates |
+| gateway_packets_late_total | counter | route, endpoint, kind | late_packets: arrived after their playout |
+| gateway_dtmf_received_total, gateway_dtmf_sent_total | counter | route, endpoint, kind | dtmf_in, dtmf_out |
+| gateway_endpoint_outages_total | counter | route, endpoint, kind | outages: reconnected mid-call |
+| gateway_endpoint_down_seconds_total | counter | route, endpoint, kind | down_s |
+| gateway_frames_dropped_while_down_total | counter | route, endpoint, kind | dropped_while_down |
 | gateway_buffer_depth_seconds | gauge | route, endpoint, kind | buffered_ms / 1000 |
 | gateway_audio_level_dbfs | gauge | route, endpoint, kind | level_dbfs of the last egress packet |
 | gateway_added_latency_seconds | histogram | route, endpoint, kind | latency (LatencyHistogram, made cumulative) |
@@ -117,6 +127,17 @@ class EndpointSnapshot(NamedTuple):
     peer_errors: int
     events_in: int
     events_out: int
+    fec_recovered: int
+    jitter_ms: float
+    jitter_depth_ms: int
+    reordered: int
+    duplicates: int
+    late_packets: int
+    dtmf_in: int
+    dtmf_out: int
+    outages: int
+    down_s: float
+    dropped_while_down: int
     latency_counts: tuple[int, ...]
     """Per-bucket (not cumulative) counts, len(LATENCY_BUCKETS) + 1 (the last: above all)."""
     latency_sum: float
@@ -160,7 +181,10 @@ def snapshot(gateway) -> Snapshot:
             endpoints.append(EndpointSnapshot(
                 (name, endpoint.name, endpoint.kind), endpoint.ingress is not None, endpoint.egress is not None,
                 s.frames_in, s.bytes_in, s.frames_out, s.bytes_out, s.late, s.dropped, s.skipped, s.concealed, s.buffered_ms,
-                s.level_dbfs, s.connects, s.peer_errors, s.events_in, s.events_out, tuple(latency.counts), latency.sum,
+                s.level_dbfs, s.connects, s.peer_errors, s.events_in, s.events_out,
+                s.fec_recovered, s.jitter_ms, s.jitter_depth_ms, s.reordered, s.duplicates, s.late_packets,
+                s.dtmf_in, s.dtmf_out, s.outages, s.down_s, s.dropped_while_down,
+                tuple(latency.counts), latency.sum,
             ))
         routes.append(RouteSnapshot(name, state.state, state.since, state.origin, state.restarts,
                                     route.stats.sessions, route.stats.events, tuple(endpoints)))
@@ -182,7 +206,28 @@ ENDPOINT_SERIES = (
      ("Frames sent to the peer as silence because the audio for them was late (concealed); "
       "the late audio plays when it arrives.")),
     ("gateway_frames_concealed", _C, "ingress", lambda e: e.concealed,
-     "Frames filled in for packets the peer sent that were lost on the way (RTP sequence gaps)."),
+     ("Frames filled in for packets the peer sent that were lost on the way (RTP sequence gaps, "
+      "lost Opus packets): loss concealment, fading to silence in a long loss.")),
+    ("gateway_frames_fec_recovered", _C, "ingress", lambda e: e.fec_recovered,
+     "Opus frames rebuilt from the next packet's in-band FEC data instead of concealed."),
+    ("gateway_jitter_seconds", _G, "ingress", lambda e: e.jitter_ms / 1000,
+     "Interarrival jitter of the packets from the peer (RFC 3550 §6.4.1 estimator)."),
+    ("gateway_jitter_buffer_depth_seconds", _G, "ingress", lambda e: e.jitter_depth_ms / 1000,
+     "Current depth of the ingress jitter buffer (held back to reorder and absorb jitter)."),
+    ("gateway_packets_reordered", _C, "ingress", lambda e: e.reordered,
+     "Packets from the peer that arrived out of order and were put back in sequence."),
+    ("gateway_packets_duplicate", _C, "ingress", lambda e: e.duplicates,
+     "Packets from the peer received more than once (the copies are dropped)."),
+    ("gateway_packets_late", _C, "ingress", lambda e: e.late_packets,
+     "Packets from the peer that arrived after their playout time (already concealed): dropped."),
+    ("gateway_dtmf_received", _C, None, lambda e: e.dtmf_in, "DTMF key presses received from the peer."),
+    ("gateway_dtmf_sent", _C, None, lambda e: e.dtmf_out, "DTMF key presses sent to the peer."),
+    ("gateway_endpoint_outages", _C, None, lambda e: e.outages,
+     "Times the endpoint's connection failed mid-call and it reconnected while the route ran on."),
+    ("gateway_endpoint_down_seconds", _C, None, lambda e: e.down_s,
+     "Seconds the endpoint was away during outages (the current one included)."),
+    ("gateway_frames_dropped_while_down", _C, "egress", lambda e: e.dropped_while_down,
+     "Packets meant for the peer while it was away: dropped, never queued into latency."),
     ("gateway_frames_dropped", _C, "egress", lambda e: e.dropped,
      ("Frames of audio for this peer lost: beyond the playout buffer's bound, a full queue, "
       "or audio while the peer was not connected.")),
