@@ -204,6 +204,7 @@ def describe_route(state: RouteState, *, events: bool) -> dict[str, object]:
         "events": stats.events,
         "endpoints": [
             {"name": ep.name, "kind": ep.kind, "role": ep.role, "description": redact(ep.describe()),
+             "away_since": _wall(away) if (away := route.away_since(ep)) is not None else None,
              **ep.stats.as_dict()}
             for ep in route.endpoints
         ],

@@ -176,7 +176,8 @@ class Gateway:
                 raise ConfigError(f"{rc.where}: routes[{rc.name}]: a route that answers calls (calls: incoming) has one "
                                   "such endpoint and no listen endpoint (each call runs a session of its own)")
             try:
-                route = Route(rc.name, endpoints, jitter_ms=rc.jitter_ms, max_delay_ms=rc.max_delay_ms)
+                route = Route(rc.name, endpoints, jitter_ms=rc.jitter_ms, max_delay_ms=rc.max_delay_ms,
+                              reconnect_s=rc.reconnect_s, on_hold=rc.on_hold)
             except ValueError as err:
                 raise ConfigError(f"{rc.where}: {err}") from None
         except BaseException:

@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from gateway.codecs.formats import AudioFormat, AudioFrame, Frame
+from gateway.errors import CallEnded, ServiceError
 
 Emit = Callable[[Frame], None]
 
@@ -134,7 +135,8 @@ class EndpointStats:
     """Times this (dial) endpoint's connection failed mid-call and it reconnected on its own
     while the route kept running (route events endpoint-down / endpoint-up)."""
     down_s: float = 0.0
-    """Seconds this endpoint has been away during outages (the current one included)."""
+    """Seconds this endpoint was away during its outages that ended (the route's `away_since`
+    tells a current one)."""
     dropped_while_down: int = 0
     """Egress packets meant for this endpoint while it was away: dropped, never queued."""
     buffered_ms: int = 0
@@ -222,6 +224,9 @@ class Endpoint(abc.ABC):
     """False for a sink that takes each source on its own lane instead of a mix (an Argon room
     publishes each participant as a track of its own): the route runs one pacer per source and
     calls `send_from(source, frame)`; `wants_from(source)` says whether a lane is listened to."""
+    reconnects: bool = False
+    """True for a dial endpoint that reconnects on its own when its connection fails mid-call
+    (`reconnects_after`): the route keeps running and calls `run()` again (README, "Reconnect")."""
     identity: str = ""
     """Who this endpoint is as a participant of a room (option `identity:`, default its name):
     a bot in an Argon listen channel that hears identity `call` hears this route's `call`."""
@@ -311,6 +316,19 @@ class Endpoint(abc.ABC):
     async def goodbye(self) -> None:
         """Say the protocol's goodbye (stop frame, hangup, close 1000). Best effort: the route
         calls it under a short deadline, shielded, before cancelling `run`."""
+
+    def reconnects_after(self, err: BaseException) -> bool:
+        """Whether `err`, which ended a session of this endpoint after it was up, is a failure
+        that reconnecting can fix while the route keeps running. Default: for endpoints that
+        set `reconnects`, any error but `CallEnded` (the peer ended the session normally) and a
+        permanent `ServiceError` (a bad token or an unknown channel: the route fails, as
+        before). Adapters narrow it where the protocol says more (VoIPBIN: a close without a
+        close frame is the call ending)."""
+        if not self.reconnects or self.role != "dial":
+            return False
+        if isinstance(err, CallEnded) or (isinstance(err, ServiceError) and err.permanent):
+            return False
+        return isinstance(err, Exception)
 
     def describe(self) -> str:
         """One line for logs: kind, role and what it is connected to (never a secret)."""

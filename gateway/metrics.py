@@ -225,7 +225,7 @@ ENDPOINT_SERIES = (
     ("gateway_endpoint_outages", _C, None, lambda e: e.outages,
      "Times the endpoint's connection failed mid-call and it reconnected while the route ran on."),
     ("gateway_endpoint_down_seconds", _C, None, lambda e: e.down_s,
-     "Seconds the endpoint was away during outages (the current one included)."),
+     "Seconds the endpoint was away during its outages that ended."),
     ("gateway_frames_dropped_while_down", _C, "egress", lambda e: e.dropped_while_down,
      "Packets meant for the peer while it was away: dropped, never queued into latency."),
     ("gateway_frames_dropped", _C, "egress", lambda e: e.dropped,

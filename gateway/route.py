@@ -41,6 +41,18 @@ Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back la
   `burst_buffer_ms` and played at real time, never latency-controlled.
 - When a source ends, what it buffered is played out (the last packet padded), then the route
   ends; every endpoint says its protocol's goodbye.
+
+Per-endpoint reconnect (README, "Reconnect"). A dial endpoint that sets `reconnects` and whose
+session fails after the route was up with an error `reconnects_after` accepts (Argon's 1006 drop,
+a reset, a refused reconnect; never `CallEnded`, which is the far side ending the call) is
+called again by the route, after RECONNECT_FIRST_S doubling to RECONNECT_MAX_S (jittered),
+while the route and every other endpoint keep running: an `endpoint-down` route event, then
+`endpoint-up` once it is back. Meanwhile its pacer drops what the others say to it (counted
+`dropped_while_down`: a reconnect never starts with a backlog), and the others hear silence, or
+the route's `on_hold` file (looped) in its place. A send that fails mutes the sink at once; its
+reader then tells whether the call ended or the connection failed (a reader that does not notice
+within SINK_GONE_WAIT is cancelled with the send's error). An outage longer than `reconnect_s`
+fails the route as before (ReconnectTimeout: the daemon restarts it with backoff).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import random
 from typing import Sequence
 
 import attrs
@@ -55,8 +68,9 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway.adapters.local import FileSource
 from gateway.codecs import Chain, Reframer, plan
-from gateway.codecs.formats import AudioFrame, Frame
+from gateway.codecs.formats import AudioFormat, AudioFrame, Frame
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway._util import collapse, goodbye_scope
 from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
@@ -76,6 +90,8 @@ PRIME_MS = 500  # a start-up backlog at least this long gives the first backgrou
 SPEECH_FALL_DB_PER_S = 0.5  # how fast the speech level estimate decays between words
 SPEECH_START_DBFS = -20.0  # speech level assumed before any speech was heard (a 20 ms peak)
 IDLE_AFTER = 5  # consecutive short packets after which a source counts as idle
+RECONNECT_FIRST_S = 0.1  # an endpoint that failed mid-call reconnects after this (jittered)...
+RECONNECT_MAX_S = 5.0  # ...doubling up to this between attempts, within the route's reconnect_s
 PLAYOUT_START_WAIT = 1.0  # seconds an ended source waits for the sinks' pacers to start (a far
 # side about to be up gets the audio kept for it; one still ringing is given up)
 GOODBYE_DEADLINE = 2.0  # seconds for every endpoint to say goodbye when a route stops
@@ -113,7 +129,25 @@ class _Leg:
     """
 
     chain: Chain
+    target: AudioFormat
+    """The PCM format the chain delivers (the sinks' pacing format)."""
     targets: list[tuple[trio.MemorySendChannel, int, Endpoint]] = attrs.Factory(list)
+
+
+@attrs.define(eq=False)
+class _Session:
+    """One run() of one endpoint inside a route session (a reconnect starts another)."""
+
+    scope: trio.CancelScope
+    ended: trio.Event = attrs.Factory(trio.Event)
+    failure: BaseException | None = None
+    """Why the route cancelled it (its sink's send failed and the reader did not notice)."""
+    watched: bool = False
+
+
+class ReconnectTimeout(GatewayError):
+    """An endpoint was away longer than the route's `reconnect_s`: the route fails (and the
+    daemon restarts it with backoff, as any failure)."""
 
 
 class Route:
@@ -122,7 +156,8 @@ class Route:
     `jitter_ms` and `max_delay_ms` come from the route config (README, "Routes").
     """
 
-    def __init__(self, name: str, endpoints: Sequence[Endpoint], *, jitter_ms: int = 20, max_delay_ms: int = 200) -> None:
+    def __init__(self, name: str, endpoints: Sequence[Endpoint], *, jitter_ms: int = 20, max_delay_ms: int = 200,
+                 reconnect_s: float = 60.0, on_hold: str | None = None) -> None:
         if len(endpoints) < 2:
             raise ValueError(f"route {name}: a route joins two or more endpoints")
         self.name = name
@@ -142,6 +177,15 @@ class Route:
         self.sinks = [e for e in self.endpoints if e.egress is not None]
         if not self.sources or not self.sinks:
             raise ValueError(f"route {name}: needs at least one endpoint that produces audio and one that takes it")
+        self.reconnect_s = reconnect_s
+        """How long an endpoint that failed mid-call may take to come back (`Endpoint.reconnects`)
+        before the route fails; 0: no reconnect, a failure fails the route."""
+        self.on_hold = on_hold
+        """A file the others hear in place of an endpoint while it is away (looped); None: silence."""
+        self._hold = FileSource(f"{name}-hold", on_hold, loop=True, rate=48000) if on_hold else None
+        self._muted: set[int] = set()
+        self._away: dict[int, float] = {}
+        self._sink_failed = lambda ep, err: False
         self.up = trio.Event()
         self._finish = None
         self._startup: trio.CancelScope | None = None
@@ -156,6 +200,10 @@ class Route:
             self._startup.cancel()
         if self._finish is not None:
             self._finish(reason)
+
+    def away_since(self, endpoint: Endpoint) -> float | None:
+        """trio time since which `endpoint` is away (reconnecting mid-call), else None."""
+        return self._away.get(id(endpoint))
 
     def post_event(self, event: RouteEvent) -> None:
         """Log and count an endpoint's event, and hand it to every other endpoint that carries
@@ -194,7 +242,7 @@ class Route:
                 for slot, source in enumerate(sources):
                     leg = legs[id(source)].get(target)
                     if leg is None:
-                        leg = legs[id(source)][target] = _Leg(plan(source.ingress, target))
+                        leg = legs[id(source)][target] = _Leg(plan(source.ingress, target), target)
                         self.log.debug("%s → %s: %s", source.name, target, leg.chain)
                     leg.targets.append((send, slot, sink))
         return {key: list(by_format.values()) for key, by_format in legs.items()}, pacers
@@ -239,43 +287,86 @@ class Route:
 
         async def run_endpoint(ep: Endpoint, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             emit = self._emitter(legs.get(id(ep), []))
-            started = False
+            started = False  # its first session came up (the route's start)
+            up = False  # the current session is up
+            delay = RECONNECT_FIRST_S
+            last_failure = ""
 
             def mark_started() -> None:
-                nonlocal started
-                started = True
-                task_status.started()
+                nonlocal started, up, delay
+                up = True
+                if started:
+                    came_back(ep)
+                    delay = RECONNECT_FIRST_S
+                else:
+                    started = True
+                    task_status.started()
 
             try:
-                try:
-                    await ep.run(emit, task_status=_Started(mark_started))
-                finally:
-                    returned[id(ep)].set()
-                reason = f"{ep.name}: ended"
-            except BaseException as raised:
-                err = collapse(raised)
-                if isinstance(err, RemoteProtocolError) or client_fault(ep, err):
-                    ep.stats.peer_errors += 1
-                if client_fault(ep, err):
-                    # A listen client broke the protocol or vanished: its connection is closed
-                    # (with the code naming the cause); that is the client's failure, not the
-                    # route's, so the session ends and the next client is served at once.
-                    err = CallEnded(f"client {describe_fault(err)}")
-                if isinstance(err, CallEnded):
-                    if not started:  # ended before it was up (a call the bot rejected): no session
-                        self.stats.ended_by = f"{ep.name}: {err.reason}"
-                        raise err from None
-                    reason = f"{ep.name}: {err.reason}"
-                elif isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
-                    if not started:
-                        raise err from None  # a failed connect fails the route's start
-                    if done.is_set():
-                        return  # the route is closing: peers going away now is expected
-                    failures.append(err)
-                    finish(f"{ep.name}: failed: {err}")
-                    return
-                else:
-                    raise
+                while True:
+                    up = False
+                    scope = trio.CancelScope()
+                    if id(ep) in away:  # reconnecting: within what is left of the outage's budget
+                        scope.deadline = away[id(ep)] + self.reconnect_s
+                    session = sessions[id(ep)] = _Session(scope)
+                    try:
+                        try:
+                            with scope:
+                                await ep.run(emit, task_status=_Started(mark_started))
+                        finally:
+                            session.ended.set()
+                        if not scope.cancelled_caught:
+                            reason = f"{ep.name}: ended"
+                            break
+                        # cancelled by us: its sink failed and the reader did not notice, or the
+                        # outage outlasted reconnect_s while connecting
+                        raise session.failure or ReconnectTimeout("still connecting")
+                    except BaseException as raised:
+                        err = collapse(raised)
+                        if isinstance(err, RemoteProtocolError) or client_fault(ep, err):
+                            ep.stats.peer_errors += 1
+                        if client_fault(ep, err):
+                            # A listen client broke the protocol or vanished: its connection is closed
+                            # (with the code naming the cause); that is the client's failure, not the
+                            # route's, so the session ends and the next client is served at once.
+                            err = CallEnded(f"client {describe_fault(err)}")
+                        if isinstance(err, CallEnded):
+                            if not started:  # ended before it was up (a call the bot rejected): no session
+                                self.stats.ended_by = f"{ep.name}: {err.reason}"
+                                raise err from None
+                            reason = f"{ep.name}: {err.reason}"
+                            break
+                        elif isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
+                            if not started:
+                                raise err from None  # a failed connect fails the route's start
+                            if done.is_set():
+                                return  # the route is closing: peers going away now is expected
+                            if not isinstance(err, ReconnectTimeout) and ep.reconnects_after(err):
+                                # Per-endpoint reconnect: the route and every other endpoint keep
+                                # running; this one is away (its audio silence or the hold file,
+                                # audio for it dropped) until it is back, within reconnect_s.
+                                went_away(ep, err, was_up=up)
+                                last_failure = describe_failure(err)
+                                wait = delay * random.uniform(0.5, 1.0)  # jittered
+                                remaining = away[id(ep)] + self.reconnect_s - trio.current_time()
+                                if remaining > 0:  # the last try gets what is left of the budget
+                                    self.log.info("reconnecting %s in %.0f ms", ep.name, 1000 * min(wait, remaining))
+                                    await trio.sleep(min(wait, remaining))
+                                    delay = min(delay * 2, RECONNECT_MAX_S)
+                                    continue
+                            if id(ep) in away:  # the outage outlasted reconnect_s (or ended in a refusal)
+                                last = last_failure if isinstance(err, ReconnectTimeout) else describe_failure(err)
+                                err = ReconnectTimeout(f"away for {trio.current_time() - away[id(ep)]:.1f} s, not back "
+                                                       f"within reconnect_s {self.reconnect_s:g} s (last: {last})")
+                            failures.append(err)
+                            finish(f"{ep.name}: failed: {err}")
+                            return
+                        else:
+                            raise
+            finally:
+                returned[id(ep)].set()
+                muted.discard(id(ep))
+                stop_hold(ep)
             self.log.info("endpoint %s ended: %s", ep.name, reason)
             if ep.ingress is not None and legs.get(id(ep)):
                 for leg in legs[id(ep)]:
@@ -298,7 +389,82 @@ class Route:
             finish(reason)
 
         drained = {id(s): trio.Event() for s in self.sources}
-        returned = {id(e): trio.Event() for e in self.endpoints}  # its run() is over
+        returned = {id(e): trio.Event() for e in self.endpoints}  # its run() is over for good
+        # Per-endpoint reconnect (Endpoint.reconnects): `away` holds when each endpoint now in an
+        # outage went away; `muted` the sinks whose packets are dropped (away, or a send failed
+        # and its reader is about to tell); `sessions` each endpoint's current run().
+        away: dict[int, float] = {}
+        self._away = away
+        muted = self._muted = set()
+        sessions: dict[int, _Session] = {}
+        holds: dict[int, trio.CancelScope] = {}
+
+        def went_away(ep: Endpoint, err: BaseException, *, was_up: bool) -> None:
+            muted.add(id(ep))
+            cause = describe_failure(err)
+            if id(ep) in away:
+                self.log.info("reconnecting %s failed: %s", ep.name, cause)
+                return
+            away[id(ep)] = trio.current_time()
+            ep.stats.outages += 1
+            self.log.warning("endpoint %s is down (%s); the route keeps running while it reconnects "
+                             "(for up to reconnect_s %g s)", ep.name, cause, self.reconnect_s)
+            self.post_event(RouteEvent(ep.name, "endpoint-down", {"reason": cause}))
+            start_hold(ep)
+
+        def came_back(ep: Endpoint) -> None:
+            since = away.pop(id(ep), None)
+            muted.discard(id(ep))
+            stop_hold(ep)
+            if since is not None:
+                down = trio.current_time() - since
+                ep.stats.down_s += down
+                self.log.info("endpoint %s is back after %.2f s away", ep.name, down)
+                self.post_event(RouteEvent(ep.name, "endpoint-up", {"after_ms": round(down * 1000)}))
+
+        def sink_failed(ep: Endpoint, err: BaseException) -> bool:
+            """A send to `ep` failed. For an endpoint that reconnects: drop its packets from now
+            on and let its reader end the session (CallEnded: the route ends; a failure: it
+            reconnects); a reader that has not noticed within SINK_GONE_WAIT is cancelled with
+            this error. False: the pacer ends as before."""
+            if not ep.reconnects or ep.role != "dial" or done.is_set():
+                return False
+            muted.add(id(ep))
+            session = sessions.get(id(ep))
+            if session is not None and not session.ended.is_set() and not session.watched:
+                session.watched = True
+                nursery.start_soon(watch_sink, session, err)
+            return True
+
+        async def watch_sink(session: _Session, err: BaseException) -> None:
+            with trio.move_on_after(SINK_GONE_WAIT):
+                await session.ended.wait()
+            if not session.ended.is_set():
+                session.failure = err
+                session.scope.cancel()
+
+        self._sink_failed = sink_failed
+
+        def start_hold(ep: Endpoint) -> None:
+            if self._hold is None or not legs.get(id(ep)) or done.is_set():
+                return
+            scope = holds[id(ep)] = trio.CancelScope()
+            nursery.start_soon(play_hold, ep, scope)
+
+        async def play_hold(ep: Endpoint, scope: trio.CancelScope) -> None:
+            hold = self._hold
+            assert hold is not None and hold.ingress is not None
+            emit = self._emitter([_Leg(plan(hold.ingress, leg.target), leg.target, leg.targets) for leg in legs[id(ep)]])
+            with scope:
+                try:
+                    await hold.run(emit)
+                except Exception as err:  # noqa: BLE001 - the hold file is a courtesy: never fatal
+                    self.log.warning("hold file %s did not play: %s", self.on_hold, err)
+
+        def stop_hold(ep: Endpoint) -> None:
+            scope = holds.pop(id(ep), None)
+            if scope is not None:
+                scope.cancel()
 
         async def sink_gone(endpoint: Endpoint, reason: str) -> None:
             # The peer of a sink is gone. When the same endpoint is a source whose run() still
@@ -336,6 +502,8 @@ class Route:
                         startup.cancel()
                     for ep in self.endpoints:  # before anyone waits on this route
                         await ep.prepare()
+                    if self._hold is not None:
+                        await self._hold.prepare()
                     # Listen endpoints first: the route comes up when their clients connect (no
                     # outgoing stream is held open for nobody). Then the other peers, concurrently;
                     # local sources (files) last, so a file plays from its beginning to someone
@@ -439,6 +607,8 @@ class Route:
         earliest = _NEVER_S
         window = 0
         stats = sink.stats
+        endpoint = getattr(sink, "sink", sink)  # a lane's sink
+        key, muted = id(endpoint), self._muted
         timestamp = 0
         # Added latency (stats.latency): per source, when each pushed frame arrived, keyed by
         # the running count of samples pushed; `consumed` counts samples popped or dropped, so
@@ -600,9 +770,17 @@ class Route:
                     stats.level_dbfs = single  # already measured (the pause detector's level)
                 else:
                     stats.level_dbfs = _dbfs(mixed) if contributors else -120.0
-                if getattr(sink, "listened", True):  # a lane nobody hears is not encoded
+                if key in muted:  # away (reconnecting): dropped, never queued into latency
+                    stats.dropped_while_down += 1
+                elif getattr(sink, "listened", True):  # a lane nobody hears is not encoded
                     for out in encoder.process(frame):
-                        await sink.send(out)
+                        try:
+                            await sink.send(out)
+                        except SEND_FAILURES as err:
+                            if not self._sink_failed(endpoint, err):
+                                raise
+                            stats.dropped_while_down += 1
+                            break
                 k += 1
                 stats.buffered_ms = sum(b.buffered for b in buffers) * 1000 // pcm_format.rate
                 window += 1
@@ -803,6 +981,18 @@ connection that failed under us (reset, gone between the upgrade and the first r
 def client_fault(ep: Endpoint, err: BaseException) -> bool:
     """True when `err`, raised by `ep`, is its listen client's failure, not the route's."""
     return ep.role == "listen" and isinstance(err, CLIENT_FAULTS)
+
+
+def describe_failure(err: BaseException) -> str:
+    """An endpoint's failure in one line for logs and route events (our own messages, which
+    never carry a secret, or the exception type and a socket error's text)."""
+    if isinstance(err, GatewayError) and str(err):
+        return str(err)
+    return f"{type(err).__name__}{': ' + str(err) if str(err) else ''}"
+
+
+SEND_FAILURES = (GatewayError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed)
+"""What a sink's `send` raises when its peer is gone."""
 
 
 def describe_fault(err: BaseException) -> str:

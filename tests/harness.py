@@ -19,7 +19,7 @@ VIDEOSDK_TOKEN = "vsdk-SECRET-9b2f4a10"
 SECRETS = (BOT_TOKEN, VOIPBIN_TOKEN, JWT_SECRET, AGENT_API_KEY, VIDEOSDK_TOKEN)
 
 SERVICES = """\
-server: {http: "127.0.0.1:$http_port", media: "127.0.0.1:$media_port"}
+server: {http: "127.0.0.1:$http_port", media: "127.0.0.1:$media_port"$server_extra}
 services:
   voipbin: {api_url: "http://127.0.0.1:$media_port", token: "%s"}
   argon: {api_url: "http://127.0.0.1:$http_port/api/bot", bot_token: "%s", jwt_secret: "%s"$argon_extra}
@@ -30,15 +30,16 @@ services:
 
 async def start(
     nursery: trio.Nursery, routes: str, argon_extra: str = "", agent_extra: str = "", videosdk_extra: str = "",
-    prepare=None, **values
+    prepare=None, server_extra: str = "", **values
 ) -> Gateway:
     """Start a gateway whose config is SERVICES + `routes` (a string.Template: $http_port,
     $media_port and `values` are substituted). `*_extra` are appended inside that service's
-    flow mapping, e.g. `videosdk_extra=", webhook_public_key_file: /tmp/k.pem"`."""
+    flow mapping, e.g. `videosdk_extra=", webhook_public_key_file: /tmp/k.pem"` (`server_extra`
+    likewise inside `server:`)."""
 
     def make(http_port: int, media_port: int) -> GatewayConfig:
         text = string.Template(SERVICES + routes).substitute(
-            http_port=http_port, media_port=media_port, argon_extra=argon_extra,
+            http_port=http_port, media_port=media_port, argon_extra=argon_extra, server_extra=server_extra,
             agent_extra=agent_extra, videosdk_extra=videosdk_extra, **values
         )
         return GatewayConfig.from_text(text, "test.yaml")

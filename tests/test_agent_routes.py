@@ -75,7 +75,7 @@ CALL_AND_AGENT = """
 routes:
   - name: call
     endpoints:
-      - voipbin: {role: listen, name: call, call_id: $call_id}
+      - voipbin: {role: listen, name: call, call_id: $call_id, jitter_buffer_ms: 0}  # emits on arrival (Arrivals)
       - file: {name: caller, path: "$caller", rate: 8000}
       - record: {name: heard, path: "$out/call.wav", rate: 8000, hears: [call]}
   - name: agent-service

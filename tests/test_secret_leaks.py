@@ -112,7 +112,8 @@ routes:
                 with pytest.raises(ConnectionClosed):
                     with trio.fail_after(2):
                         await bot.get_message()
-            refused = await call("GET", "/v1/routes", headers={"authorization": f"Bearer {jwt}"})
+            listed = await call("GET", "/v1/routes", headers={"authorization": f"Bearer {jwt}"})
+            assert jwt not in listed.text  # a read from loopback is served; the stream token is not echoed
             # a VoIPBIN client with a wrong token, then one that breaks the protocol
             for token in ("wrong", SECRETS["VB_TOKEN"]):
                 url = f"ws://127.0.0.1:{media}/v1.0/calls/c1/media_stream?encapsulation=rtp&token={token}"

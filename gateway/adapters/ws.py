@@ -55,10 +55,13 @@ async def dial(
     """
     safe = redact_url(url)
     failed: list[BaseException] = []
+    opened: list[bool] = []
     try:
         with trio.fail_after(CONNECT_TIMEOUT), trio.CancelScope() as handshake:
 
             def on_reader_error(err: BaseException) -> None:
+                if opened:
+                    return  # the handshake is over: the connection reports its own close
                 failed.append(err)
                 handshake.cancel()
 
@@ -69,6 +72,7 @@ async def dial(
                 max_message_size=MAX_MESSAGE,
                 extra_headers=extra_headers,
             )
+            opened.append(True)
         if failed:
             raise failed[0]
         return ws
@@ -98,6 +102,11 @@ class _ReaderNursery:
                 await fn(*args)
             except HandshakeError as err:  # ConnectionRejected is a HandshakeError
                 self._on_error(err)
+            else:
+                # The reader returns when the connection is gone (a reset, EOF); during the
+                # handshake trio-websocket would then wait for an answer that cannot come, up
+                # to CONNECT_TIMEOUT: end it now (after a handshake this is a no-op: see dial).
+                self._on_error(ConnectionResetError("the connection closed during the WebSocket handshake"))
 
         self._nursery.start_soon(guarded, name=name or getattr(fn, "__qualname__", None))
 

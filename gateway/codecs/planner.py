@@ -15,7 +15,7 @@ import attrs
 from gateway.codecs.formats import AudioFormat, Encoding, Frame
 from gateway.codecs.g711 import G711Decoder, G711Encoder
 from gateway.codecs.mixer import ChannelMixer
-from gateway.codecs.opus import OPUS_PTIMES_MS, OPUS_RATE, OpusDecoder, OpusEncoder
+from gateway.codecs.opus import FEC_PACKET_LOSS_PERC, OPUS_PTIMES_MS, OPUS_RATE, OpusDecoder, OpusEncoder
 from gateway.codecs.reframe import Reframer
 from gateway.codecs.resample import Resampler
 from gateway.codecs.stage import Stage
@@ -95,13 +95,18 @@ def plan(
     ptime_ms: int | None = None,
     opus_bitrate: int | None = None,
     opus_complexity: int | None = None,
+    opus_fec: bool = False,
+    opus_expected_loss_pct: int = FEC_PACKET_LOSS_PERC,
+    opus_min_packet_bytes: int = 0,
 ) -> Chain:
     """The chain converting frames of `src` into frames of `dst`.
 
     `ptime_ms`: when given, the output comes in frames of exactly that duration (a Reframer
     before the encoder, or last for PCM); when None, output frames follow the input's (for an
-    Opus `dst` the caller then promises frames of a valid Opus size). `opus_bitrate` (bit/s)
-    configures an Opus encoder. Same `src` and `dst`: an empty chain (a lone Reframer for PCM
+    Opus `dst` the caller then promises frames of a valid Opus size). `opus_bitrate` (bit/s),
+    `opus_complexity`, `opus_fec` with `opus_expected_loss_pct` (in-band FEC and the loss it
+    is tuned for) and `opus_min_packet_bytes` (shorter packets become silence packets)
+    configure an Opus encoder (`OpusEncoder`). Same `src` and `dst`: an empty chain (a lone Reframer for PCM
     with a ptime; encoded frames are never re-coded just to re-frame them).
 
     Raises ValueError naming both formats when no chain exists (PCMU other than 8 kHz mono,
@@ -141,7 +146,9 @@ def plan(
     if dst.encoding is Encoding.PCMU:
         stages.append(G711Encoder())
     elif dst.encoding is Encoding.OPUS:
-        stages.append(OpusEncoder(dst.channels, ptime_ms, bitrate=opus_bitrate, complexity=opus_complexity))
+        stages.append(OpusEncoder(dst.channels, ptime_ms, bitrate=opus_bitrate, complexity=opus_complexity,
+                                  fec=opus_fec, expected_loss_pct=opus_expected_loss_pct,
+                                  min_packet_bytes=opus_min_packet_bytes))
     return Chain(tuple(stages), src, dst)
 
 

@@ -38,15 +38,35 @@ is measured (JITTER_WARMUP pairs) and small against the packet duration s (8 J <
 whose arrival spacing exceeds the previous packet's duration by m whole slots (within s/4) is
 taken to follow m lost packets: those slots are concealed before it (so the timeline stays
 whole, and a packet that arrives right at the missing slot's deadline does not jump into it),
-and the last one is decoded from the packet's in-band FEC (LBRR, decode_fec=1) when it is
-SILK or hybrid; libopus itself falls back to PLC when there is no LBRR, or when the slot is
-shorter than the packet's frames. A TCP stall looks different: the delayed packet is followed
-at once by the ones TCP held back, so a packet bunched (< s/2) right behind one read as
-"after a loss" undoes that reading (it was a late packet: counted `late`, no FEC). What
+and the last one is decoded from the packet's in-band FEC (LBRR, decode_fec=1) when it
+carries LBRR (`packet_has_lbrr`), the slot is at least one of its frames long and the packet
+decoded before the loss was not CELT-only (libopus's own conditions; else it is PLC, which is
+what libopus would fall back to). `stats.fec` counts only the slots really rebuilt so.
+
+FEC needs the packet after a loss in hand when the lost slot's deadline comes, i.e. a lead of
+at least one packet plus the transit spread. At the default 20 ms floor and 20 ms packets the
+next packet comes right at that deadline, so a little jitter makes it miss. When it does (a
+loss was inferred, its slots were already concealed with PLC, and the packet carries LBRR),
+the delay target covers one more packet (target + s) for FEC_HOLD_S after that miss, so the
+next loss is rebuilt from FEC: ~s more latency, only while losses repairable by FEC happen,
+grown in a pause as any raise of the target.
+
+A TCP stall looks different: the delayed packet is followed at once by the ones TCP held
+back, so a packet bunched (< s/2) right behind one read as "after a loss" undoes that reading (it was a late packet: counted `late`, no FEC). What
 timing cannot tell apart is a delay that steps up by exactly m slots and stays; then a slot is
 filled that did not need to be (FEC then replays the previous packet's content, much as PLC
 would) and the slot of latency is won back in the next pause. With more jitter no inference
 is made: gaps are concealed as their deadlines come and late packets play next.
+
+Tolerance, and a loaded event loop. A slot is concealed only when its deadline passes with no
+packet for it: the tolerance for a late packet is the applied delay (the target, >= 20 ms). The
+arrival time is stamped when our reader task takes the message, so a loop that was busy
+delivers late in exactly the way a jittery network does: the lateness counts in the spread and
+J, and the target rises to cover it (at once, up to max_delay_ms); a packet later than that
+still plays (next, counted `late`), never dropped, and the latency it added is won back in
+pauses. What it costs is the PLC of one slot, never a loss of audio. The loss inference above
+takes a far stricter view (low J, whole slots, undone by a bunch), so a loaded loop does not
+make it shift the timeline or decode FEC for a packet that was merely late.
 
 Senders are taken to be paced by their packets' durations (the reference bot sends a packet
 and waits its TOC duration), hence e(k) = e(k-1) + duration(k-1); a sender that sends each
@@ -64,7 +84,19 @@ where they stopped; the decoder keeps its state and the first audio fades in ove
 the join has no click. While idle, packets that carry nothing are not a restart: DTX packets,
 and packets that decode to near silence (below SILENT_DBFS: libopus's 400 ms DTX updates, a
 bot's F8 FF FE): they are decoded (decoder state) and dropped, since an idle source already
-plays as silence in the route.
+plays as silence in the route. (A TOC-only packet is what libopus itself decodes as PLC.)
+
+Why the fade is ours: libopus 1.3's PLC does fade, but not to silence, and not alike for its
+modes. Measured here on speech (20 ms packets, level per concealed frame against the last
+decoded one): after CELT packets it holds ~0 to -10 dB for 100 ms, then turns to shaped noise
+falling ~2-3 dB per 20 ms (-20 dB at 200 ms, -48 dB at 400 ms); after SILK / hybrid packets it
+falls to -48 dB by 100 ms and stays there as a noise floor (~-56 dB). So PLC_FULL_MS of
+libopus's own concealment, then our linear fade to digital silence by FADE_END_MS.
+
+`concealment=False` (a benchmark baseline, "silence fill"): every slot that PLC or FEC would
+fill (lost, late, DTX, malformed, the tail) is digital silence instead, and the pause
+insertions that grow the delay are silence too; the timeline, the delay control and the
+counters are the same.
 """
 
 from __future__ import annotations
@@ -75,7 +107,15 @@ import attrs
 import numpy as np
 
 from gateway.codecs.formats import AudioFrame, EncodedFrame
-from gateway.codecs.opus import MAX_FRAME_SAMPLES, OPUS_RATE, PLC_GRANULE, OpusDecoder, packet_samples
+from gateway.codecs.opus import (
+    MAX_FRAME_SAMPLES,
+    OPUS_RATE,
+    PLC_GRANULE,
+    OpusDecoder,
+    packet_frame_samples,
+    packet_has_lbrr,
+    packet_samples,
+)
 from gateway.errors import RemoteProtocolError
 
 __all__ = ["OpusPlayout", "PlayoutStats"]
@@ -101,6 +141,7 @@ INSERT_MAX = 10 * _MS  # samples: longest single insertion
 MAX_EXCESS_MS = 120.0  # ms above target beyond which audio is trimmed whatever its level
 LOW_LEVEL_DBFS = -45.0  # frames quieter than this (RMS) are a pause: they may be dropped
 SILENT_DBFS = -65.0  # while idle, packets quieter than this do not restart the stream
+FEC_HOLD_S = 10.0  # s after a loss that FEC could have repaired but PLC filled: the target covers one more packet
 _EPS = 1e-6  # seconds: deadline comparison slack (float rounding of the clock)
 
 _MARGIN = MARGIN_MS / 1000  # s
@@ -140,8 +181,12 @@ class PlayoutStats:
     concealed: int = 0
     """Frames filled in by PLC/FEC: lost or late slots, DTX and malformed packets, fades."""
     fec: int = 0
-    """Concealed frames decoded from the next packet's in-band FEC (libopus falls back to PLC
-    when that packet has none)."""
+    """Concealed frames rebuilt from the next packet's in-band FEC (LBRR) data (RFC 6716
+    §2.1.7): counted only where libopus uses it (the packet carries LBRR, the slot is at least
+    one of its frames, the packet before the loss was not CELT-only)."""
+    fec_missed: int = 0
+    """Losses whose next packet carried LBRR but came after the lost slot was concealed with
+    PLC (each raises the delay target by a packet for FEC_HOLD_S)."""
     dtx: int = 0
     """Packets of <= 2 bytes (DTX, no data)."""
     late: int = 0
@@ -177,6 +222,8 @@ class OpusPlayout:
     """Least delay the buffer applies after the arrival of the fastest packets."""
     max_delay_ms: float = attrs.field(default=60.0, kw_only=True)
     """Ceiling of the delay target, however bad the jitter."""
+    concealment: bool = attrs.field(default=True, kw_only=True)
+    """False: slots PLC or FEC would fill are digital silence ("silence fill", a baseline)."""
     stats: PlayoutStats = attrs.field(factory=PlayoutStats, init=False)
     _dec: OpusDecoder = attrs.field(init=False)
     _min: float = attrs.field(init=False)
@@ -206,6 +253,8 @@ class OpusPlayout:
     _last_push: float | None = attrs.field(default=None, init=False)
     _zmin: collections.deque = attrs.field(factory=collections.deque, init=False)
     _zmax: collections.deque = attrs.field(factory=collections.deque, init=False)
+    _celt: bool = attrs.field(default=False, init=False)
+    _fec_until: float = attrs.field(default=-1e300, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.channels not in (1, 2):
@@ -296,6 +345,10 @@ class OpusPlayout:
                 self._jitter += (min(abs(d), self._max) - self._jitter) / 16
                 self._pairs += 1
         self._prev_a, self._prev_n, self._prev_kind = now, n, kind
+        if missing and kind == _NORMAL and self.concealment and (self._gap if not queue else 0) >= missing \
+                and packet_has_lbrr(packet):
+            st.fec_missed += 1  # FEC could have rebuilt the slot had this packet been here in time
+            self._fec_until = now + FEC_HOLD_S
 
         p = self._in + missing
         self._in = p + n
@@ -319,6 +372,8 @@ class OpusPlayout:
             # delay target: up at once, down by at most SHRINK_MS_PER_S
             jitter = self._jitter
             cand = max(JITTER_FACTOR * jitter, hi[0][1] - lo[0][1]) + _MARGIN
+            if now < self._fec_until:
+                cand += n / RATE  # the packet after a loss must be here before the lost slot plays
             if cand < self._min:
                 cand = self._min
             elif cand > self._max:
@@ -371,7 +426,9 @@ class OpusPlayout:
             need = missing - self._gap
             if need > 0:  # slots lost before this packet: PLC, the last one from its FEC
                 chunk = min(need, MAX_FRAME_SAMPLES)
-                fec = kind == _NORMAL and chunk == need and data[0] < 0x80  # SILK/hybrid TOC
+                # libopus decodes FEC only for a whole frame of the packet, after a non-CELT one
+                fec = (kind == _NORMAL and chunk == need and self.concealment and not self._celt
+                       and chunk >= packet_frame_samples(data) and packet_has_lbrr(data))
                 frames.append(self._conceal(chunk, data if fec else None))
                 continue
             if kind == _DTX or kind == _MALFORMED:  # a slot with nothing to decode
@@ -440,6 +497,7 @@ class OpusPlayout:
         except RemoteProtocolError:
             self.stats.malformed += 1
             return None
+        self._celt = packet[0] >= 0x80  # TOC configs 16-31: what libopus's FEC decision looks at
         self.stats.decoded += 1
         return frame  # type: ignore[return-value]
 
@@ -447,13 +505,20 @@ class OpusPlayout:
         """PLC (or FEC from `fec`, the packet after the gap) for a slot with no audio, faded
         by the time since the last decoded audio."""
         st = self.stats
+        st.concealed += 1
+        if not self.concealment:  # silence fill: no PLC, no fade, no splice
+            self._gap += n
+            self._quiet += n
+            self._head = None
+            self._gain = 1.0
+            return self._stamp(np.zeros((n, self.channels), dtype=np.int16), None)
         try:
             frame = self._dec.conceal(n, fec)
         except RemoteProtocolError:
-            frame = self._dec.conceal(n)
-        st.concealed += 1
+            frame, fec = self._dec.conceal(n), None
         if fec is not None:
             st.fec += 1
+            self._celt = False  # libopus now holds the mode of the packet it took the FEC from
         self._gap += n
         q0 = self._quiet
         self._quiet = q0 + n
@@ -477,6 +542,8 @@ class OpusPlayout:
     def _insert(self, n: int) -> AudioFrame:
         """PLC in a pause, to grow the applied delay toward the target."""
         self.stats.inserted_ms += n / _MS
+        if not self.concealment:
+            return self._emit(np.zeros((n, self.channels), dtype=np.int16), None)
         frame = self._dec.conceal(n)
         return self._emit(frame.pcm, frame)
 

@@ -351,6 +351,11 @@ class RouteConfig:
     """Audio buffered beyond this for one sink is dropped (oldest first) to bound latency."""
     restart: str = "on-failure"
     """`on-failure`: restart with backoff after an error that is not permanent; `never`."""
+    reconnect_s: float = 60.0
+    """How long a dial endpoint whose connection failed mid-call may take to reconnect while the
+    route keeps running (README, "Reconnect"); 0: no per-endpoint reconnect."""
+    on_hold: str | None = None
+    """A file the others hear (looped) in place of an endpoint while it is away; None: silence."""
     where: str = ""
     source: object = attrs.field(default=None, eq=False, repr=False)
     """The route's mapping as written, for `same_as` (which compares it expanded, as plain data)."""
@@ -417,11 +422,24 @@ class RouteConfig:
             jitter_ms=opts.get_int("jitter_ms", 20, minimum=0, maximum=1000),
             max_delay_ms=opts.get_int("max_delay_ms", 200, minimum=20, maximum=10000),
             restart=opts.get_choice("restart", ("on-failure", "never"), "on-failure"),
+            reconnect_s=opts.get_float("reconnect_s", 60.0, minimum=0.0),
+            on_hold=_hold_file(opts),
             where=f"{opts.filename}:{opts.line}" if opts.line else opts.filename,
             source=opts.as_dict(),
         )
         opts.finish()
         return result
+
+
+def _hold_file(opts: Options) -> str | None:
+    """`on_hold: PATH`: a readable audio file (checked here, so a typo fails the config, not
+    the first outage)."""
+    path = opts.get_str("on_hold", None, allow_empty=False)
+    if path is None:
+        return None
+    if "\0" in path or not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise opts.error("on_hold", f"cannot read the hold file {path!r}")
+    return path
 
 
 def _expanded(value: object, env: Mapping[str, str] | None, base_dir: str = "") -> object:

@@ -19,6 +19,9 @@ include the caller's; the page opens ``ws_url`` (on `server.media`) and must sen
 within `TOKEN_TIMEOUT_S` (5 s), else it gets ``{"type":"error","code":"token_timeout"}`` and
 close 1008. Then ``connected``; ``agent_ready`` once the route's other side is up; on stop
 ``session_ended`` with ``server_shutdown`` (``agent_disconnected`` when the other side hung up).
+A client message ``{"type":"dtmf","digit":"5"}`` (a gateway extension; the spec has no DTMF
+message) raises a ``dtmf`` route event with that digit (played into the route's phone call);
+a digit that is not a DTMF key is logged and ignored; other unknown types stay ignored.
 
 Free means: the endpoint's route is waiting for a client (`AgentListen.phase` "waiting": not
 starting, not in a session or a handshake, not still ending the last session — a route plays
@@ -53,6 +56,7 @@ from gateway.adapters.agent.wire import (
     AgentReady,
     AgentServer,
     Audio,
+    ClientDtmf,
     ClientState,
     ServerState,
     SessionEnded,
@@ -67,6 +71,7 @@ from gateway.adapters.agent.wire import (
 )
 from gateway.adapters.listen import ListenSlot, PendingSession
 from gateway.adapters.ws import Closing, close, close_description, dial, refuse, send_quietly
+from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_16K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint, PcmIngress
@@ -135,6 +140,7 @@ class AgentDial(_AgentEndpoint):
     Retry-After), a refused WebSocket, or no ``connected`` in time."""
 
     role = "dial"
+    reconnects = True  # a mid-call failure reconnects this endpoint alone (Endpoint.reconnects_after)
     bursty = True
     _connected = ClientState.CONNECTED
 
@@ -635,6 +641,12 @@ class AgentListen(_AgentEndpoint):
             for event in events:
                 if isinstance(event, Audio):
                     audio(event.pcm)
+                elif isinstance(event, ClientDtmf):  # gateway extension: {"type":"dtmf","digit":"5"}
+                    if (key := dtmf_key(event.digit)) is not None:
+                        self.route_event("dtmf", digit=key)
+                    else:
+                        self.log.warning("ignoring the client's dtmf message: digit %r is not a DTMF key "
+                                         "(0-9, *, #, A-D)", (event.digit or "")[:20])
                 elif isinstance(event, Unknown):
                     self.log.debug("ignoring client control message of type %r", event.type)
 

@@ -56,8 +56,11 @@ Close codes (`RemoteProtocolError.close_code`, RFC 6455 §7.4.1)
 - 1009 message too big: any single message over `MAX_MESSAGE_BYTES` (64 KiB), text or binary.
 
 Unknown control message types are not errors (forward compatibility): they come out as
-`Unknown(type)` for the adapter to log and ignore. "If this raises anything but
-RemoteProtocolError, that's a bug" (h11); misuse raises `LocalProtocolError`.
+`Unknown(type)` for the adapter to log and ignore. One client message is a gateway extension
+(the spec defines no client control messages): ``{"type":"dtmf","digit":"5"}`` gives
+`ClientDtmf` on the server side (a key pressed on the page, for the route's phone call).
+"If this raises anything but RemoteProtocolError, that's a bug" (h11); misuse raises
+`LocalProtocolError`.
 
 Secrets: no `repr`, `str` or error message produced here contains the session token or the API
 key. `TokenPresented` and `TokenGrant` carry the token but keep it out of `repr`; strings the
@@ -94,6 +97,7 @@ __all__ = [
     "AgentReady",
     "AgentServer",
     "Audio",
+    "ClientDtmf",
     "ClientEvent",
     "ClientState",
     "Connected",
@@ -192,7 +196,17 @@ _CONNECTED = Connected()
 _AGENT_READY = AgentReady()
 
 ClientEvent = Connected | AgentReady | SessionEnded | AgentError | Unknown | Audio
-ServerEvent = TokenPresented | Unknown | Audio
+@attrs.frozen
+class ClientDtmf:
+    """``{"type":"dtmf","digit":"5"}`` from the client (server side): a gateway extension, not
+    in the spec. The adapter checks the digit (one DTMF key, else it logs and ignores it)."""
+
+    digit: str | None
+    """``digit`` as sent (the session token, if in it, replaced); None when absent or not a
+    string."""
+
+
+ServerEvent = TokenPresented | Unknown | Audio | ClientDtmf
 
 
 # --- shared parsing ------------------------------------------------------------------------
@@ -504,7 +518,8 @@ class AgentServer:
         ``{"token": <non-empty string>}``. TOKEN_PRESENTED: every message is 1002 (call
         `accept` first). CONNECTED: binary gives ``[Audio]`` (or ``[]`` for a held lone byte);
         text must be a JSON object with a string ``type`` (1007) and gives ``[Unknown]`` (the
-        spec defines no client control messages); a second token message is 1002. ENDED: ``[]``.
+        spec defines no client control messages), or ``[ClientDtmf]`` for type ``dtmf`` (a
+        gateway extension); a second token message is 1002. ENDED: ``[]``.
         """
         if self.state is ServerState.ENDED:
             return []
@@ -529,6 +544,9 @@ class AgentServer:
             if _is_token_message(text):
                 raise RemoteProtocolError("token message sent twice", close_code=1002) from None
             raise
+        if fields["type"] == "dtmf":
+            digit = fields.get("digit")
+            return [ClientDtmf(_redact(digit, self._token) if isinstance(digit, str) else None)]
         return [Unknown(_redact(fields["type"], self._token))]
 
     @staticmethod

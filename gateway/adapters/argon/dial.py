@@ -15,8 +15,13 @@ target reopens the session, the new one opened before the old is closed so publi
 …/ICalls/v20260401/Accept`) and opens `{audioBaseUrl}/audio/duplex` with the caller as target.
 
 Statuses (`ready`, `subscribed`, `waiting`, `target_left`; key `status`, or the older `type`)
-are route events and log lines. The server ends sessions by dropping TCP (1006), which ends the
-route as a failure to retry, unless we closed it ourselves (a target change, a goodbye).
+are route events and log lines. The server ends sessions by dropping TCP (1006): unless we
+closed it ourselves (a target change, a goodbye), that is a failure of this endpoint alone, which
+reconnects on its own while the route keeps running (`Endpoint.reconnects`; README,
+"Reconnect"). A reconnect reuses the StreamToken (or a call's Accept grant) until
+TOKEN_RENEW_BEFORE_S before its `exp` (read from the JWT without verifying it: the ingress
+verifies it), then asks for a new one through the bot's limiter; a token the ingress refuses
+(401/403) is dropped, so the next attempt asks anew.
 StreamToken, the events stream and the calls API are rate limited per bot (20, 5 and 20 a
 minute at Argon; `services.argon.*_per_minute`): one limiter per bot spaces the calls of every
 route, and a 429 waits for its Retry-After.
@@ -27,9 +32,11 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import time
 from typing import Any, Callable, Iterator
 
 import httpx
+import jwt
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -81,6 +88,9 @@ log = logging.getLogger("gateway.endpoint.argon")
 RATE_WINDOW = 60.0  # seconds: the per-minute limits' window
 MAX_RATE_RETRIES = 20  # 429s retried for one REST call before giving up
 DEFAULT_COMPLEXITY = 5  # libopus 0-10: 5 costs ~1/4 of the CPU of 10 at nearly the same speech quality
+DEFAULT_EXPECTED_LOSS_PCT = 10  # loss the published Opus's in-band FEC is tuned for (option expected_loss_pct)
+PUBLISH_MIN_PACKET = 3  # bytes: shorter packets go out as a silence packet (argon-voice-ws.md: 0-1 end the
+# session; the reference bot sends F8 FF FE for any under 3). Without DTX libopus makes none.
 READY_WAIT = 1.0  # seconds to wait for {"status":"ready"} before streaming anyway
 HEAR_QUEUE = 256  # received packets waiting for the playout task (~5 s of 20 ms) before drops
 EVENTS_READ_TIMEOUT = 90.0  # seconds of silence on the events stream (heartbeats every 30 s) = dead
@@ -95,6 +105,21 @@ INGRESS_REJECTED = {
     409: ("the channel already has a stream from this bot", False),
     503: ("the ingress is at capacity", False),
 }
+
+
+TOKEN_RENEW_BEFORE_S = 300  # a stream token is reused for reconnects until this long before its exp
+
+
+def token_fresh(token: str, margin_s: float) -> bool:
+    """True when the JWT `token` has an `exp` more than `margin_s` seconds away (Unix time).
+    Read without verifying the signature (the ingress verifies it; we only decide whether to
+    reuse it); False for a token without `exp` or one that is not a JWT."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
+        exp = float(claims["exp"])
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError, OverflowError):
+        return False
+    return exp - time.time() > margin_s
 
 
 class StreamTokenLimiter:
@@ -382,6 +407,7 @@ class ArgonDial(Endpoint):
     kind = "argon"
     role = "dial"
     ingress = None
+    reconnects = True
 
     def __init__(
         self,
@@ -402,6 +428,9 @@ class ArgonDial(Endpoint):
         ready_wait: float = READY_WAIT,
         bitrate: int | None = None,
         complexity: int = DEFAULT_COMPLEXITY,
+        opus_fec: bool = True,
+        expected_loss_pct: int = DEFAULT_EXPECTED_LOSS_PCT,
+        concealment: bool = True,
         hear: str | None = None,
         publish: bool = True,
         target_track_source: str = "microphone",
@@ -434,7 +463,10 @@ class ArgonDial(Endpoint):
         self.metadata = metadata
         self.ingress_path = ingress_path
         self.ready_wait = ready_wait
-        self.encoder_options = {"opus_bitrate": bitrate, "opus_complexity": complexity}
+        self.encoder_options = {"opus_bitrate": bitrate, "opus_complexity": complexity, "opus_fec": opus_fec,
+                                "opus_expected_loss_pct": expected_loss_pct, "opus_min_packet_bytes": PUBLISH_MIN_PACKET}
+        self.concealment = concealment
+        """What is heard: PLC/FEC for lost packets and DTX (True), or silence (False, a baseline)."""
         self.session_id: str | None = None
         self.call: CallIncoming | None = None
         """The call this session answers (`calls: incoming`; set by the call dispatcher)."""
@@ -450,6 +482,8 @@ class ArgonDial(Endpoint):
         self._stopping = False
         self._api: BotApi | None = None
         self._room = f"{space_id}/{channel_id}"
+        self._grant: Any = None
+        """The StreamTokenGrant (or a call's Accept grant, with its call id) reconnects reuse."""
 
     # -- config ----------------------------------------------------------------------------
     @classmethod
@@ -503,6 +537,9 @@ class ArgonDial(Endpoint):
             ready_wait=opts.get_int("ready_wait_ms", int(READY_WAIT * 1000), minimum=0) / 1000,
             bitrate=opts.get_int("bitrate", None, minimum=6000, maximum=510000),
             complexity=opts.get_int("complexity", DEFAULT_COMPLEXITY, minimum=0, maximum=10),
+            opus_fec=opts.get_bool("opus_fec", True),
+            expected_loss_pct=opts.get_int("expected_loss_pct", DEFAULT_EXPECTED_LOSS_PCT, minimum=0, maximum=100),
+            concealment=opts.get_bool("concealment", True),
             hear=hear,
             publish=publish,
             target_track_source=opts.get_choice("target_track_source", ("microphone", "screen_share_audio", "any"),
@@ -563,7 +600,7 @@ class ArgonDial(Endpoint):
             self._nursery = nursery
             try:
                 if self.ingress is not None:
-                    self.playout = OpusPlayout(2 if self.stereo else 1)
+                    self.playout = OpusPlayout(2 if self.stereo else 1, concealment=self.concealment)
                     self._packets, packets = trio.open_memory_channel[tuple[bytes, float]](HEAR_QUEUE)
                     nursery.start_soon(self._play, packets, emit)
                 if self.calls is not None:
@@ -584,24 +621,18 @@ class ArgonDial(Endpoint):
     async def _play(self, packets, emit: Emit) -> None:
         playout = self.playout
         assert playout is not None
-        stats = self.stats
-        counted = 0  # of this session's concealments, added to `stats` so far
-
-        def emit_counted(frame) -> None:
-            # add, not assign: the counter adds up across reconnects (each has its own playout)
-            # and across the calls of a route that answers calls (their sessions share `stats`)
-            nonlocal counted
-            concealed = playout.stats.concealed
-            if concealed != counted:
-                stats.concealed += concealed - counted
-                counted = concealed
-            emit(frame)
-
-        await play_out(packets, emit_counted, playout)
+        # play_out adds this session's concealments and FEC recoveries to `stats` (they add up
+        # across reconnects, each with its own playout, and across the calls of a route)
+        await play_out(packets, emit, playout, self.stats)
 
     async def _base(self) -> tuple[str, str]:
-        """(ingressUrl, token) of the channel from StreamToken."""
-        grant = await self.stream_token()
+        """(ingressUrl, token) of the channel from StreamToken: the last grant while its token
+        is good for more than TOKEN_RENEW_BEFORE_S (a reconnect), else a new one."""
+        grant = self._grant
+        if grant is None or not token_fresh(grant.token, TOKEN_RENEW_BEFORE_S):
+            grant = self._grant = await self.stream_token()
+        else:
+            self.log.debug("reusing the stream token (valid for more than %d s)", TOKEN_RENEW_BEFORE_S)
         self._room = grant.room_name or f"{self.space_id}/{self.channel_id}"
         return grant.ingress_url, grant.token
 
@@ -679,7 +710,12 @@ class ArgonDial(Endpoint):
         call = self.call
         if call is None:
             raise RuntimeError("calls: incoming: the call dispatcher gives each session its call")
-        grant = await self.api.accept(call.call_id)
+        held = self._grant
+        if isinstance(held, tuple) and held[0] == call.call_id and token_fresh(held[1].token, TOKEN_RENEW_BEFORE_S):
+            grant = held[1]  # a reconnect of this call: Accept is once per call
+        else:
+            grant = await self.api.accept(call.call_id)
+            self._grant = (call.call_id, grant)
         self._room = grant.room_name
         self.log.info("accepted call %s from %s", call.call_id, grant.caller_id or call.from_user_id)
         target = grant.caller_id or call.from_user_id
@@ -724,7 +760,12 @@ class ArgonDial(Endpoint):
                 target_track_source=None if self.target_track_source == "any" else self.target_track_source)
         assert self._nursery is not None
         where = self.call.call_id if self.call else f"{self.space_id}/{self.channel_id}"
-        ws = await dial(self._nursery, url, service=f"Argon {path.value} for {where}", rejected=INGRESS_REJECTED)
+        try:
+            ws = await dial(self._nursery, url, service=f"Argon {path.value} for {where}", rejected=INGRESS_REJECTED)
+        except ServiceError as err:
+            if err.status in (401, 403):
+                self._grant = None  # the token is no good (expired, revoked): the next try asks anew
+            raise
         self.stats.connects += 1
         session = _Session(ws, path, target)
         self._sessions.append(session)

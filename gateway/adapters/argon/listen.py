@@ -22,6 +22,23 @@ An `argon` listen endpoint is either a voice channel (`space_id`, `channel_id`) 
 are its route's other endpoints, or a call to a bot (`call: BOT_USER_ID`): when the route's other
 side connects (a VoIPBIN caller), the bot is rung (`callIncoming`), and the call is bridged once
 the bot accepts and opens its duplex session with the caller as target.
+
+What the room's publishing bot sends is played out by arrival time, as the dial role plays
+out what it hears (gateway/adapters/argon/hear.py, gateway/codecs/playout.py): the packets
+carry no sequence number and no timestamp, so only their arrival times tell a lost or late
+packet ("Hearing": "the receiver fills the gaps (PLC or silence) from arrival times"). The
+endpoint decodes itself, through an `OpusPlayout`, and emits PCM16 48 kHz: that is where the
+arrival times are, and each rule needs the decoder in the same hands as the timeline: FEC
+decodes the lost slot from the packet after it, so the playout must hold that packet when the
+slot's deadline comes (a "lost" marker handed to the route's OpusDecoder could only be PLC,
+or wait for the next packet and come too late for the route's pacer); winning latency back
+from pauses and fading long gaps to silence work on decoded levels; and it is one decode per
+packet instead of one per target format. It costs the playout's delay (at least 20 ms, and
+up to 60 ms under jitter), which absorbs the bot's and the network's jitter instead of the
+route's pacer filling late slots with silence. An Ogg stream (the seed's example, sent in a
+burst) is decoded as it comes and queued by the route (`bursty`). `concealment: false` keeps
+the packets as they are (Opus ingress, decoded by the route's chain, late slots silence from
+the route's pacer): the silence-fill baseline a benchmark compares with.
 """
 
 from __future__ import annotations
@@ -62,7 +79,19 @@ from gateway.adapters.argon.wire import (
     stream_token_response,
     verify_room_token,
 )
-from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, VALID_PTIMES_MS, EncodedFrame, Frame
+from gateway.adapters.argon.hear import play_out
+from gateway.codecs.formats import (
+    OPUS_48K,
+    OPUS_48K_STEREO,
+    PCM16_48K,
+    PCM16_48K_STEREO,
+    VALID_PTIMES_MS,
+    AudioFrame,
+    EncodedFrame,
+    Frame,
+)
+from gateway.codecs.opus import FEC_PACKET_LOSS_PERC, OpusDecoder
+from gateway.codecs.playout import OpusPlayout
 from gateway.config.options import Options
 from gateway.config.schema import ArgonBot
 from gateway.endpoint import Emit, Endpoint
@@ -78,6 +107,8 @@ API_PREFIXES = ("", "/api/bot")  # today's paths, and the older `/api/bot/...` o
 RING_TIMEOUT = 30.0  # seconds a `call:` endpoint rings its bot before the call ends unanswered
 CALL_ROOM_PREFIX = "call/"
 DEFAULT_INTENTS = INTENT_VOICE  # "all non-privileged intents" of what we serve (calls are privileged)
+HEAR_QUEUE = 256  # published packets waiting for the playout task (~5 s of 20 ms) before drops
+PLAYOUT_TAIL_S = 0.5  # s a session's end waits for the playout to play what it holds (<= max delay)
 
 
 class _PerMinute:
@@ -391,10 +422,11 @@ async def _refuse(request: MediaRequest, status: int, reason: str) -> None:
 class ArgonListen(Endpoint):
     """An Argon-compatible voice channel, or a call to a bot (module doc).
 
-    As a source it emits the room's first publishing bot (Opus as the bot sent it; an Ogg
-    stream from the seed's example is demuxed and, being unpaced, played at real time). As a
-    sink it takes each of its route's other sources on its own lane and forwards the packets to
-    the bots that hear that participant's `identity`."""
+    As a source it emits the room's first publishing bot, played out by arrival time with PLC
+    and FEC for what is lost (module doc; PCM16 48 kHz; with `concealment=False` the Opus
+    packets as the bot sent them); an Ogg stream from the seed's example is demuxed and, being
+    unpaced, played at real time. As a sink it takes each of its route's other sources on its
+    own lane and forwards the packets to the bots that hear that participant's `identity`."""
 
     kind = "argon"
     role = "listen"
@@ -402,15 +434,29 @@ class ArgonListen(Endpoint):
 
     def __init__(self, name: str, *, service: ArgonListenService, space_id: str | None = None,
                  channel_id: str | None = None, call_bot: ArgonBot | None = None, stereo: bool = False,
-                 frame_duration_ms: int = 20, ring_timeout: float = RING_TIMEOUT) -> None:
+                 frame_duration_ms: int = 20, ring_timeout: float = RING_TIMEOUT, concealment: bool = True,
+                 opus_fec: bool = False, expected_loss_pct: int = FEC_PACKET_LOSS_PERC) -> None:
         super().__init__(name)
         self.service = service
         self.space_id, self.channel_id = space_id, channel_id
         self.call_bot = call_bot
-        self.ingress = OPUS_48K_STEREO if stereo else OPUS_48K
+        self.concealment = concealment
+        """Play the publishing bot out with PLC/FEC (PCM ingress), or hand its packets on as
+        they are (Opus ingress: the route's silence fills the gaps)."""
+        if concealment:
+            self.ingress = PCM16_48K_STEREO if stereo else PCM16_48K
+        else:
+            self.ingress = OPUS_48K_STEREO if stereo else OPUS_48K
         self.egress = OPUS_48K_STEREO if stereo else OPUS_48K
         self.ptime_ms = frame_duration_ms
-        self.encoder_options = {"opus_complexity": 5}  # as ArgonDial: a quarter of the CPU of 10
+        # complexity 5 as ArgonDial: a quarter of the CPU of 10. FEC is off by default here: the
+        # bots hear us over our own TCP socket, where nothing is lost, and it doubles the
+        # encoder's cost (OpusEncoder); a relay onward may want it (`opus_fec: true`).
+        self.encoder_options = {"opus_complexity": 5, "opus_fec": opus_fec, "opus_expected_loss_pct": expected_loss_pct}
+        self.playout: OpusPlayout | None = None
+        """This session's playout of the publishing bot (None with `concealment=False`)."""
+        self._packets: trio.MemorySendChannel[tuple[bytes, float]] | None = None
+        self._burst_decoder: OpusDecoder | None = None
         self.ring_timeout = ring_timeout
         self.room: Room | None = None
         self.call: _Call | None = None
@@ -439,6 +485,8 @@ class ArgonListen(Endpoint):
         bot_id = opts.get_str("call", None)
         stereo = opts.get_bool("stereo", False)
         frame_ms = opts.get_int("frame_duration_ms", 20, choices=VALID_PTIMES_MS)
+        opus = {"concealment": opts.get_bool("concealment", True), "opus_fec": opts.get_bool("opus_fec", False),
+                "expected_loss_pct": opts.get_int("expected_loss_pct", FEC_PACKET_LOSS_PERC, minimum=0, maximum=100)}
         if bot_id is not None:
             if "space_id" in opts or "channel_id" in opts:
                 raise opts.error("call", "a listen endpoint is a channel (space_id, channel_id) or a call, not both")
@@ -447,11 +495,11 @@ class ArgonListen(Endpoint):
                 known = ", ".join(b.user_id for b in service.bots) or "none"
                 raise opts.error("call", f"no bot with user_id {bot_id!r} in services.argon.listen_bots (known: {known})")
             endpoint = cls(name, service=service, call_bot=bot, stereo=stereo, frame_duration_ms=frame_ms,
-                           ring_timeout=opts.get_float("ring_timeout_s", RING_TIMEOUT, minimum=1.0))
+                           ring_timeout=opts.get_float("ring_timeout_s", RING_TIMEOUT, minimum=1.0), **opus)
         else:
             endpoint = cls(name, service=service, space_id=opts.get_str("space_id", allow_empty=False),
                            channel_id=opts.get_str("channel_id", allow_empty=False), stereo=stereo,
-                           frame_duration_ms=frame_ms)
+                           frame_duration_ms=frame_ms, **opus)
         opts.finish()
         service.register(endpoint)
         return endpoint
@@ -501,6 +549,21 @@ class ArgonListen(Endpoint):
             return
         self.stats.frames_in += 1
         self.stats.bytes_in += len(packet)
+        if self._packets is not None and not session.bursty:
+            try:  # the arrival time is now: this runs in the bot session's reader, on its message
+                self._packets.send_nowait((packet, trio.current_time()))
+            except trio.WouldBlock:
+                self.stats.dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            return
+        if self._burst_decoder is not None:
+            # An Ogg burst: arrival times say nothing, the route queues it. A packet libopus
+            # refuses raises RemoteProtocolError: the room closes that bot with 1007.
+            (frame,) = self._burst_decoder.process(EncodedFrame(packet, self._burst_decoder.input, samples, 0))
+            emit(AudioFrame(frame.pcm, frame.rate, self._timestamp))
+            self._timestamp += frame.samples
+            return
         emit(EncodedFrame(packet, self.ingress, samples, self._timestamp))
         self._timestamp += samples
 
@@ -522,13 +585,38 @@ class ArgonListen(Endpoint):
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._timestamp = 0
         try:
-            if self.call_bot is not None:
-                await self._run_call(emit, task_status)
-            else:
-                await self._run_channel(emit, task_status)
+            async with trio.open_nursery() as nursery:
+                played = trio.Event()
+                if self.concealment:
+                    channels = self.ingress.channels
+                    self.playout = OpusPlayout(channels)
+                    self._burst_decoder = OpusDecoder(channels)
+                    self._packets, packets = trio.open_memory_channel[tuple[bytes, float]](HEAR_QUEUE)
+                    nursery.start_soon(self._play, packets, emit, self.playout, played)
+                try:
+                    if self.call_bot is not None:
+                        await self._run_call(emit, task_status)
+                    else:
+                        await self._run_channel(emit, task_status)
+                finally:
+                    self._emit = None
+                    if self._packets is not None:
+                        self._packets.close()  # what the playout holds still plays (bounded)
+                        self._packets = None
+                        # leave the room first: a bot joining meanwhile belongs to the next
+                        # session, and must not see this one's participants go (target_left)
+                        await self._leave()
+                        with trio.move_on_after(PLAYOUT_TAIL_S):
+                            await played.wait()
         finally:
             self._emit = None
             await self._leave()
+
+    async def _play(self, packets, emit: Emit, playout: OpusPlayout, played: trio.Event) -> None:
+        try:
+            await play_out(packets, emit, playout, self.stats)
+        finally:
+            played.set()
 
     async def _run_channel(self, emit: Emit, task_status) -> None:
         room = self.room = self.service.channel_room(self.space_id or "", self.channel_id or "")

@@ -13,7 +13,9 @@ WebSocket to wsUrl is opened before ``expiresIn`` and ``{"event":"start"}`` goes
 (Step 2), then ``subscribe`` for the configured topics (Messaging). Room audio becomes
 `AudioFrame`s; pub/sub messages and room lifecycle frames become route events
 (``message``, ``participant-joined``, ``participant-left``, ``meeting-joined``,
-``meeting-left``); ``meeting-left`` ends the endpoint cleanly. Route events whose kind is in
+``meeting-left``); ``meeting-left`` ends the endpoint cleanly. A message ``{"dtmf": "5"}``
+(on either role, a gateway extension) also raises a ``dtmf`` route event with that digit, which
+a VoIPBIN endpoint of the route plays into its call. Route events whose kind is in
 `publish_events` are published to `publish_topic` as ``{"kind", "source", **data}``. The
 wsUrl holds a single-use ref: it is never logged (`redact_url`, and a log filter installed by
 the shared redaction of `gateway.logs` hides ``ref=`` values in library debug lines).
@@ -106,6 +108,7 @@ from gateway.adapters.videosdk.wire import (
     webhook_event,
 )
 from gateway.adapters.ws import Closing, close, close_description, dial, redact_url, refuse
+from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
@@ -165,6 +168,26 @@ def _topic_problem(topic: Any) -> str | None:
     except LocalProtocolError as err:
         return str(err)
     return None
+
+
+def _dtmf_of(value: Any, log: logging.LoggerAdapter) -> str | None:
+    """The key a pub/sub message ``{"dtmf": "5"}`` names (the object, or its JSON text as a
+    dial side receives it), raised as a ``dtmf`` route event besides the ``message`` one (a
+    gateway extension: the spec defines no DTMF message); None for any other message. A
+    ``dtmf`` field that is not one DTMF key (0-9, *, #, A-D) is logged and ignored."""
+    if isinstance(value, str):
+        if '"dtmf"' not in value or not value.lstrip().startswith("{"):
+            return None
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            return None
+    if not isinstance(value, dict) or "dtmf" not in value:
+        return None
+    key = dtmf_key(value["dtmf"])
+    if key is None:
+        log.warning("ignoring the dtmf message: %r is not a DTMF key (0-9, *, #, A-D)", _shown(str(value["dtmf"]), 20))
+    return key
 
 
 def _shown(value: str, limit: int = 40) -> str:
@@ -311,6 +334,7 @@ class VideosdkDial(Endpoint):
 
     kind = "videosdk"
     role = "dial"
+    reconnects = True  # a mid-call failure reconnects this endpoint alone (Endpoint.reconnects_after)
     ingress = PCM16_8K
     egress = PCM16_8K
     ptime_ms = 20
@@ -533,6 +557,8 @@ class VideosdkDial(Endpoint):
                 elif isinstance(event, Message):
                     self.route_event("message", topic=event.topic, data=event.data, sender_id=event.sender_id,
                                      sender_name=event.sender_name, timestamp=event.timestamp, message_id=event.message_id)
+                    if (key := _dtmf_of(event.data, self.log)) is not None:
+                        self.route_event("dtmf", digit=key)
                 elif isinstance(event, (ParticipantJoined, ParticipantLeft)):
                     kind = PARTICIPANT_JOINED if isinstance(event, ParticipantJoined) else PARTICIPANT_LEFT
                     self.route_event(kind, participant_id=event.participant_id, name=event.name)
@@ -1101,6 +1127,8 @@ class VideosdkListen(Endpoint):
                     if self.subscribe is None or event.topic in self.subscribe:
                         self.route_event("message", topic=event.topic, data=event.data,
                                          sender_id=participant.id, sender_name=participant.name)
+                        if (key := _dtmf_of(event.value, self.log)) is not None:
+                            self.route_event("dtmf", digit=key)
                 elif isinstance(event, MessagingRefused):
                     self.messaging_refused += 1
                     self.log.warning("dropped the device's %s frame (topic %s): %s", event.event,

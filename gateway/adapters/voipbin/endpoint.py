@@ -29,6 +29,31 @@ or empty audio frames). WebSocket pings are not media: trio-websocket answers th
 telling us, and a silent client must not hold the call by pinging. `idle_timeout_s: 0` turns
 the limit off, for receive-only clients (the spec's recording and analysis tools). The dial
 role has no idle limit (the service streams continuously and ends calls itself).
+
+Jitter buffer (rtp only; sln and audiosocket arrive in order over the WebSocket and play as
+they come). Each session's packets go into a `codecs.jitter.JitterBuffer`: put back in RTP
+sequence order (RFC 3550 Appendix A.1 wrap-around and restarts), duplicates dropped, held for
+an adaptive depth (from the RFC 3550 §6.4.1 interarrival jitter and the spread of transit
+times: it grows at once, by inserting a concealed slot, and shrinks by 5 ms per second in
+calm), never more than `jitter_buffer_ms` (default 60). A task of the session plays each slot
+at its due time, so the route gets one 20 ms frame per 20 ms, in order and without gaps: a
+packet that is not there in time is concealed by `codecs.plc.G711Plc` (ITU-T G.711 Appendix I
+waveform repeat, fading to silence after 60 ms, the next packet joined without a click; it
+delays the stream by 3.75 ms), or is silence with `concealment: false`; if it comes later it
+is dropped (`late_packets`). RFC 4733 telephone-event packets take their slots as silence.
+`jitter_buffer_ms: 0` plays packets in arrival order as they come (duplicates still dropped,
+sequence gaps concealed). Stats: `jitter_ms`, `jitter_depth_ms`, `reordered`, `duplicates`,
+`late_packets`, `concealed` (slots filled in: lost, late or inserted).
+
+DTMF both ways (`dtmf.py`). In: every key press, an RFC 4733 event on rtp (payload type
+`dtmf_payload_type`, default 101; its packets never reach the audio path) or an AudioSocket
+DTMF frame, is one ``dtmf`` route event (``digit``; ``duration_ms`` too for RFC 4733) counted
+in `stats.dtmf_in`. Out: a ``dtmf`` route event from another endpoint (``digit``, optional
+``duration_ms``, default 100) is queued (`on_route_event` never blocks) and played by the
+next 20 ms slots of our stream: RFC 4733 packets in place of the audio on rtp, one DTMF frame
+on audiosocket, the Q.23 tone pair on sln; counted in `stats.dtmf_out`. A digit that is not
+a DTMF key is logged and ignored. Presses play only while a session is up and the route sends
+audio (the slots are the pacer's); a new session starts with an empty queue.
 """
 
 from __future__ import annotations
@@ -39,6 +64,7 @@ import re
 from typing import NoReturn
 from urllib.parse import urlencode
 
+import numpy as np
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -51,14 +77,20 @@ from gateway.adapters.voipbin.wire import (
     Encapsulation,
     Hangup,
     Headerless,
+    KeyPress,
     MediaStreamProtocol,
     PeerError,
+    TelephoneEvent,
 )
+from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
 from gateway.adapters.ws import Closing, close, close_description, dial, http_to_ws, refuse
 from gateway.codecs import G711Decoder, G711Encoder
+from gateway.codecs.dtmf import dtmf_key, duration_ms_of
 from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame
+from gateway.codecs.jitter import DEFAULT_MAX_MS, JitterBuffer, Slot
+from gateway.codecs.plc import G711Plc
 from gateway.config.options import Options
-from gateway.endpoint import Emit, Endpoint
+from gateway.endpoint import Emit, Endpoint, EndpointStats, RouteEvent
 from gateway.errors import CallEnded, RemoteProtocolError
 from gateway.runtime import Runtime
 from gateway.server import MediaRequest
@@ -81,11 +113,22 @@ class _VoipbinEndpoint(Endpoint):
     ingress = PCM16_8K
     egress = PCM16_8K
     ptime_ms = 20
+    accepts_events = True  # `dtmf` route events are played into the call
     idle_timeout = 0.0
     """Seconds without a media message from the peer before it is closed; 0: no limit."""
+    jitter_buffer_ms = DEFAULT_MAX_MS
+    """rtp: the most the ingress jitter buffer holds back (option `jitter_buffer_ms`, ms); 0:
+    no buffer (arrival order, duplicates dropped). Module doc, "Jitter buffer"."""
+    concealment = True
+    """rtp: lost packets are concealed by waveform repeat (G.711 Appendix I); False: silence."""
+    _playout: _RtpPlayout | None = None  # this session's rtp ingress, while one is up
 
-    def __init__(self, name: str, *, target: str, target_id: str, encapsulation: Encapsulation, codec: Codec) -> None:
+    def __init__(self, name: str, *, target: str, target_id: str, encapsulation: Encapsulation, codec: Codec,
+                 dtmf_payload_type: int = PT_TELEPHONE_EVENT) -> None:
         super().__init__(name)
+        self.dtmf_payload_type = dtmf_payload_type
+        """RTP payload type of RFC 4733 telephone-events, both ways (rtp only)."""
+        self._dtmf_out: DtmfSender | None = None  # key presses to send, while a session is up
         self.target = target  # "calls" or "conferences"
         self.target_id = target_id
         self.encapsulation = encapsulation
@@ -119,15 +162,38 @@ class _VoipbinEndpoint(Endpoint):
     # ------------------------------------------------------------------------- streaming
     async def _stream(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit,
                       peer: str = "the service") -> None:
+        """Receive until the call ends (`_receive`). On rtp the audio goes through the jitter
+        buffer and the concealer, played out by a task of this session (module doc, "Jitter
+        buffer"); what is still held when the session ends is played out at once."""
+        if proto.encapsulation is not Encapsulation.RTP:
+            await self._receive(ws, proto, emit, peer)
+            return
+        playout = self._playout = _RtpPlayout(emit, self.stats, self._decoder, max_ms=self.jitter_buffer_ms,
+                                              concealment=self.concealment)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(playout.run)
+                try:
+                    await self._receive(ws, proto, emit, peer)
+                finally:
+                    playout.finish()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._playout = None
+
+    async def _receive(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit,
+                       peer: str = "the service") -> None:
         """Receive until the call ends; raises CallEnded (hangup, close, idle timeout) or
         RemoteProtocolError. `peer` names the other side in log lines."""
         self._ws, self._proto = ws, proto
+        self._dtmf_out = DtmfSender(proto.encapsulation.value)  # presses of an earlier session are not played
         self._ended = None
         self.stats.connects += 1
         self.bursty = False  # until this session's peer shows it sends unpaced (Headerless)
         timestamp = 0
         stats = self.stats
         decoder = self._decoder
+        playout = self._playout  # rtp: audio goes to the jitter buffer
         idle = self.idle_timeout
         deadline = trio.current_time() + idle if idle > 0 else math.inf  # from the upgrade
         try:
@@ -148,6 +214,11 @@ class _VoipbinEndpoint(Endpoint):
                     deadline = trio.current_time() + idle  # any well-formed message, audio or not
                 for event in events:
                     if isinstance(event, Audio):
+                        if playout is not None:  # rtp: in sequence order, concealed (module doc)
+                            stats.frames_in += 1
+                            stats.bytes_in += len(event.payload)
+                            playout.push(event, trio.current_time())
+                            continue
                         if event.lost:
                             stats.concealed += min(event.lost, MAX_CONCEALED)
                             for _ in range(min(event.lost, MAX_CONCEALED)):
@@ -171,16 +242,46 @@ class _VoipbinEndpoint(Endpoint):
                             "its unpaced burst at real time",
                             "client" if self.role == "listen" else "the service", event.reason,
                         )
+                    elif isinstance(event, TelephoneEvent) and playout is not None:
+                        playout.silent_slot(event.sequence, trio.current_time())  # its slot is not audio loss
+                    elif isinstance(event, KeyPress):  # RFC 4733 (its packets are `TelephoneEvent`s: ignored)
+                        self._key_pressed(event.digit, duration_ms=event.duration_ms)
                     elif isinstance(event, Dtmf):
-                        self.dtmf.append(event.digit)
-                        self.route_event("dtmf", digit=event.digit)
+                        self._key_pressed(event.digit)
                     elif isinstance(event, CallUuid):
                         self.call_uuid = event.uuid
                         self.log.info("AudioSocket call UUID %s", event.uuid)
                     elif isinstance(event, PeerError):
                         self.log.warning("peer reported an AudioSocket error (code %s)", event.code)
         finally:
-            self._ws = self._proto = None
+            self._ws = self._proto = self._dtmf_out = None
+            for press in proto.flush():  # a key press whose end packets never came
+                self._key_pressed(press.digit, duration_ms=press.duration_ms)
+
+    def _key_pressed(self, digit: str, **data) -> None:
+        """One key press from the peer: a `dtmf` route event (`digit`, and `duration_ms` for
+        RFC 4733), counted in `stats.dtmf_in`."""
+        self.stats.dtmf_in += 1
+        self.dtmf.append(digit)
+        self.route_event("dtmf", digit=digit, **data)
+
+    def on_route_event(self, event: RouteEvent) -> None:
+        """A `dtmf` event from another endpoint (`digit`, optional `duration_ms`, default
+        100 ms): queued for `send`, which plays it into the call (module doc). Never blocks;
+        a digit that is not a DTMF key, no session, or a full queue: logged, not played."""
+        if event.kind != "dtmf":
+            return
+        key = dtmf_key(event.data.get("digit"))
+        if key is None:
+            self.log.warning("ignoring the dtmf event from %s: digit %r is not a DTMF key (0-9, *, #, A-D)",
+                             event.source, str(event.data.get("digit"))[:20])
+            return
+        sender = self._dtmf_out
+        if sender is None:
+            self.log.info("dtmf %s from %s not played: no media stream connected", key, event.source)
+        elif not sender.press(key, duration_ms_of(event.data.get("duration_ms"))):
+            self.log.warning("dtmf %s from %s not played: %d key presses already waiting", key, event.source,
+                             sender.queued)
 
     async def _close_idle(self, ws: WebSocketConnection, peer: str) -> NoReturn:
         """The peer sent no media message for `idle_timeout`: close 1008, one warning, and
@@ -195,10 +296,14 @@ class _VoipbinEndpoint(Endpoint):
         raise CallEnded(self._ended)
 
     async def send(self, frame: AudioFrame) -> None:
-        ws, proto = self._ws, self._proto
+        ws, proto, dtmf = self._ws, self._proto, self._dtmf_out
         if ws is None or proto is None:
             self.stats.dropped += 1
             return
+        if dtmf is not None and dtmf.busy:
+            frame = await self._send_dtmf(ws, proto, dtmf, frame)
+            if frame is None:
+                return  # rtp: an RFC 4733 packet took this slot
         if proto.codec is Codec.ULAW:
             payload = self._encoder.process(frame)[0].payload
         else:
@@ -209,6 +314,24 @@ class _VoipbinEndpoint(Endpoint):
             raise CallEnded(self._ended or close_description(closed)) from None
         self.stats.frames_out += 1
         self.stats.bytes_out += len(payload)
+
+    async def _send_dtmf(self, ws: WebSocketConnection, proto: MediaStreamProtocol, dtmf: DtmfSender,
+                         frame: AudioFrame) -> AudioFrame | None:
+        """This slot's share of the key presses being sent (`DtmfSender.slot`): sends its
+        messages; returns the audio frame to send in the slot (sln: the tone), None for none."""
+        slot = dtmf.slot(proto)
+        if slot.started is not None:
+            self.stats.dtmf_out += 1
+        try:
+            for message in slot.messages:
+                await ws.send_message(message)
+        except ConnectionClosed as closed:
+            raise CallEnded(self._ended or close_description(closed)) from None
+        if not slot.audio:
+            return None
+        if slot.tone is not None:
+            return AudioFrame(slot.tone.reshape(-1, 1), 8000, frame.timestamp)
+        return frame
 
     async def goodbye(self) -> None:
         ws, proto = self._ws, self._proto
@@ -224,6 +347,83 @@ class _VoipbinEndpoint(Endpoint):
         await self._closing.close(ws, 1000, "call ended")
 
 
+class _RtpPlayout:
+    """The rtp ingress of one session: packets into the jitter buffer, its slots out as a
+    gap-free, in-order stream of 20 ms PCM16 8 kHz frames for `emit`: received packets (through
+    the concealer, which delays them by `plc.DELAY` samples), lost and inserted slots concealed
+    (or silence with `concealment: false`). `run` is the task that plays slots at their due
+    time; `push` plays what is due at once. Buffer counters go into the endpoint's stats."""
+
+    def __init__(self, emit: Emit, stats: EndpointStats, decoder: G711Decoder, *, max_ms: int,
+                 concealment: bool) -> None:
+        self.buffer = JitterBuffer(max_ms, ptime_ms=20, rate=8000)
+        self.plc = G711Plc() if concealment else None
+        self._emit, self._stats, self._decoder = emit, stats, decoder
+        self._timestamp = 0
+        self._wake = trio.Event()
+        self._counted = (0, 0, 0)  # buffer's reordered, duplicates, late already in stats
+
+    def push(self, event: Audio, now: float) -> None:
+        """One audio packet, decoded now (the buffer holds PCM)."""
+        if event.codec is Codec.ULAW:
+            pcm = self._decoder.process(EncodedFrame(event.payload, PCMU_8K, len(event.payload), 0))[0].pcm
+        else:
+            pcm = AudioFrame.from_bytes(event.payload, 8000).pcm
+        self.buffer.push(event.sequence, event.timestamp, pcm, now)
+        self._play(self.buffer.pop(now))
+        self._wake.set()
+
+    def silent_slot(self, sequence: int, now: float) -> None:
+        """An RFC 4733 telephone-event packet: it takes a sequence number (and a ptime) of the
+        stream, so its slot plays as silence instead of being concealed as lost."""
+        self.buffer.push(sequence, None, np.zeros((FRAME_SAMPLES, 1), dtype=np.int16), now)
+        self._play(self.buffer.pop(now))
+        self._wake.set()
+
+    def _play(self, slots: list[Slot]) -> None:
+        plc, stats = self.plc, self._stats
+        for slot in slots:
+            if slot.payload is None:
+                stats.concealed += 1
+                pcm = plc.conceal(FRAME_SAMPLES) if plc is not None else np.zeros((FRAME_SAMPLES, 1), dtype=np.int16)
+            else:
+                pcm = plc.good(slot.payload) if plc is not None else slot.payload
+            self._emit(AudioFrame(pcm, 8000, self._timestamp))
+            self._timestamp += pcm.shape[0]
+        counters = self.buffer.stats
+        reordered, duplicates, late = self._counted
+        stats.reordered += counters.reordered - reordered
+        stats.duplicates += counters.duplicates - duplicates
+        stats.late_packets += counters.late - late
+        self._counted = (counters.reordered, counters.duplicates, counters.late)
+        stats.jitter_ms = counters.jitter_ms
+        stats.jitter_depth_ms = round(counters.depth_ms)
+
+    async def run(self) -> None:
+        """Play each slot at its due time, until cancelled."""
+        while True:
+            wake = self._wake = trio.Event()  # a push may bring the next due time forward
+            due = self.buffer.next_due(trio.current_time())
+            with trio.move_on_at(math.inf if due is None else due):
+                await wake.wait()
+            self._play(self.buffer.pop(trio.current_time()))
+
+    def finish(self) -> None:
+        """The session ended: what the buffer holds, and what the concealer held back."""
+        self._play(self.buffer.flush())
+        if self.plc is not None:
+            tail = self.plc.flush()
+            self._emit(AudioFrame(tail, 8000, self._timestamp))
+            self._timestamp += tail.shape[0]
+
+
+def _jitter_options(endpoint: _VoipbinEndpoint, opts: Options) -> None:
+    """Options `jitter_buffer_ms` (int ms, 0-1000, default 60; 0: no buffer) and `concealment`
+    (bool, default true) of the rtp ingress (module doc, "Jitter buffer")."""
+    endpoint.jitter_buffer_ms = opts.get_int("jitter_buffer_ms", DEFAULT_MAX_MS, minimum=0, maximum=1000)
+    endpoint.concealment = opts.get_bool("concealment", True)
+
+
 def _encapsulation(opts: Options) -> Encapsulation:
     return Encapsulation(opts.get_choice("encapsulation", [e.value for e in Encapsulation], "rtp"))
 
@@ -232,11 +432,21 @@ def _codec(opts: Options) -> Codec:
     return Codec(opts.get_choice("codec", [c.value for c in Codec], "auto"))
 
 
+def _dtmf_payload_type(opts: Options) -> int:
+    """Option `dtmf_payload_type`: the RTP payload type of RFC 4733 telephone-events (dynamic,
+    97-127, default 101); 96 is refused, it is the payload type of VoIPBIN's audio."""
+    value = opts.get_int("dtmf_payload_type", PT_TELEPHONE_EVENT, minimum=96, maximum=127)
+    if value == 96:
+        raise opts.error("dtmf_payload_type", "96 is the payload type of VoIPBIN's audio; use another dynamic one (97-127)")
+    return value
+
+
 class VoipbinDial(_VoipbinEndpoint):
     """The gateway as a client of VoIPBIN: `{api_url as ws}/v1.0/calls/{id}/media_stream
     ?encapsulation=…&token=…` (or `/conferences/{id}`), both directions, 20 ms frames."""
 
     role = "dial"
+    reconnects = True  # a mid-call failure reconnects this endpoint alone (Endpoint.reconnects_after)
 
     def __init__(self, name: str, *, api_url: str, token: str, **kw) -> None:
         super().__init__(name, **kw)
@@ -258,7 +468,9 @@ class VoipbinDial(_VoipbinEndpoint):
             target_id=target_id,
             encapsulation=_encapsulation(opts),
             codec=_codec(opts),
+            dtmf_payload_type=_dtmf_payload_type(opts),
         )
+        _jitter_options(endpoint, opts)
         opts.finish()
         return endpoint
 
@@ -269,7 +481,7 @@ class VoipbinDial(_VoipbinEndpoint):
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             ws = await dial(nursery, self.url(), service=f"VoIPBIN {self.target[:-1]} {self.target_id}", rejected=REJECTED)
-            proto = MediaStreamProtocol(self.encapsulation, self.codec)
+            proto = MediaStreamProtocol(self.encapsulation, self.codec, dtmf_payload_type=self.dtmf_payload_type)
             self._closing = Closing()
             self.log.info("media stream connected (%s)", self.encapsulation.value)
             task_status.started()
@@ -304,7 +516,9 @@ class VoipbinListen(_VoipbinEndpoint):
         tokens = tuple(t.reveal() for t in service.listen_tokens)
         endpoint = cls(name, tokens=tokens, target=target, target_id=target_id,
                        encapsulation=_encapsulation(opts), codec=_codec(opts),
+                       dtmf_payload_type=_dtmf_payload_type(opts),
                        idle_timeout=opts.get_float("idle_timeout_s", IDLE_TIMEOUT_S, minimum=0.0))
+        _jitter_options(endpoint, opts)
         opts.finish()
         try:
             endpoint.attach(runtime)
@@ -338,7 +552,7 @@ class VoipbinListen(_VoipbinEndpoint):
         session = await self._slot.take()
         try:
             ws = await session.accept()
-            proto = MediaStreamProtocol(session.context, self.codec)
+            proto = MediaStreamProtocol(session.context, self.codec, dtmf_payload_type=self.dtmf_payload_type)
             self.log.info("client %s connected (%s)", session.request.remote, session.context.value)
             task_status.started()
             await self._stream(ws, proto, emit, peer=f"client {session.request.remote}")

@@ -11,11 +11,22 @@ Encapsulations
 - ``rtp``: each message is one RTP v2 packet (RFC 3550 §5.1), 12-byte header plus any CSRC list
   and header extension, parsed and serialized with aiortc's `RtpPacket`. Payload type 0 (PCMU,
   RFC 3551 §6) and 96 (dynamic; what the current service sends) are accepted; we answer with the
-  payload type the peer last used (0 until its first packet arrives). Sequence numbers give
+  payload type the peer last used (0 until its first audio packet arrives). Sequence numbers give
   `Audio.lost` (uint16 wrap-around aware, aiortc `uint16_gt`/`uint16_add`). The RTP timestamp is
   reported but never checked: the service has been seen to advance it by payload bytes instead of
   samples, which is harmless for u-law (1 byte = 1 sample) and wrong by 2x for slin; timing must
   come from the payload length and the sequence number, not from the timestamp.
+- DTMF on ``rtp``: RFC 4733 telephone-events at payload type `dtmf_payload_type` (dynamic,
+  97-127, default 101; 96 is the service's audio). Each packet's 4-byte payload gives one
+  `TelephoneEvent` (never audio, never an error), and `KeyPress` comes once per key event (the
+  receiver in `dtmf.py`: first packet, end packet, the three end packets counted once, a lost
+  end). Event packets share the audio's SSRC and sequence numbers (RFC 4733 §2.1): they advance
+  the sequence tracking, so the gap they leave between audio packets is not `Audio.lost`; a
+  gap just before an event packet is its own `TelephoneEvent.lost`, not audio loss, and so are
+  up to three packets missing between an event packet and the audio after it (its end packets,
+  RFC 4733 §2.5.1.4: a press whose end packets were all lost conceals no audio). They do not
+  take part in `Codec.AUTO` and never change the payload type we answer audio with. We send
+  events with `send_telephone_event` (RFC 4733 §2.5.1; `dtmf.DtmfSender` schedules them).
 - ``sln``: each message is raw audio, no header, no padding.
 - ``audiosocket``: each message holds one Asterisk AudioSocket frame (or several back to back):
   1-byte kind, 2-byte big-endian payload length, payload (Asterisk documentation,
@@ -93,8 +104,9 @@ Errors (`RemoteProtocolError.close_code`, RFC 6455 §7.4.1)
 ----------------------------------------------------------
 - 1002: empty message, malformed RTP (aiortc's reason is named), truncated AudioSocket frame
   (expected vs got).
-- 1003: text message on this binary stream, RTP payload type other than 0/96, unknown
-  AudioSocket kind.
+- 1003: text message on this binary stream, RTP payload type other than 0/96 and
+  `dtmf_payload_type`, a telephone-event payload that is not 4 bytes (RFC 4733 §2.3; a packet
+  of that type carrying audio-sized payloads is not a telephone-event), unknown AudioSocket kind.
 - 1007: slin payload with an odd byte count (a raw message of a headerless session included),
   UUID frame not 16 bytes, DTMF frame not one valid digit.
 - 1009: an audio (or AudioSocket) payload larger than `MAX_PAYLOAD_BYTES` (120 ms of slin).
@@ -114,6 +126,15 @@ import attrs
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32, uint16_add, uint16_gt, uint32_add
 
+from gateway.adapters.voipbin.dtmf import (
+    DTMF_VOLUME,
+    END_PACKETS,
+    PT_TELEPHONE_EVENT,
+    KeyPress,
+    KeyPressReceiver,
+    TelephoneEvent,
+    telephone_event_payload,
+)
 from gateway.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -127,16 +148,19 @@ __all__ = [
     "FRAME_BYTES",
     "Hangup",
     "Headerless",
+    "KeyPress",
     "MAX_DROPOUT",
     "MAX_PAYLOAD_BYTES",
     "MediaStreamProtocol",
     "PAYLOAD_TYPES",
     "PT_PCMU",
+    "PT_TELEPHONE_EVENT",
     "PT_VOIPBIN",
     "PTIME_MS",
     "PeerError",
     "SAMPLE_RATE",
     "SAMPLES_PER_FRAME",
+    "TelephoneEvent",
 ]
 
 
@@ -204,7 +228,9 @@ class Audio:
     """RTP timestamp as sent, unchecked (may grow by bytes, not samples); None otherwise."""
     lost: int
     """Packets missing just before this one by RTP sequence number (wrap-around aware); 0 for
-    the first packet, for a late or duplicate packet, after a restart, and for sln/audiosocket."""
+    the first packet, for a late or duplicate packet, after a restart, and for sln/audiosocket.
+    Sequence numbers taken by RFC 4733 telephone-event packets are not missing audio (module
+    docstring, "DTMF on rtp")."""
 
 
 @attrs.frozen
@@ -248,7 +274,7 @@ class Headerless:
     """Why the first message is not AudioSocket framing (e.g. "unknown AudioSocket kind 0xe8")."""
 
 
-Event = Audio | Hangup | CallUuid | Dtmf | PeerError | Headerless
+Event = Audio | Hangup | CallUuid | Dtmf | PeerError | Headerless | TelephoneEvent | KeyPress
 
 _HANGUP = Hangup()
 
@@ -265,12 +291,15 @@ class MediaStreamProtocol:
     """One VoIPBIN media stream (either direction of one WebSocket), sans-IO.
 
     ``MediaStreamProtocol(encapsulation, codec=Codec.AUTO, *, ssrc=None, sequence=None,
-    timestamp=None)``: `ssrc`, `sequence` and `timestamp` are the first values of our outgoing
-    RTP stream (random 32/16/32-bit, RFC 3550 §5.1, when None); they matter for rtp only.
+    timestamp=None, dtmf_payload_type=101)``: `ssrc`, `sequence` and `timestamp` are the first
+    values of our outgoing RTP stream (random 32/16/32-bit, RFC 3550 §5.1, when None);
+    `dtmf_payload_type` is the RTP payload type of RFC 4733 telephone-events both ways (97-127,
+    else `LocalProtocolError`); they matter for rtp only.
 
     `receive(message)` turns one WebSocket message into events; `send_audio(payload)` (and
-    `send_hangup`, `send_uuid`, `send_dtmf`) turn ours into one binary message. Pacing, the
-    WebSocket itself and any transcoding belong to the adapter.
+    `send_telephone_event`, `send_hangup`, `send_uuid`, `send_dtmf`) turn ours into one binary
+    message; `flush()` ends a key press left open when the stream ends. Pacing, the WebSocket
+    itself and any transcoding belong to the adapter.
     """
 
     encapsulation: Encapsulation
@@ -283,7 +312,14 @@ class MediaStreamProtocol:
     ssrc: int
     """Our RTP synchronization source (rtp only)."""
     payload_type: int
-    """RTP payload type we send: the peer's last one (0 or 96), 0 before its first packet."""
+    """RTP payload type we send audio with: the peer's last audio one (0 or 96), 0 before its
+    first audio packet (telephone-events never change it)."""
+    dtmf_payload_type: int
+    """RTP payload type of RFC 4733 telephone-events, received and sent (rtp only)."""
+    events_in: int
+    """RFC 4733 telephone-event packets received (every copy; `KeyPress` counts presses)."""
+    events_out: int
+    """RFC 4733 telephone-event packets produced by `send_telephone_event`."""
     peer_ssrc: int | None
     """The peer's RTP SSRC, None before its first packet (rtp only)."""
     packets_in: int
@@ -291,7 +327,8 @@ class MediaStreamProtocol:
     packets_out: int
     """Audio packets produced by `send_audio`."""
     lost: int
-    """Packets missing by RTP sequence number so far (sum of `Audio.lost`)."""
+    """Packets missing by RTP sequence number before audio packets so far (sum of
+    `Audio.lost`; gaps left by telephone-event packets are not loss)."""
     headerless: bool
     """audiosocket only: True once the peer's first message showed raw slin without AudioSocket
     headers (module docstring); every message is then raw slin audio."""
@@ -299,6 +336,9 @@ class MediaStreamProtocol:
     _out_sequence: int
     _out_timestamp: int
     _highest_sequence: int | None
+    _keys: KeyPressReceiver
+    _after_event: bool  # the packet with the highest sequence number was a telephone-event
+    _event_timestamp: int | None  # RTP timestamp of the telephone-event we are sending
 
     def __init__(
         self,
@@ -308,6 +348,7 @@ class MediaStreamProtocol:
         ssrc: int | None = None,
         sequence: int | None = None,
         timestamp: int | None = None,
+        dtmf_payload_type: int = PT_TELEPHONE_EVENT,
     ) -> None:
         if not isinstance(encapsulation, Encapsulation):
             raise LocalProtocolError(f"encapsulation must be an Encapsulation, got {encapsulation!r}")
@@ -316,11 +357,21 @@ class MediaStreamProtocol:
         for name, value, bits in (("ssrc", ssrc, 32), ("sequence", sequence, 16), ("timestamp", timestamp, 32)):
             if value is not None and not (0 <= value < 1 << bits):
                 raise LocalProtocolError(f"{name} must be a {bits}-bit unsigned integer, got {value}")
+        if isinstance(dtmf_payload_type, bool) or not isinstance(dtmf_payload_type, int) or not (
+            97 <= dtmf_payload_type <= 127
+        ):
+            raise LocalProtocolError(
+                f"dtmf_payload_type must be a dynamic RTP payload type 97-127 (96 is VoIPBIN's audio), "
+                f"got {dtmf_payload_type!r}"
+            )
         self.encapsulation = encapsulation
         self.codec_resolved = codec is not Codec.AUTO
         self.codec = codec if self.codec_resolved else _default_codec(encapsulation)
         self.ssrc = random32() if ssrc is None else ssrc
         self.payload_type = PT_PCMU
+        self.dtmf_payload_type = dtmf_payload_type
+        self.events_in = 0
+        self.events_out = 0
         self.peer_ssrc = None
         self.packets_in = 0
         self.packets_out = 0
@@ -330,6 +381,9 @@ class MediaStreamProtocol:
         self._out_sequence = random16() if sequence is None else sequence
         self._out_timestamp = random32() if timestamp is None else timestamp
         self._highest_sequence = None
+        self._keys = KeyPressReceiver()
+        self._after_event = False
+        self._event_timestamp = None
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -338,7 +392,9 @@ class MediaStreamProtocol:
 
         Returns a list: one `Audio` for rtp/sln (none for an RTP packet with an empty
         payload), and one event per AudioSocket frame for audiosocket (for a headerless peer,
-        one `Audio` per message, the first preceded by `Headerless`). Raises
+        one `Audio` per message, the first preceded by `Headerless`). rtp telephone-events:
+        one `TelephoneEvent` per packet; a `KeyPress` follows the packet that ends a press, or
+        comes before the `Audio` that ends one whose end packets were lost. Raises
         `RemoteProtocolError` with the close code to send (module docstring) when the message
         breaks the protocol; never anything else.
         """
@@ -385,17 +441,61 @@ class MediaStreamProtocol:
         except ValueError as exc:  # aiortc names the cause: truncated header, CSRC, extension...
             raise RemoteProtocolError(f"malformed RTP packet: {exc}", close_code=1002) from None
         pt = packet.payload_type
+        payload = packet.payload
+        if pt == self.dtmf_payload_type:
+            return self._receive_telephone_event(packet)
         if pt not in PAYLOAD_TYPES:
             raise RemoteProtocolError(
-                f"RTP payload type {pt} not supported (expected 0 PCMU or 96)", close_code=1003
+                f"RTP payload type {pt} not supported (expected 0 PCMU, 96, "
+                f"or {self.dtmf_payload_type} telephone-event)", close_code=1003
             )
-        payload = packet.payload
         codec = self._resolve(payload) if payload else self.codec
         lost = self._track_sequence(packet.ssrc, packet.sequence_number)
+        if self._highest_sequence == packet.sequence_number:  # the newest packet (not a late one)
+            if lost and self._after_event:
+                lost = max(0, lost - END_PACKETS)  # the event's end packets, lost (RFC 4733 §2.5.1.4)
+            self._after_event = False
+        self.lost += lost
         self.payload_type = pt
         if not payload:
             return []
-        return [self._audio(payload, codec, packet.sequence_number, packet.timestamp, lost)]
+        audio = self._audio(payload, codec, packet.sequence_number, packet.timestamp, lost)
+        if self._keys.open:  # a press whose end packets were all lost ends after enough audio
+            ended = self._keys.audio(len(payload) if codec is Codec.ULAW else len(payload) // 2)
+            if ended:
+                return [*ended, audio]
+        return [audio]
+
+    def _receive_telephone_event(self, packet: RtpPacket) -> list[Event]:
+        """One RFC 4733 packet: `TelephoneEvent`, then any `KeyPress` it ends. An empty
+        payload only advances the sequence tracking (as for audio)."""
+        payload = packet.payload
+        event = None
+        if payload:
+            try:
+                event = TelephoneEvent.parse(
+                    payload, marker=bool(packet.marker), timestamp=packet.timestamp,
+                    sequence=packet.sequence_number,
+                )
+            except ValueError as exc:
+                raise RemoteProtocolError(
+                    f"RTP payload type {packet.payload_type} (telephone-event): {exc} (RFC 4733 §2.3)",
+                    close_code=1003,
+                ) from None
+        lost = self._track_sequence(packet.ssrc, packet.sequence_number)
+        if self._highest_sequence == packet.sequence_number:
+            self._after_event = True
+        if event is None:
+            return []
+        self.events_in += 1
+        if lost:
+            event = attrs.evolve(event, lost=lost)
+        return [event, *self._keys.event(event)]
+
+    def flush(self) -> list[Event]:
+        """The stream ended: a `KeyPress` still open (its end packets never came, no audio
+        after it) as ``[KeyPress]``, else ``[]``."""
+        return list(self._keys.flush())
 
     def _track_sequence(self, ssrc: int, seq: int) -> int:
         """Packets lost before `seq`; updates the highest sequence number seen."""
@@ -411,7 +511,6 @@ class MediaStreamProtocol:
         gap = uint16_add(seq, 0xFFFF - highest)  # seq - highest - 1, modulo 2**16
         if gap + 1 >= MAX_DROPOUT:
             return 0  # a restart of the sequence, not a minute of loss
-        self.lost += gap
         return gap
 
     def _receive_audiosocket(self, data: bytes) -> list[Event]:
@@ -526,6 +625,43 @@ class MediaStreamProtocol:
         )
         self._out_sequence = uint16_add(self._out_sequence, 1)
         self._out_timestamp = uint32_add(self._out_timestamp, SAMPLES_PER_FRAME)
+        return packet.serialize()
+
+    def send_telephone_event(
+        self, event: int, duration: int, *, start: bool, end: bool, volume: int = DTMF_VOLUME
+    ) -> bytes:
+        """rtp only: one RFC 4733 telephone-event packet, sent in place of one 20 ms audio packet.
+
+        `event` 0-255 (0-15: the keys, RFC 4733 §3.2), `duration` its length so far in timestamp
+        units (8 kHz: 160 per 20 ms; 0-65535), `end` the E bit, `volume` 0-63 (-dBm0). `start`
+        begins an event: its packet has the marker bit, and the event keeps the RTP timestamp
+        of this slot in all its packets (RFC 4733 §2.5.1); repeat the final packet with `end`
+        three times (§2.5.1.4). Every packet takes the next sequence number of our audio stream
+        and its SSRC (§2.1), and advances the audio timestamp by one slot (160 samples), so the
+        audio after the event resumes at the time it is played. Payload type
+        `dtmf_payload_type`. Raises `LocalProtocolError` off rtp, for a continuation with no
+        event started, or a field out of range."""
+        if self.encapsulation is not Encapsulation.RTP:
+            raise LocalProtocolError(f"send_telephone_event exists only on rtp, not {self.encapsulation.value}")
+        if not start and self._event_timestamp is None:
+            raise LocalProtocolError("send_telephone_event: no event started (pass start=True first)")
+        try:
+            payload = telephone_event_payload(event, duration, end=end, volume=volume)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        if start:
+            self._event_timestamp = self._out_timestamp
+        packet = RtpPacket(
+            payload_type=self.dtmf_payload_type,
+            marker=1 if start else 0,
+            sequence_number=self._out_sequence,
+            timestamp=self._event_timestamp,
+            ssrc=self.ssrc,
+            payload=payload,
+        )
+        self._out_sequence = uint16_add(self._out_sequence, 1)
+        self._out_timestamp = uint32_add(self._out_timestamp, SAMPLES_PER_FRAME)
+        self.events_out += 1
         return packet.serialize()
 
     def send_hangup(self) -> bytes | None:
