@@ -46,12 +46,17 @@ the slowest recent packet, and for a few times the RFC 3550 jitter.
   numbers) re-anchors the timeline on it instead; the slots in between are skipped.
 
 Loss and lateness. A slot whose packet is missing at its due time is output lost (counted
-`lost`); the packet, if it comes later, is late: dropped and counted `late`. A packet that
-arrives out of order but in time is put back in place (`reordered`). When late packets keep
-coming in sequence (RESYNC_AFTER_LATE in a row, at most IDLE_AFTER slots behind: the sender's
-timeline moved, e.g. it paused without advancing the sequence number, or sent telephone-events
-slower than one per ptime), the timeline re-anchors on the last one, which plays, and so do
-the packets after it. After IDLE_AFTER slots concealed in a row with nothing held, the buffer
+`lost`). A packet that arrives out of order but in time is put back in place (`reordered`).
+A packet that comes after its slot was concealed is late. When a packet after it was played
+already, it is dropped and counted `late` (never out of order). Otherwise (only concealed
+slots since the last packet played: a stall of the sender, of the network or of our own loop,
+a sender that paused without advancing the sequence number, telephone-events sent slower than
+one per ptime; and no packet after it is waiting, which would then wait beyond `max_ms`) the
+timeline re-anchors on it, at most IDLE_AFTER slots behind, and it plays,
+and so do the packets after it: what was concealed counts as slots inserted, the latency it
+added shrinks back like any excess, and no speech is lost to a stall (the route's own rule:
+speech is never cut to win back latency). RESYNC_AFTER_LATE is how many such late packets in a
+row it takes (1: the first). After IDLE_AFTER slots concealed in a row with nothing held, the buffer
 goes idle (`next_due` is None; the route fills the silence): the next packet re-anchors the
 timeline on itself, whatever its sequence number (a sender that paused, a long stall), and the
 skipped slots are not output.
@@ -93,7 +98,7 @@ GROW_HYST_MS = 5.0  # ms the target must exceed the depth by before a slot is in
 SHRINK_MS_PER_S = 5.0  # ms per second the depth may fall in calm (60 -> 20 ms takes 8 s)
 WINDOW = 50  # packets (1 s at 20 ms) over which the transit spread and zmin are measured
 IDLE_AFTER = 10  # slots concealed in a row, with nothing held, after which the buffer goes idle
-RESYNC_AFTER_LATE = 3  # late packets in a row (in sequence) after which the timeline follows them
+RESYNC_AFTER_LATE = 1  # late packets in a row (none played after them) after which the timeline follows them
 DIRECT_MAX_GAP = 50  # max_ms = 0: lost slots output for one sequence gap, at most (1 s)
 RECENT_PACKETS = 512  # sequence numbers remembered for duplicate detection (10 s at 20 ms)
 _EPS = 1e-9  # seconds: due-time comparison slack (float rounding)
@@ -313,14 +318,17 @@ class JitterBuffer:
         return Verdict.QUEUED
 
     def _follow(self, ext: int, arrival: float) -> bool:
-        """A late packet: True when it is the RESYNC_AFTER_LATE-th late one in a row, in
-        sequence, at most IDLE_AFTER slots behind: the sender's timeline moved (a pause that
-        did not advance the sequence numbers, telephone-events sent slower than one per ptime,
-        a stall). The timeline then re-anchors on it, so it and what follows play."""
+        """A late packet with no packet played after it: True when it is the
+        RESYNC_AFTER_LATE-th late one in a row, in sequence, at most IDLE_AFTER slots behind:
+        the sender's timeline moved (a stall, a pause that did not advance the sequence
+        numbers, telephone-events sent slower than one per ptime). The timeline then
+        re-anchors on it, so it and what follows play."""
         run = self._late
         self._late = (ext, run[1] + 1) if run is not None and ext == run[0] + 1 else (ext, 1)
         if self._late[1] < RESYNC_AFTER_LATE or self._next - ext > IDLE_AFTER:
             return False
+        if any(k > ext for k in self._held):
+            return False  # packets after it are waiting: they would wait beyond max_ms for it
         held = list(self._held)
         self._anchor(ext, arrival, self._target())
         self._highest = max([ext, *held])
