@@ -51,7 +51,7 @@ ROUTES = """\
 routes:
   - name: call                  # the VoIPBIN-compatible call: plays speech, records what it hears
     endpoints:
-      - voipbin: {role: listen, call_id: c1}
+      - voipbin: {role: listen, call_id: c1, jitter_buffer_ms: 0}  # a stand-in: the page's side is under test
       - file: {path: "$call_audio", rate: 8000}
       - record: {path: "$out/call.wav", rate: 8000}
   - name: web                   # the bridge: the browser page (agent listen) <-> the call (voipbin dial)
