@@ -226,11 +226,15 @@ async def test_spec_page_talks_to_a_call_through_the_gateway(tmp_path):
     burst = largest_burst(sent_at, ptime=0.02)
     assert len(sent_at) >= (CALL_SPEECH_S + CALL_SILENCE_S - 0.8) / 0.02, (len(sent_at), context)
     assert burst < 0.1, f"the gateway sent {burst * 1000:.0f} ms ahead of real time to the page; {context}"
+    hole = float(np.max(np.diff(sent_at))) - 0.02 if len(sent_at) > 1 else 0.0
+    assert hole < 0.1, f"the gateway sent nothing to the page for {hole * 1000 + 20:.0f} ms; {context}"
     s = capture.schedule()
-    verdict = (f"page playout {s}; the gateway's largest burst {burst * 1000:.0f} ms; AudioContext construction "
+    verdict = (f"page playout {s}; the gateway's largest burst {burst * 1000:.0f} ms, hole {hole * 1000:.0f} ms; AudioContext construction "
                f"{warm_ms:.0f} ms (warm-up), then {[round(ms) for ms in capture.contexts_ms]} ms; {context}")
     assert s["audio_s"] >= CALL_SPEECH_S + CALL_SILENCE_S - 0.8, verdict  # the whole call, but a stale head
     assert abs(s["audio_s"] - s["wall_s"]) < 0.05 * s["wall_s"] + 0.1, verdict  # real time
-    assert s["max_lead_s"] < 0.3 and s["max_gap_s"] < 0.1 and s["gaps_s"] < 0.25, verdict
+    # (a single hole longer than 100 ms is judged where the gateway sends, above: on a loaded
+    # machine the page's own main thread stalls too, and its playout then underruns alike)
+    assert s["max_lead_s"] < 0.3 and s["gaps_s"] < 0.25, verdict
 
     assert time.monotonic() - started < 30  # the call, from the page's start to its end, and the checks
