@@ -51,16 +51,19 @@ $bridge_options    endpoints:
       - argon: {space_id: $space, channel_id: $channel, hear: person}
 """
 
+CHANNEL_VALUES = {"person": ASSETS / "or109.wav", "space": SPACE, "channel": CHANNEL, "bridge_options": ""}
 
-async def start(nursery, tmp_path, *, bridge_options: str = "", caller=None):
+
+async def start(nursery, tmp_path, routes: str = ROUTES, **values):
+    """A gateway running `routes` whose listen roles hand out URLs through a CuttableProxy
+    (`server.media_url`): (gateway, proxy)."""
     proxy = CuttableProxy(lambda: media_port[0])
     media_port: list[int] = []
     await proxy.start(nursery)
     gateway = await harness.start(
-        nursery, ROUTES, server_extra=f', media_url: "ws://127.0.0.1:{proxy.port}"',
+        nursery, routes, server_extra=f', media_url: "ws://127.0.0.1:{proxy.port}"',
         prepare=lambda gw: media_port.append(gw.runtime.media.port),
-        caller=caller or ASSETS / "or105.wav", person=ASSETS / "or109.wav", out=tmp_path,
-        space=SPACE, channel=CHANNEL, bridge_options=bridge_options)
+        caller=ASSETS / "or105.wav", out=tmp_path, **values)
     return gateway, proxy
 
 
@@ -71,7 +74,7 @@ def route_events(gateway, route: str, kind: str) -> list[tuple[float, dict]]:
 @pytest.mark.timeout(CALL_S + 60)
 async def test_a_two_minute_call_survives_three_argon_resets(tmp_path):
     async with trio.open_nursery() as nursery:
-        gateway, proxy = await start(nursery, tmp_path)
+        gateway, proxy = await start(nursery, tmp_path, **CHANNEL_VALUES)
         bridge = gateway.routes["bridge"].route
         with trio.fail_after(10):
             await bridge.up.wait()
@@ -143,7 +146,7 @@ async def test_hold_file_plays_while_away_and_reconnect_s_bounds_the_outage(tmp_
     tone(tmp_path / "hold.wav", 1.0, 440.0)
     bridge_options = f'    reconnect_s: 2\n    on_hold: "{tmp_path / "hold.wav"}"\n'
     async with trio.open_nursery() as nursery:
-        gateway, proxy = await start(nursery, tmp_path, bridge_options=bridge_options)
+        gateway, proxy = await start(nursery, tmp_path, **CHANNEL_VALUES | {"bridge_options": bridge_options})
         state = gateway.routes["bridge"]
         with trio.fail_after(10):
             await state.route.up.wait()
@@ -231,13 +234,7 @@ async def test_an_agent_dial_reconnects_with_a_new_token(tmp_path):
     session token (they are single use), the caller's connection stays up, and the agent
     hears the caller again in its next session."""
     async with trio.open_nursery() as nursery:
-        media_port: list[int] = []
-        proxy = CuttableProxy(lambda: media_port[0])
-        await proxy.start(nursery)
-        gateway = await harness.start(
-            nursery, AGENT_ROUTES, server_extra=f', media_url: "ws://127.0.0.1:{proxy.port}"',
-            prepare=lambda gw: media_port.append(gw.runtime.media.port),
-            caller=ASSETS / "or105.wav", tts=ASSETS / "speech16k.wav", out=tmp_path)
+        gateway, proxy = await start(nursery, tmp_path, AGENT_ROUTES, tts=ASSETS / "speech16k.wav")
         bridge = gateway.routes["bridge"].route
         with trio.fail_after(10):
             await bridge.up.wait()
