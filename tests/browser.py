@@ -253,6 +253,8 @@ class Capture:
     """What the page's playback context rendered (from its first buffer on), PCM16."""
     tap_rate: int | None
     tap_state: str | None
+    tap_start: float | None
+    """AudioContext time of the tap's first rendered sample (None: nothing rendered)."""
     texts: list[str]
     sent_frames: int
     sent_bytes: int
@@ -411,6 +413,7 @@ class Browser:
             tap_pcm=_pcm16(_floats(raw["tapAudio"])) if raw["tapAudio"] else np.zeros(0, np.int16),
             tap_rate=raw["tapRate"],
             tap_state=raw["tapState"],
+            tap_start=raw["tapStart"],
             texts=raw["texts"],
             sent_frames=raw["sentFrames"],
             sent_bytes=raw["sentBytes"],

@@ -213,8 +213,12 @@ async def test_spec_page_talks_to_a_call_through_the_gateway(tmp_path):
 
     # 2. the call's speech reached the page: what the page's playback context rendered
     #    (and what it scheduled) is the call's speech, block by block, with little delay
-    for name, played in (("rendered", capture.tap_pcm), ("scheduled", capture.scheduled_pcm())):
+    # (the render tap runs from the playback context's creation: what it rendered before the
+    # page's first buffer started is the page's own start-up, not delay on the way to it)
+    head = max(0.0, capture.played[0].when - capture.tap_start) if capture.played and capture.tap_start is not None else 0.0
+    for name, played, start in (("rendered", capture.tap_pcm, head), ("scheduled", capture.scheduled_pcm(), 0.0)):
         corr, lag = best_alignment(call_speech, call_rate, played, RATE)
+        lag -= start
         blocks = blockwise_alignment(call_speech, call_rate, played, RATE)
         verdict = f"call speech {name} by the page: correlation {corr:.2f} at {lag * 1000:.0f} ms, blocks {np.round(blocks, 2)}; {context}"
         assert corr > 0.5 and -0.5 < lag < 0.3, verdict
