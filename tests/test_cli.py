@@ -22,6 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# the demo is three real-time routes with Opus both ways in one process: it takes its turn in the
+# realtime group, never beside Chromium's start or the fuzz (which starve it of CPU for 100s of ms)
+@pytest.mark.xdist_group("realtime")
 def test_demo_command_bridges_the_call_into_the_channel(tmp_path, speech_clip):
     out = tmp_path / "demo"
     result = subprocess.run(
