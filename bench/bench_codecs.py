@@ -5,9 +5,11 @@ Run: .venv/bin/python bench/bench_codecs.py   (one core; compare with DESIGN.md'
 
 from __future__ import annotations
 
+import pathlib
 import timeit
 
 import numpy as np
+import soxr
 
 from gateway.codecs import (
     OPUS_48K,
@@ -23,6 +25,10 @@ from gateway.codecs import (
     Resampler,
     plan,
 )
+from gateway.codecs.opus import OPUS_INPUT_RATES, packet_bandwidth
+from gateway.quality import read_wav
+
+SPEECH = pathlib.Path(__file__).resolve().parent.parent / "gateway" / "assets" / "or105.wav"  # 8 kHz speech
 
 PAIRS = [(8000, 48000), (48000, 8000), (16000, 48000), (48000, 16000), (8000, 16000), (16000, 8000)]
 RUNS = 2000
@@ -102,6 +108,9 @@ def main() -> None:
         row(f"decode {name}", per_frame_us(lambda: dec.process(packet)))
         row(f"conceal {name} (PLC)", per_frame_us(lambda: dec.conceal(960)))
 
+    print("Opus encoder by input rate: or105 speech (8 kHz, resampled up), 20 ms mono")
+    opus_by_input_rate()
+
     print("Mixer, reframer, whole chains")
     stereo = AudioFrame(speechlike(48000, 960, 2), 48000, 0)
     mono = AudioFrame(speechlike(48000, 960, 1), 48000, 0)
@@ -114,6 +123,41 @@ def main() -> None:
     row(f"PCMU -> Opus ({to_opus.delay_ms:.1f} ms)", per_frame_us(lambda: to_opus.process(ulaw)))
     to_ulaw = plan(OPUS_48K, PCMU_8K, ptime_ms=20)
     row(f"Opus -> PCMU ({to_ulaw.delay_ms:.1f} ms)", per_frame_us(lambda: to_ulaw.process(packets[1])))
+    to_opus48 = plan(PCMU_8K, OPUS_48K, ptime_ms=20, opus_input_rate=48000)
+    row(f"PCMU -> Opus@48k ({to_opus48.delay_ms:.1f} ms)", per_frame_us(lambda: to_opus48.process(ulaw)))
+
+
+def opus_by_input_rate() -> None:
+    """OpusEncoder's cost per 20 ms frame of real speech at each input rate (issue 12: encode
+    at the source's rate), for the issue's settings (complexity 5, 24 kb/s: 'audio' codes
+    CELT at every rate, 'voip' SILK below 48 kHz) and for what an Argon bot publishes by
+    default (complexity 5, FEC tuned for 10 % loss, no bitrate set: SILK below 48 kHz, hybrid
+    at 48).
+    Each timing is the best of 7 passes over the whole recording (~8 s, every frame once)."""
+    speech8k, rate8k = read_wav(SPEECH)
+    settings = {"c5 24 kb/s (CELT)": dict(complexity=5, bitrate=24000),
+                "c5 24 kb/s voip": dict(complexity=5, bitrate=24000, application="voip"),
+                "argon default": dict(complexity=5, fec=True, expected_loss_pct=10)}
+    for label, options in settings.items():
+        for rate in OPUS_INPUT_RATES:
+            x = speech8k[:, 0].astype(np.float64)
+            if rate != rate8k:
+                x = soxr.resample(x, rate8k, rate, quality="VHQ")
+            pcm = np.clip(np.rint(x), -32768, 32767).astype(np.int16)[:, None]
+            n = rate // 50
+            frames = [AudioFrame(np.ascontiguousarray(pcm[i : i + n]), rate, i) for i in range(0, len(pcm) - n + 1, n)]
+            enc = OpusEncoder(1, 20, input_rate=rate, **options)
+            out = [p for f in frames for p in enc.process(f)]
+
+            def encode_all() -> None:
+                for f in frames:
+                    enc.process(f)
+
+            us = min(timeit.repeat(encode_all, number=1, repeat=7)) / len(frames) * 1e6
+            kbps = sum(len(p.payload) for p in out) * 8 / (len(out) * 0.02) / 1000
+            bands = sorted({packet_bandwidth(p.payload) // 1000 for p in out})
+            row(f"{label}, {rate // 1000:>2} kHz input", us,
+                f"{kbps:.1f} kb/s, band {'/'.join(map(str, bands))} kHz, lookahead {enc.delay} @48k")
 
 
 if __name__ == "__main__":

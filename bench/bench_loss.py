@@ -63,7 +63,6 @@ import os
 import platform
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -79,6 +78,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common  # noqa: E402
+from _common import Started as _Started  # noqa: E402
+from _common import stop_process  # noqa: E402
 from impair import ImpairProxy, Impairment  # noqa: E402
 
 from gateway.codecs import G711Decoder, G711Encoder, OpusDecoder, plan  # noqa: E402
@@ -226,16 +228,6 @@ class Program:
     @property
     def frames(self) -> int:
         return len(self.pcm) // FRAME
-
-
-class _Started:
-    """A task_status stand-in: sets an event when the endpoint is connected."""
-
-    def __init__(self, event: trio.Event) -> None:
-        self._event = event
-
-    def started(self, value: object = None) -> None:
-        self._event.set()
 
 
 @attrs.define
@@ -387,16 +379,8 @@ async def run_once(log: RunLog, program: Program, workdir: Path, src: Path) -> N
                     except Exception as err:  # noqa: BLE001 - reported, the audio still counts
                         log.error = log.error or f"GET /v1/routes: {err!r}"
         finally:
-            with trio.CancelScope(shield=True):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(STOP_TIMEOUT):
-                        await proc.wait()
-                if proc.poll() is None:
-                    proc.kill()
-                    await proc.wait()
-                log.returncode = proc.returncode
-                nursery.cancel_scope.cancel()
+            log.returncode = await stop_process(proc, STOP_TIMEOUT)
+            nursery.cancel_scope.cancel()
     links = [link for link in proxy.links if link.path.endswith("/media_stream")]
     if links:
         link = links[0]
@@ -410,10 +394,7 @@ async def run_once(log: RunLog, program: Program, workdir: Path, src: Path) -> N
 # ---------------------------------------------------------------------------- the analysis
 def decimate(y48: np.ndarray) -> np.ndarray:
     """48 kHz → 8 kHz by truncating the spectrum: zero phase, so no delay of its own."""
-    n = len(y48) - len(y48) % OUT_RATIO
-    m = n // OUT_RATIO
-    spectrum = np.fft.rfft(y48[:n].astype(np.float64))
-    return np.fft.irfft(spectrum[: m // 2 + 1], m) / OUT_RATIO
+    return _common.decimate(y48, OUT_RATIO)
 
 
 def decode_channel(packets: list[bytes]) -> np.ndarray:

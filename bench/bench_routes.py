@@ -59,6 +59,19 @@ Also reported: the peer's own CPU (% of one core) and how late its sends left ag
 deadlines (p99, and the max in the notes): when the peer itself stalls or is saturated, its
 timestamps, not only the gateway, move. The machine has 2 cores: one per process; the peer
 freezes its existing objects out of the garbage collector before each run.
+
+After the table, the issue-12 figures **per call** (bench/_common.py `compare_row`): lost,
+late, latency p50/p99 and p99 beyond the chain's algorithmic delay, "behind" (packets sent in
+the window − packets received in it), CPU % of one core ÷ N, and RSS per call beyond an idle
+gateway: (VmRSS at the end of the window − VmRSS of a gateway with the same services and no
+routes, measured once before the first N) ÷ N.
+
+`--compare-ffmpeg`: after the gateway at each N (never at the same time), N ffmpeg processes,
+one per call, doing the route's transcoding in real time: RTP u-law 8 kHz in over UDP from this
+script (the same audio and pacing as the calls), decode, resample to 48 kHz, libopus 20 ms mono
+with the argon dial's encoder settings (`FFMPEG_OPUS`), RTP out over UDP back to this script,
+which analyses the packets like the channels' (bench/_common.py `run_ffmpeg`). Measured: CPU
+of all the processes, Σ RSS and Σ PSS ÷ N, and whether they keep real time (behind, late).
 """
 
 from __future__ import annotations
@@ -69,7 +82,6 @@ import logging
 import math
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -81,34 +93,64 @@ import attrs
 import numpy as np
 import trio
 
-from gateway.codecs import OpusDecoder, plan
-from gateway.codecs.formats import OPUS_48K, PCM16_8K, AudioFrame, EncodedFrame
-from gateway.config import GatewayConfig
-from gateway.daemon import Gateway
-from gateway.runtime import Runtime
-from gateway.server import serve_http, serve_media
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
+import _common  # noqa: E402
+from _common import (  # noqa: E402, F401 - names other scripts and notebooks import from here
+    BLOCK,
+    FRAME,
+    GATEWAY,
+    LATE_AFTER,
+    LOST_RATIO,
+    MIN_RHO,
+    PTIME,
+    RATE,
+    ROOT,
+    SEARCH,
+    SPEECH_RMS,
+    STOP_TIMEOUT,
+    FfInput,
+    FfOutput,
+    Totals,
+    analyze_ffmpeg,
+    analyze_stream,
+    best_offset,
+    cpu_seconds,
+    ffmpeg_cpu_pct_per_call,
+    ffmpeg_missing,
+    idle_gateway_rss,
+    peak_rss_mib,
+    rms,
+    rss_mib,
+    run_ffmpeg,
+    stop_process,
+)
+from _common import Started as _Started  # noqa: E402
+
+from gateway.codecs import G711Encoder, OpusDecoder, plan  # noqa: E402
+from gateway.codecs.formats import OPUS_48K, PCM16_8K, AudioFrame, EncodedFrame  # noqa: E402
+from gateway.config import GatewayConfig  # noqa: E402
+from gateway.daemon import Gateway  # noqa: E402
+from gateway.errors import ConfigError  # noqa: E402
+from gateway.runtime import Runtime  # noqa: E402
+from gateway.server import serve_http, serve_media  # noqa: E402
+
 AUDIO = ROOT / "gateway" / "assets" / "or105.wav"
-RATE = 8000  # Hz, the call side
-FRAME = 160  # samples: 20 ms at 8 kHz
-PTIME = 0.020  # seconds per frame and per packet
 OUT_RATIO = 6  # 48 kHz channel audio / 8 kHz call audio
 SPACE_ID = "550e8400-e29b-41d4-a716-446655440000"
 STREAM_TOKENS_PER_MINUTE = 1000  # services.argon.stream_token_per_minute on both sides
-GATEWAY = [sys.executable, "-m", "gateway", "--log-level", "info", "run"]  # + the config path
 
 CONNECT_TIMEOUT = 30.0  # seconds for every route to deliver its first packet (plus PER_ROUTE)
 CONNECT_PER_ROUTE = 0.2  # seconds added to CONNECT_TIMEOUT per route
-STOP_TIMEOUT = 5.0  # seconds for the gateway to exit on SIGTERM before SIGKILL
 SEND_MARGIN = 60.0  # seconds of source audio beyond warm-up + window (bounds the send loops)
 
-LATE_AFTER = 0.020  # seconds behind the channel's 20 ms grid that make a packet late
-BLOCK = 25  # packets per correlation block (0.5 s)
-SEARCH = 4.0  # seconds of backlog searched by the correlation (< half the 8.4 s loop of the speech)
-MIN_RHO = 0.5  # normalized correlation below which a block has no usable peak (a pause)
-SPEECH_RMS = 180.0  # int16 RMS (-45 dBFS): a call frame with less is not checked for loss
-LOST_RATIO = 0.1  # channel RMS below this fraction of the call's (-20 dB): the audio is lost
+# --compare-ffmpeg: the argon dial's Opus encoder (gateway/adapters/argon/dial.py defaults:
+# application audio, bitrate libopus auto = 60 x 48000 / 960 + 48000 = 51 kb/s for mono 20 ms,
+# VBR, complexity 5, in-band FEC tuned for 10 % loss), the same job as ffmpeg arguments.
+FFMPEG_OPUS = ("-ac", "1", "-af", "aresample=48000", "-c:a", "libopus", "-application", "audio",
+               "-b:a", "51k", "-vbr", "on", "-compression_level", "5", "-frame_duration", "20",
+               "-fec", "1", "-packet_loss", "10")
 
 
 # ------------------------------------------------------------------------------ the peer
@@ -149,20 +191,13 @@ class Run:
     cpu_s: float = math.nan
     peer_cpu_s: float = math.nan
     rss_mib: float = math.nan
+    """VmHWM (peak) at the end of the window"""
+    rss_end_mib: float = math.nan
+    """VmRSS at the end of the window"""
     up: int = 0
     connect_s: float = math.nan
     returncode: int | None = None
     log_lines: list[str] = attrs.Factory(list)
-
-
-class _Started:
-    """A task_status stand-in: sets an event when the endpoint is connected."""
-
-    def __init__(self, event: trio.Event) -> None:
-        self._event = event
-
-    def started(self, value: object = None) -> None:
-        self._event.set()
 
 
 def load_speech() -> np.ndarray:
@@ -180,6 +215,18 @@ def load_source(seconds: float) -> np.ndarray:
 
 
 def peer_config(n: int, voipbin_token: str, bot_token: str, jwt_secret: str) -> GatewayConfig:
+    """The stand-ins' config. The channels must hand on the bot's Opus packets exactly as they
+    arrived: where the argon listen endpoint has its own playout with PLC (`concealment`,
+    default true, which emits decoded audio), it is turned off (as in bench_loss.py)."""
+    probe = _peer_config(n, voipbin_token, bot_token, jwt_secret, ", concealment: false")
+    try:
+        Gateway(probe, Runtime(probe)).build()
+    except ConfigError:  # a checkout whose channel hands packets on as they are anyway
+        return _peer_config(n, voipbin_token, bot_token, jwt_secret, "")
+    return probe
+
+
+def _peer_config(n: int, voipbin_token: str, bot_token: str, jwt_secret: str, channel_extra: str) -> GatewayConfig:
     lines = [
         "server: {http: '127.0.0.1:0', media: '127.0.0.1:0'}",
         "services:",
@@ -193,19 +240,22 @@ def peer_config(n: int, voipbin_token: str, bot_token: str, jwt_secret: str) -> 
             f"  - name: peer-{i}",  # never run as a route: the bench drives both endpoints
             "    endpoints:",
             f"      - voipbin: {{role: listen, call_id: {call_id(i)}, encapsulation: rtp, codec: ulaw}}",
-            f"      - argon: {{role: listen, space_id: {SPACE_ID}, channel_id: {channel_id(i)}}}",
+            f"      - argon: {{role: listen, space_id: {SPACE_ID}, channel_id: {channel_id(i)}{channel_extra}}}",
         ]
     return GatewayConfig.from_text("\n".join(lines) + "\n", "<bench peer>")
 
 
-def gateway_config(n: int, http_port: int, media_port: int, voipbin_token: str, bot_token: str) -> str:
-    lines = [
-        "services:",
-        f"  voipbin: {{api_url: 'http://127.0.0.1:{media_port}', token: '{voipbin_token}'}}",
+def services_yaml(http_port: int, media_port: int, voipbin_token: str, bot_token: str) -> str:
+    return (
+        "services:\n"
+        f"  voipbin: {{api_url: 'http://127.0.0.1:{media_port}', token: '{voipbin_token}'}}\n"
         f"  argon: {{api_url: 'http://127.0.0.1:{http_port}/api/bot', bot_token: '{bot_token}', "
-        f"stream_token_per_minute: {STREAM_TOKENS_PER_MINUTE}}}",
-        "routes:",
-    ]
+        f"stream_token_per_minute: {STREAM_TOKENS_PER_MINUTE}}}\n"
+    )
+
+
+def gateway_config(n: int, http_port: int, media_port: int, voipbin_token: str, bot_token: str) -> str:
+    lines = [services_yaml(http_port, media_port, voipbin_token, bot_token).rstrip("\n"), "routes:"]
     for i in range(n):
         lines += [
             f"  - name: bridge-{i}",
@@ -223,22 +273,6 @@ def call_id(i: int) -> str:
 
 def channel_id(i: int) -> str:
     return f"6ba7b810-9dad-41d1-80b4-{i:012d}"
-
-
-def cpu_seconds(pid: int | str) -> float:
-    """User + system CPU seconds of a process (all its threads) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
-    fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
 
 
 async def call_task(ep, log: CallLog, source: np.ndarray, first_tick: float) -> None:
@@ -283,6 +317,8 @@ async def channel_task(ep, log: ChannelLog) -> None:
     arrivals, packets, now = log.arrivals, log.packets, trio.current_time
 
     def emit(frame: EncodedFrame) -> None:
+        if not isinstance(frame, EncodedFrame):  # the channel must not decode (peer_config)
+            raise RuntimeError(f"the channel stand-in emitted {type(frame).__name__}, not the bot's Opus packets")
         arrivals.append(now())
         packets.append(frame.payload)
 
@@ -346,17 +382,10 @@ async def run_once(n: int, seconds: float, warmup: float, workdir: Path) -> Run:
                     run.cpu_s = cpu_seconds(proc.pid) - cpu0
                     run.peer_cpu_s = cpu_seconds("self") - peer0
                     run.rss_mib = peak_rss_mib(proc.pid)
+                    run.rss_end_mib = rss_mib(proc.pid)
         finally:
-            with trio.CancelScope(shield=True):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(STOP_TIMEOUT):
-                        await proc.wait()
-                if proc.poll() is None:
-                    proc.kill()
-                    await proc.wait()
-                run.returncode = proc.returncode
-                nursery.cancel_scope.cancel()
+            run.returncode = await stop_process(proc, STOP_TIMEOUT)
+            nursery.cancel_scope.cancel()
     run.log_lines = log_path.read_text(errors="replace").splitlines()
     return run
 
@@ -384,39 +413,13 @@ class Result:
     peer_lag_max_ms: float
     connect_s: float
     warnings: list[str]
+    totals: Totals = attrs.Factory(Totals)
+    rss_end_mib: float = math.nan
 
 
 def decimate(y48: np.ndarray) -> np.ndarray:
     """48 kHz → 8 kHz by truncating the spectrum: zero phase, so no delay of its own."""
-    n = len(y48) - len(y48) % OUT_RATIO
-    m = n // OUT_RATIO
-    spectrum = np.fft.rfft(y48[:n].astype(np.float64))
-    return np.fft.irfft(spectrum[: m // 2 + 1], m) / OUT_RATIO
-
-
-def best_offset(y: np.ndarray, p0: int, p1: int, x: np.ndarray, lo: int, hi: int) -> tuple[float, float]:
-    """The offset `off` (fractional samples) maximizing the correlation of y[p] with x[p - off]
-    over p in [p0, p1), searched in [lo, hi]; returns (off, normalized correlation)."""
-    seg = y[p0:p1]
-    length = len(seg)
-    a, b = p0 - hi, p1 - lo  # x[a:b] covers every offset
-    xs = np.zeros(b - a)
-    ia, ib = max(a, 0), min(b, len(x))
-    if ib > ia:
-        xs[ia - a : ib - a] = x[ia:ib]
-    nfft = 1 << (len(xs) + length).bit_length()
-    c = np.fft.irfft(np.fft.rfft(xs, nfft) * np.conj(np.fft.rfft(seg, nfft)), nfft)[: len(xs) - length + 1]
-    energy = np.concatenate(([0.0], np.cumsum(xs * xs)))
-    window = energy[length:] - energy[:-length]
-    rho = c / np.sqrt(np.maximum(window, 1e-9) * max(float(seg @ seg), 1e-9))
-    t = int(np.argmax(rho))
-    if not 0 < t < len(c) - 1:
-        return math.nan, 0.0  # a peak on the edge of the search is no match
-    frac = 0.0
-    denom = c[t - 1] - 2 * c[t] + c[t + 1]
-    if denom < 0:
-        frac = 0.5 * (c[t - 1] - c[t + 1]) / denom
-    return hi - (t + frac), float(rho[t])
+    return _common.decimate(y48, OUT_RATIO)
 
 
 def chain_delay_ms() -> tuple[float, float]:
@@ -435,91 +438,26 @@ def chain_delay_ms() -> tuple[float, float]:
     return off / RATE * 1000, decode.delay_ms + encode.delay_ms
 
 
-def rms(a: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(a * a))) if len(a) else 0.0
+def decode_channel(packets: list[bytes]) -> np.ndarray:
+    """A channel's Opus packets (every one from the first, to keep the decoder's state),
+    decoded and brought to 8 kHz."""
+    decoder = OpusDecoder(1)
+    pcm = [decoder.process(EncodedFrame(p, OPUS_48K, 960, 0))[0].pcm[:, 0] for p in packets]
+    sizes = np.array([len(p) for p in pcm])
+    if np.any(sizes != FRAME * OUT_RATIO):
+        raise RuntimeError(f"channel packets of {sorted(set(sizes.tolist()))} samples; expected 20 ms")
+    return decimate(np.concatenate(pcm))
 
 
 def analyze(run: Run) -> Result:
-    t0, t1 = run.window
-    source = run.source
-    latencies: list[np.ndarray] = []
-    route_p50: list[float] = []
-    received = late = lost = checked = slips = unaligned = silent_routes = 0
-    lags: list[float] = []
-    for call, channel in zip(run.calls, run.channels):
-        sends = np.asarray(call.sends)
-        lags += [lag for t, lag in zip(call.sends, call.lags) if t0 <= t < t1]
-        arrivals = np.asarray(channel.arrivals)
-        in_window = np.nonzero((arrivals >= t0) & (arrivals < t1))[0]
-        received += len(in_window)
-        if not len(in_window) or not len(sends):
-            continue
-        # late: behind the channel's own 20 ms grid by more than a ptime
-        behind = arrivals - PTIME * np.arange(len(arrivals))
-        phase = np.median(behind[in_window])
-        late += int(np.count_nonzero(behind[in_window] - phase > LATE_AFTER))
-        # decode the channel (every packet from the first, to keep the decoder's state) to 8 kHz
-        decoder = OpusDecoder(1)
-        pcm = [decoder.process(EncodedFrame(p, OPUS_48K, 960, 0))[0].pcm[:, 0] for p in channel.packets]
-        sizes = np.array([len(p) for p in pcm])
-        if np.any(sizes != FRAME * OUT_RATIO):
-            raise RuntimeError(f"channel packets of {sorted(set(sizes.tolist()))} samples; expected 20 ms")
-        y = decimate(np.concatenate(pcm))
-        x = source[call.start : call.start + FRAME * len(sends)].astype(np.float64)
-        # Per block of packets: the call audio they carry. The newest frame sent before a
-        # packet arrived bounds it (offset >= that, less a frame of slack); buffering makes it
-        # older: the playout buffer (max_delay_ms), and when the gateway cannot keep up, the
-        # queues and socket buffers before it; searched up to SEARCH.
-        route_lat: list[np.ndarray] = []
-        previous: float | None = None
-        first, last = int(in_window[0]), int(in_window[-1]) + 1
-        for b0 in range(first, last, BLOCK):
-            b1 = min(b0 + BLOCK, last)
-            m = np.arange(b0, b1)
-            newest = np.searchsorted(sends, arrivals[m]) - 1
-            floor = int(np.median(FRAME * (m - newest))) - FRAME
-            if rms(y[FRAME * b0 : FRAME * b1]) >= SPEECH_RMS / 3:
-                block_off, block_rho = best_offset(y, FRAME * b0, FRAME * b1, x, floor, floor + int(SEARCH * RATE))
-            else:  # the channel is (near) silent: nothing to match
-                block_off, block_rho = math.nan, 0.0
-            if block_rho >= MIN_RHO:
-                if previous is not None and abs(block_off - previous) > 1.0:
-                    slips += 1
-                previous = block_off
-            elif previous is None:
-                unaligned += 1  # a pause before any aligned block: skipped
-                continue
-            o = previous
-            m = m[(arrivals[m] >= t0) & (arrivals[m] < t1)]
-            end = FRAME * (m + 1) - o  # call sample just past the newest one in packet m
-            j = np.ceil(end / FRAME).astype(int) - 1  # the call frame holding it
-            ok = (j >= 0) & (j < len(sends))
-            m, end, j = m[ok], end[ok], j[ok]
-            route_lat.append((arrivals[m] - sends[j] + (FRAME * (j + 1) - end) / RATE) * 1000)
-            # lost: the call's frames mapped into this block, checked in their middle 10 ms
-            oi = int(round(o))
-            for jf in range((FRAME * b0 - oi) // FRAME + 1, (FRAME * b1 - oi) // FRAME - 1):
-                if jf < 0 or FRAME * jf + FRAME > len(x):
-                    continue
-                level = rms(x[FRAME * jf + 40 : FRAME * jf + 120])
-                if level < SPEECH_RMS:
-                    continue
-                checked += 1
-                if rms(y[FRAME * jf + oi + 40 : FRAME * jf + oi + 120]) < LOST_RATIO * level:
-                    lost += 1
-        if previous is None and rms(y[FRAME * first : FRAME * last]) < SPEECH_RMS / 3:
-            # The channel stayed silent all window: every call frame with speech sent in the
-            # window was lost (typical of a gateway that cannot keep up).
-            silent_routes += 1
-            for jf in np.nonzero((sends >= t0) & (sends < t1))[0]:
-                if rms(x[FRAME * jf + 40 : FRAME * jf + 120]) >= SPEECH_RMS:
-                    checked += 1
-                    lost += 1
-        if route_lat:
-            lat = np.concatenate(route_lat)
-            latencies.append(lat)
-            if len(lat):
-                route_p50.append(float(np.median(lat)))
+    """Each route's stream (bench/_common.py `analyze_stream`: late, lost, latency), summed."""
+    stats = [
+        analyze_stream(call.sends, call.lags, channel.arrivals, lambda channel=channel: decode_channel(channel.packets),
+                       run.source[call.start :], run.window)
+        for call, channel in zip(run.calls, run.channels)
+    ]
+    totals = Totals.of(stats)
+    lags = totals.lags
     warnings = [line for line in run.log_lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
     cpu = run.cpu_s
     return Result(
@@ -529,20 +467,22 @@ def analyze(run: Run) -> Result:
         cpu_pct=cpu / run.seconds * 100,
         rss_mib=run.rss_mib,
         expected=int(round(run.n * run.seconds / PTIME)),
-        received=received,
-        late=late,
-        lost=lost,
-        checked=checked,
-        latencies_ms=np.concatenate(latencies) if latencies else np.zeros(0),
-        route_p50_ms=np.asarray(route_p50),
-        slips=slips,
-        unaligned=unaligned,
-        silent_routes=silent_routes,
+        received=totals.received,
+        late=totals.late,
+        lost=totals.lost,
+        checked=totals.checked,
+        latencies_ms=totals.latencies_ms,
+        route_p50_ms=totals.stream_p50_ms,
+        slips=totals.slips,
+        unaligned=totals.unaligned,
+        silent_routes=totals.silent,
         peer_cpu_pct=run.peer_cpu_s / run.seconds * 100,
         peer_lag_p99_ms=float(np.percentile(lags, 99) * 1000) if lags else math.nan,
         peer_lag_max_ms=float(np.max(lags) * 1000) if lags else math.nan,
         connect_s=run.connect_s,
         warnings=warnings,
+        totals=totals,
+        rss_end_mib=run.rss_end_mib,
     )
 
 
@@ -582,16 +522,54 @@ def details(r: Result) -> str:
     return "; ".join(parts)
 
 
+# ------------------------------------------------------------------------ --compare-ffmpeg
+def ffmpeg_job(n: int, seconds: float, warmup: float) -> tuple[list[FfInput], list[FfOutput], int]:
+    """What one ffmpeg per call does: RTP u-law 8 kHz in (call i's audio, as the gateway's
+    calls send it), decode, resample to 48 kHz, Opus 20 ms mono (FFMPEG_OPUS), RTP out."""
+    connect_timeout = CONNECT_TIMEOUT + CONNECT_PER_ROUTE * n
+    source = load_source(connect_timeout + warmup + seconds + SEND_MARGIN)
+    speech_frames = len(load_speech()) // FRAME
+    starts = [(i * 97 % speech_frames) * FRAME for i in range(n)]  # as run_once's calls
+    ulaw = G711Encoder().process(AudioFrame(source.reshape(-1, 1), RATE, 0))[0].payload
+    inputs = [FfInput("0 PCMU/8000", ulaw, FRAME, 1, source, starts)]
+
+    def decode(payloads: list[bytes]) -> tuple[np.ndarray, list[int], float]:
+        decoder = OpusDecoder(1)
+        pcm = [decoder.process(EncodedFrame(p, OPUS_48K, 960, 0))[0].pcm[:, 0] for p in payloads]
+        y = decimate(np.concatenate(pcm)) if pcm else np.zeros(0)
+        return y, [len(p) for p in pcm], float(OUT_RATIO)
+
+    outputs = [FfOutput(0, FFMPEG_OPUS, decode, "Opus")]
+    frames = (len(source) - max(starts)) // FRAME
+    return inputs, outputs, frames
+
+
+async def ffmpeg_once(n: int, seconds: float, warmup: float, workdir: Path) -> _common.FfRun:
+    inputs, outputs, frames = ffmpeg_job(n, seconds, warmup)
+    return await run_ffmpeg(n, seconds, warmup, workdir, inputs, outputs,
+                            CONNECT_TIMEOUT + CONNECT_PER_ROUTE * n, frames)
+
+
+def ffmpeg_side(ff: _common.FfRun) -> _common.Side:
+    totals = analyze_ffmpeg(ff) if ff.window != (0.0, 0.0) else [Totals()]
+    return _common.Side("ffmpeg", ff.n, ff.up, totals, ffmpeg_cpu_pct_per_call(ff), ff.rss_mib / ff.n,
+                        ff.pss_mib / ff.n)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--routes", default="1,10,50,100", help="comma-separated route counts (default 1,10,50,100)")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady-state window per count, s (default 10)")
     parser.add_argument("--warmup", type=float, default=1.0, help="s after the last route is up before the window (default 1)")
     parser.add_argument("--keep", metavar="DIR", help="keep the gateway configs and logs in DIR")
+    parser.add_argument("--compare-ffmpeg", action="store_true",
+                        help="after the gateway at each N, N ffmpeg processes doing the same transcoding per call")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")
+    if args.compare_ffmpeg and (why := ffmpeg_missing(("libopus",))):
+        parser.error(f"--compare-ffmpeg: {why}")
 
     logging.basicConfig(level=logging.ERROR, format="peer %(levelname)s %(name)s: %(message)s")
     began = time.monotonic()
@@ -603,11 +581,14 @@ def main(argv: list[str] | None = None) -> int:
     measured, declared = chain_delay_ms()
     print(f"algorithmic delay of the chain, offline, same method: {measured:.2f} ms "
           f"(its stages declare {declared:.2f} ms: resampler group delay + Opus lookahead)\n")
-    print(HEADER, flush=True)
     results = []
+    sides: list[_common.Side] = []
     with tempfile.TemporaryDirectory(prefix="bench_routes_") as tmp:
         workdir = Path(args.keep).resolve() if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        idle = trio.run(idle_gateway_rss, services_yaml(9, 9, "idle", "idle"), workdir)
+        print(f"idle gateway (same services, no routes): VmRSS {idle:.1f} MiB\n")
+        print(HEADER, flush=True)
         for n in counts:
             # The peer's own garbage collector must not stall its clock: what exists now is
             # frozen out of the collections that run during the measurement.
@@ -621,11 +602,19 @@ def main(argv: list[str] | None = None) -> int:
             result = analyze(run)
             results.append(result)
             print(row(result), flush=True)
+            sides.append(_common.Side("gateway", n, result.up, [result.totals], result.cpu_pct / n,
+                                      (result.rss_end_mib - idle) / n, codec_delay_ms=[measured]))
+            if args.compare_ffmpeg:
+                gc.collect()
+                ff = trio.run(ffmpeg_once, n, args.seconds, args.warmup, workdir)
+                sides.append(ffmpeg_side(ff))
+                print(_common.ffmpeg_line(ff), flush=True)
     print()
     for r in results:
         print(details(r))
         for line in r.warnings[:5]:
             print("    " + line[:200])
+    _common.print_per_call(sides, ["call → channel (u-law 8 kHz → Opus 48 kHz)"])
     print(f"\ntotal {time.monotonic() - began:.0f} s")
     return 0
 

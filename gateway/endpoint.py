@@ -203,7 +203,9 @@ class Endpoint(abc.ABC):
     ptime_ms: int = 20
     encoder_options: dict = {}
     """Keyword options for `plan()` when the route encodes this endpoint's egress
-    (e.g. `opus_bitrate`, `opus_complexity`)."""
+    (e.g. `opus_bitrate`, `opus_complexity`). For an Opus egress, `opus_input_rate` (Hz, one
+    of 8000, 12000, 16000, 24000, 48000; absent or None: from the sources) is also the rate
+    the route's pacer mixes this sink's audio at (`Route.pacing_format`)."""
     bursty: bool = False
     """True for sources that send faster than real time in bursts (an AI agent's text to
     speech): the route queues their audio and plays it at real time without dropping or

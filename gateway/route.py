@@ -1,7 +1,10 @@
 """Routes: endpoints joined through codec chains, paced on a media clock, mixed (mix-minus).
 
 For every source → sink pair the route plans a decode chain (source wire format → the sink's
-PCM format: decode, channel mix, resample) that runs in the source's task, on `emit`. Each sink
+PCM format: decode, channel mix, resample) that runs in the source's task, on `emit`. For an
+Opus sink that PCM format is at its encoder's input rate (`Route.pacing_format`): the sources'
+highest rate rounded up to 8, 12, 16, 24 or 48 kHz, or the sink's `opus_input_rate`, so an 8
+kHz call reaches an Argon bot with no resampler and is coded narrowband at a third of the CPU. Each sink
 has one pacer task: it owns one `Reframer` per source (the playout buffer), and at absolute
 deadlines `anchor + k·ptime` (trio.sleep_until semantics, so no drift) it takes one ptime from
 each, mixes them (a sink never hears itself: mix-minus), encodes, and calls `sink.send`.
@@ -70,7 +73,8 @@ from trio_websocket import ConnectionClosed
 
 from gateway.adapters.local import FileSource
 from gateway.codecs import Chain, Reframer, plan
-from gateway.codecs.formats import AudioFormat, AudioFrame, Frame
+from gateway.codecs.formats import AudioFormat, AudioFrame, Encoding, Frame
+from gateway.codecs.planner import opus_input_rate_for
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway._util import collapse, goodbye_scope
 from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
@@ -183,6 +187,10 @@ class Route:
         self.on_hold = on_hold
         """A file the others hear in place of an endpoint while it is away (looped); None: silence."""
         self._hold = FileSource(f"{name}-hold", on_hold, loop=True, rate=48000) if on_hold else None
+        self.encoders: dict[str, Chain] = {}
+        """Each pacer's encode chain (its PCM format -> the sink's egress) of the running session,
+        by sink name (a lane of a sink that does not mix: "sink<source"): what the control API
+        and the tests read to see, e.g., the rate an Opus sink is encoded at."""
         self._muted: set[int] = set()
         self._away: dict[int, float] = {}
         self._sink_failed = lambda ep, err: False
@@ -227,18 +235,33 @@ class Route:
         """The sources whose audio `sink` takes: every other source, or those it `hears`."""
         return [s for s in self.sources if s is not sink and (sink.hears is None or s.name in sink.hears)]
 
-    def _legs(self) -> tuple[dict[int, list[_Leg]], list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint]]]]:
+    @staticmethod
+    def pacing_format(sink: Endpoint, sources: Sequence[Endpoint]) -> AudioFormat:
+        """The PCM format `sink`'s pacer re-frames, mixes and encodes at, for `sources` feeding
+        it: the PCM of its egress, except that an Opus sink's rate is its encoder's input rate,
+        `opus_input_rate_for` the sources' formats (the highest rate rounded up to 8, 12, 16,
+        24 or 48 kHz: an 8 kHz call is encoded at 8 kHz, narrowband, with no resampler; with a
+        48 kHz source among them, 48 kHz) or the sink's `opus_input_rate` encoder option."""
+        target = sink.egress.as_pcm()
+        if sink.egress.encoding is Encoding.OPUS:
+            rate = opus_input_rate_for([s.ingress for s in sources if s.ingress is not None],
+                                       sink.encoder_options.get("opus_input_rate"))
+            target = attrs.evolve(target, rate=rate)
+        return target
+
+    def _legs(self) -> tuple[dict[int, list[_Leg]], list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint], AudioFormat]]]:
         """Plan the source → sink chains; returns legs by source and, per pacer, (the sink or
-        one lane of a sink that does not mix, its queue, the sources it takes)."""
+        one lane of a sink that does not mix, its queue, the sources it takes, the PCM format
+        it paces at: `pacing_format`)."""
         legs: dict[int, dict] = {id(s): {} for s in self.sources}
-        pacers: list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint]]] = []
+        pacers: list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint], AudioFormat]] = []
         for sink in self.sinks:
             feeding = self.feeding(sink)
             lanes = [(sink, feeding)] if sink.mixes else [(_Lane(sink, s), [s]) for s in feeding]
-            target = sink.egress.as_pcm()
             for pacer_sink, sources in lanes:
+                target = self.pacing_format(sink, sources)
                 send, recv = _open_sink_queue()
-                pacers.append((pacer_sink, recv, sources))
+                pacers.append((pacer_sink, recv, sources, target))
                 for slot, source in enumerate(sources):
                     leg = legs[id(source)].get(target)
                     if leg is None:
@@ -477,13 +500,13 @@ class Route:
                     return
             finish(reason)
 
-        async def pace(sink, recv: trio.MemoryReceiveChannel, feeding: list[Endpoint]) -> None:
+        async def pace(sink, recv: trio.MemoryReceiveChannel, feeding: list[Endpoint], pcm_format: AudioFormat) -> None:
             # A sink whose peer is gone ends the route as its run() would: CallEnded is the
             # peer hanging up, other errors a failure (after the route ended: expected).
             name = getattr(sink, "sink", sink).name
             endpoint = getattr(sink, "sink", sink)
             try:
-                await self._pace(sink, recv, feeding, drained)
+                await self._pace(sink, recv, feeding, drained, pcm_format)
             except CallEnded as err:
                 await sink_gone(endpoint, f"{name}: {err.reason}")
             except (GatewayError, OSError, trio.BrokenResourceError, ConnectionClosed) as err:
@@ -511,8 +534,8 @@ class Route:
                     phase = {ep.name: ep.start_phase for ep in self.endpoints}
                     await _start_all(nursery, run_endpoint, [e for e in self.endpoints if phase[e.name] == 0])
                     await _start_all(nursery, run_endpoint, [e for e in self.endpoints if phase[e.name] == 1])
-                    for pacer_sink, recv, feeding in pacers:
-                        nursery.start_soon(pace, pacer_sink, recv, feeding)
+                    for pacer_sink, recv, feeding, pcm_format in pacers:
+                        nursery.start_soon(pace, pacer_sink, recv, feeding, pcm_format)
                     pacing.set()
                     await _start_all(nursery, run_endpoint, [e for e in self.endpoints if phase[e.name] >= 2])
                 self._startup = None
@@ -564,9 +587,13 @@ class Route:
         recv: trio.MemoryReceiveChannel,
         feeding: list[Endpoint],
         drained: dict[int, trio.Event],
+        pcm_format: AudioFormat | None = None,
     ) -> None:
-        """Send one packet per ptime to `sink` on absolute deadlines (see the module doc)."""
-        pcm_format = sink.egress.as_pcm()
+        """Send one packet per ptime to `sink` on absolute deadlines (see the module doc), mixing
+        and re-framing at `pcm_format` (`pacing_format`: the egress's PCM, or for an Opus sink
+        its encoder's input rate)."""
+        if pcm_format is None:
+            pcm_format = self.pacing_format(sink, feeding)
         n = pcm_format.samples(sink.ptime_ms)
         ptime = sink.ptime_ms / 1000
         grace = self.jitter_ms / 1000
@@ -582,7 +609,11 @@ class Route:
         # left: it shrinks as the backlog is worked off, then max_delay_ms alone applies.
         startup = pcm_format.samples(STARTUP_BUFFER_MS)
         extra = [startup] * len(feeding)
-        encoder = plan(pcm_format, sink.egress, **sink.encoder_options)
+        options = dict(sink.encoder_options)
+        if sink.egress.encoding is Encoding.OPUS:
+            options["opus_input_rate"] = pcm_format.rate  # no resampler after the mix
+        encoder = self.encoders[sink.name] = plan(pcm_format, sink.egress, **options)
+        self.log.debug("%s paces at %s, encodes: %s", sink.name, pcm_format, encoder)
         buffers = [Reframer(pcm_format, sink.ptime_ms) for _ in feeding]
         short_run = [IDLE_AFTER] * len(feeding)  # consecutive short packets (starts idle)
         ended = [False] * len(feeding)

@@ -149,6 +149,26 @@ def test_lookahead_is_the_encoder_delay():
     assert OpusEncoder(1, 20, application="restricted_lowdelay").delay == 120  # 2.5 ms
 
 
+@pytest.mark.parametrize("rate", [8000, 12000, 16000, 24000, 48000])
+def test_any_input_rate_codes_48k_packets_with_the_same_lookahead(rate, speech48k):
+    """libopus takes 8-48 kHz input; the packets are Opus 48 kHz like any other, their
+    samples, timestamps and the lookahead (`delay`) in 48 kHz units, and the speech survives
+    at the same delay whatever the input rate."""
+    factor = 48000 // rate
+    enc, dec = OpusEncoder(1, 20, input_rate=rate), OpusDecoder(1)
+    assert enc.input.rate == rate and enc.output == OPUS_48K and enc.frame_samples == rate // 50
+    assert enc.delay == 312 and OpusEncoder(1, 20, input_rate=rate, application="restricted_lowdelay").delay == 120
+    x = speech48k[::factor] if factor > 1 else speech48k  # or105 is band-limited to 4 kHz: no aliasing
+    n = rate // 50
+    packets = []
+    for i in range(0, len(x) - n + 1, n):
+        packets += enc.process(AudioFrame(np.ascontiguousarray(x[i : i + n]), rate, i))
+    assert [(p.samples, p.timestamp) for p in packets] == [(960, 960 * k) for k in range(len(packets))]
+    y = np.concatenate([dec.process(p)[0].pcm[:, 0] for p in packets])
+    c, _ = best_aligned_corr(y, speech48k[:, 0], enc.delay)
+    assert c > 0.9, c
+
+
 def test_bitrate_setting_controls_packet_size(speech48k):
     sizes = {}
     for bitrate in (16000, 64000):

@@ -167,7 +167,10 @@ def test_stage_order_saves_work():
     types = lambda chain: [type(s) for s in chain.stages]  # noqa: E731
     # down-mix before resampling, up-mix after, reframer right before the encoder
     assert types(plan(OPUS_48K_STEREO, PCMU_8K, ptime_ms=20)) == [OpusDecoder, ChannelMixer, Resampler, Reframer, G711Encoder]
-    assert types(plan(PCMU_8K, OPUS_48K_STEREO, ptime_ms=20)) == [G711Decoder, Resampler, ChannelMixer, Reframer, OpusEncoder]
+    assert types(plan(PCMU_8K, OPUS_48K_STEREO, ptime_ms=20, opus_input_rate=48000)) == [
+        G711Decoder, Resampler, ChannelMixer, Reframer, OpusEncoder]
+    # by default Opus is encoded at the source's 8 kHz: nothing to resample
+    assert types(plan(PCMU_8K, OPUS_48K_STEREO, ptime_ms=20)) == [G711Decoder, ChannelMixer, Reframer, OpusEncoder]
     assert types(plan(PCM16_8K, PCM16_48K_STEREO, ptime_ms=20)) == [Resampler, ChannelMixer, Reframer]
     assert types(plan(PCM16_48K_STEREO, PCM16_16K)) == [ChannelMixer, Resampler]
     mix = plan(PCM16_48K_STEREO, PCM16_16K).stages[0]
@@ -240,6 +243,8 @@ def test_chain_flush_drains_every_stage(speech):
         out += chain.process(AudioFrame(np.ascontiguousarray(pcm[i : i + 160]), 8000, i))
     assert len(out) == 10
     tail = chain.flush()
-    # the half frame (padded), the resampler's 4.5 ms and the encoder's 6.5 ms lookahead
+    # the half frame (padded) and the encoder's 6.5 ms lookahead (it encodes at 8 kHz: no
+    # resampler), in 48 kHz units like any Opus packet
+    assert chain.stages[-1].input_rate == 8000
     assert len(tail) == 2
     assert [p.timestamp for p in out + tail] == [k * 960 for k in range(12)]

@@ -26,7 +26,19 @@ from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, AudioFormat, Audio
 from gateway.codecs.stage import check_encoded, check_pcm
 from gateway.errors import LocalProtocolError, RemoteProtocolError
 
-OPUS_RATE = 48000  # Hz; this gateway runs Opus at 48 kHz only
+OPUS_RATE = 48000  # Hz; Opus packets are timed (RTP, Ogg granules, durations) at 48 kHz here
+#: Input rates (Hz) libopus encodes (RFC 6716 §2): every packet decodes at 48 kHz whatever the input.
+OPUS_INPUT_RATES = (8000, 12000, 16000, 24000, 48000)
+#: The widest audio band each input rate carries (OPUS_SET_MAX_BANDWIDTH): narrowband (4 kHz)
+#: for 8 kHz input, mediumband (6 kHz) for 12, wideband (8 kHz) for 16, super-wideband (12 kHz)
+#: for 24, fullband (20 kHz) for 48 (RFC 6716 §2, Table 1).
+OPUS_MAX_BANDWIDTH = {
+    8000: opuslib.BANDWIDTH_NARROWBAND,
+    12000: opuslib.BANDWIDTH_MEDIUMBAND,
+    16000: opuslib.BANDWIDTH_WIDEBAND,
+    24000: opuslib.BANDWIDTH_SUPERWIDEBAND,
+    48000: opuslib.BANDWIDTH_FULLBAND,
+}
 SAMPLES_PER_MS = OPUS_RATE // 1000
 PLC_GRANULE = OPUS_RATE // 400  # 120 samples = 2.5 ms: PLC/FEC sizes are multiples of this
 MAX_FRAME_SAMPLES = 5760  # 120 ms at 48 kHz, the longest packet (RFC 6716 §3.2.5)
@@ -34,6 +46,11 @@ MAX_PACKET_BYTES = 4000  # output buffer; libopus's recommended maximum packet s
 #: Frame durations (ms) the encoder takes: 2.5 ms is not a whole ms; 80-120 ms need libopus >= 1.2.
 OPUS_PTIMES_MS = (5, 10, 20, 40, 60, 80, 100, 120)
 OPUS_FRAME_SAMPLES = frozenset([PLC_GRANULE] + [ms * SAMPLES_PER_MS for ms in OPUS_PTIMES_MS])
+#: bit/s per channel asked for when no bitrate is set and the input is 8, 12 or 16 kHz, where
+#: libopus's automatic choice (11, 15, 19 kb/s) is lower. Measured here (or105/or109 speech
+#: at 8 kHz, complexity 5, FEC for 10 %, PESQ NB): automatic (8.5 kb/s) scores 4.15, 24 kb/s
+#: (20 kb/s VBR) 4.32, the old 48 kHz path (38 kb/s) 4.45.
+AUTO_MIN_BITRATE = 24000
 FEC_PACKET_LOSS_PERC = 10  # default expected loss (%) told to the encoder when FEC is on
 SILENCE_FRAME = b"\xff\xfe"  # a CELT frame that decodes to digital silence (the "F8 FF FE" packet's payload)
 APPLICATIONS = {
@@ -60,6 +77,9 @@ MAX_FRAMES_PER_PACKET = 48  # RFC 6716 §3.2.5: at most 48 frames (120 ms of 2.5
 _packet_get_nb_channels = _lib["opus_packet_get_nb_channels"]
 _packet_get_nb_channels.argtypes = (ctypes.c_char_p,)
 _packet_get_nb_channels.restype = ctypes.c_int
+_packet_get_bandwidth = _lib["opus_packet_get_bandwidth"]
+_packet_get_bandwidth.argtypes = (ctypes.c_char_p,)
+_packet_get_bandwidth.restype = ctypes.c_int
 _strerror = _lib["opus_strerror"]
 _strerror.argtypes = (ctypes.c_int,)
 _strerror.restype = ctypes.c_char_p
@@ -100,6 +120,25 @@ def packet_channels(packet: bytes) -> int:
     if not packet:
         raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
     return _packet_get_nb_channels(packet)
+
+
+#: Audio bandwidth (Hz) of each OPUS_BANDWIDTH_* a TOC byte names (RFC 6716 §2, Table 1).
+BANDWIDTH_HZ = {
+    opuslib.BANDWIDTH_NARROWBAND: 4000,
+    opuslib.BANDWIDTH_MEDIUMBAND: 6000,
+    opuslib.BANDWIDTH_WIDEBAND: 8000,
+    opuslib.BANDWIDTH_SUPERWIDEBAND: 12000,
+    opuslib.BANDWIDTH_FULLBAND: 20000,
+}
+
+
+def packet_bandwidth(packet: bytes) -> int:
+    """Audio bandwidth in Hz an Opus packet codes, from its TOC config (RFC 6716 §3.1): 4000
+    (narrowband), 6000 (mediumband), 8000 (wideband), 12000 (super-wideband) or 20000
+    (fullband). Raises RemoteProtocolError (1007) for an empty packet."""
+    if not packet:
+        raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
+    return BANDWIDTH_HZ[_packet_get_bandwidth(packet)]
 
 
 _lbrr_sizes = (ctypes.c_int16 * MAX_FRAMES_PER_PACKET)()  # scratch outputs of packet_has_lbrr (one trio thread)
@@ -162,21 +201,38 @@ def _opus_format(channels: int) -> AudioFormat:
 
 @attrs.define(eq=False)
 class OpusEncoder:
-    """PCM16 48 kHz `AudioFrame` -> one Opus packet per frame (`EncodedFrame`, OPUS_48K or
-    OPUS_48K_STEREO).
+    """PCM16 `AudioFrame` at `input_rate` (8, 12, 16, 24 or 48 kHz) -> one Opus packet per
+    frame (`EncodedFrame`, OPUS_48K or OPUS_48K_STEREO, whatever the input rate).
 
-    Each input frame must hold exactly `ptime_ms` of audio (48 * ptime_ms samples); with
-    `ptime_ms=None` any Opus frame size is taken (2.5, 5, 10, 20, 40, 60, 80, 100 or 120 ms).
-    Other sizes, rates or channel counts raise LocalProtocolError. DTX is off unless asked
-    for: with DTX the encoder sends 1-byte packets (the TOC alone) in silence, which end an
-    Argon publishing session; without it digital silence still codes to >= 3 bytes (CELT) or
+    Each input frame must hold exactly `ptime_ms` of audio (input_rate * ptime_ms / 1000
+    samples); with `ptime_ms=None` any Opus frame size is taken (2.5, 5, 10, 20, 40, 60, 80,
+    100 or 120 ms). Other sizes, rates or channel counts raise LocalProtocolError. The packets
+    decode at 48 kHz like any other, so the output side is in 48 kHz units: an EncodedFrame's
+    `samples` and `timestamp` are the input's times 48000 / input_rate, and `delay` too.
+
+    A lower input rate codes only the band it carries (OPUS_SET_MAX_BANDWIDTH from
+    OPUS_MAX_BANDWIDTH: 8 kHz input makes narrowband packets, 48 kHz fullband), and feeding an
+    8 kHz call straight in removes the 8 -> 48 kHz Resampler (and its 4.5 ms) from the chain.
+    What it saves depends on the mode libopus picks. Measured here (bench/bench_codecs.py
+    `opus_by_input_rate`: or105 speech, 20 ms mono, complexity 5, a loaded 2-core machine, so
+    ranges of 3 runs), µs per frame at 8 / 12 / 16 / 24 / 48 kHz input:
+    - SILK (FEC for 10 %, no bitrate set: what an Argon bot publishes): 118-137 / 133-173 /
+      197-234 / 208-290 / 213-284 (hybrid), at 20 / 19 / 18 / 21 / 38 kb/s;
+    - 'voip' at 24 kb/s: 96-126 / 146-156 / 167-200 / 198-234 / 215-262;
+    - CELT ('audio' at 24 kb/s, no FEC): 57-84 at every rate (CELT works at 48 kHz inside).
+    The issue's opuslib figure on ITU speech: 55 against 163 µs (8 against 48 kHz) for a PESQ
+    NB within 0.01-0.13 of the 48 kHz path at half the bitrate.
+
+    DTX is off unless asked for: with DTX the encoder sends 1-byte packets (the TOC alone) in
+    silence, which end an Argon publishing session; without it digital silence still codes to >= 3 bytes (CELT) or
     ~20-36 bytes (hybrid, with FEC). `min_packet_bytes` replaces any shorter packet by
     `silence_packet` of the same duration, whatever the settings. `delay` is the encoder
-    lookahead (OPUS_GET_LOOKAHEAD: 312 samples = 6.5 ms for 'audio' and 'voip', 120 = 2.5 ms
-    for 'restricted_lowdelay').
+    lookahead in samples at 48 kHz (OPUS_GET_LOOKAHEAD at the input rate, scaled: 312 = 6.5
+    ms for 'audio' and 'voip', 120 = 2.5 ms for 'restricted_lowdelay', at every input rate),
+    so `Chain.delay_ms` (delay / output.rate) stays right.
 
     In-band FEC (`fec`) only exists in SILK and hybrid packets. libopus 1.3 leaves CELT for
-    hybrid when FEC is on and the expected loss exceeds (128 - voice estimate) / 16 %: for
+    hybrid (SILK alone at 8-16 kHz input) when FEC is on and the expected loss exceeds (128 - voice estimate) / 16 %: for
     'audio' below complexity 7 (no signal analysis, estimate 48) that is from 6 % on; at 5 % or
     less no packet carries FEC, whatever `fec` says. Then each packet of active speech carries
     a low-bitrate copy of the frame before it (`packet_has_lbrr`). Measured here (speech, 20
@@ -192,7 +248,10 @@ class OpusEncoder:
     application: str = attrs.field(default="audio", kw_only=True)
     """'audio', 'voip' or 'restricted_lowdelay' (OPUS_APPLICATION_*)."""
     bitrate: int | None = attrs.field(default=None, kw_only=True)
-    """Target bits per second (500-512000); None keeps libopus's automatic choice."""
+    """Target bits per second (500-512000); None keeps libopus's automatic choice, which
+    scales with the input rate (60 x packets per second + input_rate x channels: ~51 kb/s
+    for 48 kHz mono in 20 ms, ~11 kb/s for 8 kHz), except that at 8, 12 and 16 kHz input it
+    is raised to AUTO_MIN_BITRATE per channel (`target_bitrate`)."""
     dtx: bool = attrs.field(default=False, kw_only=True)
     """Discontinuous transmission (OPUS_SET_DTX)."""
     fec: bool = attrs.field(default=False, kw_only=True)
@@ -206,12 +265,19 @@ class OpusEncoder:
     duration; counted in `filled`. 0: packets go as libopus makes them."""
     filled: int = attrs.field(default=0, init=False)
     """Packets replaced because of `min_packet_bytes`."""
+    input_rate: int = attrs.field(default=OPUS_RATE, kw_only=True)
+    """Sample rate of the PCM input, Hz: one of OPUS_INPUT_RATES (opuslib.Encoder(fs, ...))."""
     complexity: int | None = attrs.field(default=None, kw_only=True)
     """0-10 (OPUS_SET_COMPLEXITY); None keeps libopus's default (10). Measured here on speech:
     ~250 µs per 20 ms mono frame at 10, ~56 µs at 5, for a small loss of quality."""
     input: AudioFormat = attrs.field(init=False)
     output: AudioFormat = attrs.field(init=False)
     delay: int = attrs.field(init=False)
+    _scale: int = attrs.field(init=False)
+    """48000 / input_rate: input samples -> 48 kHz samples."""
+    _lookahead: int = attrs.field(init=False)
+    """OPUS_GET_LOOKAHEAD, in samples at the input rate."""
+    _frame_sizes: frozenset = attrs.field(init=False)
     _enc: opuslib.Encoder = attrs.field(init=False)
     _pcm: np.ndarray = attrs.field(init=False)
     _pcm_addr: int = attrs.field(init=False)
@@ -221,14 +287,20 @@ class OpusEncoder:
 
     def __attrs_post_init__(self) -> None:
         self.output = _opus_format(self.channels)
-        self.input = self.output.as_pcm()
+        if self.input_rate not in OPUS_INPUT_RATES:
+            raise ValueError(f"Opus input rate must be one of {', '.join(map(str, OPUS_INPUT_RATES))} Hz, "
+                             f"got {self.input_rate}")
+        self.input = AudioFormat(Encoding.PCM16, self.input_rate, self.channels)
+        self._scale = OPUS_RATE // self.input_rate
+        self._frame_sizes = frozenset(n // self._scale for n in OPUS_FRAME_SAMPLES)
         if self.ptime_ms is not None and self.ptime_ms not in OPUS_PTIMES_MS:
             raise ValueError(f"Opus ptime must be one of {OPUS_PTIMES_MS} ms, got {self.ptime_ms}")
         if self.application not in APPLICATIONS:
             raise ValueError(f"Opus application must be one of {sorted(APPLICATIONS)}, got {self.application!r}")
-        self._enc = opuslib.Encoder(OPUS_RATE, self.channels, APPLICATIONS[self.application])
+        self._enc = opuslib.Encoder(self.input_rate, self.channels, APPLICATIONS[self.application])
         self._configure()
-        self.delay = self._enc.lookahead
+        self._lookahead = self._enc.lookahead
+        self.delay = self._lookahead * self._scale
         self._pcm = np.zeros((MAX_FRAME_SAMPLES, self.channels), dtype=np.int16)
         self._pcm_addr = self._pcm.ctypes.data  # stays valid: self._pcm owns the memory
         self._out = ctypes.create_string_buffer(MAX_PACKET_BYTES)
@@ -237,12 +309,13 @@ class OpusEncoder:
         state, ctl = self._enc.encoder_state, opuslib.api.ctl
         set_ = opuslib.api.encoder.encoder_ctl
         try:
-            if self.bitrate is not None:
-                set_(state, ctl.set_bitrate, self.bitrate)
+            if self.target_bitrate is not None:
+                set_(state, ctl.set_bitrate, self.target_bitrate)
             if self.complexity is not None:
                 if not 0 <= self.complexity <= 10:
                     raise ValueError(f"Opus complexity must be 0-10, got {self.complexity}")
                 set_(state, ctl.set_complexity, self.complexity)
+            set_(state, ctl.set_max_bandwidth, OPUS_MAX_BANDWIDTH[self.input_rate])
             set_(state, ctl.set_dtx, int(self.dtx))
             set_(state, ctl.set_inband_fec, int(self.fec))
             if not 0 <= self.expected_loss_pct <= 100:
@@ -252,19 +325,28 @@ class OpusEncoder:
             raise ValueError(f"Opus encoder rejected the settings (bitrate={self.bitrate}): {exc}") from None
 
     @property
+    def target_bitrate(self) -> int | None:
+        """The bitrate asked of libopus (OPUS_SET_BITRATE): `bitrate`, or for None at an
+        input rate of 16 kHz or less AUTO_MIN_BITRATE per channel; None: libopus's own."""
+        if self.bitrate is None and self.input_rate <= 16000:
+            return AUTO_MIN_BITRATE * self.channels
+        return self.bitrate
+
+    @property
     def frame_samples(self) -> int | None:
         """Samples per channel each input frame must have (None: any Opus frame size)."""
-        return None if self.ptime_ms is None else self.ptime_ms * SAMPLES_PER_MS
+        return None if self.ptime_ms is None else self.ptime_ms * self.input_rate // 1000
 
     def process(self, frame: Frame) -> list[Frame]:
         frame = check_pcm(frame, self.input, "OpusEncoder")
         n = frame.pcm.shape[0]
         expected = self.frame_samples
-        if (n != expected) if expected is not None else (n not in OPUS_FRAME_SAMPLES):
+        if (n != expected) if expected is not None else (n not in self._frame_sizes):
             want = f"{expected} samples ({self.ptime_ms} ms)" if expected else "an Opus frame size"
             raise LocalProtocolError(f"OpusEncoder takes frames of {want}, got {n} samples")
         self._last_ts, self._last_samples = frame.timestamp, n
-        return [EncodedFrame(self._encode(frame.pcm, n), self.output, n, frame.timestamp)]
+        scale = self._scale
+        return [EncodedFrame(self._encode(frame.pcm, n), self.output, n * scale, frame.timestamp * scale)]
 
     def _encode(self, pcm: np.ndarray, n: int) -> bytes:
         buf = self._pcm
@@ -274,7 +356,7 @@ class OpusEncoder:
             raise LocalProtocolError(f"opus_encode failed: {opus_strerror(size)}")
         if size < self.min_packet_bytes:
             self.filled += 1
-            return silence_packet(n, self.channels)
+            return silence_packet(n * self._scale, self.channels)
         return ctypes.string_at(self._out, size)
 
     def flush(self) -> list[Frame]:
@@ -282,13 +364,13 @@ class OpusEncoder:
         the last frame size for ptimes >= 10 ms), then reset the encoder for a new stream."""
         if self._last_ts is None:
             return []
-        n = self._last_samples
-        ts = self._last_ts + n
+        n, scale = self._last_samples, self._scale
+        ts = (self._last_ts + n) * scale
         frames: list[Frame] = []
         silence = np.zeros((n, self.channels), dtype=np.int16)
-        for _ in range(-(-self.delay // n)):
-            frames.append(EncodedFrame(self._encode(silence, n), self.output, n, ts))
-            ts += n
+        for _ in range(-(-self._lookahead // n)):
+            frames.append(EncodedFrame(self._encode(silence, n), self.output, n * scale, ts))
+            ts += n * scale
         opuslib.api.encoder.encoder_ctl(self._enc.encoder_state, opuslib.api.ctl.reset_state)
         self._last_ts = None
         return frames

@@ -8,14 +8,21 @@ OpusEncoder). One chain per stream direction: every stage holds that stream's st
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import attrs
 
 from gateway.codecs.formats import AudioFormat, Encoding, Frame
 from gateway.codecs.g711 import G711Decoder, G711Encoder
 from gateway.codecs.mixer import ChannelMixer
-from gateway.codecs.opus import FEC_PACKET_LOSS_PERC, OPUS_PTIMES_MS, OPUS_RATE, OpusDecoder, OpusEncoder
+from gateway.codecs.opus import (
+    FEC_PACKET_LOSS_PERC,
+    OPUS_INPUT_RATES,
+    OPUS_PTIMES_MS,
+    OPUS_RATE,
+    OpusDecoder,
+    OpusEncoder,
+)
 from gateway.codecs.reframe import Reframer
 from gateway.codecs.resample import Resampler
 from gateway.codecs.stage import Stage
@@ -88,6 +95,28 @@ def _format_error(fmt: AudioFormat) -> str | None:
     return None
 
 
+def _check_opus_input_rate(rate: int | None) -> None:
+    if rate is not None and (isinstance(rate, bool) or rate not in OPUS_INPUT_RATES):
+        raise ValueError(f"opus_input_rate must be one of {', '.join(map(str, OPUS_INPUT_RATES))} Hz "
+                         f"(or None: from the source), got {rate!r}")
+
+
+def opus_input_rate_for(source_rates: Iterable[AudioFormat | int], override: int | None = None) -> int:
+    """The rate (Hz) an Opus encoder fed by these sources takes its PCM at: `override` when
+    given (one of OPUS_INPUT_RATES, else ValueError naming it), else the lowest Opus input
+    rate at or above the highest source rate (a source's format counts by its rate; an Opus
+    source decodes at 48 kHz). So u-law or 8 kHz PCM -> 8000, 16 kHz -> 16000, 22.05 kHz ->
+    24000, 44.1 or 48 kHz -> 48000; a mix of 8 and 48 kHz sources -> 48000; no source at all
+    -> 48000. The one rule the planner (`plan`, for `dst` Opus) and the route's pacer (its
+    working PCM rate for an Opus sink) share."""
+    _check_opus_input_rate(override)
+    if override is not None:
+        return override
+    rates = [s.rate if isinstance(s, AudioFormat) else int(s) for s in source_rates]
+    highest = max(rates, default=OPUS_RATE)
+    return next((r for r in OPUS_INPUT_RATES if r >= highest), OPUS_RATE)
+
+
 def plan(
     src: AudioFormat,
     dst: AudioFormat,
@@ -98,6 +127,7 @@ def plan(
     opus_fec: bool = False,
     opus_expected_loss_pct: int = FEC_PACKET_LOSS_PERC,
     opus_min_packet_bytes: int = 0,
+    opus_input_rate: int | None = None,
 ) -> Chain:
     """The chain converting frames of `src` into frames of `dst`.
 
@@ -106,12 +136,19 @@ def plan(
     Opus `dst` the caller then promises frames of a valid Opus size). `opus_bitrate` (bit/s),
     `opus_complexity`, `opus_fec` with `opus_expected_loss_pct` (in-band FEC and the loss it
     is tuned for) and `opus_min_packet_bytes` (shorter packets become silence packets)
-    configure an Opus encoder (`OpusEncoder`). Same `src` and `dst`: an empty chain (a lone Reframer for PCM
-    with a ptime; encoded frames are never re-coded just to re-frame them).
+    configure an Opus encoder (`OpusEncoder`). `opus_input_rate` is the rate (Hz) the Opus
+    encoder takes its PCM at: None (auto) picks `opus_input_rate_for(src)`, the lowest Opus
+    input rate at or above the source's (u-law 8 kHz -> 8000: no Resampler, narrowband
+    packets at a third of the encoder's CPU; 44.1 kHz -> 48000); an explicit one of 8000,
+    12000, 16000, 24000, 48000 forces it (a Resampler when the source is at another rate).
+    The packets are Opus 48 kHz whatever it is. Same `src` and `dst`: an empty chain (a lone
+    Reframer for PCM with a ptime; encoded frames are never re-coded just to re-frame them).
 
     Raises ValueError naming both formats when no chain exists (PCMU other than 8 kHz mono,
-    Opus other than 48 kHz, more than 2 channels, a ptime Opus cannot code).
+    Opus other than 48 kHz, more than 2 channels, a ptime Opus cannot code, an
+    `opus_input_rate` libopus does not take).
     """
+    _check_opus_input_rate(opus_input_rate)
     for fmt in (src, dst):
         if (why := _format_error(fmt)) is not None:
             raise ValueError(f"cannot convert {src} to {dst}: {why}")
@@ -132,6 +169,8 @@ def plan(
         stages.append(OpusDecoder(src.channels))
     rate, channels = src.rate, src.channels
     target = dst.as_pcm()
+    if dst.encoding is Encoding.OPUS:
+        target = attrs.evolve(target, rate=opus_input_rate_for([src], opus_input_rate))
     if channels > target.channels:
         stages.append(ChannelMixer(channels, target.channels, rate=rate))
         channels = target.channels
@@ -148,7 +187,7 @@ def plan(
     elif dst.encoding is Encoding.OPUS:
         stages.append(OpusEncoder(dst.channels, ptime_ms, bitrate=opus_bitrate, complexity=opus_complexity,
                                   fec=opus_fec, expected_loss_pct=opus_expected_loss_pct,
-                                  min_packet_bytes=opus_min_packet_bytes))
+                                  min_packet_bytes=opus_min_packet_bytes, input_rate=target.rate))
     return Chain(tuple(stages), src, dst)
 
 

@@ -77,6 +77,7 @@ from gateway.adapters.argon.wire import (
 )
 from gateway.adapters.ws import Closing, close_description, dial
 from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, PCM16_48K, PCM16_48K_STEREO, VALID_PTIMES_MS, EncodedFrame
+from gateway.codecs.opus import OPUS_INPUT_RATES
 from gateway.codecs.playout import OpusPlayout
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint
@@ -430,6 +431,7 @@ class ArgonDial(Endpoint):
         complexity: int = DEFAULT_COMPLEXITY,
         opus_fec: bool = True,
         expected_loss_pct: int = DEFAULT_EXPECTED_LOSS_PCT,
+        opus_input_rate: int | None = None,
         concealment: bool = True,
         hear: str | None = None,
         publish: bool = True,
@@ -464,7 +466,10 @@ class ArgonDial(Endpoint):
         self.ingress_path = ingress_path
         self.ready_wait = ready_wait
         self.encoder_options = {"opus_bitrate": bitrate, "opus_complexity": complexity, "opus_fec": opus_fec,
-                                "opus_expected_loss_pct": expected_loss_pct, "opus_min_packet_bytes": PUBLISH_MIN_PACKET}
+                                "opus_expected_loss_pct": expected_loss_pct, "opus_min_packet_bytes": PUBLISH_MIN_PACKET,
+                                "opus_input_rate": opus_input_rate}
+        """`opus_input_rate` None (auto): the route encodes at the rate of what it publishes
+        (`Route.pacing_format`: 8 kHz for a phone call, 48 kHz for an Argon peer or a file)."""
         self.concealment = concealment
         """What is heard: PLC/FEC for lost packets and DTX (True), or silence (False, a baseline)."""
         self.session_id: str | None = None
@@ -539,6 +544,7 @@ class ArgonDial(Endpoint):
             complexity=opts.get_int("complexity", DEFAULT_COMPLEXITY, minimum=0, maximum=10),
             opus_fec=opts.get_bool("opus_fec", True),
             expected_loss_pct=opts.get_int("expected_loss_pct", DEFAULT_EXPECTED_LOSS_PCT, minimum=0, maximum=100),
+            opus_input_rate=_opus_input_rate(opts),
             concealment=opts.get_bool("concealment", True),
             hear=hear,
             publish=publish,
@@ -870,6 +876,14 @@ class ArgonDial(Endpoint):
         for session in list(self._sessions):
             session.closing = True
         await self._close_all()
+
+
+def _opus_input_rate(opts: Options) -> int | None:
+    """Option `opus_input_rate`: auto (default, None: from the sources, `opus_input_rate_for`)
+    or one of OPUS_INPUT_RATES (Hz), the rate the encoder of what is published takes."""
+    choices = ("auto",) + tuple(str(r) for r in OPUS_INPUT_RATES)
+    value = opts.get_choice("opus_input_rate", choices, "auto")
+    return None if value == "auto" else int(value)
 
 
 # ------------------------------------------------------------------------------ calls in
