@@ -137,6 +137,7 @@ class _VoipbinEndpoint(Endpoint):
         self._proto: MediaStreamProtocol | None = None
         self._encoder = G711Encoder()
         self._decoder = G711Decoder()
+        self._rx_timestamp = 0
         self._closing = Closing()
         self.dtmf: list[str] = []
         self.call_uuid: str | None = None
@@ -190,73 +191,79 @@ class _VoipbinEndpoint(Endpoint):
         self._ended = None
         self.stats.connects += 1
         self.bursty = False  # until this session's peer shows it sends unpaced (Headerless)
-        timestamp = 0
-        stats = self.stats
-        decoder = self._decoder
+        self._rx_timestamp = 0  # of the frames emitted without a jitter buffer (not rtp)
         playout = self._playout  # rtp: audio goes to the jitter buffer
         idle = self.idle_timeout
-        deadline = trio.current_time() + idle if idle > 0 else math.inf  # from the upgrade
+        # one scope for the whole session, its deadline moved per message (a scope per message
+        # costs more than the rest of the loop's bookkeeping); only `refuse` awaits besides
+        # get_message, and it runs with the deadline lifted
+        waiting = trio.CancelScope(deadline=trio.current_time() + idle if idle > 0 else math.inf)  # from the upgrade
         try:
-            while True:
-                with trio.move_on_at(deadline) as waiting:
+            with waiting:
+                while True:
                     try:
                         message = await ws.get_message()
                     except ConnectionClosed as closed:
                         raise CallEnded(close_description(closed)) from None
-                if waiting.cancelled_caught:
-                    await self._close_idle(ws, peer)
-                try:
-                    events = proto.receive(message)
-                except RemoteProtocolError as err:
-                    await refuse(ws, err, self.log, "media stream")
-                    raise
-                if idle > 0:
-                    deadline = trio.current_time() + idle  # any well-formed message, audio or not
-                for event in events:
-                    if isinstance(event, Audio):
-                        if playout is not None:  # rtp: in sequence order, concealed (module doc)
-                            stats.frames_in += 1
-                            stats.bytes_in += len(event.payload)
-                            playout.push(event, trio.current_time())
-                            continue
-                        if event.lost:
-                            stats.concealed += min(event.lost, MAX_CONCEALED)
-                            for _ in range(min(event.lost, MAX_CONCEALED)):
-                                emit(AudioFrame.silence(FRAME_SAMPLES, 8000, 1, timestamp))
-                                timestamp += FRAME_SAMPLES
-                        if event.codec is Codec.ULAW:
-                            frame = decoder.process(EncodedFrame(event.payload, PCMU_8K, len(event.payload), timestamp))[0]
-                        else:
-                            frame = AudioFrame.from_bytes(event.payload, 8000, 1, timestamp)
-                        timestamp += frame.samples
-                        stats.frames_in += 1
-                        stats.bytes_in += len(event.payload)
-                        emit(frame)
-                    elif isinstance(event, Hangup):
-                        raise CallEnded("hangup")
-                    elif isinstance(event, Headerless):
-                        self.bursty = True  # before its first frame reaches the route's pacer
-                        self.log.warning(
-                            "%s sends raw slin without AudioSocket headers (as the spec's Node.js example does; "
-                            "its first message is not AudioSocket framing: %s); treating it as sln and playing "
-                            "its unpaced burst at real time",
-                            "client" if self.role == "listen" else "the service", event.reason,
-                        )
-                    elif isinstance(event, TelephoneEvent) and playout is not None:
-                        playout.silent_slot(event.sequence, trio.current_time())  # its slot is not audio loss
-                    elif isinstance(event, KeyPress):  # RFC 4733 (its packets are `TelephoneEvent`s: ignored)
-                        self._key_pressed(event.digit, duration_ms=event.duration_ms)
-                    elif isinstance(event, Dtmf):
-                        self._key_pressed(event.digit)
-                    elif isinstance(event, CallUuid):
-                        self.call_uuid = event.uuid
-                        self.log.info("AudioSocket call UUID %s", event.uuid)
-                    elif isinstance(event, PeerError):
-                        self.log.warning("peer reported an AudioSocket error (code %s)", event.code)
+                    try:
+                        events = proto.receive(message)
+                    except RemoteProtocolError as err:
+                        waiting.deadline = math.inf
+                        await refuse(ws, err, self.log, "media stream")
+                        raise
+                    if idle > 0:
+                        waiting.deadline = trio.current_time() + idle  # any well-formed message, audio or not
+                    self._dispatch(events, emit, playout)
+            await self._close_idle(ws, peer)  # only an idle deadline ends the loop without raising
         finally:
             self._ws = self._proto = self._dtmf_out = None
             for press in proto.flush():  # a key press whose end packets never came
                 self._key_pressed(press.digit, duration_ms=press.duration_ms)
+
+    def _dispatch(self, events: list, emit: Emit, playout: _RtpPlayout | None) -> None:
+        """The events of one received message (synchronous: nothing here waits)."""
+        stats, decoder = self.stats, self._decoder
+        for event in events:
+            if isinstance(event, Audio):
+                if playout is not None:  # rtp: in sequence order, concealed (module doc)
+                    stats.frames_in += 1
+                    stats.bytes_in += len(event.payload)
+                    playout.push(event, trio.current_time())
+                    continue
+                if event.lost:
+                    stats.concealed += min(event.lost, MAX_CONCEALED)
+                    for _ in range(min(event.lost, MAX_CONCEALED)):
+                        emit(AudioFrame.silence(FRAME_SAMPLES, 8000, 1, self._rx_timestamp))
+                        self._rx_timestamp += FRAME_SAMPLES
+                if event.codec is Codec.ULAW:
+                    frame = decoder.process(EncodedFrame(event.payload, PCMU_8K, len(event.payload), self._rx_timestamp))[0]
+                else:
+                    frame = AudioFrame.from_bytes(event.payload, 8000, 1, self._rx_timestamp)
+                self._rx_timestamp += frame.samples
+                stats.frames_in += 1
+                stats.bytes_in += len(event.payload)
+                emit(frame)
+            elif isinstance(event, Hangup):
+                raise CallEnded("hangup")
+            elif isinstance(event, Headerless):
+                self.bursty = True  # before its first frame reaches the route's pacer
+                self.log.warning(
+                    "%s sends raw slin without AudioSocket headers (as the spec's Node.js example does; "
+                    "its first message is not AudioSocket framing: %s); treating it as sln and playing "
+                    "its unpaced burst at real time",
+                    "client" if self.role == "listen" else "the service", event.reason,
+                )
+            elif isinstance(event, TelephoneEvent) and playout is not None:
+                playout.silent_slot(event.sequence, trio.current_time())  # its slot is not audio loss
+            elif isinstance(event, KeyPress):  # RFC 4733 (its packets are `TelephoneEvent`s: ignored)
+                self._key_pressed(event.digit, duration_ms=event.duration_ms)
+            elif isinstance(event, Dtmf):
+                self._key_pressed(event.digit)
+            elif isinstance(event, CallUuid):
+                self.call_uuid = event.uuid
+                self.log.info("AudioSocket call UUID %s", event.uuid)
+            elif isinstance(event, PeerError):
+                self.log.warning("peer reported an AudioSocket error (code %s)", event.code)
 
     def _key_pressed(self, digit: str, **data) -> None:
         """One key press from the peer: a `dtmf` route event (`digit`, and `duration_ms` for
@@ -361,6 +368,7 @@ class _RtpPlayout:
         self._emit, self._stats, self._decoder = emit, stats, decoder
         self._timestamp = 0
         self._wake = trio.Event()
+        self._sleeping_until = math.inf  # when `run` wakes on its own (-inf while it is awake)
         self._counted = (0, 0, 0)  # buffer's reordered, duplicates, late already in stats
 
     def push(self, event: Audio, now: float) -> None:
@@ -371,14 +379,21 @@ class _RtpPlayout:
             pcm = AudioFrame.from_bytes(event.payload, 8000).pcm
         self.buffer.push(event.sequence, event.timestamp, pcm, now)
         self._play(self.buffer.pop(now))
-        self._wake.set()
+        self._rewake(now)
 
     def silent_slot(self, sequence: int, now: float) -> None:
         """An RFC 4733 telephone-event packet: it takes a sequence number (and a ptime) of the
         stream, so its slot plays as silence instead of being concealed as lost."""
         self.buffer.push(sequence, None, np.zeros((FRAME_SAMPLES, 1), dtype=np.int16), now)
         self._play(self.buffer.pop(now))
-        self._wake.set()
+        self._rewake(now)
+
+    def _rewake(self, now: float) -> None:
+        """Wake `run` only when the next due time moved before the one it sleeps until: in a
+        steady stream it sleeps to its own deadline, one wake-up per slot instead of two."""
+        due = self.buffer.next_due(now)
+        if due is not None and due < self._sleeping_until:
+            self._wake.set()
 
     def _play(self, slots: list[Slot]) -> None:
         plc, stats = self.plc, self._stats
@@ -404,8 +419,10 @@ class _RtpPlayout:
         while True:
             wake = self._wake = trio.Event()  # a push may bring the next due time forward
             due = self.buffer.next_due(trio.current_time())
-            with trio.move_on_at(math.inf if due is None else due):
+            self._sleeping_until = math.inf if due is None else due
+            with trio.move_on_at(self._sleeping_until):
                 await wake.wait()
+            self._sleeping_until = -math.inf  # awake: pushes need not wake it
             self._play(self.buffer.pop(trio.current_time()))
 
     def finish(self) -> None:
