@@ -74,6 +74,7 @@ from trio_websocket import ConnectionClosed
 from gateway.adapters.local import FileSource
 from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFormat, AudioFrame, Encoding, Frame
+from gateway.codecs.opus import OPUS_RATE
 from gateway.codecs.planner import opus_input_rate_for
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway._util import collapse, goodbye_scope
@@ -245,7 +246,7 @@ class Route:
         target = sink.egress.as_pcm()
         if sink.egress.encoding is Encoding.OPUS:
             rate = opus_input_rate_for([s.ingress for s in sources if s.ingress is not None],
-                                       sink.encoder_options.get("opus_input_rate"))
+                                       sink.encoder_options.get("opus_input_rate", OPUS_RATE))
             target = attrs.evolve(target, rate=rate)
         return target
 

@@ -262,7 +262,7 @@ async def run_bridge(tmp_path, monkeypatch, options: str):
 
 
 async def test_route_from_8k_source_to_argon_encodes_at_8k(tmp_path, monkeypatch):
-    route, published = await run_bridge(tmp_path, monkeypatch, "")
+    route, published = await run_bridge(tmp_path, monkeypatch, ", opus_input_rate: auto")
     encoder = route.encoders["bot"]
     assert [type(s) for s in encoder.stages] == [OpusEncoder]  # no resampler after the mix
     assert encoder.input == PCM16_8K and encoder.stages[0].input_rate == 8000
@@ -271,8 +271,8 @@ async def test_route_from_8k_source_to_argon_encodes_at_8k(tmp_path, monkeypatch
     assert speech and {packet_bandwidth(p) for p in speech} == {NB}
 
 
-async def test_route_override_forces_48k(tmp_path, monkeypatch):
-    route, published = await run_bridge(tmp_path, monkeypatch, ", opus_input_rate: 48000")
+async def test_route_default_and_override_encode_at_48k(tmp_path, monkeypatch):
+    route, published = await run_bridge(tmp_path, monkeypatch, "")  # the default: 48000 until auto is judged by PESQ
     encoder = route.encoders["bot"]
     assert encoder.input == PCM16_48K and encoder.stages[0].input_rate == 48000
     speech = [p for p in published if len(p) > 3]
@@ -299,7 +299,7 @@ def build(options: str = ""):
 
 
 def test_argon_option_opus_input_rate():
-    assert build().encoder_options["opus_input_rate"] is None  # auto
+    assert build().encoder_options["opus_input_rate"] == 48000  # the default (auto is opt-in)
     assert build(", opus_input_rate: auto").encoder_options["opus_input_rate"] is None
     assert build(", opus_input_rate: 8000").encoder_options["opus_input_rate"] == 8000
     assert build(", opus_input_rate: '24000'").encoder_options["opus_input_rate"] == 24000
