@@ -126,15 +126,45 @@ def call_clip(out: Path) -> tuple[np.ndarray, int]:
 
 def send_times(endpoint) -> list[float]:
     """Record when each of `endpoint`'s sends completed (trio clock seconds), from now on."""
-    times: list[float] = []
     send = endpoint.send
 
     async def timed(frame):
         await send(frame)
         times.append(trio.current_time())
+        times.waited.append(run_queue_wait())
 
+    times = _SendTimes()
     endpoint.send = timed
     return times
+
+
+class _SendTimes(list):
+    """Send times (trio clock, s), with `waited`: this thread's run-queue wait (s) at each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited: list[float] = []
+
+
+def run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a core (Linux
+    /proc/thread-self/schedstat, field 2, ns): time another process (Chromium starting) had the
+    cores, which the gateway's pacing cannot be judged on. 0 where the file does not exist."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def largest_own_hole(times: _SendTimes, ptime: float) -> tuple[float, float]:
+    """(the longest gap between sends beyond `ptime`, the same with the time the OS kept this
+    thread off the cores during that gap taken out), in s."""
+    if len(times) < 2:
+        return 0.0, 0.0
+    gaps = np.diff(np.asarray(times))
+    own = gaps - np.diff(np.asarray(times.waited))
+    return float(np.max(gaps)) - ptime, float(np.max(own)) - ptime
 
 
 def largest_burst(times: list[float], ptime: float) -> float:
@@ -230,8 +260,11 @@ async def test_spec_page_talks_to_a_call_through_the_gateway(tmp_path):
     burst = largest_burst(sent_at, ptime=0.02)
     assert len(sent_at) >= (CALL_SPEECH_S + CALL_SILENCE_S - 0.8) / 0.02, (len(sent_at), context)
     assert burst < 0.1, f"the gateway sent {burst * 1000:.0f} ms ahead of real time to the page; {context}"
-    hole = float(np.max(np.diff(sent_at))) - 0.02 if len(sent_at) > 1 else 0.0
-    assert hole < 0.1, f"the gateway sent nothing to the page for {hole * 1000 + 20:.0f} ms; {context}"
+    # a hole is judged on the gateway's own time: what the OS gave another process (Chromium's
+    # start-up on a 2-core machine) is not the gateway's pacing
+    raw_hole, hole = largest_own_hole(sent_at, 0.02)
+    assert hole < 0.1, (f"the gateway sent nothing to the page for {hole * 1000 + 20:.0f} ms of its own time "
+                        f"({raw_hole * 1000 + 20:.0f} ms wall); {context}")
     s = capture.schedule()
     verdict = (f"page playout {s}; the gateway's largest burst {burst * 1000:.0f} ms, hole {hole * 1000:.0f} ms; AudioContext construction "
                f"{warm_ms:.0f} ms (warm-up), then {[round(ms) for ms in capture.contexts_ms]} ms; {context}")
