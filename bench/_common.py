@@ -32,6 +32,13 @@ RATE = 8000  # Hz: every stream is analysed at 8 kHz
 FRAME = 160  # samples: 20 ms at 8 kHz
 PTIME = 0.020  # seconds per frame and per packet
 GATEWAY = [sys.executable, "-m", "gateway", "--log-level", "info", "run"]  # + the config path
+WORKERS = "auto"
+"""`gateway run --workers` of the benchmarks (their `--workers` option sets it)."""
+
+
+def gateway_command(config: Path | str) -> list[str]:
+    """`python -m gateway run CONFIG --workers WORKERS`."""
+    return [*GATEWAY, str(config), "--workers", WORKERS]
 STOP_TIMEOUT = 5.0  # seconds for a process to exit on SIGTERM before SIGKILL
 IDLE_SETTLE_S = 2.0  # seconds an idle gateway runs before its RSS is read
 
@@ -57,12 +64,42 @@ class Started:
             self._then()
 
 
-def cpu_seconds(pid: int | str) -> float:
-    """User + system CPU seconds of a process (all its threads) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
+def family(pid: int | str) -> list[int]:
+    """`pid` and every process under it (a `gateway run --workers N` supervisor's workers),
+    from the parent pids in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [int(pid)]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def _cpu_one(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return 0.0
     fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds of a process (all its threads) and of every process under
+    it now (a supervisor's workers), from /proc/PID/stat."""
+    return sum(_cpu_one(p) for p in family(pid))
 
 
 def _kib(path: str, key: str) -> float:
@@ -76,19 +113,27 @@ def _kib(path: str, key: str) -> float:
     return math.nan
 
 
+def _summed(pid: int, path: str, key: str) -> float:
+    values = [_kib(path.format(pid=p), key) for p in family(pid)]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / 1024 if values else math.nan
+
+
 def peak_rss_mib(pid: int) -> float:
-    """VmHWM: the process's peak resident set, MiB."""
-    return _kib(f"/proc/{pid}/status", "VmHWM:") / 1024
+    """VmHWM: the peak resident set, MiB, of the process and every process under it (summed)."""
+    return _summed(pid, "/proc/{pid}/status", "VmHWM:")
 
 
 def rss_mib(pid: int) -> float:
-    """VmRSS: the process's resident set now, MiB (shared library pages counted in full)."""
-    return _kib(f"/proc/{pid}/status", "VmRSS:") / 1024
+    """VmRSS: the resident set now, MiB, of the process and every process under it (shared
+    library pages counted in full in each)."""
+    return _summed(pid, "/proc/{pid}/status", "VmRSS:")
 
 
 def pss_mib(pid: int) -> float:
-    """Pss: the resident set with each shared page divided among the processes mapping it, MiB."""
-    return _kib(f"/proc/{pid}/smaps_rollup", "Pss:") / 1024
+    """Pss: the resident set with each shared page divided among the processes mapping it,
+    MiB, of the process and every process under it."""
+    return _summed(pid, "/proc/{pid}/smaps_rollup", "Pss:")
 
 
 async def stop_process(proc: trio.Process, timeout: float = STOP_TIMEOUT) -> int | None:
@@ -113,7 +158,7 @@ async def idle_gateway_rss(services_yaml: str, workdir: Path, settle: float = ID
     path = workdir / "gateway-idle.yaml"
     path.write_text(services_yaml + "routes: []\n")
     with open(workdir / "gateway-idle.log", "wb") as log_file:
-        proc = await trio.lowlevel.open_process([*GATEWAY, str(path)], cwd=str(ROOT), stdin=subprocess.DEVNULL,
+        proc = await trio.lowlevel.open_process(gateway_command(path), cwd=str(ROOT), stdin=subprocess.DEVNULL,
                                                 stdout=log_file, stderr=subprocess.STDOUT)
     try:
         await trio.sleep(settle)

@@ -360,7 +360,7 @@ async def run_once(n: int, seconds: float, warmup: float, workdir: Path) -> Run:
         with open(log_path, "wb") as log_file:
             started = trio.current_time()
             proc = await trio.lowlevel.open_process(
-                [*GATEWAY, str(config_path)],
+                _common.gateway_command(config_path),
                 cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
         try:
@@ -562,9 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="steady-state window per count, s (default 10)")
     parser.add_argument("--warmup", type=float, default=1.0, help="s after the last route is up before the window (default 1)")
     parser.add_argument("--keep", metavar="DIR", help="keep the gateway configs and logs in DIR")
+    parser.add_argument("--workers", default="auto", help="gateway run --workers (default auto: one per CPU; 1: one process)")
     parser.add_argument("--compare-ffmpeg", action="store_true",
                         help="after the gateway at each N, N ffmpeg processes doing the same transcoding per call")
     args = parser.parse_args(argv)
+    _common.WORKERS = args.workers
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")

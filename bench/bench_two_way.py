@@ -58,7 +58,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _common  # noqa: E402
 from _common import (  # noqa: E402
     FRAME,
-    GATEWAY,
     PTIME,
     RATE,
     ROOT,
@@ -275,7 +274,7 @@ async def run_once(n: int, seconds: float, warmup: float, workdir: Path, live: b
         with open(log_path, "wb") as log_file:
             started = trio.current_time()
             proc = await trio.lowlevel.open_process(
-                [*GATEWAY, str(config_path)],
+                _common.gateway_command(config_path),
                 cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
         try:
@@ -446,9 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="s after the last stream is up before the window (default 1)")
     parser.add_argument("--live-agent", action="store_true", help="agent dial with bursty: false (default: the endpoint's bursty: true)")
     parser.add_argument("--keep", metavar="DIR", help="keep the gateway configs and logs in DIR")
+    parser.add_argument("--workers", default="auto", help="gateway run --workers (default auto: one per CPU; 1: one process)")
     parser.add_argument("--compare-ffmpeg", action="store_true",
                         help="after the gateway at each N, N ffmpeg processes (one per call, two streams)")
     args = parser.parse_args(argv)
+    _common.WORKERS = args.workers
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")

@@ -183,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the routes of a YAML config until SIGINT/SIGTERM")
     p_run.add_argument("config")
+    p_run.add_argument("--workers", default=os.environ.get("GATEWAY_WORKERS") or "auto",
+                       help="worker processes under one supervisor: a number (1: the gateway is one process), or "
+                            "`auto`, one per CPU this process may use (default: $GATEWAY_WORKERS, else auto; "
+                            "README, \"Workers\")")
+    p_worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by `run --workers N`, not by people
+    p_worker.add_argument("config")
+    p_worker.add_argument("--index", type=int, required=True)
+    p_worker.add_argument("--count", type=int, required=True)
+    p_worker.add_argument("--channel-fd", type=int, required=True)
+    p_worker.add_argument("--media-port", type=int)
     p_check = sub.add_parser("check", help="validate a YAML config (exit 0 valid, 1 invalid)")
     p_check.add_argument("config")
     p_reload = sub.add_parser("reload", help="ask the running gateway to re-read its config (control API)")
@@ -204,10 +214,34 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check":
         return _check(args.config, args.log_format)
+    if args.command == "worker":
+        from gateway.workers import run_worker, tag_worker_logs
+
+        tag_worker_logs(args.index)
+        try:
+            trio.run(run_worker, args.config, args.index, args.count, args.channel_fd, args.media_port)
+        except ConfigError as err:
+            logging.getLogger("gateway").error("worker %d: invalid configuration: %s", args.index, err)
+            return 1
+        return 0
     if args.command == "run":
+        from gateway.workers import default_workers
+
+        workers = default_workers() if args.workers == "auto" else int(args.workers) if args.workers.isdigit() else 0
+        if workers < 1:
+            parser.error(f"--workers: expected a number of at least 1 or `auto`, got {args.workers!r}")
         try:
             config = _load(args.config)
-            trio.run(_run, config, args.config)
+            if workers > 1:
+                from gateway.daemon import Gateway
+                from gateway.systemd import Notifier
+                from gateway.workers import run_supervisor
+
+                Gateway(config, notifier=Notifier({})).build()  # every route valid, or exit 1 now (not N restarting workers)
+
+                trio.run(run_supervisor, config, args.config, workers, args.log_level, args.log_format)
+            else:
+                trio.run(_run, config, args.config)
         except ConfigError as err:
             if args.log_format == "json":
                 logging.getLogger("gateway").error("invalid configuration: %s", err)

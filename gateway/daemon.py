@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import attrs
 import trio
@@ -120,8 +121,11 @@ class Gateway:
     `config_path`: the YAML file `reload()` re-reads (None: reload is refused)."""
 
     def __init__(self, config: GatewayConfig, runtime: Runtime | None = None, notifier: Notifier | None = None,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None, placement: Callable[[RouteConfig], bool] | None = None) -> None:
         self.config = config
+        self.placement = placement
+        """Which of the file's routes this process runs (None: all): a worker's share under
+        `gateway run --workers N` (`gateway.workers.worker_of`). Every route is still validated."""
         self.runtime = runtime or Runtime(config)
         self.runtime.config = config
         self.runtime.apply_server_limits()
@@ -155,7 +159,8 @@ class Gateway:
         """Construct every endpoint and route; raises ConfigError (with file:line) on the first
         invalid one. Safe to call without a running trio loop (used by `gateway check`)."""
         for rc in self.config.routes:
-            self.routes[rc.name] = self._build_route(rc)
+            if self.placement is None or self.placement(rc):
+                self.routes[rc.name] = self._build_route(rc)
 
     def _build_route(self, rc: RouteConfig, origin: str = "file") -> RouteState:
         endpoints: list[Endpoint] = []
@@ -281,7 +286,7 @@ class Gateway:
                         "are until the next restart", new.filename)
         # server.control (token, open_reads) applies at once: a token can be rotated by a reload
         new = attrs.evolve(new, server=attrs.evolve(old.server, control=new.server.control))
-        wanted = {rc.name: rc for rc in new.routes}
+        wanted = {rc.name: rc for rc in new.routes if self.placement is None or self.placement(rc)}
         unchanged, restarted, removed = [], [], []
         for name, state in self.routes.items():
             rc = wanted.get(name)

@@ -147,7 +147,8 @@ class _Redacting(logging.Formatter):
 
 
 class PlainFormatter(_Redacting):
-    """For a terminal: `asctime level logger: [route/endpoint] message`, then the traceback
+    """For a terminal: `asctime level logger: [route/endpoint] message` (`logger[w1]` in a
+    worker process of `gateway run --workers N`), then the traceback
     indented (`  | `). Every field is redacted, then escaped to one line."""
 
     def __init__(self) -> None:
@@ -157,7 +158,7 @@ class PlainFormatter(_Redacting):
         tag = escape_controls(redact(where(record)))
         return PLAIN_FORMAT % {
             **record.__dict__,
-            "name": escape_controls(str(record.name)),
+            "name": escape_controls(str(record.name)) + (f"[w{worker}]" if (worker := getattr(record, "worker", None)) is not None else ""),
             "levelname": escape_controls(str(record.levelname)),
             "where": f"[{tag}] " if tag else "",
             "message": escape_controls(redact(record.message)),
@@ -176,12 +177,16 @@ class PlainFormatter(_Redacting):
 
 
 class JsonFormatter(_Redacting):
-    """One JSON object per line: ts (ISO-8601 UTC, ms), level, logger, route and endpoint when
+    """One JSON object per line: ts (ISO-8601 UTC, ms), level, logger, worker (the index of a
+    worker process of `gateway run --workers N`), route and endpoint when
     known, msg, exc (traceback) and stack when there are any. Values are kept as they were
     (JSON escapes them), redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": _utc(record), "level": str(record.levelname).lower(), "logger": str(record.name)}
+        worker = getattr(record, "worker", None)
+        if worker is not None:  # a worker process of `gateway run --workers N` (gateway.workers)
+            entry["worker"] = worker
         for key in ("route", "endpoint"):
             value = getattr(record, key, None)
             if value:

@@ -185,6 +185,16 @@ class HttpServer:
     def __init__(self) -> None:
         self._routes: list[_HttpRoute] = []
         self.port: int | None = None
+        self._fallback: _HttpRoute | None = None
+
+    def set_fallback(self, handler: HttpHandler, *, max_body: int = MAX_JSON_BODY) -> None:
+        """Serve every request no route matches with `handler` (any method; the body is not
+        checked as JSON): the supervisor's forwarding to its workers (`gateway.workers`)."""
+        self._fallback = _HttpRoute("*", re.compile(""), handler, max_body, None)
+
+    def patterns(self) -> list[tuple[str, str]]:
+        """(method, regex source) of every route served, in matching order."""
+        return [(route.method, route.pattern.pattern) for route in self._routes]
 
     def add(self, method: str, pattern: str, handler: HttpHandler, *, max_body: int = MAX_JSON_BODY,
             json_depth: int | None = MAX_JSON_DEPTH, refuse: Refusal = json_refusal) -> Callable[[], None]:
@@ -206,6 +216,8 @@ class HttpServer:
                 allowed.append(route.method)
                 continue
             return route, match.groupdict(), []
+        if self._fallback is not None:
+            return self._fallback, {}, []
         return None, {}, allowed
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -499,6 +511,10 @@ class MediaServer:
         self._routes.append(entry)
         return lambda: self._routes.remove(entry) if entry in self._routes else None
 
+    def patterns(self) -> list[str]:
+        """The regex source of every path served, in matching order."""
+        return [pattern.pattern for pattern, _ in self._routes]
+
     async def handle(self, request: WebSocketRequest) -> None:
         """Route one upgrade; when it is over (refused, or its session ended and said its
         goodbye), the TCP connection is closed: trio-websocket would otherwise keep reading a
@@ -568,8 +584,11 @@ def peer_of(request: WebSocketRequest) -> str:
     return f"{address}:{port}" if address is not None else str(peer)
 
 
-async def serve_media(server: MediaServer, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve WebSocket media on host:port; reports the bound port via task_status.
+async def serve_media(server: MediaServer, host: str, port: int, *, listeners: list[trio.abc.Listener] | None = None,
+                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve WebSocket media on host:port; reports the bound port via task_status. With
+    `listeners`, serve those instead of binding (a worker serves the connections its
+    supervisor accepted and handed over: `gateway.workers`; `port` is then only reported).
 
     Each connection runs contained: whatever a peer makes trio-websocket or wsproto raise (a
     header that is not ASCII, a frame over the size limit while we are closing, a request
@@ -577,7 +596,9 @@ async def serve_media(server: MediaServer, host: str, port: int, *, task_status:
     and its TCP connection is closed when its handling ends (a refused upgrade included)."""
     from trio_websocket import WebSocketServer
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    bind = listeners is None
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     # disconnect_timeout: how long trio-websocket waits for a close handshake after our handler
     # returned (ours are done by then, bounded; a refused upgrade has none and would wait it all)
     ws_server = WebSocketServer(server.handle, listeners, max_message_size=MAX_MEDIA_MESSAGE,
@@ -595,9 +616,10 @@ async def serve_media(server: MediaServer, host: str, port: int, *, task_status:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, contained, listeners)
-        server.port = ws_server.port
-        log.info("media listening on %s:%d", host, ws_server.port)
-        task_status.started(ws_server.port)
+        server.port = ws_server.port if bind else port
+        if bind:
+            log.info("media listening on %s:%d", host, server.port)
+        task_status.started(server.port)
 
 
 def _stream_peer(stream: trio.SocketStream) -> str:

@@ -49,3 +49,14 @@ async def start(
 
 async def ws_client(nursery: trio.Nursery, url: str):
     return await connect_websocket_url(nursery, url, message_queue_size=64)
+
+
+def run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a core (Linux
+    /proc/thread-self/schedstat, field 2, ns): time another process (Chromium starting, a worker importing) had the
+    cores, which the gateway's pacing cannot be judged on. 0 where the file does not exist."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0

@@ -31,6 +31,7 @@ import pytest
 import trio
 from audio_checks import best_alignment, blockwise_alignment, loop_score, mono, read_wav, write_wav
 from browser import Browser, fake_mic_wav, require_chromium, serve_page
+from harness import run_queue_wait
 
 # CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("realtime")
@@ -144,17 +145,6 @@ class _SendTimes(list):
     def __init__(self) -> None:
         super().__init__()
         self.waited: list[float] = []
-
-
-def run_queue_wait() -> float:
-    """Seconds this thread has spent runnable but waiting for a core (Linux
-    /proc/thread-self/schedstat, field 2, ns): time another process (Chromium starting) had the
-    cores, which the gateway's pacing cannot be judged on. 0 where the file does not exist."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def largest_own_hole(times: _SendTimes, ptime: float) -> tuple[float, float]:
