@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the routes of a YAML config until SIGINT/SIGTERM")
     p_run.add_argument("config")
-    p_run.add_argument("--workers", default=os.environ.get("GATEWAY_WORKERS") or "auto",
+    p_run.add_argument("--workers", default=os.environ.get("GATEWAY_WORKERS") or "1",
                        help="worker processes under one supervisor: a number (1: the gateway is one process), or "
-                            "`auto`, one per CPU this process may use (default: $GATEWAY_WORKERS, else auto; "
+                            "`auto`, one per CPU this process may use (default: $GATEWAY_WORKERS, else 1; "
                             "README, \"Workers\")")
     p_worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by `run --workers N`, not by people
     p_worker.add_argument("config")
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from gateway.workers import default_workers
 
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS thread: the zygote may fork (gateway.workers)
+
         workers = default_workers() if args.workers == "auto" else int(args.workers) if args.workers.isdigit() else 0
         if workers < 1:
             parser.error(f"--workers: expected a number of at least 1 or `auto`, got {args.workers!r}")
@@ -238,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                 from gateway.workers import run_supervisor
 
                 Gateway(config, notifier=Notifier({})).build()  # every route valid, or exit 1 now (not N restarting workers)
+                from gateway.workers import Zygote
 
-                trio.run(run_supervisor, config, args.config, workers, args.log_level, args.log_format)
+                zygote = Zygote.fork(args.log_level, args.log_format)  # before trio runs: it forks the workers
+                trio.run(run_supervisor, config, args.config, workers, args.log_level, args.log_format, zygote)
+                return 0
             else:
                 trio.run(_run, config, args.config)
         except ConfigError as err:

@@ -4,8 +4,10 @@ The gateway's media path is one trio thread; one process uses one core. With `--
 the process systemd starts is a **supervisor** that runs no route itself:
 
 - It binds the public sockets (`server.http`, `server.media`) and starts N **workers**, each
-  `python -m gateway worker CONFIG --index i --count N` with a Unix `SOCK_SEQPACKET` channel
-  to it. Each worker loads the same file, validates all of it, and runs only its share of
+  with a Unix `SOCK_SEQPACKET` channel to it. `gateway run` forks them from a **zygote**
+  (`Zygote`: forked before the supervisor's event loop, every module imported), so a worker
+  starts in ~0.1 s without imports and shares the zygote's pages; without one, a worker is
+  `python -m gateway worker CONFIG --index i --count N`. Each worker loads the same file, validates all of it, and runs only its share of
   the routes: `worker_of(route, N)`, a stable hash (CRC-32) of the route's *placement key*.
   Routes that share a listen service (every `argon`, `videosdk` or `agent` listen route: one
   REST path and one token table per service) or an Argon bot's call desk (`calls: incoming`)
@@ -341,7 +343,7 @@ class Worker:
     """The supervisor's view of one worker process."""
 
     index: int
-    process: trio.Process | None = None
+    process: trio.Process | Forked | None = None
     channel: trio.socket.SocketType | None = None
     http_port: int | None = None
     """Its loopback REST port (None until it said hello, or while it is down)."""
@@ -373,7 +375,7 @@ class Supervisor:
     """`gateway run --workers N`: see the module doc."""
 
     def __init__(self, config: GatewayConfig, path: str, count: int, *, log_level: str = "info",
-                 log_format: str = "plain", notifier: Notifier | None = None) -> None:
+                 log_format: str = "plain", notifier: Notifier | None = None, zygote: Zygote | None = None) -> None:
         if count < 1:
             raise ValueError("workers: at least 1")
         self.config = config
@@ -383,6 +385,8 @@ class Supervisor:
         self.log_format = log_format
         self.notifier = notifier or Notifier()
         self.workers = [Worker(i) for i in range(count)]
+        self.zygote = zygote
+        """Forks the workers (`Zygote`); None: each worker is a new `python -m gateway worker`."""
         self.secret = secrets.token_urlsafe(24)
         self.http = HttpServer()
         self.media_port: int | None = None
@@ -403,6 +407,8 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.zygote is not None:
+                    nursery.start_soon(self.zygote.read)
                 media_listeners: list[trio.SocketListener] = []
                 if server.media is not None:
                     media_listeners = await trio.open_tcp_listeners(server.media.port, host=server.media.host)
@@ -470,6 +476,10 @@ class Supervisor:
         rank = {rc.name: i for i, rc in enumerate(self.config.routes)}
         return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
 
+    def _spawn_args(self, worker: Worker) -> dict[str, Any]:
+        return {"path": self.path, "index": worker.index, "count": self.count, "media_port": self.media_port,
+                "secret": self.secret}
+
     def _command(self, worker: Worker, fd: int) -> list[str]:
         command = [sys.executable, "-m", "gateway", "--log-level", self.log_level, "--log-format", self.log_format,
                    "worker", self.path, "--index", str(worker.index), "--count", str(self.count), "--channel-fd", str(fd)]
@@ -485,10 +495,13 @@ class Supervisor:
             env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
             env[SECRET_ENV] = self.secret
             try:
-                process = await trio.lowlevel.open_process(self._command(worker, theirs.fileno()), pass_fds=(theirs.fileno(),),
-                                                           env=env, stdin=subprocess.DEVNULL,
-                                                           start_new_session=True)  # a terminal's ^C reaches the supervisor alone
-            except OSError as err:
+                if self.zygote is not None:  # forked from the warm zygote: no imports, pages shared
+                    process: trio.Process | Forked = await self.zygote.spawn(self._spawn_args(worker), theirs.fileno())
+                else:
+                    process = await trio.lowlevel.open_process(
+                        self._command(worker, theirs.fileno()), pass_fds=(theirs.fileno(),), env=env,
+                        stdin=subprocess.DEVNULL, start_new_session=True)  # a terminal's ^C reaches the supervisor alone
+            except (OSError, ZygoteGone) as err:
                 theirs.close()
                 ours.close()
                 log.error("worker %d could not start: %s", worker.index, err)
@@ -892,7 +905,8 @@ async def _raw_answer(stream: trio.SocketStream, status: int, reason: str, heade
         await stream.send_all(head + body)
 
 
-async def run_supervisor(config: GatewayConfig, path: str, count: int, log_level: str, log_format: str) -> None:
+async def run_supervisor(config: GatewayConfig, path: str, count: int, log_level: str, log_format: str,
+                         zygote: Zygote | None = None) -> None:
     """`gateway run --workers N` until SIGINT/SIGTERM; a second one is passed on to the
     workers (each then exits without its goodbyes) and kills what is left a second later.
     Its log lines are those of one gateway (`gateway: stopped`, ...), so what reads them
@@ -900,7 +914,7 @@ async def run_supervisor(config: GatewayConfig, path: str, count: int, log_level
     from gateway.cli import STOP_DEADLINE
 
     top = logging.getLogger("gateway")
-    supervisor = Supervisor(config, path, count, log_level=log_level, log_format=log_format)
+    supervisor = Supervisor(config, path, count, log_level=log_level, log_format=log_format, zygote=zygote)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
@@ -946,3 +960,190 @@ def tag_worker_logs(index: int) -> None:
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(tag)
+
+
+# ---------------------------------------------------------------------------------- zygote
+class ZygoteGone(Exception):
+    """The zygote process is not there to fork a worker."""
+
+
+class Forked:
+    """A worker forked by the zygote: what the supervisor uses of a `trio.Process` (the
+    zygote is its parent, reaps it and reports its exit status)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = trio.Event()
+
+    def _exit(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """A process forked from the supervisor before its event loop starts, with every module a
+    worker needs imported (the supervisor validated the whole file, which imports them), that
+    forks the workers on request (`spawn`). A worker so made starts in milliseconds, with no
+    imports, and shares the zygote's pages until it writes them: restarting a dead worker
+    costs the running calls of the others next to nothing, where a fresh interpreter would
+    take a core for a second or more (numpy, PyAV, libopus, hypercorn). The zygote runs no
+    event loop and no thread (`OPENBLAS_NUM_THREADS=1`: numpy's BLAS would start one), so a
+    fork from it is safe; it reaps its children and reports their exits."""
+
+    def __init__(self, pid: int, sock: socket.socket, log_level: str, log_format: str) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.log_level = log_level
+        self.log_format = log_format
+        self._trio_sock: trio.socket.SocketType | None = None
+        self._lock = trio.Lock()
+        self._spawned: trio.MemoryReceiveChannel[int] | None = None
+        self._send_spawned: trio.MemorySendChannel[int] | None = None
+        self._children: dict[int, Forked] = {}
+        self._early_exits: dict[int, int] = {}
+
+    @classmethod
+    def fork(cls, log_level: str, log_format: str) -> Zygote:
+        """Fork the zygote (call before `trio.run`; the caller is the supervisor)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the zygote
+            ours.close()
+            code = 0
+            try:
+                _zygote_loop(theirs)
+            except BaseException:  # noqa: BLE001 - a zygote never returns into the supervisor's code
+                logging.getLogger("gateway.workers").exception("zygote failed")
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        return cls(pid, ours, log_level, log_format)
+
+    async def read(self) -> None:
+        """Dispatch the zygote's messages (spawned pids, exits); runs in the supervisor's nursery."""
+        self._trio_sock = trio.socket.from_stdlib_socket(self.sock)
+        self._send_spawned, self._spawned = trio.open_memory_channel[int](1)
+        try:
+            while True:
+                data = await self._trio_sock.recv(4096)
+                if not data:
+                    log.error("the zygote (pid %d) is gone: workers that die can no longer be restarted", self.pid)
+                    return
+                message = json.loads(data)
+                if "spawned" in message:
+                    await self._send_spawned.send(int(message["spawned"]))
+                elif "exited" in message:
+                    pid, code = int(message["exited"]), int(message["code"])
+                    child = self._children.pop(pid, None)
+                    if child is not None:
+                        child._exit(code)
+                    else:
+                        self._early_exits[pid] = code
+        finally:
+            self._send_spawned.close()
+
+    async def spawn(self, args: dict[str, Any], channel_fd: int) -> Forked:
+        """Fork one worker (`run_worker` with `args`) holding `channel_fd`; raises ZygoteGone."""
+        async with self._lock:
+            if self._trio_sock is None or self._spawned is None:
+                raise ZygoteGone("the zygote is not running")
+            message = json.dumps({"spawn": {**args, "log_level": self.log_level, "log_format": self.log_format}}).encode()
+            try:
+                await self._trio_sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                           array.array("i", [channel_fd]).tobytes())])
+                with trio.fail_after(10):
+                    pid = await self._spawned.receive()
+            except (OSError, trio.EndOfChannel, trio.TooSlowError) as err:
+                raise ZygoteGone(f"the zygote did not fork a worker: {err!r}") from None
+            child = Forked(pid)
+            if pid in self._early_exits:
+                child._exit(self._early_exits.pop(pid))
+            else:
+                self._children[pid] = child
+            return child
+
+
+def _zygote_loop(sock: socket.socket) -> None:
+    """The zygote's life: fork a worker per request, report each child's exit, end when the
+    supervisor's end of `sock` closes. Plain blocking calls: no event loop runs here."""
+    import select
+
+    os.setsid()  # a terminal's ^C is the supervisor's alone
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # only the supervisor talks to systemd
+        os.environ.pop(name, None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    children: set[int] = set()
+    while True:
+        readable, _, _ = select.select([sock], [], [], 0.2)
+        while children:  # reap whoever ended, and say so
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+            sock.send(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+        if not readable:
+            continue
+        data, ancdata, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+        if not data:
+            return  # the supervisor is gone; its workers see their channels close and stop
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        request = json.loads(data)["spawn"]
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _become_worker(request, fds[0])
+        for fd in fds:
+            os.close(fd)
+        children.add(pid)
+        sock.send(json.dumps({"spawned": pid}).encode())
+
+
+def _become_worker(request: dict[str, Any], channel_fd: int) -> None:
+    """In a fresh fork of the zygote: run worker `request["index"]`, then exit."""
+    code = 0
+    try:
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        tag_worker_logs(int(request["index"]))
+        os.environ[SECRET_ENV] = request["secret"]
+        trio.run(run_worker, request["path"], int(request["index"]), int(request["count"]), channel_fd,
+                 request["media_port"])
+    except ConfigError as err:
+        logging.getLogger("gateway").error("worker %s: invalid configuration: %s", request.get("index"), err)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - logged; the supervisor restarts the worker
+        logging.getLogger("gateway.workers").exception("worker %s failed", request.get("index"))
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)

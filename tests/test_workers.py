@@ -231,15 +231,15 @@ async def test_two_workers_serve_route_reload_restart_and_stop(tmp_path, speech_
             heard = len(survivor.chunks)
             await trio.sleep(0.5)
             assert len(survivor.chunks) >= heard + 15  # still streaming
+            egress = [(e["name"], e["late"], e["dropped"], e["skipped"]) for r in _get(http, "/v1/routes").json()["routes"]
+                      if r["name"] == survivor_route for e in r["endpoints"]]  # read while its client listens
             nursery.cancel_scope.cancel()
         # the other worker's call never paused: its pacer sent every frame in time (its own
         # count), and no gap reached this client but the time this test's thread itself
         # waited for a core (the restarted worker's imports compete for the two cores)
         wall, own = survivor.largest_gap()
         assert own < 0.25, (wall, own)
-        egress = next(r for r in _get(http, "/v1/routes").json()["routes"] if r["name"] == survivor_route)
-        assert [(e["name"], e["late"], e["dropped"], e["skipped"]) for e in egress["endpoints"]] == [
-            ("file", 0, 0, 0), ("voipbin", 0, 0, 0)]
+        assert egress == [("file", 0, 0, 0), ("voipbin", 0, 0, 0)]
         corr, blocks = loop_score(clip, clip_rate, survivor.pcm(), 8000)
         assert corr > 0.95 and min(blocks) > 0.9, (corr, min(blocks))
         assert _get(http, "/metrics").text.count("gateway_worker_restarts_total 1.0") == 1
@@ -341,6 +341,8 @@ async def test_the_demo_call_bridged_across_two_workers(tmp_path):
         except AssertionError:
             raise AssertionError(f"the call did not end: {_get(http, '/v1/routes').json()}") from None
         assert sessions()["phone-call"] == 1  # one call, at the first try: no route started before its peer
+        stats = {f'{r["name"]}/{e["name"]}': {k: e[k] for k in ("frames_in", "frames_out", "late", "dropped", "concealed", "late_packets")}
+                 for r in _get(http, "/v1/routes").json()["routes"] for e in r["endpoints"]}
         proc.send_signal(signal.SIGTERM)
         output, _ = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=15))
     finally:
@@ -348,5 +350,6 @@ async def test_the_demo_call_bridged_across_two_workers(tmp_path):
     assert proc.returncode == 0, output
     to_channel = similarity(str(caller), out / "channel.wav")
     to_caller = similarity(str(person), out / "caller-hears.wav")
-    assert to_channel >= 0.8 and to_caller >= 0.8, (to_channel, to_caller, output[-3000:])
+    open("/tmp/wk/demo-stats.txt", "a").write(repr((to_channel, to_caller, stats)) + "\n")
+    assert to_channel >= 0.8 and to_caller >= 0.8, (to_channel, to_caller, stats)
     assert "Traceback" not in output, output
