@@ -215,8 +215,8 @@ async def test_two_workers_serve_route_reload_restart_and_stop(tmp_path, speech_
             await nursery.start(survivor.run)
             await survivor.frames.wait()
             os.kill(pids[victim], signal.SIGKILL)
-            await _wait_for(lambda: _get(http, "/readyz").status_code == 503, "readyz says a worker is down")
-            down = _get(http, "/readyz").json()
+            down = await _wait_for(lambda: (r := _get(http, "/readyz")).status_code == 503 and r.json(),
+                                   "readyz says a worker is down")  # the answer that said so (it is back in ~0.1 s)
             assert down["not_ready"].get(f"worker {victim}") == "down"
             back = await _wait_for(lambda: (r := _get(http, "/readyz")).status_code == 200 and r.json(),
                                    "the killed worker is back")
