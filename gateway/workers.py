@@ -354,6 +354,9 @@ class Worker:
     routes: dict[str, str] = attrs.Factory(dict)
     """Its routes' states, as last read (`Supervisor.refresh`)."""
     ready: bool = False
+    answering: bool = False
+    """Whether it answered the last state read (a worker just killed may still look up
+    until the zygote reports its exit; one that is stuck never answers)."""
     restarts: int = 0
     started_at: float = 0.0
     running: trio.Event = attrs.Factory(trio.Event)
@@ -436,7 +439,8 @@ class Supervisor:
 
     def status_line(self) -> str:
         """`3 route(s): 2 up, 1 waiting` over every worker, as one gateway says it (systemd's
-        STATUS=); `; 1 of 2 workers down` when one is."""
+        STATUS=); `; 1 of 2 workers down` when one is, `; 1 of 2 workers not answering`
+        when one that is up did not answer the last read (its routes are then not counted)."""
         counts: dict[str, int] = {}
         total = 0
         for worker in self.workers:
@@ -445,8 +449,10 @@ class Supervisor:
                 total += 1
         parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
         down = sum(not w.up for w in self.workers)
+        silent = sum(w.up and not w.answering for w in self.workers)
         return (f"{total} route(s)" + (f": {parts}" if parts else "")
-                + (f"; {down} of {self.count} workers down" if down else ""))
+                + (f"; {down} of {self.count} workers down" if down else "")
+                + (f"; {silent} of {self.count} workers not answering" if silent else ""))
 
     async def refresh(self) -> None:
         """Read every worker's route states (for `status_line`, `/readyz`)."""
@@ -455,6 +461,7 @@ class Supervisor:
             answer = states.get(worker.index)
             worker.routes = answer["routes"] if answer is not None else {}
             worker.ready = bool(answer and answer["ready"])
+            worker.answering = answer is not None
 
     @property
     def ready(self) -> bool:
@@ -728,7 +735,8 @@ class Supervisor:
         await self.refresh()
         not_ready = {name: state for w in self.workers for name, state in w.routes.items()
                      if state not in ("up", "waiting", "ended")}
-        not_ready.update({f"worker {w.index}": "down" for w in self.workers if not w.up})
+        not_ready.update({f"worker {w.index}": "down" if not w.up else "not answering"
+                          for w in self.workers if not (w.up and w.answering)})
         body = {"ready": self.ready, "status": self.status_line(), "not_ready": not_ready, "workers": self._workers_view()}
         return HttpResponse.json(200 if self.ready else 503, body)
 

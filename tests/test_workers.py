@@ -8,6 +8,7 @@ reload, the control API, `/metrics` (summed) and a graceful stop work as with on
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -156,6 +157,12 @@ def _get(http: int, path: str, **kw) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{http}{path}", timeout=10, **kw)
 
 
+def _egress_counts(http: int, route: str) -> dict[str, dict[str, int]]:
+    """The gateway's own pacing counts of one route's endpoints: late, dropped, skipped."""
+    return {e["name"]: {k: e[k] for k in ("late", "dropped", "skipped")}
+            for r in _get(http, "/v1/routes").json()["routes"] if r["name"] == route for e in r["endpoints"]}
+
+
 async def _wait_for(check, what: str, timeout: float = 30.0):
     with trio.move_on_after(timeout):
         while True:
@@ -191,6 +198,7 @@ async def test_two_workers_serve_route_reload_restart_and_stop(tmp_path, speech_
 
         # every listen client lands on the worker running its route, and hears that route's file
         listeners = {name: Listener(media, name) for name in names}
+        egress_of = functools.partial(_egress_counts, http)
         async with trio.open_nursery() as nursery:
             for name, listener in listeners.items():
                 nursery.start_soon(listener.run, 50)
@@ -214,10 +222,14 @@ async def test_two_workers_serve_route_reload_restart_and_stop(tmp_path, speech_
         async with trio.open_nursery() as nursery:
             await nursery.start(survivor.run)
             await survivor.frames.wait()
+            before = await trio.to_thread.run_sync(egress_of, survivor_route)  # earlier sessions' counts too
             os.kill(pids[victim], signal.SIGKILL)
             down = await _wait_for(lambda: (r := _get(http, "/readyz")).status_code == 503 and r.json(),
-                                   "readyz says a worker is down")  # the answer that said so (it is back in ~0.1 s)
-            assert down["not_ready"].get(f"worker {victim}") == "down"
+                                   "readyz says a worker is not ready")
+            # the answer names the killed worker ("down"), or, once it is back (a restart takes
+            # ~0.1 s), its routes still starting; nothing of the other worker
+            victim_parts = {f"worker {victim}"} | {n for n in names if placed[n] == victim}
+            assert down["not_ready"] and set(down["not_ready"]) <= victim_parts, down
             back = await _wait_for(lambda: (r := _get(http, "/readyz")).status_code == 200 and r.json(),
                                    "the killed worker is back")
             worker = next(w for w in back["workers"] if w["index"] == victim)
@@ -231,15 +243,14 @@ async def test_two_workers_serve_route_reload_restart_and_stop(tmp_path, speech_
             heard = len(survivor.chunks)
             await trio.sleep(0.5)
             assert len(survivor.chunks) >= heard + 15  # still streaming
-            egress = [(e["name"], e["late"], e["dropped"], e["skipped"]) for r in _get(http, "/v1/routes").json()["routes"]
-                      if r["name"] == survivor_route for e in r["endpoints"]]  # read while its client listens
+            after = await trio.to_thread.run_sync(egress_of, survivor_route)  # read while its client listens
             nursery.cancel_scope.cancel()
         # the other worker's call never paused: its pacer sent every frame in time (its own
         # count), and no gap reached this client but the time this test's thread itself
         # waited for a core (the restarted worker's imports compete for the two cores)
         wall, own = survivor.largest_gap()
         assert own < 0.25, (wall, own)
-        assert egress == [("file", 0, 0, 0), ("voipbin", 0, 0, 0)]
+        assert after == before, (before, after)  # no late, dropped or skipped frame while the other worker restarted
         corr, blocks = loop_score(clip, clip_rate, survivor.pcm(), 8000)
         assert corr > 0.95 and min(blocks) > 0.9, (corr, min(blocks))
         assert _get(http, "/metrics").text.count("gateway_worker_restarts_total 1.0") == 1
