@@ -63,9 +63,19 @@ async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, capl
             await trio.sleep(0.2)
             # streaming (gateway.admission): the user's and the bot's sockets, the phone's, the answered call
             admission = gateway.runtime.admission
+            with trio.fail_after(10):  # each leg reports itself up as its own task gets there
+                while admission.streaming < 4:
+                    await trio.sleep(0.02)
             assert admission.streaming == 4 and admission.sessions == 4
+            heard = next(e for e in gateway.routes["phone"].route.endpoints if e.name == "heard")
             await user.speak(user_pcm)
-            await trio.sleep(0.5)
+            # hang up once the phone has heard it all: the recorder hears 0.3 s of quiet (the
+            # speech crosses three pacers and an Opus leg; a loaded loop may queue some of it)
+            with trio.fail_after(10):
+                quiet = 0
+                while quiet < 15:
+                    await trio.sleep(0.02)
+                    quiet = quiet + 1 if heard.stats.level_dbfs < -70 else 0
             await user.hang_up()  # callEnded: the answering session ends, the phone is hung up
             await gateway.routes["phone"].sessions_done.wait()
             while answer.calls:
