@@ -98,7 +98,10 @@ def _cpu_one(pid: int) -> float:
 
 def cpu_seconds(pid: int | str) -> float:
     """User + system CPU seconds of a process (all its threads) and of every process under
-    it now (a supervisor's workers), from /proc/PID/stat."""
+    it now (a supervisor's workers), from /proc/PID/stat. "self": this process alone (the
+    bench's peer; the gateway and ffmpeg it started are measured on their own)."""
+    if pid == "self":
+        return _cpu_one(os.getpid())
     return sum(_cpu_one(p) for p in family(pid))
 
 
