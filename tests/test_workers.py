@@ -226,8 +226,9 @@ async def test_two_workers_serve_route_reload_restart_and_stop(tmp_path, speech_
             os.kill(pids[victim], signal.SIGKILL)
             down = await _wait_for(lambda: (r := _get(http, "/readyz")).status_code == 503 and r.json(),
                                    "readyz says a worker is not ready")
-            # the answer names the killed worker ("down"), or, once it is back (a restart takes
-            # ~0.1 s), its routes still starting; nothing of the other worker
+            # the answer names the killed worker ("down", or "not answering" until the zygote
+            # reports its exit) or, once it is back (a restart takes ~0.1 s), its routes still
+            # starting; nothing of the other worker
             victim_parts = {f"worker {victim}"} | {n for n in names if placed[n] == victim}
             assert down["not_ready"] and set(down["not_ready"]) <= victim_parts, down
             back = await _wait_for(lambda: (r := _get(http, "/readyz")).status_code == 200 and r.json(),
@@ -247,7 +248,7 @@ async def test_two_workers_serve_route_reload_restart_and_stop(tmp_path, speech_
             nursery.cancel_scope.cancel()
         # the other worker's call never paused: its pacer sent every frame in time (its own
         # count), and no gap reached this client but the time this test's thread itself
-        # waited for a core (the restarted worker's imports compete for the two cores)
+        # waited for a core (the restarted worker competes for the two cores)
         wall, own = survivor.largest_gap()
         assert own < 0.25, (wall, own)
         assert after == before, (before, after)  # no late, dropped or skipped frame while the other worker restarted
