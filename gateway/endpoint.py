@@ -214,6 +214,11 @@ class Endpoint(abc.ABC):
     reads it again with each frame."""
     burst_buffer_ms: int = 60_000
     """Bound of a bursty source's playout queue (ms of audio); beyond it the oldest is dropped."""
+    clocked: bool = False
+    """True for a source that plays its ingress out on its own media clock, one frame per
+    ptime, gap-free and in real time (an RTP jitter buffer with concealment): a pacer fed by it
+    alone sends each packet as soon as it is whole, instead of holding it for a deadline of its
+    own (a second clock would only add up to a ptime of latency and a wake-up per packet)."""
     local_source: bool = False
     """True for sources that start on their own (a file): the route starts them only once every
     peer endpoint is connected, so their audio plays from the beginning to someone."""

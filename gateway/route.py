@@ -20,6 +20,12 @@ Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back la
 - At each deadline a source that is short waits up to `jitter_ms` for its audio; then its slot
   is filled with silence (counted `late`). The late audio plays when it arrives, a slot later
   than planned (excess latency, won back like any other).
+- A source that plays out on its own clock (`Endpoint.clocked`: VoIPBIN rtp, whose jitter
+  buffer already absorbed the network's jitter) and is a sink's only source sets that sink's
+  clock: each packet goes out as soon as it is whole (up to `jitter_ms` after the deadline)
+  and the next deadline follows it, so there is one clock per path, not two (no added wait,
+  one wake-up per packet). A backlog it hands over at once, or a packet whole within half a
+  ptime of the last, still waits for the deadline: never a burst.
 - A source short for `IDLE_AFTER` packets in a row is idle: no more waiting for it; silence
   flows. When every source was idle, the clock re-anchors on the next audio, and what has
   queued by then (a stalled source's backlog, sent at once) is excess.
@@ -699,6 +705,8 @@ class Route:
             earliest = _NEVER_S
             window = 0
 
+        # a clocked source alone: the pacer sends on its clock (see the loop)
+        clocked = len(feeding) == 1 and feeding[0].clocked and live[0]
         anchor: float | None = None
         k = 0
         with recv:
@@ -722,14 +730,33 @@ class Route:
                     deadline = now
                     drain()
                     rebase()
-                with trio.move_on_at(deadline):
-                    while True:
-                        accept(await recv.receive())
-                waiting = [i for i in range(len(buffers)) if short_run[i] < IDLE_AFTER and not ready(i)]
-                if waiting:
+                if clocked and short_run[0] < IDLE_AFTER and not ready(0):
+                    # One clocked source (Endpoint.clocked): its packet goes out as soon as it
+                    # is whole, up to `jitter_ms` after the deadline, and the clock follows it.
+                    # Never a burst: a backlog (frames handed over at once) goes one packet per
+                    # deadline, and a packet whole within half a ptime of the last waits for
+                    # the deadline.
                     with trio.move_on_at(deadline + grace):
-                        while any(not ready(i) for i in waiting):
+                        while not ready(0):
                             accept(await recv.receive())
+                    if buffers[0].buffered >= n:
+                        drain()
+                        now = trio.current_time()
+                        if now < deadline - ptime / 2:
+                            with trio.move_on_at(deadline):
+                                while True:
+                                    accept(await recv.receive())
+                        else:
+                            deadline, anchor = now, now - k * ptime
+                else:
+                    with trio.move_on_at(deadline):
+                        while True:
+                            accept(await recv.receive())
+                    waiting = [i for i in range(len(buffers)) if short_run[i] < IDLE_AFTER and not ready(i)]
+                    if waiting:
+                        with trio.move_on_at(deadline + grace):
+                            while any(not ready(i) for i in waiting):
+                                accept(await recv.receive())
                 # Take one ptime from each source; mix-minus (the sink is never among `feeding`).
                 mixed: np.ndarray | None = None
                 contributors = 0

@@ -383,3 +383,45 @@ def test_hears_names_must_exist():
         sink = Sink("rec")
         sink.hears = ("nobody",)
         Route("t", [Source("a", [], []), sink])
+
+
+class Clocked(Source):
+    """A source that plays out on its own clock (an RTP jitter buffer: Endpoint.clocked)."""
+
+    clocked = True
+
+
+async def test_a_clocked_source_is_sent_on_its_own_clock(autojump_clock):
+    """Frames of a clocked source go out the moment they arrive, and the pacer's next deadline
+    follows them: when the source's clock steps earlier or later, no frame waits for a second
+    clock, none is late. The same frames from an unclocked source wait for the pacer's grid
+    (the control case: the rule is what makes the difference)."""
+    t0 = trio.current_time()
+    # the source's clock steps 7 ms earlier at frame 10, then 5 ms later at frame 20
+    times = [k * 0.02 - (0.007 if k >= 10 else 0) + (0.005 if k >= 20 else 0) for k in range(30)]
+    frames = [ramp_frame(k) for k in range(30)]
+    source, sink = Clocked("src", times, frames), Sink("sink")
+    await run_route(source, sink, jitter_ms=20)
+    assert [round(t - t0, 6) for t, _ in sink.sent] == [round(at, 6) for at in times]
+    assert np.array_equal(np.concatenate([pcm for _, pcm in sink.sent]), np.concatenate([f.pcm[:, 0] for f in frames]))
+    assert sink.stats.late == 0 and sink.stats.dropped == 0
+
+    plain, plain_sink = Source("src", times, frames), Sink("sink")
+    t1 = trio.current_time()
+    await run_route(plain, plain_sink, jitter_ms=20)
+    waited = [t - t1 - at for (t, _), at in zip(plain_sink.sent, times)]
+    assert max(waited) == pytest.approx(0.007)  # the pacer's own deadline held frames back
+
+
+async def test_a_clocked_sources_backlog_still_goes_one_packet_per_ptime(autojump_clock):
+    """Five frames that a clocked source hands over at once (its buffer playing out after a
+    stall) are not sent as a burst: the first goes at once, the others one ptime apart."""
+    times = [k * 0.02 for k in range(10)] + [0.29] * 5 + [0.29 + k * 0.02 for k in range(1, 11)]
+    frames = [ramp_frame(k) for k in range(25)]
+    source, sink = Clocked("src", times, frames), Sink("sink")
+    await run_route(source, sink, jitter_ms=20)
+    sent_at = [t for t, pcm in sink.sent if pcm.any()]
+    assert sent_at[10] - sent_at[0] == pytest.approx(0.29)  # the first of them at once
+    assert np.diff(sent_at).min() >= 0.02 - 1e-9  # never two packets of audio within a ptime
+    assert np.array_equal(np.concatenate([pcm for _, pcm in sink.sent if pcm.any()]),
+                          np.concatenate([f.pcm[:, 0] for f in frames]))  # every frame, in order

@@ -157,6 +157,11 @@ class _VoipbinEndpoint(Endpoint):
     def media_path(self) -> str:
         return f"/v1.0/{self.target}/{self.target_id}/media_stream"
 
+    @property
+    def clocked(self) -> bool:  # type: ignore[override]
+        """rtp with a jitter buffer: `_RtpPlayout` plays one 20 ms slot per ptime (Endpoint.clocked)."""
+        return self.encapsulation is Encapsulation.RTP and self.jitter_buffer_ms > 0
+
     def describe(self) -> str:
         return f"{self.name} ({self.role} {self.target[:-1]} {self.target_id}, {self.encapsulation.value})"
 
