@@ -129,6 +129,9 @@ SPECTRAL_BAND = (200.0, 3400.0)  # Hz: the telephone band, the one every path ke
 SPECTRAL_FRAME_S = 0.032  # s: 256-sample Hann frames at SPECTRAL_RATE (31.25 Hz bins)
 SPECTRAL_HOP_S = 0.004  # s: frame step, the lag resolution of `spectral_alignment`
 SPECTRAL_FLOOR = 1e-5  # power floor, relative to each signal's mean frame power (-50 dB)
+#: A `spectral_alignment` block above this is the reference's speech: intact narrowband SILK
+#: scores 0.88 and up, a broken path at most one block in 14 (`blockwise_alignment`'s is 0.9).
+SPECTRAL_FOUND = 0.8
 
 
 def log_spectrogram(pcm: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
