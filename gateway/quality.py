@@ -137,8 +137,9 @@ SPECTRAL_FOUND = 0.8
 def log_spectrogram(pcm: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
     """Short-time log-magnitude spectrum of `pcm` (int16 or float, (samples,) or (samples,
     channels), averaged to mono) at `rate` Hz: (log10 power, float64 array of shape (frames,
-    bins): one row per SPECTRAL_HOP_S, the SPECTRAL_BAND bins of a SPECTRAL_FRAME_S Hann
-    frame; the mono signal resampled to SPECTRAL_RATE). Powers are floored at SPECTRAL_FLOOR
+    bins): row k for the SPECTRAL_FRAME_S Hann frame that starts at k * SPECTRAL_HOP_S (the
+    signal padded with silence at the end), its SPECTRAL_BAND bins; the mono signal resampled
+    to SPECTRAL_RATE). Powers are floored at SPECTRAL_FLOOR
     times the signal's mean frame power (so quiet frames do not dominate the logarithm) and at
     1e-3 (int16 units squared: digital silence is one constant value)."""
     x = pcm.astype(np.float64)
@@ -146,7 +147,7 @@ def log_spectrogram(pcm: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]
     if rate != SPECTRAL_RATE:
         x = soxr.resample(x, rate, SPECTRAL_RATE, quality="VHQ")
     n, hop = round(SPECTRAL_FRAME_S * SPECTRAL_RATE), round(SPECTRAL_HOP_S * SPECTRAL_RATE)
-    padded = np.pad(x, (0, max(0, n - len(x))))
+    padded = np.pad(x, (0, n))  # a frame starts every hop up to the end: row k starts at k * hop
     frames = np.lib.stride_tricks.sliding_window_view(padded, n)[::hop] * np.hanning(n)
     freqs = np.fft.rfftfreq(n, 1 / SPECTRAL_RATE)
     band = (freqs >= SPECTRAL_BAND[0]) & (freqs <= SPECTRAL_BAND[1])
