@@ -9,10 +9,13 @@ One process runs three routes (README, "The demo"):
   recorded to `channel.ogg` and `channel.wav`;
 - `support-line`: the bridge, through the real dial adapters: VoIPBIN media stream client
   (u-law 8 kHz) ↔ codec graph ↔ Argon bot (StreamToken, then `/audio/duplex` hearing `person`:
-  Opus 48 kHz both ways).
+  Opus 48 kHz both ways; the call is coded at 8 kHz input, narrowband).
 
 It ends when the caller's speech ends and prints, for each direction, frames, loss and a
-speech-similarity figure (block-wise correlation of the recording with the source).
+speech-similarity figure: the share of the source's 250 ms speech blocks found in the recording,
+by waveform correlation where the path keeps the waveform (channel → caller: Opus coded at 48
+kHz, then u-law), by short-time spectra where it does not (caller → channel: the 8 kHz call is
+Opus-coded at 8 kHz input, narrowband SILK, which keeps the spectrum but not the phase).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import trio
 
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway
-from gateway.quality import blockwise_alignment, read_wav, write_wav
+from gateway.quality import SPECTRAL_FOUND, blockwise_alignment, read_wav, spectral_alignment, write_wav
 from gateway.runtime import Runtime
 from gateway.server import serve_http, serve_media
 
@@ -164,16 +167,23 @@ def media_duration(path: Path) -> float:
         return 0.0
 
 
-def similarity(source: str, recording: Path) -> float:
-    """The share of the source's speech blocks (250 ms) found in the recording with a
-    correlation above 0.9 (1.0: every block arrived intact)."""
+def similarity(source: str, recording: Path, *, waveform: bool = True) -> float:
+    """The share of the source's speech blocks (250 ms) found in the recording (1.0: every
+    block arrived intact): with `waveform`, a waveform correlation above 0.9
+    (`blockwise_alignment`, for a path that keeps the waveform); else a short-time spectral
+    correlation above SPECTRAL_FOUND (`spectral_alignment`, for a path through a parametric
+    codec: Opus's SILK). A broken path (noise, wrong byte order or rate, silence) scores
+    near 0 either way."""
     try:
         ref, ref_rate = read_wav(source)
         got, rate = read_wav(recording)
     except (OSError, EOFError, ValueError):
         return 0.0
-    blocks = blockwise_alignment(ref, ref_rate, got, rate)
-    return sum(b > 0.9 for b in blocks) / len(blocks) if blocks else 0.0
+    if waveform:
+        blocks, found = blockwise_alignment(ref, ref_rate, got, rate), 0.9
+    else:
+        blocks, found = spectral_alignment(ref, ref_rate, got, rate), SPECTRAL_FOUND
+    return sum(b > found for b in blocks) / len(blocks) if blocks else 0.0
 
 
 def report(gateway: Gateway, caller_src: str, person_src: str, out_dir: Path, elapsed: float, *, timed_out: bool) -> int:
@@ -184,7 +194,10 @@ def report(gateway: Gateway, caller_src: str, person_src: str, out_dir: Path, el
     bridge_call, bridge_bot = r["support-line"].endpoints
     wav = out_dir / "channel.wav"
     heard = out_dir / "caller-hears.wav"
-    to_channel = similarity(caller_src, wav) if caller_src.endswith(".wav") else float("nan")
+    # the call (8 kHz) is Opus-coded at 8 kHz input by the bridge's Argon bot (opus_input_rate:
+    # auto): narrowband SILK, whose waveform is not the source's; the channel's own Opus (48 kHz)
+    # and u-law keep the person's
+    to_channel = similarity(caller_src, wav, waveform=False) if caller_src.endswith(".wav") else float("nan")
     to_caller = similarity(person_src, heard) if person_src.endswith(".wav") else float("nan")
     lost_in = call.stats.frames_out - bridge_call.stats.frames_in
     # the channel forwards the person until it learns the bot hung up: a packet or two may be

@@ -4,7 +4,8 @@ For every source → sink pair the route plans a decode chain (source wire forma
 PCM format: decode, channel mix, resample) that runs in the source's task, on `emit`. For an
 Opus sink that PCM format is at its encoder's input rate (`Route.pacing_format`): the sources'
 highest rate rounded up to 8, 12, 16, 24 or 48 kHz, or the sink's `opus_input_rate`, so an 8
-kHz call reaches an Argon bot with no resampler and is coded narrowband at a third of the CPU. Each sink
+kHz call reaches an Argon bot with no resampler and is coded narrowband at about half the
+encoder CPU (`opus_input_rate: auto`, an Argon dial's default). Each sink
 has one pacer task: it owns one `Reframer` per source (the playout buffer), and at absolute
 deadlines `anchor + k·ptime` (trio.sleep_until semantics, so no drift) it takes one ptime from
 each, mixes them (a sink never hears itself: mix-minus), encodes, and calls `sink.send`.

@@ -4,9 +4,18 @@
 import numpy as np
 import soxr
 
-from gateway.quality import active_duration, best_alignment, blockwise_alignment, read_wav, write_wav
+from gateway.quality import (
+    SPECTRAL_FOUND,
+    active_duration,
+    best_alignment,
+    blockwise_alignment,
+    read_wav,
+    spectral_alignment,
+    write_wav,
+)
 
-__all__ = ["active_duration", "best_alignment", "blockwise_alignment", "loop_score", "mono", "read_wav", "write_wav"]
+__all__ = ["SPECTRAL_FOUND", "active_duration", "best_alignment", "blockwise_alignment", "loop_score", "mono",
+           "read_wav", "spectral_alignment", "write_wav"]
 
 
 def mono(pcm: np.ndarray) -> np.ndarray:
@@ -15,10 +24,12 @@ def mono(pcm: np.ndarray) -> np.ndarray:
 
 
 def loop_score(clip: np.ndarray, clip_rate: int, received: np.ndarray, rate: int,
-               search_s: float = 0.1) -> tuple[float, list[float]]:
+               search_s: float = 0.1, *, spectral: bool = False) -> tuple[float, list[float]]:
     """How well `received` matches `clip` played in a loop (a looping file source, Chromium's
     fake microphone), from wherever in the loop it starts: (correlation, per-block scores of
-    `blockwise_alignment`, each block searched within ±`search_s` of the overall lag)."""
+    `blockwise_alignment`, or with `spectral` of `spectral_alignment` (for audio that went
+    through a parametric codec: SILK), each block searched within ±`search_s` of the overall
+    lag)."""
     ref = mono(clip)
     if clip_rate != rate:
         ref = soxr.resample(ref, clip_rate, rate, quality="VHQ")
@@ -28,4 +39,5 @@ def loop_score(clip: np.ndarray, clip_rate: int, received: np.ndarray, rate: int
     phase = round(-lag * rate) % period
     aligned = np.tile(ref, loops + 1)[phase : phase + len(received)]
     corr, _ = best_alignment(aligned, rate, received, rate, max_lag_s=0.1)
-    return corr, blockwise_alignment(aligned, rate, received, rate, search_s=search_s)
+    per_block = spectral_alignment if spectral else blockwise_alignment
+    return corr, per_block(aligned, rate, received, rate, search_s=search_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from audio_checks import best_alignment, blockwise_alignment, read_wav, write_wav
+from audio_checks import SPECTRAL_FOUND, best_alignment, blockwise_alignment, read_wav, spectral_alignment, write_wav
 from conftest import ASSETS
 from harness import AGENT_API_KEY, SECRETS, start
 from gateway.adapters.agent import wire
@@ -60,14 +60,20 @@ def clip(tmp_path, name: str, source: str, start_s: float, seconds: float) -> tu
     return str(path), cut, rate
 
 
-def check_speech(reference, ref_rate, path, *, min_seconds: float, what: str) -> None:
+def check_speech(reference, ref_rate, path, *, min_seconds: float, what: str, waveform: bool = True) -> None:
     """The recording holds the reference speech, block by block, with little delay; a broken
-    path (noise, silence, wrong rate or byte order) fails every block."""
+    path (noise, silence, wrong rate or byte order) fails every block. `waveform`: the path
+    keeps the waveform (G.711, PCM, Opus at 48 kHz input), judged by waveform correlation;
+    False: it went through a parametric codec (an Argon bot publishing an 8 or 16 kHz source:
+    SILK), judged by short-time spectra (`spectral_alignment`)."""
     received, rate = read_wav(path)
     assert len(received) / rate >= min_seconds, f"{what}: only {len(received) / rate:.2f} s recorded"
     corr, lag = best_alignment(reference, ref_rate, received, rate)
-    blocks = blockwise_alignment(reference, ref_rate, received, rate)
-    good = sum(b > 0.85 for b in blocks)
+    if waveform:
+        blocks, found = blockwise_alignment(reference, ref_rate, received, rate), 0.85
+    else:
+        blocks, found = spectral_alignment(reference, ref_rate, received, rate), SPECTRAL_FOUND
+    good = sum(b > found for b in blocks)
     assert len(blocks) >= 3 and good >= 0.8 * len(blocks), f"{what}: blocks {np.round(blocks, 2)}, lag {lag:.3f} s"
 
 

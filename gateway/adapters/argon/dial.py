@@ -89,10 +89,14 @@ log = logging.getLogger("gateway.endpoint.argon")
 RATE_WINDOW = 60.0  # seconds: the per-minute limits' window
 MAX_RATE_RETRIES = 20  # 429s retried for one REST call before giving up
 DEFAULT_COMPLEXITY = 5  # libopus 0-10: 5 costs ~1/4 of the CPU of 10 at nearly the same speech quality
-# opus_input_rate: 48 kHz (full band) unless `auto` is asked for. `auto` codes an 8 kHz call
-# as narrowband SILK at half the encoder CPU; its waveform is further from the source (the demo's
-# block correlation fell to 17-50 %), so it stays opt-in until it is judged by PESQ (issue 12)
-DEFAULT_OPUS_INPUT_RATE = 48000
+# opus_input_rate: auto (None) by default: what is published is encoded at the rate of the audio
+# it is made of (`opus_input_rate_for`), so an 8 kHz call is fed to libopus as it is, with no 8 ->
+# 48 kHz resampler, and coded narrowband (SILK) at about half the encoder CPU. Judged by PESQ
+# (issue 12): NB 4.25-4.39 at 8 kHz input against 4.44-4.46 at 48 kHz (or105/or109, Argon
+# defaults; the issue's measurement: within 0.01-0.13). SILK keeps the spectrum, not the
+# waveform: tests judge such audio with gateway.quality.spectral_alignment. `48000` forces the
+# old full-band path.
+DEFAULT_OPUS_INPUT_RATE: int | None = None
 DEFAULT_EXPECTED_LOSS_PCT = 10  # loss the published Opus's in-band FEC is tuned for (option expected_loss_pct)
 PUBLISH_MIN_PACKET = 3  # bytes: shorter packets go out as a silence packet (argon-voice-ws.md: 0-1 end the
 # session; the reference bot sends F8 FF FE for any under 3). Without DTX libopus makes none.
@@ -472,8 +476,9 @@ class ArgonDial(Endpoint):
         self.encoder_options = {"opus_bitrate": bitrate, "opus_complexity": complexity, "opus_fec": opus_fec,
                                 "opus_expected_loss_pct": expected_loss_pct, "opus_min_packet_bytes": PUBLISH_MIN_PACKET,
                                 "opus_input_rate": opus_input_rate}
-        """`opus_input_rate` None (auto): the route encodes at the rate of what it publishes
-        (`Route.pacing_format`: 8 kHz for a phone call, 48 kHz for an Argon peer or a file)."""
+        """`opus_input_rate` None (auto, the default): the route encodes at the rate of what it
+        publishes (`Route.pacing_format`: 8 kHz for a phone call, 48 kHz for an Argon peer or a
+        48 kHz file); an int forces that input rate (Hz)."""
         self.concealment = concealment
         """What is heard: PLC/FEC for lost packets and DTX (True), or silence (False, a baseline)."""
         self.session_id: str | None = None
@@ -883,10 +888,12 @@ class ArgonDial(Endpoint):
 
 
 def _opus_input_rate(opts: Options) -> int | None:
-    """Option `opus_input_rate`: 48000 by default, or auto (None: from the sources, `opus_input_rate_for`)
-    or one of OPUS_INPUT_RATES (Hz), the rate the encoder of what is published takes."""
+    """Option `opus_input_rate`: `auto` by default (None: from the sources, `opus_input_rate_for`;
+    DEFAULT_OPUS_INPUT_RATE), or one of OPUS_INPUT_RATES (Hz), the rate the encoder of what is
+    published takes (`48000`: everything resampled to 48 kHz and coded full band)."""
     choices = ("auto",) + tuple(str(r) for r in OPUS_INPUT_RATES)
-    value = opts.get_choice("opus_input_rate", choices, str(DEFAULT_OPUS_INPUT_RATE))
+    default = "auto" if DEFAULT_OPUS_INPUT_RATE is None else str(DEFAULT_OPUS_INPUT_RATE)
+    value = opts.get_choice("opus_input_rate", choices, default)
     return None if value == "auto" else int(value)
 
 
