@@ -29,7 +29,7 @@ from trio_websocket import ConnectionClosed, serve_websocket
 
 from audio_checks import read_wav, write_wav
 from conftest import ASSETS
-from gateway.adapters.argon.dial import DEFAULT_COMPLEXITY
+from gateway.adapters.argon.dial import DEFAULT_COMPLEXITY, PUBLISH_MIN_PACKET
 from gateway.codecs import OpusDecoder, plan
 from gateway.codecs.formats import OPUS_48K, PCM16_8K, AudioFrame, EncodedFrame
 from gateway.endpoint import LATENCY_BUCKETS
@@ -106,10 +106,11 @@ def speech_seconds(pcm: np.ndarray, rate: int, quiet_dbfs: float = -40.0) -> flo
 
 def through_opus(speech: np.ndarray) -> np.ndarray:
     """`speech` (8 kHz) through the chain the bridge uses for its Argon side (Opus at the
-    endpoint's settings, fed at 8 kHz: `opus_input_rate` auto, the default; decoded at 48 kHz),
-    nothing skipped: what the ingress would get from a far side that was up at once."""
-    encoder = plan(PCM16_8K, OPUS_48K, opus_bitrate=None, opus_complexity=DEFAULT_COMPLEXITY, opus_fec=False,
-                   opus_input_rate=None)
+    endpoint's settings, fed at 8 kHz: opus_input_rate auto, the default; decoded), nothing
+    skipped: what the ingress would get from a far side that was up at once."""
+    encoder = plan(PCM16_8K, OPUS_48K, ptime_ms=20, opus_bitrate=None, opus_complexity=DEFAULT_COMPLEXITY,
+                   opus_fec=False, opus_min_packet_bytes=PUBLISH_MIN_PACKET)  # as configured above
+    assert encoder.stages[-1].input_rate == 8000
     decoder = OpusDecoder(1)
     out = []
     for k in range(0, len(speech), 160):
