@@ -1,7 +1,8 @@
 """The control API on `server.http` (README, "Control API").
 
     GET    /healthz            200 while the event loop answers (liveness)
-    GET    /readyz             200 when every route is up or waiting for its client, else 503
+    GET    /readyz             200 when every route is up or waiting for its client and admission is
+                               open, else 503 naming why
     GET    /metrics            Prometheus text format (gateway.metrics)
     GET    /v1/routes          every route: state, since when, endpoints and their counters
     GET    /v1/routes/{name}   one route, with its recent events
@@ -122,7 +123,19 @@ class ControlApi:
     async def readyz(self, request: HttpRequest) -> HttpResponse:
         gateway = self.gateway
         not_ready = {name: s.state for name, s in gateway.routes.items() if s.state not in READY_STATES}
-        body = {"ready": gateway.ready, "status": gateway.status_line(), "not_ready": not_ready}
+        admission = gateway.runtime.admission
+        refusal = admission.refusal()
+        body = {"ready": gateway.ready, "status": gateway.status_line(), "not_ready": not_ready,
+                "admission": {
+                    "open": refusal is None,
+                    "reason": refusal.detail if refusal is not None else None,
+                    "media_clock_lag_ms": round(admission.clock.lag * 1000, 1),
+                    "sessions": admission.sessions,
+                    "max_sessions": admission.max_sessions,
+                }}
+        held = {name: s.reason for name, s in gateway.routes.items() if s.state == "held" and s.reason}
+        if held:
+            body["held"] = held
         return HttpResponse.json(200 if gateway.ready else 503, body)
 
     async def metrics(self, request: HttpRequest) -> HttpResponse:
@@ -198,6 +211,7 @@ def describe_route(state: RouteState, *, events: bool) -> dict[str, object]:
         "where": state.config.where,
         "restarts": state.restarts,
         "last_error": redact(state.last_error) or None,
+        "reason": state.reason or None,
         "sessions": stats.sessions,
         "up_since": _wall(stats.started_at) if state.state == "up" else None,
         "ended_by": redact(stats.ended_by) or None,

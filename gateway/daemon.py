@@ -20,6 +20,7 @@ file now has a route of the same name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -50,15 +51,18 @@ class RouteState:
     config: RouteConfig
     route: Route
     state: str = "starting"
-    """starting | up | waiting (listen, between sessions) | restarting | ended | failed"""
+    """starting | up | waiting (listen, between sessions) | held (dial, admission closed) |
+    restarting | ended | failed | stopped"""
     last_error: str = ""
+    reason: str = ""
+    """Why the route is `held`: `waiting: gateway at capacity (media clock 34 ms behind)`."""
     restarts: int = 0
     sessions_done: trio.Event = attrs.Factory(trio.Event)
     """Set when a session of the route ended (normally or not)."""
     finished: trio.Event = attrs.Factory(trio.Event)
     """Set when the route will not run again (ended, failed for good, stopped)."""
     pause: trio.CancelScope | None = None
-    """The backoff sleep between restarts, cancelled by a stop."""
+    """The backoff sleep between restarts (or the wait of a held route), cancelled by a stop."""
     origin: str = "file"
     """"file" (the YAML configuration) or "api" (POST /v1/routes)."""
     removed: bool = False
@@ -147,13 +151,17 @@ class Gateway:
         for state in self.routes.values():
             counts[state.state] = counts.get(state.state, 0) + 1
         parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
-        return f"{len(self.routes)} route(s)" + (f": {parts}" if parts else "")
+        refusal = self.runtime.admission.refusal()
+        closed = f"; admission closed: {refusal.detail}" if refusal is not None else ""
+        return f"{len(self.routes)} route(s)" + (f": {parts}" if parts else "") + closed
 
     @property
     def ready(self) -> bool:
         """Every route is up, or waiting for its listen client, or done (a file played to its
-        end): none is starting, restarting or failed."""
-        return not self.stopping and all(s.state in READY_STATES for s in self.routes.values())
+        end): none is starting, held, restarting or failed; and admission is open (a gateway
+        past its capacity is not ready for more: `gateway.admission`)."""
+        return (not self.stopping and self.runtime.admission.open
+                and all(s.state in READY_STATES for s in self.routes.values()))
 
     def build(self) -> None:
         """Construct every endpoint and route; raises ConfigError (with file:line) on the first
@@ -213,6 +221,7 @@ class Gateway:
             self.notifier.ready(self.status_line())
             nursery.start_soon(self.notifier.watchdog)
             nursery.start_soon(self._report_status)
+            nursery.start_soon(self.runtime.admission.run)  # the media clock (server.admission_lag_ms)
             task_status.started(self)
 
     async def _report_status(self) -> None:
@@ -284,8 +293,15 @@ class Gateway:
         if kept_server:
             log.warning("reload: server.http/media/media_url changed in %s; the running sockets stay as they "
                         "are until the next restart", new.filename)
-        # server.control (token, open_reads) applies at once: a token can be rotated by a reload
-        new = attrs.evolve(new, server=attrs.evolve(old.server, control=new.server.control))
+        # server.control (token, open_reads) applies at once: a token can be rotated by a reload;
+        # so do the admission limits (sessions in progress are never touched by them)
+        new = attrs.evolve(new, server=attrs.evolve(old.server, control=new.server.control,
+                                                    admission_lag_ms=new.server.admission_lag_ms,
+                                                    max_sessions=new.server.max_sessions))
+        if (new.server.admission_lag_ms, new.server.max_sessions) != (old.server.admission_lag_ms, old.server.max_sessions):
+            self.runtime.admission.configure(new.server.admission_lag_ms / 1000, new.server.max_sessions)
+            log.info("reload: server.admission_lag_ms %d, server.max_sessions %s", new.server.admission_lag_ms,
+                     new.server.max_sessions or "none")
         wanted = {rc.name: rc for rc in new.routes if self.placement is None or self.placement(rc)}
         unchanged, restarted, removed = [], [], []
         for name, state in self.routes.items():
@@ -371,15 +387,27 @@ class Gateway:
             return
         try:
             while True:
+                slot: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+                if not state.has_listen:  # a dial route starts a session now: admission first
+                    if not self.runtime.admission.open:
+                        task_status.started()  # held is started: the gateway runs on meanwhile
+                        task_status = trio.TASK_STATUS_IGNORED
+                        if not await self._admit(state):
+                            state.enter("stopped")
+                            return
+                    slot = self.runtime.admission.slot()  # taken at once: nothing slips in between
                 state.enter("waiting" if state.has_listen else "starting")
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 try:
                     try:
-                        async with trio.open_nursery() as n:
-                            await n.start(route.run)
-                            if not (self.stopping or state.removed):
-                                state.enter("up")
+                        with slot, contextlib.ExitStack() as up:
+                            async with trio.open_nursery() as n:
+                                await n.start(route.run)
+                                if not state.has_listen:  # a listen route's client streams already
+                                    up.enter_context(self.runtime.admission.stream())  # media flows: the clock ticks
+                                if not (self.stopping or state.removed):
+                                    state.enter("up")
                     except BaseExceptionGroup as group:
                         _raise_leaf(group)
                     backoff = BACKOFF_FIRST
@@ -443,6 +471,30 @@ class Gateway:
         finally:
             state.finished.set()
 
+    async def _admit(self, state: RouteState) -> bool:
+        """Hold a dial route (state `held`, with its reason) until admission opens; False when
+        the route was stopped or removed meanwhile."""
+        rlog = state.route.log
+
+        def on_hold(refusal) -> None:
+            if state.state != "held":
+                rlog.info("not starting yet: %s (it starts when admission opens)", refusal.detail)
+            state.reason = f"waiting: {refusal.detail}"
+            state.enter("held")
+
+        try:
+            with trio.CancelScope() as state.pause:
+                if self.stopping or state.removed:
+                    return False
+                await self.runtime.admission.wait_open(on_hold)
+        finally:
+            state.pause = None
+            state.reason = ""
+        if self.stopping or state.removed:
+            return False
+        rlog.info("admission open: starting")
+        return True
+
     # ------------------------------------------------------------------------ incoming calls
     async def _supervise_calls(self, state: RouteState, task_status: trio.TaskStatus[None]) -> None:
         """Run a route that answers calls (`argon` with `calls: incoming`): each call the bot's
@@ -453,7 +505,16 @@ class Gateway:
         template = incoming_endpoint(state.route.endpoints)
         assert template is not None
         rlog = state.route.log
-        line = CallLine(template, active=lambda: len(state.calls))
+        admission = self.runtime.admission
+
+        def active() -> int:
+            """Calls in progress; while admission is closed, a full line (the desk rejects the
+            call as busy: the hook CallLine has; see gateway.admission)."""
+            if admission.check("incoming Argon call") is not None:
+                return template.max_calls
+            return len(state.calls)
+
+        line = CallLine(template, active=active)
         desk = CallDesk.shared(self.runtime, template.api)
         state.line = line
         state.enter("waiting")
@@ -493,10 +554,13 @@ class Gateway:
 
     async def _run_call(self, state: RouteState, session: Route, call_id: str) -> None:
         rlog = session.log
+        admission = self.runtime.admission
         state.enter("up")
         try:
             try:
-                reason = await session.run()
+                with admission.slot(), contextlib.ExitStack() as up:
+                    # the call is up once its route is (Route.run's started): the media clock ticks
+                    reason = await session.run(task_status=_OnStarted(lambda: up.enter_context(admission.stream())))
             except BaseExceptionGroup as group:
                 _raise_leaf(group)
             rlog.info("call %s ended: %s", call_id, reason)
@@ -514,6 +578,16 @@ class Gateway:
             state.sessions_done.set()
             if not state.calls and state.state == "up":
                 state.enter("waiting")
+
+
+class _OnStarted:
+    """A task_status stand-in that calls `callback` when the task reports started."""
+
+    def __init__(self, callback) -> None:
+        self._callback = callback
+
+    def started(self, value: object = None) -> None:
+        self._callback()
 
 
 def _raise_leaf(group: BaseExceptionGroup) -> None:

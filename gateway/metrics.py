@@ -59,6 +59,14 @@ latency for endpoints that take it.
 | gateway_routes | gauge | | routes configured |
 | gateway_reloads_total, gateway_reload_failures_total | counter | | Gateway.reloads, .reload_failures |
 | gateway_start_time_seconds | gauge | | Gateway.started_at (Unix seconds) |
+| gateway_session_setups_delayed_total, gateway_session_setups_refused_total | counter | | SetupPacer.delayed, .refused |
+| gateway_admission_open | gauge | | 1 while new sessions are admitted, 0 while refused (gateway.admission) |
+| gateway_media_clock_lag_seconds | gauge | | MediaClock.lag: 90th percentile of the last second's 20 ms tick lags (0 while nothing streams) |
+| gateway_media_clock_behind_total | counter | | MediaClock.episodes: times the media clock fell behind |
+| gateway_sessions_active | gauge | | Admission.sessions: media connections, running dial routes and calls |
+| gateway_sessions_max | gauge | | server.max_sessions (absent when there is no cap) |
+| gateway_sessions_refused_total | counter | reason | Admission.refused: overload (media clock behind), capacity (max_sessions) |
+| gateway_routes_held_total | counter | | Admission.held: dial route starts that waited for admission |
 | gateway_build_info | gauge | version | 1 |
 
 plus prometheus_client's standard `process_*`, `python_info` and `python_gc_*` series.
@@ -95,7 +103,7 @@ from prometheus_client.utils import floatToGoString
 from gateway import __version__
 from gateway.endpoint import LATENCY_BUCKETS
 
-ROUTE_STATES = ("starting", "up", "waiting", "restarting", "ended", "failed", "stopped")
+ROUTE_STATES = ("starting", "up", "waiting", "held", "restarting", "ended", "failed", "stopped")
 """Every state a route can be in (`RouteState.state`). `gateway_route_state` has one series per
 state, 1 for the current one, so a query can select any state at any time (the enum idiom)."""
 
@@ -166,6 +174,14 @@ class Snapshot(NamedTuple):
     started_at: float
     setups_delayed: int = 0
     setups_refused: int = 0
+    admission_open: bool = True
+    media_clock_lag: float = 0.0
+    media_clock_episodes: int = 0
+    sessions_active: int = 0
+    sessions_max: int | None = None
+    sessions_refused: tuple[tuple[str, int], ...] = ()
+    """(reason, count) pairs."""
+    routes_held: int = 0
 
 
 def snapshot(gateway) -> Snapshot:
@@ -189,8 +205,10 @@ def snapshot(gateway) -> Snapshot:
         routes.append(RouteSnapshot(name, state.state, state.since, state.origin, state.restarts,
                                     route.stats.sessions, route.stats.events, tuple(endpoints)))
     pacer = gateway.runtime.media.pacer
+    admission = gateway.runtime.admission
     return Snapshot(tuple(routes), gateway.reloads, gateway.reload_failures, gateway.started_at,
-                    pacer.delayed, pacer.refused)
+                    pacer.delayed, pacer.refused, admission.open, admission.clock.lag, admission.clock.episodes,
+                    admission.sessions, admission.max_sessions, tuple(admission.refused.items()), admission.held)
 
 
 # ------------------------------------------------------------------------------- families
@@ -319,6 +337,26 @@ def families(snap: Snapshot) -> Iterator[Metric]:
              value=snap.setups_delayed)
     yield _C("gateway_session_setups_refused", "Listen session set-ups refused with 503: their turn was more "
              "than 2 s away.", value=snap.setups_refused)
+    yield _G("gateway_admission_open", "1 while new sessions are admitted; 0 while they are refused (503) and "
+             "dial routes wait: the media clock is behind or server.max_sessions is reached.",
+             value=1.0 if snap.admission_open else 0.0)
+    yield _G("gateway_media_clock_lag_seconds", "How late the event loop wakes a 20 ms media clock tick: the 90th "
+             "percentile over the last second (admission closes past server.admission_lag_ms); the clock ticks "
+             "only while sessions stream, 0 otherwise.",
+             value=snap.media_clock_lag)
+    yield _C("gateway_media_clock_behind", "Times the media clock fell behind (admission closed for overload).",
+             value=snap.media_clock_episodes)
+    yield _G("gateway_sessions_active", "Sessions in progress: listen media connections, running dial routes, "
+             "answered calls (what server.max_sessions caps).", value=snap.sessions_active)
+    if snap.sessions_max is not None:
+        yield _G("gateway_sessions_max", "server.max_sessions: sessions admitted at once at most.", value=snap.sessions_max)
+    refused = _C("gateway_sessions_refused", "New sessions refused (503, or an incoming call rejected as busy) "
+                 "by admission: overload (media clock behind) or capacity (server.max_sessions).", labels=("reason",))
+    for reason, count in snap.sessions_refused:
+        refused.add_metric((reason,), count)
+    yield refused
+    yield _C("gateway_routes_held", "Dial route starts that waited (state held) because admission was closed.",
+             value=snap.routes_held)
     build = _G("gateway_build_info", "The gateway's version; always 1.", labels=("version",))
     build.add_metric((__version__,), 1.0)
     yield build

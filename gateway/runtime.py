@@ -9,6 +9,7 @@ import attrs
 import httpx
 import trio
 
+from gateway.admission import Admission
 from gateway.config.schema import GatewayConfig
 from gateway.server import HttpServer, MediaServer, SetupPacer
 
@@ -28,13 +29,20 @@ class Runtime:
     """The running gateway's nursery, for tasks shared by routes (an Argon events stream
     serving several routes); set by `Gateway.run`."""
 
+    admission: Admission = attrs.Factory(Admission)
+    """Whether new sessions may start (media clock, `server.max_sessions`): consulted by the
+    media server, the session-creating REST paths and the daemon's dial routes."""
+
     def __attrs_post_init__(self) -> None:
         self.apply_server_limits()
 
     def apply_server_limits(self) -> None:
-        """(Re)build what `server:` limits: the media server's set-up pacer."""
+        """(Re)build what `server:` limits: the media server's set-up pacer and admission
+        (before the gateway runs: sessions in progress keep the slots of the old one)."""
         server = self.config.server
         self.media.pacer = SetupPacer(server.setups_per_second, server.setup_burst)
+        self.admission = Admission(server.admission_lag_ms / 1000, server.max_sessions)
+        self.media.admission = self.http.admission = self.admission
 
     def singleton(self, key: Any, factory) -> Any:
         if key not in self.shared:

@@ -22,13 +22,16 @@ import json
 import logging
 import math
 import re
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Hashable
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import numpy as np
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
+
+from gateway.admission import Admission
+from gateway.admission import Refusal as AdmissionRefusal
 
 log = logging.getLogger("gateway.server")
 
@@ -174,6 +177,9 @@ class _HttpRoute:
     json_depth: int | None = MAX_JSON_DEPTH
     """Nesting a JSON body may have (400 beyond); None: the body is not JSON, not checked."""
     refuse: Refusal = json_refusal
+    seat: Callable[[HttpRequest], Hashable | None] | None = None
+    """For a `SESSION_PATHS` call: the seat it asks for (`gateway.admission`, "Seats"): a
+    call for a seat that holds a slot already is not refused."""
 
 
 _UNROUTED = _HttpRoute("", re.compile("$^"), None)  # type: ignore[arg-type]  # limits of 404/405 answers
@@ -182,9 +188,11 @@ _UNROUTED = _HttpRoute("", re.compile("$^"), None)  # type: ignore[arg-type]  # 
 class HttpServer:
     """A tiny ASGI router; `add(method, pattern, handler)` returns a function that removes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, admission: Admission | None = None) -> None:
         self._routes: list[_HttpRoute] = []
         self.port: int | None = None
+        self.admission = admission or Admission(0)
+        """Consulted before a handler of a `SESSION_PATHS` call runs (503 while it refuses)."""
         self._fallback: _HttpRoute | None = None
 
     def set_fallback(self, handler: HttpHandler, *, max_body: int = MAX_JSON_BODY) -> None:
@@ -197,11 +205,14 @@ class HttpServer:
         return [(route.method, route.pattern.pattern) for route in self._routes]
 
     def add(self, method: str, pattern: str, handler: HttpHandler, *, max_body: int = MAX_JSON_BODY,
-            json_depth: int | None = MAX_JSON_DEPTH, refuse: Refusal = json_refusal) -> Callable[[], None]:
+            json_depth: int | None = MAX_JSON_DEPTH, refuse: Refusal = json_refusal,
+            seat: Callable[[HttpRequest], Hashable | None] | None = None) -> Callable[[], None]:
         """Serve `method pattern` with `handler`. Its body is bounded before the handler runs:
         at most `max_body` bytes (413), JSON nested at most `json_depth` levels (400; None for a
-        body that is not JSON); `refuse(status, cause)` makes those answers."""
-        entry = _HttpRoute(method.upper(), _compile(pattern), handler, max_body, json_depth, refuse)
+        body that is not JSON); `refuse(status, cause)` makes those answers (and the 503 of
+        admission). `seat(request)`: the admission seat a session-creating call asks for (None:
+        none), so the call of a seat already admitted passes (`gateway.admission`)."""
+        entry = _HttpRoute(method.upper(), _compile(pattern), handler, max_body, json_depth, refuse, seat)
         self._routes.append(entry)
         return lambda: self._routes.remove(entry) if entry in self._routes else None
 
@@ -232,7 +243,7 @@ class HttpServer:
         if scope["type"] != "http":
             return
         what = f"{scope['method']} {scope['path']}"
-        route, _, _ = self._match(scope["method"].upper(), scope["path"])
+        route, params, _ = self._match(scope["method"].upper(), scope["path"])
         limits = route or _UNROUTED
         with trio.move_on_after(BODY_TIMEOUT) as reading:
             body = await self._read_body(scope, receive, send, limits, what)
@@ -248,6 +259,14 @@ class HttpServer:
             if problem:
                 log.info("HTTP %s from %s refused (400): %s", what, _client(scope), problem)
                 await _send_response(send, route.refuse(400, problem), what)
+                return
+        if route is not None and _creates_session(route.method, scope["path"]):
+            seat = _seat_of(route.seat, _request(scope, body, params), what) if route.seat else None
+            refusal = None if self.admission.seated(seat) else self.admission.check(f"{what} from {_client(scope)}")
+            if refusal is not None:
+                response = route.refuse(503, f"{refusal.detail}; retry in {refusal.retry_after} s")
+                response = attrs.evolve(response, headers=(*response.headers, ("retry-after", str(refusal.retry_after))))
+                await _send_response(send, response, what)
                 return
         response = await self.dispatch(scope, body)
         if response.stream is None:
@@ -298,9 +317,7 @@ class HttpServer:
         method = scope["method"].upper()
         route, params, allowed = self._match(method, path)
         if route is not None:
-            query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            request = HttpRequest(method, path, query, headers, body, params, _client(scope, ""))
+            request = _request(scope, body, params)
             try:
                 return await route.handler(request)
             except Exception:  # a handler bug must not kill the server; the log says where
@@ -309,6 +326,35 @@ class HttpServer:
         if allowed:
             return HttpResponse.json(405, {"error": f"method {method} not allowed"}, (("allow", ", ".join(allowed)),))
         return HttpResponse.json(404, {"error": f"no such resource: {path}"})
+
+
+SESSION_PATHS = (
+    ("POST", "/IVoice/v1/StreamToken"),  # Argon: a stream token is a seat in a room (any API prefix)
+    ("POST", "/v2/ingest/sessions"),  # VideoSDK: an ingest session and its wsUrl
+    ("POST", "/api/v1/sdk/token"),  # agent: a single-use token for one session
+)
+"""REST calls that hand out a listen session (matched on the path's end, so every API prefix
+counts): refused with 503 + Retry-After, in the service's error shape, while admission is
+closed (gateway.admission). Calls about sessions in progress are never refused."""
+
+
+def _creates_session(method: str, path: str) -> bool:
+    return any(method == m and path.endswith(p) for m, p in SESSION_PATHS)
+
+
+def _request(scope: dict, body: bytes, params: dict[str, str]) -> HttpRequest:
+    query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    return HttpRequest(scope["method"].upper(), scope["path"], query, headers, body, params, _client(scope, ""))
+
+
+def _seat_of(seat: Callable[[Any], Hashable | None], request: Any, what: str) -> Hashable | None:
+    """`seat(request)`; a bug in it costs the request its seat (admission then decides), not the server."""
+    try:
+        return seat(request)
+    except Exception:
+        log.exception("admission seat of %s failed", what)
+        return None
 
 
 def _client(scope: dict, unknown: str = "?") -> str:
@@ -453,6 +499,8 @@ class MediaRequest:
 
 
 MediaHandler = Callable[[MediaRequest], Awaitable[None]]
+MediaSeat = Callable[[MediaRequest], "Hashable | None"]
+"""The admission seat of an upgrade (`MediaServer.add`), read before its handler runs."""
 
 
 SETUPS_PER_SECOND = 50.0  # session set-ups started per second, beyond a burst of SETUP_BURST
@@ -495,25 +543,32 @@ class SetupPacer:
 
 class MediaServer:
     """Routes WebSocket upgrades to listen endpoints by path; unknown paths get 404. Set-ups
-    are paced (`SetupPacer`); one refused for that gets 503 with Retry-After."""
+    are paced (`SetupPacer`); one refused for that gets 503 with Retry-After, as does one that
+    arrives while admission is closed (`gateway.admission`: media clock behind, session cap)."""
 
-    def __init__(self, pacer: SetupPacer | None = None) -> None:
-        self._routes: list[tuple[re.Pattern[str], MediaHandler]] = []
+    def __init__(self, pacer: SetupPacer | None = None, admission: Admission | None = None) -> None:
+        self._routes: list[tuple[re.Pattern[str], MediaHandler, MediaSeat | None]] = []
         self.port: int | None = None
         self.pacer = pacer or SetupPacer()
+        self.admission = admission or Admission(0)
+        """Decides, before its set-up, whether an upgrade may start a session (503 otherwise);
+        each admitted upgrade holds one of its slots (its seat's) and marks a session up
+        (`Admission.stream`: the media clock ticks) while its handler runs."""
 
-    def add(self, pattern: str, handler: MediaHandler) -> Callable[[], None]:
+    def add(self, pattern: str, handler: MediaHandler, *, seat: MediaSeat | None = None) -> Callable[[], None]:
         """Serve upgrades whose path matches `pattern`; raises ValueError when that exact
-        pattern is already served (two listen endpoints cannot share one path)."""
-        if any(p.pattern == _compile(pattern).pattern for p, _ in self._routes):
+        pattern is already served (two listen endpoints cannot share one path). `seat(request)`:
+        the admission seat the upgrade belongs to (None: a session of its own); an upgrade of
+        a seat that holds a slot already shares it and is not refused (`gateway.admission`)."""
+        if any(p.pattern == _compile(pattern).pattern for p, _, _ in self._routes):
             raise ValueError(f"{pattern} is already served by another listen endpoint")
-        entry = (_compile(pattern), handler)
+        entry = (_compile(pattern), handler, seat)
         self._routes.append(entry)
         return lambda: self._routes.remove(entry) if entry in self._routes else None
 
     def patterns(self) -> list[str]:
         """The regex source of every path served, in matching order."""
-        return [pattern.pattern for pattern, _ in self._routes]
+        return [pattern.pattern for pattern, _, _ in self._routes]
 
     async def handle(self, request: WebSocketRequest) -> None:
         """Route one upgrade; when it is over (refused, or its session ended and said its
@@ -536,9 +591,16 @@ class MediaServer:
             await _reject_quietly(request, 400, "bad request target")
             return
         path = parts.path or "/"
-        for pattern, handler in list(self._routes):
+        for pattern, handler, seat_of in list(self._routes):
             match = pattern.match(path)
             if match:
+                what = f"media upgrade from {remote} on {path}"
+                media_request = MediaRequest(request, path, query, match.groupdict(), remote)
+                seat = _seat_of(seat_of, media_request, what) if seat_of is not None else None
+                if not self.admission.seated(seat) and (refusal := self.admission.check(what)) is not None:
+                    # before the pacer: costs nothing
+                    await _refuse_admission(request, refusal, remote, path)
+                    return
                 wait = self.pacer.turn(trio.current_time())
                 if wait is None:
                     log.warning("media: refused upgrade from %s on %s (503): more session set-ups than %g per "
@@ -548,8 +610,13 @@ class MediaServer:
                     return
                 if wait:
                     await trio.sleep(wait)
+                slot = self.admission.try_slot(what, seat)  # again: it may have closed while this one waited
+                if isinstance(slot, AdmissionRefusal):
+                    await _refuse_admission(request, slot, remote, path)
+                    return
                 try:
-                    await handler(MediaRequest(request, path, query, match.groupdict(), remote))
+                    with slot, self.admission.stream():
+                        await handler(media_request)
                 except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
                     log.info("media: connection from %s on %s lost: %s", remote, path, type(err).__name__)
                 except Exception:  # a handler bug ends that connection, never the media server
@@ -558,6 +625,13 @@ class MediaServer:
                 return
         log.info("media: refused upgrade from %s: no listen endpoint at %s", remote, path)
         await MediaRequest(request, path, query, {}, remote).reject(404, f"no listen endpoint at {path}")
+
+
+async def _refuse_admission(request: WebSocketRequest, refusal: AdmissionRefusal, remote: str, path: str) -> None:
+    """503 + Retry-After for an upgrade admission refused (logged once per spell by Admission)."""
+    log.debug("media: refused upgrade from %s on %s (503): %s", remote, path, refusal.detail)
+    await _reject_quietly(request, 503, f"{refusal.detail}; retry in {refusal.retry_after} s",
+                          (b"retry-after", str(refusal.retry_after).encode()))
 
 
 async def _reject(request: WebSocketRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:

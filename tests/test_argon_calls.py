@@ -68,7 +68,12 @@ async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, capl
             await gateway.routes["app-user"].route.up.wait()
             assert answer.state == "up" and len(answer.calls) == 1
             await trio.sleep(0.2)
-            await gateway.routes["phone"].route.up.wait()  # the answered call reached the phone
+            # streaming (gateway.admission): the user's and the bot's sockets, the phone's, the answered call
+            admission = gateway.runtime.admission
+            with trio.fail_after(10):  # each leg reports itself up as its own task gets there
+                while admission.streaming < 4:
+                    await trio.sleep(0.02)
+            assert admission.streaming == 4 and admission.sessions == 4
             heard = next(e for e in gateway.routes["phone"].route.endpoints if e.name == "heard")
             await user.speak(user_pcm)
             # hang up once the phone has heard it all: the recorder hears 0.3 s of quiet (the
@@ -81,6 +86,8 @@ async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, capl
             await user.hang_up()  # callEnded: the answering session ends, the phone is hung up
             await gateway.routes["phone"].sessions_done.wait()
             while answer.calls:
+                await trio.sleep(0.05)
+            while admission.streaming:  # all down: the media clock stops ticking
                 await trio.sleep(0.05)
         assert answer.state == "waiting"  # ready for the next call
         nursery.cancel_scope.cancel()

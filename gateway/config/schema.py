@@ -84,6 +84,13 @@ class ServerConfig:
     clients is spread out (each waits its turn, up to 2 s, else 503) so running calls keep
     their pace."""
     setup_burst: int = 10
+    admission_lag_ms: int = 20
+    """New sessions are refused (dial routes wait) while the media clock is this far behind:
+    the 90th percentile of the last second's 20 ms ticks' lateness, ticked while sessions
+    stream (gateway.admission); 0: never."""
+    max_sessions: int | None = None
+    """Sessions at once at most (listen media connections, an Argon bot's connections in one
+    room counting once, running dial routes, answered calls); None: no cap."""
 
     @classmethod
     def from_options(cls, opts: Options) -> ServerConfig:
@@ -93,6 +100,8 @@ class ServerConfig:
         control = ControlConfig.from_options(opts.sub("control"))
         setups = opts.get_float("setups_per_second", 50.0, minimum=1.0)
         burst = opts.get_int("setup_burst", 10, minimum=1)
+        lag = opts.get_int("admission_lag_ms", 20, minimum=0, maximum=1000)
+        max_sessions = opts.get_int("max_sessions", None, minimum=1)
         opts.finish()
         return cls(
             http=HostPort.parse(http, opts, "http") if http else None,
@@ -101,6 +110,8 @@ class ServerConfig:
             control=control,
             setups_per_second=float(setups),
             setup_burst=burst,
+            admission_lag_ms=lag,
+            max_sessions=max_sessions,
         )
 
 

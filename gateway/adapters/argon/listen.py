@@ -109,6 +109,18 @@ CALL_ROOM_PREFIX = "call/"
 DEFAULT_INTENTS = INTENT_VOICE  # "all non-privileged intents" of what we serve (calls are privileged)
 HEAR_QUEUE = 256  # published packets waiting for the playout task (~5 s of 20 ms) before drops
 PLAYOUT_TAIL_S = 0.5  # s a session's end waits for the playout to play what it holds (<= max delay)
+REFUSAL_CODES = {413: "payload_too_large", 429: "rate_limited", 503: "service_unavailable"}
+"""Argon's `error` code of a bot REST call refused before its handler ran (gateway.server), by
+status; any other status (400 nested too deep, 408 body too slow) is `bad_request`. Argon's bot
+API docs name 429 `rate_limited`; for a 503 they give the status's meaning only ("Service
+unavailable: the server cannot do this particular work right now"; the one code they list,
+`render_unavailable`, is an IExpressions render), so the admission 503 says `service_unavailable`."""
+
+
+def seat(room: str, identity: str) -> tuple[str, str, str]:
+    """The admission seat of a bot in a room (gateway.admission, "Seats"): one identity per
+    room, so every connection (and StreamToken call) of it is one session."""
+    return ("argon", room, identity)
 
 
 class _PerMinute:
@@ -160,14 +172,15 @@ class ArgonListenService:
         self._limits = _PerMinute()
         self._sessions = 0
         for prefix in API_PREFIXES:  # a body too big or nested too deep: refused in Argon's error shape
-            runtime.http.add("POST", prefix + STREAM_TOKEN_PATH, self.stream_token, refuse=self._refused)
+            runtime.http.add("POST", prefix + STREAM_TOKEN_PATH, self.stream_token, refuse=self._refused,
+                             seat=self._token_seat)
             runtime.http.add("GET", prefix + EVENTS_PATH, self.events, refuse=self._refused)
             runtime.http.add("POST", prefix + CALLS_ACCEPT_PATH, self.accept, refuse=self._refused)
             runtime.http.add("POST", prefix + CALLS_REJECT_PATH, self.reject, refuse=self._refused)
             runtime.http.add("GET", prefix + GET_ME_PATH, self.get_me, refuse=self._refused)
         for path in AudioPath:
-            runtime.media.add(path.value, self.audio)
-        runtime.media.add("/", self.audio)  # the seed's bare ingressUrl
+            runtime.media.add(path.value, self.audio, seat=self._audio_seat)
+        runtime.media.add("/", self.audio, seat=self._audio_seat)  # the seed's bare ingressUrl
 
     # -- settings -------------------------------------------------------------------------
     @property
@@ -263,8 +276,39 @@ class ArgonListenService:
 
     @classmethod
     def _refused(cls, status: int, cause: str) -> HttpResponse:
-        """A body refused before its handler ran (gateway.server: 413 too big, 400 nested too deep)."""
-        return cls._error(status, "payload_too_large" if status == 413 else "bad_request", cause)
+        """A call refused before its handler ran (gateway.server: 413 too big, 400 nested too
+        deep, 408 too slow, 503 admission closed): `REFUSAL_CODES`."""
+        return cls._error(status, REFUSAL_CODES.get(status, "bad_request"), cause)
+
+    # -- admission seats ------------------------------------------------------------------------
+    def _token_seat(self, request: HttpRequest) -> tuple[str, str, str] | None:
+        """The seat a StreamToken call asks for (a known bot, a well-formed body), else None.
+        While that seat holds a slot (the bot is in the room), its new token (a renewal, a
+        reconnect) is no new session: admission lets it through."""
+        bot = self._bot(request)
+        if bot is None:
+            return None
+        try:
+            body = request.json()
+            space_id, channel_id = body["spaceId"], body["channelId"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(space_id, str) or not isinstance(channel_id, str):
+            return None
+        return seat(room_name(space_id, channel_id), bot.user_id)
+
+    def _audio_seat(self, request: MediaRequest) -> tuple[str, str, str] | None:
+        """The seat of an audio upgrade: the room and identity of its token, once verified (a
+        forged token names no seat, so it cannot borrow another bot's slot). A bot's second
+        connection (it replaces the first in the room: one identity per room) shares the slot
+        of the first, and is not refused at `server.max_sessions`."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.request.headers}
+        try:
+            audio = parse_audio_request(request.request.path, headers.get("authorization"))
+            grant = verify_room_token(self.secret, audio.token, now=time.time(), issuer=ISSUER)
+        except (AudioRefusal, TokenError):
+            return None
+        return seat(grant.room, grant.identity)
 
     def _limited(self, bot: ArgonBot, what: str, limit: int) -> HttpResponse | None:
         retry = self._limits.retry_after(f"{what}:{bot.user_id}", limit)
@@ -388,7 +432,8 @@ class ArgonListenService:
         if audio.path.publishes and not grant.can_publish or audio.path.hears and not grant.can_subscribe:
             await _refuse(request, 403, "the token does not grant this path")
             return
-        if self._sessions >= self.runtime.config.services.argon.max_sessions:
+        replacing = grant.identity in room.sessions  # one identity per room: this one takes the other's place
+        if self._sessions >= self.runtime.config.services.argon.max_sessions and not replacing:
             await _refuse(request, 503, "max audio WS sessions reached")
             return
         self._sessions += 1
