@@ -85,6 +85,14 @@ def active_duration(pcm: np.ndarray, rate: int, threshold_db: float = -50.0) -> 
     return (loud[-1] - loud[0] + 1) / 100
 
 
+def _speech_blocks(ref: np.ndarray, block: int) -> list[int]:
+    """Start indices of the `block`-sample blocks of mono `ref` that are speech: RMS at least
+    0.3 times the whole reference's (not breath or room noise); pauses are not scored."""
+    threshold = 0.3 * np.sqrt(np.mean(ref**2))
+    return [start for start in range(0, len(ref) - block + 1, block)
+            if np.sqrt(np.mean(ref[start : start + block] ** 2)) >= threshold]
+
+
 def blockwise_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int,
                         block_s: float = 0.25, search_s: float = 0.1) -> list[float]:
     """Correlation of each speech block of the reference with the received audio, each at its
@@ -103,12 +111,9 @@ def blockwise_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarr
         ref = soxr.resample(ref, ref_rate, rate, quality="VHQ")
     _, lag_s = best_alignment(ref, rate, got, rate)
     base, search, block = int(lag_s * rate), int(search_s * rate), int(block_s * rate)
-    threshold = 0.3 * np.sqrt(np.mean(ref**2))  # speech, not breath or room noise
     scores = []
-    for start in range(0, len(ref) - block + 1, block):
+    for start in _speech_blocks(ref, block):
         a = ref[start : start + block]
-        if np.sqrt(np.mean(a**2)) < threshold:
-            continue  # a pause: nothing to compare
         if start + base + search < 0 or start + base - search + block > len(got):
             scores.append(0.0)  # before or after what was received: that speech is missing
             continue
@@ -198,11 +203,8 @@ def spectral_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarra
     base = int(np.argmax(candidates)) - max_lag
     block, search = round(block_s / SPECTRAL_HOP_S), round(search_s / SPECTRAL_HOP_S)
     block_samples = round(block_s * SPECTRAL_RATE)
-    threshold = 0.3 * np.sqrt(np.mean(ref**2))  # speech, not breath or room noise
     scores = []
-    for start in range(0, len(ref) - block_samples + 1, block_samples):
-        if np.sqrt(np.mean(ref[start : start + block_samples] ** 2)) < threshold:
-            continue  # a pause: nothing to compare
+    for start in _speech_blocks(ref, block_samples):
         first = start // hop
         pattern = ref_spec[first : first + block]
         lo, hi = max(0, first + base - search), min(len(got_spec), first + base + search + block)
