@@ -65,6 +65,8 @@ from typing import Hashable, Iterator
 import attrs
 import trio
 
+from gateway.mediaclock import Waker
+
 log = logging.getLogger("gateway.admission")
 
 TICK_S = 0.020  # seconds between media clock ticks: one 20 ms frame, the pacers' usual ptime
@@ -410,8 +412,9 @@ class Admission:
                 with trio.CancelScope() as self._ticker:  # cancelled by _stop_ticking
                     deadline = clock.start(trio.current_time())
                     waits.read()
+                    timer = Waker()  # gateway.mediaclock: a tick without a cancellation
                     while True:
-                        await trio.sleep_until(deadline)
+                        await timer.wait(deadline)
                         if not self.ticking:  # stopped while this wake-up was already due
                             break
                         was = clock.behind

@@ -86,6 +86,7 @@ from gateway.codecs.planner import opus_input_rate_for
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway._util import collapse, goodbye_scope
 from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
+from gateway.mediaclock import Waker
 
 log = logging.getLogger("gateway.route")
 
@@ -508,7 +509,7 @@ class Route:
                     return
             finish(reason)
 
-        async def pace(sink, recv: trio.MemoryReceiveChannel, feeding: list[Endpoint], pcm_format: AudioFormat) -> None:
+        async def pace(sink, recv: _SinkQueue, feeding: list[Endpoint], pcm_format: AudioFormat) -> None:
             # A sink whose peer is gone ends the route as its run() would: CallEnded is the
             # peer hanging up, other errors a failure (after the route ended: expected).
             name = getattr(sink, "sink", sink).name
@@ -592,7 +593,7 @@ class Route:
     async def _pace(
         self,
         sink: Endpoint,
-        recv: trio.MemoryReceiveChannel,
+        recv: _SinkQueue,
         feeding: list[Endpoint],
         drained: dict[int, trio.Event],
         pcm_format: AudioFormat | None = None,
@@ -695,6 +696,14 @@ class Route:
                 except trio.WouldBlock:
                     return
 
+        async def take_until(until: float) -> None:
+            """Take in what arrives until trio time `until`."""
+            while True:
+                item = await recv.receive_until(until)
+                if item is None:
+                    return
+                accept(item)
+
         def rebase() -> None:
             """At a (re-)anchor: what a live source has buffered beyond one packet (or one of
             its frames) is excess from now on; the latency-control window starts over."""
@@ -737,27 +746,26 @@ class Route:
                     # Never a burst: a backlog (frames handed over at once) goes one packet per
                     # deadline, and a packet whole within half a ptime of the last waits for
                     # the deadline.
-                    with trio.move_on_at(deadline + grace):
-                        while not ready(0):
-                            accept(await recv.receive())
+                    while not ready(0):
+                        item = await recv.receive_until(deadline + grace)
+                        if item is None:
+                            break
+                        accept(item)
                     if buffers[0].buffered >= n:
                         drain()
                         now = trio.current_time()
                         if now < deadline - ptime / 2:
-                            with trio.move_on_at(deadline):
-                                while True:
-                                    accept(await recv.receive())
+                            await take_until(deadline)
                         else:
                             deadline, anchor = now, now - k * ptime
                 else:
-                    with trio.move_on_at(deadline):
-                        while True:
-                            accept(await recv.receive())
+                    await take_until(deadline)
                     waiting = [i for i in range(len(buffers)) if short_run[i] < IDLE_AFTER and not ready(i)]
-                    if waiting:
-                        with trio.move_on_at(deadline + grace):
-                            while any(not ready(i) for i in waiting):
-                                accept(await recv.receive())
+                    while waiting and any(not ready(i) for i in waiting):
+                        item = await recv.receive_until(deadline + grace)
+                        if item is None:
+                            break
+                        accept(item)
                 # Take one ptime from each source; mix-minus (the sink is never among `feeding`).
                 mixed: np.ndarray | None = None
                 contributors = 0
@@ -865,9 +873,13 @@ class Route:
                 if contributors == 0 and all(s >= IDLE_AFTER for s in short_run):
                     # Everyone idle: silence keeps flowing; when audio comes back the clock
                     # re-anchors on it, so it goes out at once instead of up to a ptime later.
-                    with trio.move_on_at(anchor + k * ptime):
-                        while not any(b.buffered >= n for b in buffers):
-                            accept(await recv.receive())
+                    until = anchor + k * ptime
+                    while not any(b.buffered >= n for b in buffers):
+                        item = await recv.receive_until(until)
+                        if item is None:
+                            break
+                        accept(item)
+                    else:
                         anchor = trio.current_time() - k * ptime
                         drain()  # a source that stalled may send its backlog at once
                         rebase()
@@ -960,23 +972,26 @@ class _SinkQueue:
     finished. Receive side (the pacer): `receive`, `receive_nowait`, and `with queue:` closes it.
     """
 
-    __slots__ = ("_send", "_recv", "_queued_us", "_bound_us")
+    __slots__ = ("_items", "_waker", "_closed", "_queued_us", "_bound_us")
 
     def __init__(self, bound_ms: int) -> None:
-        self._send, self._recv = trio.open_memory_channel(math.inf)  # bounded below, by duration
+        self._items: collections.deque[tuple[int, AudioFrame | None]] = collections.deque()
+        self._waker = Waker()  # the pacer parks on it (gateway.mediaclock: no cancel scope per wait)
+        self._closed = False
         self._queued_us = 0
         self._bound_us = bound_ms * 1000
 
     def send_nowait(self, item: tuple[int, AudioFrame | None]) -> None:
+        if self._closed:
+            raise trio.BrokenResourceError("the pacer has finished")
         frame = item[1]
-        if frame is _END:
-            self._send.send_nowait(item)
-            return
-        cost = frame.samples * 1_000_000 // frame.rate
-        if self._queued_us + cost > self._bound_us:
-            raise trio.WouldBlock
-        self._send.send_nowait(item)
-        self._queued_us += cost
+        if frame is not _END:
+            cost = frame.samples * 1_000_000 // frame.rate
+            if self._queued_us + cost > self._bound_us:
+                raise trio.WouldBlock
+            self._queued_us += cost
+        self._items.append(item)
+        self._waker.wake()
 
     def _took(self, item: tuple[int, AudioFrame | None]) -> tuple[int, AudioFrame | None]:
         frame = item[1]
@@ -985,14 +1000,38 @@ class _SinkQueue:
         return item
 
     async def receive(self) -> tuple[int, AudioFrame | None]:
-        return self._took(await self._recv.receive())
+        if self._items:
+            item = self._took(self._items.popleft())
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+        while not self._items:
+            await self._waker.wait(math.inf)
+        return self._took(self._items.popleft())
+
+    async def receive_until(self, deadline: float) -> tuple[int, AudioFrame | None] | None:
+        """The next item, waiting for one until trio time `deadline`; None from the deadline
+        on (then nothing is taken, as a receive under `move_on_at(deadline)` would)."""
+        items = self._items
+        if trio.current_time() >= deadline:
+            return None
+        if items:  # as a trio channel does: the emitters get their turn before the pacer goes on
+            item = self._took(items.popleft())
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+        while True:
+            if not await self._waker.wait(deadline) or trio.current_time() >= deadline:
+                return None  # what comes at the deadline is the next wait's, as under move_on_at
+            if items:
+                return self._took(items.popleft())
 
     def receive_nowait(self) -> tuple[int, AudioFrame | None]:
-        return self._took(self._recv.receive_nowait())
+        if not self._items:
+            raise trio.WouldBlock
+        return self._took(self._items.popleft())
 
     def close(self) -> None:
-        self._bound_us = math.inf  # nothing queues any more: senders get BrokenResourceError
-        self._recv.close()
+        self._closed = True  # nothing queues any more: senders get BrokenResourceError
+        self._items.clear()
 
     def __enter__(self) -> _SinkQueue:
         return self

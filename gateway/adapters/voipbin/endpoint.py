@@ -92,6 +92,7 @@ from gateway.codecs.plc import G711Plc
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint, EndpointStats, RouteEvent
 from gateway.errors import CallEnded, RemoteProtocolError
+from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
 from gateway.server import MediaRequest
 
@@ -372,7 +373,7 @@ class _RtpPlayout:
         self.plc = G711Plc() if concealment else None
         self._emit, self._stats, self._decoder = emit, stats, decoder
         self._timestamp = 0
-        self._wake = trio.Event()
+        self._waker = Waker()  # `run` parks on it (gateway.mediaclock: no cancel scope per slot)
         self._sleeping_until = math.inf  # when `run` wakes on its own (-inf while it is awake)
         self._counted = (0, 0, 0)  # buffer's reordered, duplicates, late already in stats
 
@@ -398,7 +399,7 @@ class _RtpPlayout:
         steady stream it sleeps to its own deadline, one wake-up per slot instead of two."""
         due = self.buffer.next_due(now)
         if due is not None and due < self._sleeping_until:
-            self._wake.set()
+            self._waker.wake()
 
     def _play(self, slots: list[Slot]) -> None:
         plc, stats = self.plc, self._stats
@@ -421,12 +422,11 @@ class _RtpPlayout:
 
     async def run(self) -> None:
         """Play each slot at its due time, until cancelled."""
+        waker = self._waker
         while True:
-            wake = self._wake = trio.Event()  # a push may bring the next due time forward
             due = self.buffer.next_due(trio.current_time())
             self._sleeping_until = math.inf if due is None else due
-            with trio.move_on_at(self._sleeping_until):
-                await wake.wait()
+            await waker.wait(self._sleeping_until)  # or a push brings the next due time forward
             self._sleeping_until = -math.inf  # awake: pushes need not wake it
             self._play(self.buffer.pop(trio.current_time()))
 
