@@ -42,7 +42,8 @@ class G711Encoder:
 
     def process(self, frame: Frame) -> list[Frame]:
         frame = check_pcm(frame, PCM16_8K, "G711Encoder")
-        payload = audioop.lin2ulaw(np.ascontiguousarray(frame.pcm), SAMPLE_WIDTH)
+        # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; it is a buffer on 3.11 too
+        payload = audioop.lin2ulaw(np.ascontiguousarray(frame.pcm), SAMPLE_WIDTH)  # type: ignore[arg-type]
         return [EncodedFrame(payload, PCMU_8K, frame.pcm.shape[0], frame.timestamp)]
 
     def flush(self) -> list[Frame]:

@@ -87,7 +87,8 @@ _strerror.restype = ctypes.c_char_p
 
 def opus_strerror(code: int) -> str:
     """libopus's text for a negative error code ("corrupted stream", "invalid argument", ...)."""
-    return _strerror(code).decode("ascii", "replace")
+    text: bytes = _strerror(code)
+    return text.decode("ascii", "replace")
 
 
 def _invalid(packet: bytes, cause: str) -> RemoteProtocolError:
@@ -102,10 +103,11 @@ def packet_samples(packet: bytes) -> int:
     if not packet:
         raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
     sizes = (ctypes.c_int16 * MAX_FRAMES_PER_PACKET)()
-    frames = _packet_parse(packet, len(packet), None, None, ctypes.addressof(sizes), None)
+    frames: int = _packet_parse(packet, len(packet), None, None, ctypes.addressof(sizes), None)
     if frames < 0:
         raise _invalid(packet, opus_strerror(frames))
-    return frames * _packet_get_samples_per_frame(packet, OPUS_RATE)
+    per_frame: int = _packet_get_samples_per_frame(packet, OPUS_RATE)
+    return frames * per_frame
 
 
 def packet_frame_samples(packet: bytes) -> int:
@@ -119,7 +121,8 @@ def packet_channels(packet: bytes) -> int:
     Raises RemoteProtocolError (1007) for an empty packet."""
     if not packet:
         raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
-    return _packet_get_nb_channels(packet)
+    channels: int = _packet_get_nb_channels(packet)
+    return channels
 
 
 #: Audio bandwidth (Hz) of each OPUS_BANDWIDTH_* a TOC byte names (RFC 6716 §2, Table 1).
@@ -277,11 +280,11 @@ class OpusEncoder:
     """48000 / input_rate: input samples -> 48 kHz samples."""
     _lookahead: int = attrs.field(init=False)
     """OPUS_GET_LOOKAHEAD, in samples at the input rate."""
-    _frame_sizes: frozenset = attrs.field(init=False)
+    _frame_sizes: frozenset[int] = attrs.field(init=False)
     _enc: opuslib.Encoder = attrs.field(init=False)
     _pcm: np.ndarray = attrs.field(init=False)
     _pcm_addr: int = attrs.field(init=False)
-    _out: ctypes.Array = attrs.field(init=False)
+    _out: ctypes.Array[ctypes.c_char] = attrs.field(init=False)
     _last_ts: int | None = attrs.field(default=None, init=False)
     _last_samples: int = attrs.field(default=0, init=False)
 

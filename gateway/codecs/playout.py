@@ -102,6 +102,7 @@ counters are the same.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import attrs
 import numpy as np
@@ -162,6 +163,10 @@ _SPLICE_RAMP = ((np.arange(SPLICE, dtype=np.float32) + 0.5) / SPLICE)[:, None]
 
 # queue entry kinds
 _NORMAL, _DTX, _MALFORMED, _DECODED = 0, 1, 2, 3
+_Queued = tuple[int, int, int, int, Any, float]
+"""A queue entry: (position, samples, kind, samples missing before it, data, arrival). `data`
+is the packet (bytes), or for _DECODED the AudioFrame decoded at a restart: its type follows
+`kind`, which a type checker cannot narrow on, hence Any."""
 
 
 def _level(pcm: np.ndarray) -> float:
@@ -231,7 +236,7 @@ class OpusPlayout:
     _target: float = attrs.field(init=False)
     _jitter: float = attrs.field(default=0.0, init=False)
     _pairs: int = attrs.field(default=0, init=False)
-    _queue: collections.deque = attrs.field(factory=collections.deque, init=False)
+    _queue: collections.deque[_Queued] = attrs.field(factory=collections.deque, init=False)
     _queued: int = attrs.field(default=0, init=False)
     _running: bool = attrs.field(default=False, init=False)
     _anchor: float = attrs.field(default=0.0, init=False)
@@ -251,8 +256,8 @@ class OpusPlayout:
     _prev_missing: int = attrs.field(default=0, init=False)
     _prev_gap: int = attrs.field(default=0, init=False)
     _last_push: float | None = attrs.field(default=None, init=False)
-    _zmin: collections.deque = attrs.field(factory=collections.deque, init=False)
-    _zmax: collections.deque = attrs.field(factory=collections.deque, init=False)
+    _zmin: collections.deque[tuple[float, float]] = attrs.field(factory=collections.deque, init=False)
+    _zmax: collections.deque[tuple[float, float]] = attrs.field(factory=collections.deque, init=False)
     _celt: bool = attrs.field(default=False, init=False)
     _fec_until: float = attrs.field(default=-1e300, init=False)
 
@@ -297,6 +302,7 @@ class OpusPlayout:
         content: malformed packets are counted and concealed."""
         st = self.stats
         st.received += 1
+        item: bytes | AudioFrame = packet  # what is queued: the packet, or the frame decoded at a restart
         try:
             n = packet_samples(packet)
         except RemoteProtocolError:
@@ -317,7 +323,7 @@ class OpusPlayout:
                 if frame is None or _level(frame.pcm) < _SILENT_MS:
                     return  # nothing to restart for: an idle source already plays as silence
                 self._start(now)
-                kind, packet = _DECODED, frame
+                kind, item = _DECODED, frame
             self._slot = n
 
         # Timeline: lost slots from the arrival spacing, then RFC 3550 jitter.
@@ -391,7 +397,7 @@ class OpusPlayout:
         if gap > missing:
             st.late += 1  # its slot was concealed: it plays next, the timeline moves later
         self._prev_missing, self._prev_gap = missing, gap
-        queue.append((p, n, kind, missing, packet, now))
+        queue.append((p, n, kind, missing, item, now))
         self._queued += n
         st.depth_ms = self._queued / _MS
 
@@ -554,6 +560,7 @@ class OpusPlayout:
     def _splice(self, pcm: np.ndarray) -> None:
         """Crossfade the start of `pcm` from the audio that followed the last emitted sample."""
         head, self._head = self._head, None
+        assert head is not None  # callers splice only while a head is held
         k = min(len(head), len(pcm))
         r = _SPLICE_RAMP[:k] if k == SPLICE else ((np.arange(k, dtype=np.float32) + 0.5) / k)[:, None]
         h = head[:k].astype(np.float32)

@@ -123,7 +123,7 @@ class _History:
 
     def fill(self, pcm: np.ndarray) -> int:
         """Append `pcm` (int16, (n, channels)) after the history; returns history + n."""
-        need = self.keep + pcm.shape[0]
+        need: int = self.keep + pcm.shape[0]
         if self.buf.shape[1] < need:
             grown = np.zeros((self.buf.shape[0], need), dtype=np.float32)
             grown[:, : self.keep] = self.buf[:, : self.keep]

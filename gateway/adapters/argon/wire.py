@@ -630,7 +630,7 @@ def verify_stream_token(secret: str, token: str, *, now: float) -> StreamGrant:
     identity = claims.get("sub")
     if not isinstance(identity, str) or not identity:
         raise TokenError("stream token malformed: no sub (identity) claim")
-    video = claims.get("video")
+    video: Any = claims.get("video")  # a JSON value: checked below
     room = video.get("room") if isinstance(video, dict) else None
     if not isinstance(room, str) or not room or video.get("roomJoin") is not True:
         raise TokenError("stream token has no room grant")

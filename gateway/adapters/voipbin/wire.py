@@ -651,6 +651,7 @@ class MediaStreamProtocol:
             raise LocalProtocolError(str(exc)) from None
         if start:
             self._event_timestamp = self._out_timestamp
+        assert self._event_timestamp is not None  # just set, or checked on entry
         packet = RtpPacket(
             payload_type=self.dtmf_payload_type,
             marker=1 if start else 0,
