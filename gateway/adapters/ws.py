@@ -4,6 +4,7 @@ closing with a code and reason, and the message loop's error handling."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
@@ -66,7 +67,9 @@ async def dial(
                 handshake.cancel()
 
             ws = await connect_websocket_url(
-                _ReaderNursery(nursery, on_reader_error),
+                # trio-websocket calls only start_soon on it; trio.Nursery is final, so a stand-in
+                # cannot subclass it
+                _ReaderNursery(nursery, on_reader_error),  # type: ignore[arg-type]
                 url,
                 message_queue_size=MESSAGE_QUEUE,
                 max_message_size=MAX_MESSAGE,
@@ -92,11 +95,11 @@ class _ReaderNursery:
     (raised in the reader task, where `connect_websocket_url` cannot see it) to `on_error`,
     so `dial` translates it at the boundary instead of it escaping as an ExceptionGroup."""
 
-    def __init__(self, nursery: trio.Nursery, on_error) -> None:
+    def __init__(self, nursery: trio.Nursery, on_error: Callable[[BaseException], None]) -> None:
         self._nursery = nursery
         self._on_error = on_error
 
-    def start_soon(self, fn, *args, name=None) -> None:
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object, name: object = None) -> None:
         async def guarded() -> None:
             try:
                 await fn(*args)

@@ -340,7 +340,7 @@ class OpusEncoder:
         """Samples per channel each input frame must have (None: any Opus frame size)."""
         return None if self.ptime_ms is None else self.ptime_ms * self.input_rate // 1000
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[EncodedFrame]:
         frame = check_pcm(frame, self.input, "OpusEncoder")
         n = frame.pcm.shape[0]
         expected = self.frame_samples
@@ -362,14 +362,14 @@ class OpusEncoder:
             return silence_packet(n * self._scale, self.channels)
         return ctypes.string_at(self._out, size)
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[EncodedFrame]:
         """Encode silence until the lookahead's worth of the last input is out (one packet of
         the last frame size for ptimes >= 10 ms), then reset the encoder for a new stream."""
         if self._last_ts is None:
             return []
         n, scale = self._last_samples, self._scale
         ts = (self._last_ts + n) * scale
-        frames: list[Frame] = []
+        frames: list[EncodedFrame] = []
         silence = np.zeros((n, self.channels), dtype=np.int16)
         for _ in range(-(-self._lookahead // n)):
             frames.append(EncodedFrame(self._encode(silence, n), self.output, n * scale, ts))
@@ -412,7 +412,7 @@ class OpusDecoder:
         """Timestamp just after the last decoded or concealed sample."""
         return self._next_ts
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[AudioFrame]:
         frame = check_encoded(frame, Encoding.OPUS, "OpusDecoder")
         packet = frame.payload
         if not packet:
@@ -443,7 +443,7 @@ class OpusDecoder:
             raise _invalid(next_packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
         return self._decode(next_packet, samples, next_packet is not None, self._next_ts)
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[AudioFrame]:
         """Nothing is held back; resets the decoder state for a new stream."""
         opuslib.api.decoder.decoder_ctl(self._dec.decoder_state, opuslib.api.ctl.reset_state)
         return []

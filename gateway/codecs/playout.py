@@ -505,7 +505,7 @@ class OpusPlayout:
             return None
         self._celt = packet[0] >= 0x80  # TOC configs 16-31: what libopus's FEC decision looks at
         self.stats.decoded += 1
-        return frame  # type: ignore[return-value]
+        return frame
 
     def _conceal(self, n: int, fec: bytes | None = None) -> AudioFrame:
         """PLC (or FEC from `fec`, the packet after the gap) for a slot with no audio, faded

@@ -112,9 +112,13 @@ class Reframer:
 
     def pop(self) -> AudioFrame | None:
         """One whole frame of the oldest samples, or None when fewer than `frame_samples` wait."""
-        n = self.frame_samples
-        if self._count < n:
+        if self._count < self.frame_samples:
             return None
+        return self._take()
+
+    def _take(self) -> AudioFrame:
+        """`pop` once at least `frame_samples` are known to wait."""
+        n = self.frame_samples
         out = np.empty((n, self._ring.shape[1]), dtype=np.int16)
         self._read(out)
         frame = AudioFrame(out, self.fmt.rate, self._head_ts)
@@ -146,18 +150,18 @@ class Reframer:
         self._count -= n
         self._head_ts += n
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[AudioFrame]:
         self.push(frame)
-        frames: list[Frame] = []
+        frames: list[AudioFrame] = []
         while self._count >= self.frame_samples:
-            frames.append(self.pop())  # type: ignore[arg-type]
+            frames.append(self._take())
         return frames
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[AudioFrame]:
         """Every whole frame, then the partial one padded with silence; empties the buffer."""
-        frames: list[Frame] = []
+        frames: list[AudioFrame] = []
         while self._count >= self.frame_samples:
-            frames.append(self.pop())  # type: ignore[arg-type]
+            frames.append(self._take())
         if self._count:
             out = np.zeros((self.frame_samples, self._ring.shape[1]), dtype=np.int16)
             self._read(out[: self._count])

@@ -408,7 +408,7 @@ class _Session:
         return f"{self.path.value}" + (f" hearing {self.target}" if self.target else "")
 
 
-class ArgonDial(Endpoint):
+class ArgonDial(Endpoint[EncodedFrame]):
     """The gateway as an Argon bot in a voice channel or a call (module doc). A sink (it
     publishes the route's audio) unless `publish: false`; a source too when it hears someone
     (`hear:` or `calls: incoming`)."""
@@ -714,7 +714,7 @@ class ArgonDial(Endpoint):
     def _follow_target(self, events: EventsClient, me: str) -> str | None:
         """Who `hear: follow` hears: whoever of this channel joined most recently and is
         still there, not a bot, not ourselves; None when nobody is."""
-        users = events.present.get((self.space_id, self.channel_id), {})
+        users: dict[str, ArgonUser] = events.present.get((self.space_id, self.channel_id), {})
         for user_id in reversed(list(users)):
             user = users[user_id]
             if user_id != me and not user.is_bot:

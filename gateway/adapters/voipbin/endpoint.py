@@ -61,6 +61,7 @@ from __future__ import annotations
 import hmac
 import math
 import re
+from collections.abc import Callable
 from typing import NoReturn
 from urllib.parse import urlencode
 
@@ -108,7 +109,7 @@ REJECTED = {
 }
 
 
-class _VoipbinEndpoint(Endpoint):
+class _VoipbinEndpoint(Endpoint[AudioFrame]):
     kind = "voipbin"
     ingress = PCM16_8K
     egress = PCM16_8K
@@ -313,7 +314,7 @@ class _VoipbinEndpoint(Endpoint):
             self.stats.dropped += 1
             return
         if dtmf is not None and dtmf.busy:
-            frame = await self._send_dtmf(ws, proto, dtmf, frame)
+            frame = await self._send_dtmf(ws, proto, dtmf, frame)  # type: ignore[assignment]  # None: checked next
             if frame is None:
                 return  # rtp: an RFC 4733 packet took this slot
         if proto.codec is Codec.ULAW:
@@ -382,7 +383,7 @@ class _RtpPlayout:
             pcm = self._decoder.process(EncodedFrame(event.payload, PCMU_8K, len(event.payload), 0))[0].pcm
         else:
             pcm = AudioFrame.from_bytes(event.payload, 8000).pcm
-        self.buffer.push(event.sequence, event.timestamp, pcm, now)
+        self.buffer.push(event.sequence, event.timestamp, pcm, now)  # type: ignore[arg-type]  # rtp: always set
         self._play(self.buffer.pop(now))
         self._rewake(now)
 
@@ -528,8 +529,8 @@ class VoipbinListen(_VoipbinEndpoint):
         super().__init__(name, **kw)
         self._tokens = tokens
         self.idle_timeout = idle_timeout
-        self._slot = ListenSlot(f"VoIPBIN {self.target[:-1]} {self.target_id}")
-        self._unregister = None
+        self._slot: ListenSlot[Encapsulation] = ListenSlot(f"VoIPBIN {self.target[:-1]} {self.target_id}")
+        self._unregister: Callable[[], None] | None = None
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> VoipbinListen:

@@ -492,7 +492,7 @@ class MediaStreamProtocol:
             event = attrs.evolve(event, lost=lost)
         return [event, *self._keys.event(event)]
 
-    def flush(self) -> list[Event]:
+    def flush(self) -> list[KeyPress]:
         """The stream ended: a `KeyPress` still open (its end packets never came, no audio
         after it) as ``[KeyPress]``, else ``[]``."""
         return list(self._keys.flush())
