@@ -707,9 +707,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------------ control API
     def _install_control(self) -> None:
-        from gateway.control import ControlApi
+        from gateway.control import AccessGuards
 
-        guards = ControlApi(self)  # type: ignore[arg-type]  # its guards read only .config
+        guards = AccessGuards(self)
         http = self.http
         http.add("GET", "/healthz", self.healthz)
         http.add("GET", "/readyz", self.readyz)
