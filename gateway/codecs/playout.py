@@ -330,7 +330,7 @@ class OpusPlayout:
         missing = 0
         prev_a = self._prev_a
         queue = self._queue
-        if self._prev_missing and 2 * (now - prev_a) * RATE < self._prev_n:  # type: ignore[operator]
+        if self._prev_missing and prev_a is not None and 2 * (now - prev_a) * RATE < self._prev_n:
             # Bunched right behind a packet read as following a loss: that was a stall
             # released (TCP holds back what follows a delayed segment), not a loss.
             if self._prev_gap and self._prev_gap <= self._prev_missing:
@@ -494,7 +494,8 @@ class OpusPlayout:
     def _last_low(self) -> bool:
         """Whether the last decoded frame is a pause (below LOW_LEVEL_DBFS); computed once."""
         if self._last_level is None:
-            self._last_level = _level(self._last_pcm)  # type: ignore[arg-type]
+            assert self._last_pcm is not None  # asked only once a frame was decoded
+            self._last_level = _level(self._last_pcm)
         return self._last_level < _LOW_MS
 
     def _decode(self, packet: bytes, n: int) -> AudioFrame | None:
