@@ -78,13 +78,13 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway._util import collapse, goodbye_scope
 from gateway.adapters.local import FileSource
 from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFormat, AudioFrame, Encoding, Frame
 from gateway.codecs.opus import OPUS_RATE
 from gateway.codecs.planner import opus_input_rate_for
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
-from gateway._util import collapse, goodbye_scope
 from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
 
 log = logging.getLogger("gateway.route")

@@ -31,8 +31,7 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 
-from gateway.admission import Admission
-from gateway.admission import Refusal as AdmissionRefusal
+from gateway.admission import Admission, Refusal as AdmissionRefusal
 
 log = logging.getLogger("gateway.server")
 

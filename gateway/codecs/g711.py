@@ -22,7 +22,15 @@ with warnings.catch_warnings():
 import attrs
 import numpy as np
 
-from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFormat, AudioFrame, EncodedFrame, Encoding, Frame
+from gateway.codecs.formats import (
+    PCM16_8K,
+    PCMU_8K,
+    AudioFormat,
+    AudioFrame,
+    EncodedFrame,
+    Encoding,
+    Frame,
+)
 from gateway.codecs.stage import check_encoded, check_pcm
 
 SAMPLE_WIDTH = 2  # bytes per linear sample handed to audioop (int16)

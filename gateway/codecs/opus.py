@@ -22,7 +22,15 @@ import opuslib.api.ctl
 import opuslib.api.decoder
 import opuslib.api.encoder
 
-from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, AudioFormat, AudioFrame, EncodedFrame, Encoding, Frame
+from gateway.codecs.formats import (
+    OPUS_48K,
+    OPUS_48K_STEREO,
+    AudioFormat,
+    AudioFrame,
+    EncodedFrame,
+    Encoding,
+    Frame,
+)
 from gateway.codecs.stage import check_encoded, check_pcm
 from gateway.errors import LocalProtocolError, RemoteProtocolError
 

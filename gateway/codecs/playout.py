@@ -52,11 +52,12 @@ next loss is rebuilt from FEC: ~s more latency, only while losses repairable by 
 grown in a pause as any raise of the target.
 
 A TCP stall looks different: the delayed packet is followed at once by the ones TCP held
-back, so a packet bunched (< s/2) right behind one read as "after a loss" undoes that reading (it was a late packet: counted `late`, no FEC). What
-timing cannot tell apart is a delay that steps up by exactly m slots and stays; then a slot is
-filled that did not need to be (FEC then replays the previous packet's content, much as PLC
-would) and the slot of latency is won back in the next pause. With more jitter no inference
-is made: gaps are concealed as their deadlines come and late packets play next.
+back, so a packet bunched (< s/2) right behind one read as "after a loss" undoes that reading
+(it was a late packet: counted `late`, no FEC). What timing cannot tell apart is a delay that
+steps up by exactly m slots and stays; then a slot is filled that did not need to be (FEC then
+replays the previous packet's content, much as PLC would) and the slot of latency is won back
+in the next pause. With more jitter no inference is made: gaps are concealed as their
+deadlines come and late packets play next.
 
 Tolerance, and a loaded event loop. A slot is concealed only when its deadline passes with no
 packet for it: the tolerance for a late packet is the applied delay (the target, >= 20 ms). The

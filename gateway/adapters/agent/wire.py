@@ -77,8 +77,7 @@ from typing import Any
 
 import attrs
 
-from gateway.adapters.rest import json_type as _json_type
-from gateway.adapters.rest import loads_strict, status_cause
+from gateway.adapters.rest import json_type as _json_type, loads_strict, status_cause
 from gateway.errors import LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [

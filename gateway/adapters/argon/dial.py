@@ -76,7 +76,14 @@ from gateway.adapters.argon.wire import (
     stream_token_request,
 )
 from gateway.adapters.ws import Closing, close_description, dial
-from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, PCM16_48K, PCM16_48K_STEREO, VALID_PTIMES_MS, EncodedFrame
+from gateway.codecs.formats import (
+    OPUS_48K,
+    OPUS_48K_STEREO,
+    PCM16_48K,
+    PCM16_48K_STEREO,
+    VALID_PTIMES_MS,
+    EncodedFrame,
+)
 from gateway.codecs.opus import OPUS_INPUT_RATES
 from gateway.codecs.playout import OpusPlayout
 from gateway.config.options import Options

@@ -55,6 +55,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from gateway.adapters.argon.events_hub import EventHub, event_json
+from gateway.adapters.argon.hear import play_out
 from gateway.adapters.argon.room import BotSession, Room, user_object
 from gateway.adapters.argon.wire import (
     CALL_TOKEN_TTL_S,
@@ -80,7 +81,6 @@ from gateway.adapters.argon.wire import (
     stream_token_response,
     verify_room_token,
 )
-from gateway.adapters.argon.hear import play_out
 from gateway.codecs.formats import (
     OPUS_48K,
     OPUS_48K_STEREO,

@@ -113,7 +113,13 @@ from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
-from gateway.errors import CallEnded, ConfigError, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.errors import (
+    CallEnded,
+    ConfigError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ServiceError,
+)
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
 

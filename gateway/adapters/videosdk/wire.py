@@ -111,8 +111,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.adapters.rest import json_type as _json_type
-from gateway.adapters.rest import loads_strict, status_cause
+from gateway.adapters.rest import json_type as _json_type, loads_strict, status_cause
 from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [

@@ -70,6 +70,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from gateway.adapters.listen import ListenSlot
+from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
 from gateway.adapters.voipbin.wire import (
     Audio,
     CallUuid,
@@ -83,7 +84,6 @@ from gateway.adapters.voipbin.wire import (
     PeerError,
     TelephoneEvent,
 )
-from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
 from gateway.adapters.ws import Closing, close, close_description, dial, http_to_ws, refuse
 from gateway.codecs import G711Decoder, G711Encoder
 from gateway.codecs.dtmf import dtmf_key, duration_ms_of
