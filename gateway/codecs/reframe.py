@@ -112,13 +112,9 @@ class Reframer:
 
     def pop(self) -> AudioFrame | None:
         """One whole frame of the oldest samples, or None when fewer than `frame_samples` wait."""
-        if self._count < self.frame_samples:
-            return None
-        return self._take()
-
-    def _take(self) -> AudioFrame:
-        """`pop` once at least `frame_samples` are known to wait."""
         n = self.frame_samples
+        if self._count < n:
+            return None
         out = np.empty((n, self._ring.shape[1]), dtype=np.int16)
         self._read(out)
         frame = AudioFrame(out, self.fmt.rate, self._head_ts)
@@ -153,15 +149,15 @@ class Reframer:
     def process(self, frame: Frame) -> list[AudioFrame]:
         self.push(frame)
         frames: list[AudioFrame] = []
-        while self._count >= self.frame_samples:
-            frames.append(self._take())
+        while (whole := self.pop()) is not None:
+            frames.append(whole)
         return frames
 
     def flush(self) -> list[AudioFrame]:
         """Every whole frame, then the partial one padded with silence; empties the buffer."""
         frames: list[AudioFrame] = []
-        while self._count >= self.frame_samples:
-            frames.append(self._take())
+        while (whole := self.pop()) is not None:
+            frames.append(whole)
         if self._count:
             out = np.zeros((self.frame_samples, self._ring.shape[1]), dtype=np.int16)
             self._read(out[: self._count])
