@@ -4,26 +4,21 @@ closing with a code and reason, and the message loop's error handling."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    connect_websocket_url,
-)
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection
 
 from gateway._util import goodbye_scope
+from gateway.adapters.wsclient import ClientWebSocket, connect
 from gateway.errors import RemoteProtocolError, ServiceError
 from gateway.logs import install_redaction
 
 install_redaction()
 
+WebSocket = WebSocketConnection | ClientWebSocket  # a listen role's connection, or a dial role's
+
 CONNECT_TIMEOUT = 10.0  # seconds for TCP + TLS + the opening handshake
-MESSAGE_QUEUE = 32  # messages trio-websocket buffers per connection before its reader waits
 MAX_MESSAGE = 2**16  # 64 KiB: the largest media message any of our protocols sends
 
 
@@ -41,44 +36,24 @@ def http_to_ws(url: str) -> str:
 
 
 async def dial(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery | None,
     url: str,
     *,
     service: str,
     rejected: dict[int, tuple[str, bool]] | None = None,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
-) -> WebSocketConnection:
-    """Open a client WebSocket whose reader runs in `nursery`.
+) -> ClientWebSocket:
+    """Open a client WebSocket (`gateway.adapters.wsclient`: no reader task, so `nursery` is
+    not used; it stays in the signature for the callers that own the connection's scope).
 
     Raises ServiceError naming the service and the cause: a refused upgrade maps its status
     through `rejected` ({status: (cause, permanent)}); timeouts and network errors are not
     permanent. The URL's query (tokens) never appears in the error.
     """
     safe = redact_url(url)
-    failed: list[BaseException] = []
-    opened: list[bool] = []
     try:
-        with trio.fail_after(CONNECT_TIMEOUT), trio.CancelScope() as handshake:
-
-            def on_reader_error(err: BaseException) -> None:
-                if opened:
-                    return  # the handshake is over: the connection reports its own close
-                failed.append(err)
-                handshake.cancel()
-
-            ws = await connect_websocket_url(
-                # trio-websocket calls only start_soon on it; trio.Nursery is final, so a stand-in
-                # cannot subclass it
-                _ReaderNursery(nursery, on_reader_error),  # type: ignore[arg-type]
-                url,
-                message_queue_size=MESSAGE_QUEUE,
-                max_message_size=MAX_MESSAGE,
-                extra_headers=extra_headers,
-            )
-            opened.append(True)
-        if failed:
-            raise failed[0]
-        return ws
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await connect(url, max_message_size=MAX_MESSAGE, extra_headers=extra_headers)
     except trio.TooSlowError:
         raise ServiceError(f"{service}: no answer from {safe} within {CONNECT_TIMEOUT:g} s") from None
     except ConnectionRejected as err:
@@ -88,30 +63,6 @@ async def dial(
         raise ServiceError(message, status=err.status_code, permanent=permanent) from None
     except (OSError, HandshakeError) as err:
         raise ServiceError(f"{service}: cannot connect to {safe}: {err.__class__.__name__}: {err}") from None
-
-
-class _ReaderNursery:
-    """Runs trio-websocket's connection reader in `nursery`, but hands a refused handshake
-    (raised in the reader task, where `connect_websocket_url` cannot see it) to `on_error`,
-    so `dial` translates it at the boundary instead of it escaping as an ExceptionGroup."""
-
-    def __init__(self, nursery: trio.Nursery, on_error: Callable[[BaseException], None]) -> None:
-        self._nursery = nursery
-        self._on_error = on_error
-
-    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object, name: object = None) -> None:
-        async def guarded() -> None:
-            try:
-                await fn(*args)
-            except HandshakeError as err:  # ConnectionRejected is a HandshakeError
-                self._on_error(err)
-            else:
-                # The reader returns when the connection is gone (a reset, EOF); during the
-                # handshake trio-websocket would then wait for an answer that cannot come, up
-                # to CONNECT_TIMEOUT: end it now (after a handshake this is a no-op: see dial).
-                self._on_error(ConnectionResetError("the connection closed during the WebSocket handshake"))
-
-        self._nursery.start_soon(guarded, name=name or getattr(fn, "__qualname__", None))
 
 
 def _body_reason(body: bytes | None) -> str:
@@ -131,7 +82,7 @@ def _body_reason(body: bytes | None) -> str:
     return text[:120]
 
 
-async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = None) -> None:
+async def close(ws: WebSocket, code: int = 1000, reason: str | None = None) -> None:
     """Close with `code`/`reason`, best effort, shielded and bounded (so a goodbye survives a
     cancelled route). The reason is cut to the 123 bytes RFC 6455 §5.5.1 allows."""
     if reason is not None:
@@ -143,7 +94,7 @@ async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = 
             pass
 
 
-async def refuse(ws: WebSocketConnection, err: RemoteProtocolError, log: logging.LoggerAdapter | logging.Logger,
+async def refuse(ws: WebSocket, err: RemoteProtocolError, log: logging.LoggerAdapter | logging.Logger,
                  what: str, farewell: str | None = None) -> None:
     """Close `ws` because the peer broke the protocol: one warning "closing the {what} (code):
     cause", then `farewell` (the protocol's own error message, if it has one), then the close
@@ -154,7 +105,7 @@ async def refuse(ws: WebSocketConnection, err: RemoteProtocolError, log: logging
     await close(ws, err.close_code, str(err))
 
 
-async def send_quietly(ws: WebSocketConnection, message: str | bytes, timeout: float = 1.0) -> None:
+async def send_quietly(ws: WebSocket, message: str | bytes, timeout: float = 1.0) -> None:
     """Send one message, bounded; a peer already gone is not an error here (goodbyes, error
     frames before a close)."""
     with trio.move_on_after(timeout):
@@ -176,7 +127,7 @@ class Closing:
         self.started = False
         self._done = trio.Event()
 
-    async def close(self, ws: WebSocketConnection, code: int = 1000, reason: str | None = None) -> None:
+    async def close(self, ws: WebSocket, code: int = 1000, reason: str | None = None) -> None:
         self.started = True
         try:
             await close(ws, code, reason)

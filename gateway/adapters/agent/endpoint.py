@@ -71,7 +71,15 @@ from gateway.adapters.agent.wire import (
     token_url,
 )
 from gateway.adapters.listen import ListenSlot, PendingSession
-from gateway.adapters.ws import Closing, close, close_description, dial, refuse, send_quietly
+from gateway.adapters.ws import (
+    Closing,
+    WebSocket,
+    close,
+    close_description,
+    dial,
+    refuse,
+    send_quietly,
+)
 from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_16K, AudioFrame
 from gateway.config.options import Options
@@ -110,7 +118,7 @@ class _AgentEndpoint(Endpoint[AudioFrame]):
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self._ws: WebSocketConnection | None = None
+        self._ws: WebSocket | None = None
         self._proto: AgentClient | AgentServer | None = None
 
     async def send(self, frame: AudioFrame) -> None:

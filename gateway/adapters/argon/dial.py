@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import jwt
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from gateway.adapters.argon.hear import play_out
 from gateway.adapters.argon.sse import (
@@ -76,6 +76,7 @@ from gateway.adapters.argon.wire import (
     stream_token_request,
 )
 from gateway.adapters.ws import Closing, close_description, dial
+from gateway.adapters.wsclient import ClientWebSocket
 from gateway.codecs.formats import (
     OPUS_48K,
     OPUS_48K_STEREO,
@@ -397,7 +398,7 @@ class EventsClient:
 class _Session:
     """One audio WebSocket of the dial endpoint (connect, subscribe or duplex)."""
 
-    def __init__(self, ws: WebSocketConnection, path: AudioPath, target: str | None) -> None:
+    def __init__(self, ws: ClientWebSocket, path: AudioPath, target: str | None) -> None:
         self.ws, self.path, self.target = ws, path, target
         self.ready = trio.Event()
         self.ended = trio.Event()

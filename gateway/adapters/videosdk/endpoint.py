@@ -109,6 +109,7 @@ from gateway.adapters.videosdk.wire import (
     webhook_event,
 )
 from gateway.adapters.ws import Closing, close, close_description, dial, redact_url, refuse
+from gateway.adapters.wsclient import ClientWebSocket
 from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
@@ -386,7 +387,7 @@ class VideosdkDial(Endpoint[AudioFrame]):
         """Route events not published: not connected, or the publish queue was full."""
         self.publish_refused = 0
         """Publishes the spec's limits refused (topic > 128 characters, payload > 8 KB)."""
-        self._ws: WebSocketConnection | None = None
+        self._ws: ClientWebSocket | None = None
         self._proto: IngestClient | None = None
         self._events: trio.MemorySendChannel | None = None
         self._tasks: trio.CancelScope | None = None
@@ -513,7 +514,7 @@ class VideosdkDial(Endpoint[AudioFrame]):
             if self.webhooks is not None and self.webhooks.calls.get(session.call_id) is self:
                 del self.webhooks.calls[session.call_id]
 
-    async def _stream(self, ws: WebSocketConnection, emit: Emit, task_status) -> None:
+    async def _stream(self, ws: ClientWebSocket, emit: Emit, task_status) -> None:
         proto = IngestClient()
         try:
             await ws.send_message(proto.start())
@@ -545,7 +546,7 @@ class VideosdkDial(Endpoint[AudioFrame]):
                         pass
             raise CallEnded(self._hangup)
 
-    async def _receive(self, ws: WebSocketConnection, proto: IngestClient, emit: Emit) -> None:
+    async def _receive(self, ws: ClientWebSocket, proto: IngestClient, emit: Emit) -> None:
         """Read until the room ends; raises CallEnded or RemoteProtocolError."""
         audio = PcmIngress(emit, SAMPLE_RATE, self.stats)
         while True:

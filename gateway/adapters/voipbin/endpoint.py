@@ -67,7 +67,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from gateway.adapters.listen import ListenSlot
 from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
@@ -84,7 +84,15 @@ from gateway.adapters.voipbin.wire import (
     PeerError,
     TelephoneEvent,
 )
-from gateway.adapters.ws import Closing, close, close_description, dial, http_to_ws, refuse
+from gateway.adapters.ws import (
+    Closing,
+    WebSocket,
+    close,
+    close_description,
+    dial,
+    http_to_ws,
+    refuse,
+)
 from gateway.codecs import G711Decoder, G711Encoder
 from gateway.codecs.dtmf import dtmf_key, duration_ms_of
 from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame
@@ -134,7 +142,7 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         self.target_id = target_id
         self.encapsulation = encapsulation
         self.codec = codec
-        self._ws: WebSocketConnection | None = None
+        self._ws: WebSocket | None = None
         self._proto: MediaStreamProtocol | None = None
         self._encoder = G711Encoder()
         self._decoder = G711Decoder()
@@ -167,7 +175,7 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         return f"{self.name} ({self.role} {self.target[:-1]} {self.target_id}, {self.encapsulation.value})"
 
     # ------------------------------------------------------------------------- streaming
-    async def _stream(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit,
+    async def _stream(self, ws: WebSocket, proto: MediaStreamProtocol, emit: Emit,
                       peer: str = "the service") -> None:
         """Receive until the call ends (`_receive`). On rtp the audio goes through the jitter
         buffer and the concealer, played out by a task of this session (module doc, "Jitter
@@ -188,7 +196,7 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         finally:
             self._playout = None
 
-    async def _receive(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit,
+    async def _receive(self, ws: WebSocket, proto: MediaStreamProtocol, emit: Emit,
                        peer: str = "the service") -> None:
         """Receive until the call ends; raises CallEnded (hangup, close, idle timeout) or
         RemoteProtocolError. `peer` names the other side in log lines."""
@@ -296,7 +304,7 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
             self.log.warning("dtmf %s from %s not played: %d key presses already waiting", key, event.source,
                              sender.queued)
 
-    async def _close_idle(self, ws: WebSocketConnection, peer: str) -> NoReturn:
+    async def _close_idle(self, ws: WebSocket, peer: str) -> NoReturn:
         """The peer sent no media message for `idle_timeout`: close 1008, one warning, and
         end the session normally (raises CallEnded)."""
         idle = self.idle_timeout
@@ -328,7 +336,7 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         self.stats.frames_out += 1
         self.stats.bytes_out += len(payload)
 
-    async def _send_dtmf(self, ws: WebSocketConnection, proto: MediaStreamProtocol, dtmf: DtmfSender,
+    async def _send_dtmf(self, ws: WebSocket, proto: MediaStreamProtocol, dtmf: DtmfSender,
                          frame: AudioFrame) -> AudioFrame | None:
         """This slot's share of the key presses being sent (`DtmfSender.slot`): sends its
         messages; returns the audio frame to send in the slot (sln: the tone), None for none."""
