@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh Debian machine (Python >= 3.11):
 #   ./dev.sh demo   set up if needed, then run the demo (phone call -> voice channel)
-#   ./dev.sh test   set up if needed, then run the whole test suite
+#   ./dev.sh test   set up if needed, then lint (ruff, mypy) and run the whole test suite
+#   ./dev.sh lint   set up if needed, then only ruff and mypy (configs in pyproject.toml)
 #   ./dev.sh bench  set up if needed, then run the concurrency benchmark
 #   ./dev.sh setup  only the set-up: system packages (libopus0, chromium, nodejs, node-ws, ffmpeg), .venv, the project and its test extras
 set -euo pipefail
@@ -56,12 +57,21 @@ setup() {
     fi
 }
 
+lint() {
+    # ruff (pyproject.toml [tool.ruff]) and mypy ([tool.mypy]: the gateway package); exits on the
+    # first that fails (set -e)
+    "$VENV/bin/ruff" check gateway tests bench
+    "$VENV/bin/mypy"
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
     setup) setup browser ;;
     demo)  setup; exec "$VENV/bin/gateway" demo "$@" ;;
+    lint)  setup; lint ;;
     test)  setup browser  # the browser test runs, not skips: a missing Chromium is a failure
+           lint  # a lint or type error fails the build before the tests run
            export GATEWAY_REQUIRE_BROWSER=${GATEWAY_REQUIRE_BROWSER:-1}
            # loadgroup: the tests marked xdist_group("realtime") (CPU-heavy real-time calls, the
            # session burst, the fuzz) run one after another on one worker, never against each other

@@ -79,10 +79,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-from _common import Started as _Started  # noqa: E402
-from _common import stop_process  # noqa: E402
-from impair import ImpairProxy, Impairment  # noqa: E402
-
+from _common import Started as _Started, stop_process  # noqa: E402
 from gateway.codecs import G711Decoder, G711Encoder, OpusDecoder, plan  # noqa: E402
 from gateway.codecs.formats import OPUS_48K, PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
@@ -91,6 +88,7 @@ from gateway.errors import ConfigError  # noqa: E402
 from gateway.quality import read_wav  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
 from gateway.server import serve_http, serve_media  # noqa: E402
+from impair import Impairment, ImpairProxy  # noqa: E402
 
 ASSETS = ROOT / "gateway" / "assets"
 UTTERANCES = (ASSETS / "or105.wav", ASSETS / "or109.wav")  # 8 kHz mono speech, 8.4 s and 8.0 s

@@ -112,6 +112,7 @@ from _common import (  # noqa: E402, F401 - names other scripts and notebooks im
     STOP_TIMEOUT,
     FfInput,
     FfOutput,
+    Started as _Started,
     Totals,
     analyze_ffmpeg,
     analyze_stream,
@@ -126,8 +127,6 @@ from _common import (  # noqa: E402, F401 - names other scripts and notebooks im
     run_ffmpeg,
     stop_process,
 )
-from _common import Started as _Started  # noqa: E402
-
 from gateway.codecs import G711Encoder, OpusDecoder, plan  # noqa: E402
 from gateway.codecs.formats import OPUS_48K, PCM16_8K, AudioFrame, EncodedFrame  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402

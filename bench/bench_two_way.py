@@ -79,7 +79,6 @@ from _common import (  # noqa: E402
     stop_process,
 )
 from bench_routes import call_id, load_source, load_speech  # noqa: E402
-
 from gateway.codecs import G711Decoder, G711Encoder, plan  # noqa: E402
 from gateway.codecs.formats import PCM16_8K, PCM16_16K, PCMU_8K, AudioFrame, EncodedFrame  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402

@@ -145,7 +145,7 @@ class MediaClock:
         if now >= deadline:
             self.ticks += 1
             self._wakes.append((now, max(0.0, now - deadline - waited)))
-            self.next_deadline = deadline + (int((now - deadline) // self.period) + 1) * self.period
+            self.next_deadline = deadline = deadline + (int((now - deadline) // self.period) + 1) * self.period
         # else: woke early (a clock that jumped back): nothing due yet
         horizon = now - self.window
         while self._wakes and self._wakes[0][0] < horizon:
@@ -153,7 +153,7 @@ class MediaClock:
         self._measured = self._percentile()
         if self._started is not None and now - self._started >= self.window:  # not during start-up
             self._update(now)
-        return self.next_deadline  # type: ignore[return-value]
+        return deadline
 
     def reset(self) -> None:
         """The ticker stopped (nothing streams): forget the readings. Not behind (unless

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
-import gc
 import signal
 import sys
 

@@ -28,27 +28,54 @@ import hmac
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 from urllib.parse import quote
 
 import trio
 
 from gateway import __version__
-from gateway.config.schema import RouteConfig
-from gateway.daemon import READY_STATES
+from gateway.config.schema import GatewayConfig, RouteConfig
 from gateway.errors import ConfigError
 from gateway.logs import redact
+from gateway.route_state import READY_STATES, ReloadReport, RouteState
+from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse
-
-if TYPE_CHECKING:
-    from gateway.daemon import Gateway, RouteState
 
 log = logging.getLogger("gateway.control")
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
 
-def install(gateway: Gateway) -> None:
+class Configured(Protocol):
+    """What the access guards read: the configuration in force (`server.control`). The
+    supervisor of `gateway run --workers N` guards its own control API with them."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+
+class Controlled(Configured, Protocol):
+    """What the control API reads and calls on the gateway it serves: `gateway.daemon.Gateway`,
+    which installs it (a Protocol, so that this module does not import the daemon)."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+    @property
+    def routes(self) -> Mapping[str, RouteState]: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def config_path(self) -> str | None: ...
+    def status_line(self) -> str: ...
+    async def add_route(self, rc: RouteConfig) -> RouteState: ...
+    async def remove_route(self, name: str) -> None: ...
+    async def reload(self) -> ReloadReport: ...
+
+
+def install(gateway: Controlled) -> None:
     """Register the control API's paths on the gateway's `server.http`."""
     api = ControlApi(gateway)
     http = gateway.runtime.http
@@ -76,8 +103,10 @@ def is_loopback(address: str) -> bool:
     return (mapped or ip).is_loopback
 
 
-class ControlApi:
-    def __init__(self, gateway: Gateway) -> None:
+class AccessGuards:
+    """Who may call what (module doc): `reader` and `writer` wrap a handler."""
+
+    def __init__(self, gateway: Configured) -> None:
         self.gateway = gateway
 
     # ------------------------------------------------------------------------------- access
@@ -114,6 +143,15 @@ class ControlApi:
             return await handler(request)
 
         return guarded
+
+
+class ControlApi(AccessGuards):
+    """The control API's handlers, guarded as `install` registers them."""
+
+    gateway: Controlled
+
+    def __init__(self, gateway: Controlled) -> None:
+        super().__init__(gateway)
 
     # -------------------------------------------------------------------------------- probes
     async def healthz(self, request: HttpRequest) -> HttpResponse:

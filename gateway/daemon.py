@@ -28,12 +28,14 @@ from typing import Callable
 import attrs
 import trio
 
+from gateway import control
 from gateway._util import collapse
 from gateway.adapters.registry import build_endpoint
 from gateway.config.schema import GatewayConfig, RouteConfig
 from gateway.endpoint import Endpoint
 from gateway.errors import CallEnded, ConfigError, GatewayError, RemoteProtocolError, ServiceError
 from gateway.route import Route
+from gateway.route_state import READY_STATES, ReloadReport, RouteState
 from gateway.runtime import Runtime
 from gateway.server import serve_http, serve_media
 from gateway.systemd import Notifier
@@ -42,81 +44,7 @@ log = logging.getLogger("gateway.daemon")
 
 BACKOFF_FIRST = 1.0  # seconds before the first restart of a failed route
 BACKOFF_MAX = 30.0  # seconds, the longest wait between restarts
-READY_STATES = ("up", "waiting", "ended")
 REMOVE_DEADLINE = 5.0  # seconds for a removed / changed route to say goodbye and end
-
-
-@attrs.define
-class RouteState:
-    config: RouteConfig
-    route: Route
-    state: str = "starting"
-    """starting | up | waiting (listen, between sessions) | held (dial, admission closed) |
-    restarting | ended | failed | stopped"""
-    last_error: str = ""
-    reason: str = ""
-    """Why the route is `held`: `waiting: gateway at capacity (media clock 34 ms behind)`."""
-    restarts: int = 0
-    sessions_done: trio.Event = attrs.Factory(trio.Event)
-    """Set when a session of the route ended (normally or not)."""
-    finished: trio.Event = attrs.Factory(trio.Event)
-    """Set when the route will not run again (ended, failed for good, stopped)."""
-    pause: trio.CancelScope | None = None
-    """The backoff sleep between restarts (or the wait of a held route), cancelled by a stop."""
-    origin: str = "file"
-    """"file" (the YAML configuration) or "api" (POST /v1/routes)."""
-    removed: bool = False
-    """Set when the route is being removed (reload, DELETE): it will not run again."""
-    since: float = attrs.Factory(time.time)
-    """Wall-clock time (Unix seconds) the route entered its current `state`."""
-    calls: dict[str, Route] = attrs.Factory(dict)
-    """A route that answers calls (`argon` `calls: incoming`): the session of each call in
-    progress, by call id. They share `route`'s counters (`route` itself never runs)."""
-    line: object = None
-    """Its place at the bot's call desk (`CallLine`), while it takes calls."""
-
-    @property
-    def has_listen(self) -> bool:
-        """The route waits for someone (a listen client, a call) before each session."""
-        return any(e.role == "listen" for e in self.config.endpoints) or self.takes_calls
-
-    @property
-    def takes_calls(self) -> bool:
-        return any(getattr(e, "calls", None) is not None for e in self.route.endpoints)
-
-    def stop_calls(self) -> None:
-        """Stop taking calls and end the calls in progress (goodbyes, close codes)."""
-        if self.line is not None:
-            self.line.close()  # type: ignore[attr-defined]
-        for call in list(self.calls.values()):
-            call.stop()
-
-    def enter(self, state: str) -> None:
-        if state != self.state:
-            self.state = state
-            self.since = time.time()
-
-
-@attrs.frozen
-class ReloadReport:
-    """What a reload (or an add / remove) did, by route name."""
-
-    unchanged: tuple[str, ...] = ()
-    restarted: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    added: tuple[str, ...] = ()
-    kept_server: bool = False
-    """True when `server:` changed in the file: sockets are not rebound by a reload."""
-
-    def summary(self) -> str:
-        parts = [f"{len(self.unchanged)} unchanged"]
-        for label, names in (("restarted", self.restarted), ("removed", self.removed), ("added", self.added)):
-            if names:
-                parts.append(f"{len(names)} {label} ({', '.join(names)})")
-        return ", ".join(parts)
-
-    def as_dict(self) -> dict[str, object]:
-        return attrs.asdict(self)
 
 
 class Gateway:
@@ -202,8 +130,6 @@ class Gateway:
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
         if server.http:
-            from gateway import control
-
             control.install(self)
         async with trio.open_nursery() as nursery:
             if server.http and self.runtime.http.port is None:
@@ -574,7 +500,7 @@ class Gateway:
             state.calls.pop(call_id, None)
             line = state.line
             if line is not None:
-                line.sessions.pop(call_id, None)  # type: ignore[attr-defined]
+                line.sessions.pop(call_id, None)
             state.sessions_done.set()
             if not state.calls and state.state == "up":
                 state.enter("waiting")

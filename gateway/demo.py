@@ -29,7 +29,13 @@ import trio
 
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway
-from gateway.quality import SPECTRAL_FOUND, blockwise_alignment, read_wav, spectral_alignment, write_wav
+from gateway.quality import (
+    SPECTRAL_FOUND,
+    blockwise_alignment,
+    read_wav,
+    spectral_alignment,
+    write_wav,
+)
 from gateway.runtime import Runtime
 from gateway.server import serve_http, serve_media
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import abc
 import bisect
 import logging
-from typing import Any, Callable
+from collections.abc import Callable, MutableMapping
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
@@ -21,6 +22,10 @@ from gateway.codecs.formats import AudioFormat, AudioFrame, Frame
 from gateway.errors import CallEnded, ServiceError
 
 Emit = Callable[[Frame], None]
+
+FrameT = TypeVar("FrameT", bound=Frame)
+"""What an endpoint's `send` takes: the frames of its `egress` format (`AudioFrame` for a PCM
+sink, `EncodedFrame` for an Opus one, `Frame` for one that takes either)."""
 
 
 @attrs.frozen
@@ -56,8 +61,8 @@ class Tagged(logging.LoggerAdapter):
     def __init__(self, logger: logging.Logger, *, route: str | None = None, endpoint: str | None = None) -> None:
         super().__init__(logger, {k: v for k, v in (("route", route), ("endpoint", endpoint)) if v})
 
-    def process(self, msg, kwargs):
-        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}  # extra: set in __init__
         return msg, kwargs
 
 
@@ -186,13 +191,15 @@ class PcmIngress:
         self.emit(frame)
 
 
-class Endpoint(abc.ABC):
+class Endpoint(abc.ABC, Generic[FrameT]):
     """One side of a route.
 
     Subclasses set `ingress` (what they emit into the route, None for a sink only), `egress`
     (what `send` accepts, None for a source only) and `ptime_ms` (duration of each egress
     frame). `egress` is the wire format: an Opus sink takes `EncodedFrame`s of `ptime_ms`, a
-    PCM sink takes `AudioFrame`s of exactly `egress.samples(ptime_ms)` samples.
+    PCM sink takes `AudioFrame`s of exactly `egress.samples(ptime_ms)` samples. The type
+    parameter says which (`Endpoint[EncodedFrame]`): the route plans each sink's chain to end
+    in its `egress`, so a sink is only ever sent frames of that kind.
     """
 
     kind: str = "endpoint"
@@ -300,7 +307,7 @@ class Endpoint(abc.ABC):
         A sink-only endpoint keeps running (holding its peer open) until cancelled.
         """
 
-    async def send(self, frame: Frame) -> None:
+    async def send(self, frame: FrameT) -> None:
         """Send one egress frame to the peer; frames sent before the peer is up are dropped
         and counted. Raises `trio.BrokenResourceError` subclasses' domain equivalents when
         the peer is gone (the route then ends)."""

@@ -110,7 +110,7 @@ def format_exception(ei) -> str:
     may quote a peer, and must not start a line of the log."""
     te = traceback.TracebackException(ei[0], ei[1], ei[2], compact=True)
     seen: set[int] = set()
-    todo = [te]
+    todo: list[traceback.TracebackException | None] = [te]
     while todo:
         current = todo.pop()
         if current is None or id(current) in seen:

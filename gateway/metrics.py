@@ -61,7 +61,7 @@ latency for endpoints that take it.
 | gateway_start_time_seconds | gauge | | Gateway.started_at (Unix seconds) |
 | gateway_session_setups_delayed_total, gateway_session_setups_refused_total | counter | | SetupPacer.delayed, .refused |
 | gateway_admission_open | gauge | | 1 while new sessions are admitted, 0 while refused (gateway.admission) |
-| gateway_media_clock_lag_seconds | gauge | | MediaClock.lag: 90th percentile of the last second's 20 ms tick lags (0 while nothing streams) |
+| gateway_media_clock_lag_seconds | gauge | | MediaClock.lag: 90th percentile of the last 1 s of 20 ms tick lags (0: idle) |
 | gateway_media_clock_behind_total | counter | | MediaClock.episodes: times the media clock fell behind |
 | gateway_sessions_active | gauge | | Admission.sessions: media connections, running dial routes and calls |
 | gateway_sessions_max | gauge | | server.max_sessions (absent when there is no cap) |
@@ -95,8 +95,19 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, PlatformCollector, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 

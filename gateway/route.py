@@ -71,20 +71,20 @@ import collections
 import logging
 import math
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 import attrs
 import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway._util import collapse, goodbye_scope
 from gateway.adapters.local import FileSource
 from gateway.codecs import Chain, Reframer, plan
 from gateway.codecs.formats import AudioFormat, AudioFrame, Encoding, Frame
 from gateway.codecs.opus import OPUS_RATE
 from gateway.codecs.planner import opus_input_rate_for
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
-from gateway._util import collapse, goodbye_scope
 from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
 from gateway.mediaclock import Waker
 
@@ -144,7 +144,7 @@ class _Leg:
     chain: Chain
     target: AudioFormat
     """The PCM format the chain delivers (the sinks' pacing format)."""
-    targets: list[tuple[trio.MemorySendChannel, int, Endpoint]] = attrs.Factory(list)
+    targets: list[tuple[_SinkQueue, int, Endpoint]] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
@@ -204,7 +204,7 @@ class Route:
         self._away: dict[int, float] = {}
         self._sink_failed = lambda ep, err: False
         self.up = trio.Event()
-        self._finish = None
+        self._finish: Callable[[str], None] | None = None
         self._startup: trio.CancelScope | None = None
         self._stopping = False
 
@@ -251,6 +251,7 @@ class Route:
         `opus_input_rate_for` the sources' formats (the highest rate rounded up to 8, 12, 16,
         24 or 48 kHz: an 8 kHz call is encoded at 8 kHz, narrowband, with no resampler; with a
         48 kHz source among them, 48 kHz) or the sink's `opus_input_rate` encoder option."""
+        assert sink.egress is not None  # a sink
         target = sink.egress.as_pcm()
         if sink.egress.encoding is Encoding.OPUS:
             rate = opus_input_rate_for([s.ingress for s in sources if s.ingress is not None],
@@ -258,12 +259,12 @@ class Route:
             target = attrs.evolve(target, rate=rate)
         return target
 
-    def _legs(self) -> tuple[dict[int, list[_Leg]], list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint], AudioFormat]]]:
+    def _legs(self) -> tuple[dict[int, list[_Leg]], list[tuple[Endpoint | _Lane, _SinkQueue, list[Endpoint], AudioFormat]]]:
         """Plan the source → sink chains; returns legs by source and, per pacer, (the sink or
         one lane of a sink that does not mix, its queue, the sources it takes, the PCM format
         it paces at: `pacing_format`)."""
         legs: dict[int, dict] = {id(s): {} for s in self.sources}
-        pacers: list[tuple[Endpoint | _Lane, trio.MemoryReceiveChannel, list[Endpoint], AudioFormat]] = []
+        pacers: list[tuple[Endpoint | _Lane, _SinkQueue, list[Endpoint], AudioFormat]] = []
         for sink in self.sinks:
             feeding = self.feeding(sink)
             lanes = [(sink, feeding)] if sink.mixes else [(_Lane(sink, s), [s]) for s in feeding]
@@ -274,6 +275,7 @@ class Route:
                 for slot, source in enumerate(sources):
                     leg = legs[id(source)].get(target)
                     if leg is None:
+                        assert source.ingress is not None  # a source
                         leg = legs[id(source)][target] = _Leg(plan(source.ingress, target), target)
                         self.log.debug("%s → %s: %s", source.name, target, leg.chain)
                     leg.targets.append((send, slot, sink))
@@ -288,7 +290,7 @@ class Route:
                 for out in leg.chain.process(frame):
                     for queue, slot, sink in leg.targets:
                         try:
-                            queue.send_nowait((slot, out))
+                            queue.send_nowait((slot, out))  # type: ignore[arg-type]  # a leg's chain ends in PCM
                         except trio.WouldBlock:
                             sink.stats.dropped += 1
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -406,7 +408,7 @@ class Route:
                     for queue, slot, _ in leg.targets:
                         try:
                             for out in tail:
-                                queue.send_nowait((slot, out))
+                                queue.send_nowait((slot, out))  # type: ignore[arg-type]  # a leg's chain ends in PCM
                             queue.send_nowait((slot, _END))
                         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                             pass
@@ -619,6 +621,7 @@ class Route:
         startup = pcm_format.samples(STARTUP_BUFFER_MS)
         extra = [startup] * len(feeding)
         options = dict(sink.encoder_options)
+        assert sink.egress is not None  # a sink
         if sink.egress.encoding is Encoding.OPUS:
             options["opus_input_rate"] = pcm_format.rate  # no resampler after the mix
         encoder = self.encoders[sink.name] = plan(pcm_format, sink.egress, **options)
@@ -653,7 +656,7 @@ class Route:
         # Added latency (stats.latency): per source, when each pushed frame arrived, keyed by
         # the running count of samples pushed; `consumed` counts samples popped or dropped, so
         # the arrival of a popped packet's last sample is the first entry at or past it.
-        arrivals = [collections.deque() for _ in feeding]
+        arrivals: list[collections.deque[tuple[int, float]]] = [collections.deque() for _ in feeding]
         pushed = [0] * len(feeding)
         consumed = [0] * len(feeding)
         latency = stats.latency
@@ -729,7 +732,7 @@ class Route:
                         rebase()
                         for i, buf in enumerate(buffers):
                             if live[i] and buf.buffered >= prime_samples:
-                                pauses[i].prime(buf.peek(buf.buffered), n)
+                                pauses[i].prime(buf.peek(buf.buffered), n)  # type: ignore[arg-type]  # all are there
                     continue
                 deadline = anchor + k * ptime
                 now = trio.current_time()
@@ -807,6 +810,7 @@ class Route:
                             excess[i] -= frame.samples
                             stats.skipped += 1
                             frame = buf.pop()
+                            assert frame is not None  # peek(n) found a whole packet
                             level = after_level
                             pause = pauses[i].observe(level)
                             done_at = _CARRIED
@@ -979,7 +983,7 @@ class _SinkQueue:
         self._waker = Waker()  # the pacer parks on it (gateway.mediaclock: no cancel scope per wait)
         self._closed = False
         self._queued_us = 0
-        self._bound_us = bound_ms * 1000
+        self._bound_us: float = bound_ms * 1000  # inf once closed
 
     def send_nowait(self, item: tuple[int, AudioFrame | None]) -> None:
         if self._closed:

@@ -22,7 +22,8 @@ import json
 import logging
 import math
 import re
-from typing import Any, AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -30,8 +31,7 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 
-from gateway.admission import Admission
-from gateway.admission import Refusal as AdmissionRefusal
+from gateway.admission import Admission, Refusal as AdmissionRefusal
 
 log = logging.getLogger("gateway.server")
 
@@ -120,6 +120,13 @@ class HttpRequest:
 
 StreamFactory = Callable[[], AsyncIterator[bytes]]
 """Makes the chunks of a streaming response; called once, when the headers have been sent."""
+
+Scope = Mapping[str, Any]
+"""An ASGI connection scope (hypercorn passes TypedDicts, which are read-only Mappings here)."""
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+"""The ASGI `receive` callable: the next event from the client."""
+Send = Callable[[Any], Awaitable[None]]
+"""The ASGI `send` callable: an event (a dict) to the client."""
 
 
 @attrs.frozen
@@ -231,7 +238,7 @@ class HttpServer:
             return self._fallback, {}, []
         return None, {}, allowed
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -274,7 +281,7 @@ class HttpServer:
         else:
             await _send_stream(receive, send, response, what)
 
-    async def _read_body(self, scope: dict, receive: Callable, send: Callable, limits: _HttpRoute, what: str) -> bytes | None:
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, limits: _HttpRoute, what: str) -> bytes | None:
         """The whole body, or None once a 413 was sent (or the client left). A Content-Length
         over the limit is refused before the body is read: drained first when it is small enough
         for the client to be still reading, else answered at once and the connection closed."""
@@ -312,7 +319,7 @@ class HttpServer:
         await _send_response(send, response, what)
         return None
 
-    async def dispatch(self, scope: dict, body: bytes) -> HttpResponse:
+    async def dispatch(self, scope: Scope, body: bytes) -> HttpResponse:
         path = scope["path"]
         method = scope["method"].upper()
         route, params, allowed = self._match(method, path)
@@ -342,7 +349,7 @@ def _creates_session(method: str, path: str) -> bool:
     return any(method == m and path.endswith(p) for m, p in SESSION_PATHS)
 
 
-def _request(scope: dict, body: bytes, params: dict[str, str]) -> HttpRequest:
+def _request(scope: Scope, body: bytes, params: dict[str, str]) -> HttpRequest:
     query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     return HttpRequest(scope["method"].upper(), scope["path"], query, headers, body, params, _client(scope, ""))
@@ -357,12 +364,12 @@ def _seat_of(seat: Callable[[Any], Hashable | None], request: Any, what: str) ->
         return None
 
 
-def _client(scope: dict, unknown: str = "?") -> str:
+def _client(scope: Scope, unknown: str = "?") -> str:
     client = scope.get("client") or ("", 0)
     return str(client[0]) or unknown
 
 
-def _content_length(scope: dict) -> int | None:
+def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name.lower() == b"content-length":
             try:
@@ -407,7 +414,7 @@ reading task, which saw the client close, shuts the socket's sending side (a rac
 0.18: a client that closes as soon as it has read a `Connection: close` answer hits it)."""
 
 
-async def _send_response(send: Callable, response: HttpResponse, what: str = "response") -> None:
+async def _send_response(send: Send, response: HttpResponse, what: str = "response") -> None:
     headers = _headers(response, what, length=True)
     try:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -416,8 +423,9 @@ async def _send_response(send: Callable, response: HttpResponse, what: str = "re
         log.debug("HTTP %s: the client left as its %d answer was sent (%s)", what, response.status, type(err).__name__)
 
 
-async def _send_stream(receive: Callable, send: Callable, response: HttpResponse, what: str) -> None:
+async def _send_stream(receive: Receive, send: Send, response: HttpResponse, what: str) -> None:
     """Send `response.stream` chunk by chunk while watching `receive` for the client leaving."""
+    assert response.stream is not None  # the caller sends only streaming responses here
     headers = _headers(response, what, length=False)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     disconnected = False
@@ -658,7 +666,8 @@ def peer_of(request: WebSocketRequest) -> str:
     return f"{address}:{port}" if address is not None else str(peer)
 
 
-async def serve_media(server: MediaServer, host: str, port: int, *, listeners: list[trio.abc.Listener] | None = None,
+async def serve_media(server: MediaServer, host: str, port: int, *,
+                      listeners: Sequence[trio.abc.Listener[trio.SocketStream]] | None = None,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve WebSocket media on host:port; reports the bound port via task_status. With
     `listeners`, serve those instead of binding (a worker serves the connections its
@@ -675,7 +684,9 @@ async def serve_media(server: MediaServer, host: str, port: int, *, listeners: l
         listeners = await trio.open_tcp_listeners(port, host=host)
     # disconnect_timeout: how long trio-websocket waits for a close handshake after our handler
     # returned (ours are done by then, bounded; a refused upgrade has none and would wait it all)
-    ws_server = WebSocketServer(server.handle, listeners, max_message_size=MAX_MEDIA_MESSAGE,
+    # trio-websocket annotates its listeners as trio's socket or TLS listeners, but serves any
+    # trio Listener (its `listeners` property describes the others by repr): a worker's HandedOver
+    ws_server = WebSocketServer(server.handle, listeners, max_message_size=MAX_MEDIA_MESSAGE,  # type: ignore[arg-type]
                                 connect_timeout=WS_CONNECT_TIMEOUT, disconnect_timeout=WS_DISCONNECT_TIMEOUT)
 
     async def contained(stream: trio.SocketStream) -> None:

@@ -239,10 +239,10 @@ async def run_worker(path: str, index: int, count: int, channel_fd: int, media_p
     _install_internal(gateway, secret)
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_http, runtime.http, "127.0.0.1", 0)
-        if config.server.media is not None:
+        media = config.server.media
+        if media is not None:
             await nursery.start(lambda task_status: serve_media(
-                runtime.media, config.server.media.host, media_port or config.server.media.port,
-                listeners=[handed], task_status=task_status))
+                runtime.media, media.host, media_port or media.port, listeners=[handed], task_status=task_status))
         await nursery.start(gateway.run)
         await channel.send(json.dumps({"hello": {"index": index, "pid": os.getpid(), "http_port": runtime.http.port,
                                                  "routes": len(gateway.routes)}}).encode())
@@ -638,8 +638,10 @@ class Supervisor:
                 self.reloads += 1
                 await self.refresh()
                 failed = {i: a["error"] for i, a in answers.items() if "error" in a}
-                report = ReloadReport(*(tuple(self.order(n for a in answers.values() for n in a.get(key, ())))
-                                        for key in ("unchanged", "restarted", "removed", "added")),
+                def merged(key: str) -> tuple[str, ...]:
+                    return tuple(self.order(n for a in answers.values() for n in a.get(key, ())))
+
+                report = ReloadReport(merged("unchanged"), merged("restarted"), merged("removed"), merged("added"),
                                       kept_server=any(a.get("kept_server") for a in answers.values()))
                 summary = report.summary() + "".join(f"; worker {i}: {e}" for i, e in sorted(failed.items()))
                 log.info("reloaded %s: %s", self.path, summary)
@@ -705,9 +707,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------------ control API
     def _install_control(self) -> None:
-        from gateway.control import ControlApi
+        from gateway.control import AccessGuards
 
-        guards = ControlApi(self)  # type: ignore[arg-type]  # its guards read only .config
+        guards = AccessGuards(self)
         http = self.http
         http.add("GET", "/healthz", self.healthz)
         http.add("GET", "/readyz", self.readyz)
@@ -846,7 +848,7 @@ class Supervisor:
         headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}
         headers["x-forwarded-for"] = request.client
         url = f"http://127.0.0.1:{owner.http_port}{request.path}"
-        query = [(k, v) for k, v in request.query.items()]
+        query: list[tuple[str, str | int | float | bool | None]] = [(k, v) for k, v in request.query.items()]  # httpx's type
         try:
             upstream = await self.client.send(self.client.build_request(request.method, url, params=query, headers=headers,
                                                                         content=request.body), stream=True)

@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 import soxr
 import trio
-from audio_checks import read_wav, write_wav
 from playwright.sync_api import Page, sync_playwright
 
+from audio_checks import read_wav, write_wav
 from gateway.server import HttpResponse, HttpServer, serve_http
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (./dev.sh installs it when missing)

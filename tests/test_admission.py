@@ -29,13 +29,13 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, connect_websocket_url
 
-from gateway.admission import CALM_S, Admission, MediaClock
+from audio_checks import loop_score, mono, read_wav
 from gateway.adapters.voipbin.wire import Audio, Encapsulation, MediaStreamProtocol
+from gateway.admission import CALM_S, Admission, MediaClock
 from gateway.config import GatewayConfig
 from gateway.demo import DEFAULT_AUDIO
 from gateway.errors import ConfigError
 from gateway.metrics import render
-from audio_checks import loop_score, mono, read_wav
 from harness import BOT_TOKEN, VOIPBIN_TOKEN, start, ws_client
 from test_argon_errors import CHANNEL, SPACE
 from test_argon_refusals import ALICE, RawWs, Refusal, audio_target, open_audio, room_token

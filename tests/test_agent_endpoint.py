@@ -13,9 +13,9 @@ import trio
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
 import gateway.adapters.agent.endpoint as agent_endpoint
-from harness import AGENT_API_KEY, SECRETS, start
 from gateway.adapters.agent import wire
 from gateway.server import HttpResponse
+from harness import AGENT_API_KEY, SECRETS, start
 
 SERVICE = """
 routes:

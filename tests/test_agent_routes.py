@@ -11,11 +11,18 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from audio_checks import SPECTRAL_FOUND, best_alignment, blockwise_alignment, read_wav, spectral_alignment, write_wav
+from audio_checks import (
+    SPECTRAL_FOUND,
+    best_alignment,
+    blockwise_alignment,
+    read_wav,
+    spectral_alignment,
+    write_wav,
+)
 from conftest import ASSETS
-from harness import AGENT_API_KEY, SECRETS, start
 from gateway.adapters.agent import wire
 from gateway.server import HttpResponse
+from harness import AGENT_API_KEY, SECRETS, start
 
 CALL_ID = "c0ffee00-0000-4000-8000-000000000001"
 

@@ -22,8 +22,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, connect_websock
 import gateway.adapters.agent.endpoint as agent_endpoint
 from audio_checks import read_wav
 from conftest import ASSETS
-from harness import AGENT_API_KEY, start
 from gateway.adapters.agent import wire
+from harness import AGENT_API_KEY, start
 
 SPEECH = ASSETS / "speech16k.wav"
 SERVED_WITHIN_S = 1.0  # a served client sees `connected` within this; the bug made it ~4-5 s

@@ -20,8 +20,8 @@ caller's speech, and that caller must hear that line's clip and not the other li
 from __future__ import annotations
 
 import numpy as np
-import soxr
 import pytest
+import soxr
 import trio
 from trio_websocket import ConnectionClosed, serve_websocket
 

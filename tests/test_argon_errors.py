@@ -12,10 +12,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from gateway.adapters.argon.endpoint import INGRESS_REJECTED, ArgonDial, StreamTokenLimiter
-from gateway.adapters.ws import dial as dial_ws
-from gateway.adapters.argon.wire import IngressParams, build_ingress_url, issue_stream_token
 from gateway._util import collapse
+from gateway.adapters.argon.endpoint import INGRESS_REJECTED, ArgonDial, StreamTokenLimiter
+from gateway.adapters.argon.wire import IngressParams, build_ingress_url, issue_stream_token
+from gateway.adapters.ws import dial as dial_ws
 from gateway.errors import ServiceError
 from gateway.server import HttpResponse, HttpServer, serve_http
 from harness import BOT_TOKEN, JWT_SECRET, SECRETS, start, ws_client
@@ -222,7 +222,8 @@ async def connect_bot(gateway, *, token=None, frame_duration_ms=20, stereo=False
 async def test_ingress_refuses_forged_token(tmp_path):
     async with trio.open_nursery() as nursery:
         gateway = await start(nursery, CHANNEL_ROUTE, out=tmp_path)
-        forged = issue_stream_token("another-secret-of-32-bytes-or-more!!", space_id=SPACE, channel_id=CHANNEL, identity="x", now=time.time())
+        forged = issue_stream_token("another-secret-of-32-bytes-or-more!!", space_id=SPACE, channel_id=CHANNEL,
+                                    identity="x", now=time.time())
         url = await connect_bot(gateway, token=forged)
         with pytest.raises(ServiceError) as info:
             await dial_ws(nursery, url, service="bot", rejected=INGRESS_REJECTED)
@@ -233,8 +234,8 @@ async def test_ingress_refuses_forged_token(tmp_path):
 
 
 async def test_ingress_sends_ready_then_closes_on_malformed_packet(tmp_path):
-    import opuslib
     import numpy as np
+    import opuslib
 
     encoder = opuslib.Encoder(48000, 1, opuslib.APPLICATION_AUDIO)
     good = encoder.encode(np.zeros(960, np.int16).tobytes(), 960)

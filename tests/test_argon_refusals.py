@@ -40,7 +40,13 @@ from wsproto.events import (
     TextMessage,
 )
 
-from gateway.adapters.argon.dial import INGRESS_REJECTED, ArgonDial, BotApi, EventsClient, StreamTokenLimiter
+from gateway.adapters.argon.dial import (
+    INGRESS_REJECTED,
+    ArgonDial,
+    BotApi,
+    EventsClient,
+    StreamTokenLimiter,
+)
 from gateway.adapters.argon.events_hub import encode_sse
 from gateway.adapters.argon.listen import ArgonListenService
 from gateway.adapters.argon.sse import SseParser, parse_argon_event

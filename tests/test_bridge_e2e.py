@@ -11,13 +11,12 @@ the configured duration and channel count.
 
 from __future__ import annotations
 
+import numpy as np
 import opuslib
 import pytest
 import trio
 
 import gateway.adapters.argon.room as argon_room
-import numpy as np
-
 from audio_checks import SPECTRAL_FOUND, best_alignment, read_wav, spectral_alignment
 from gateway.adapters.argon.wire import validate_opus_packet
 from gateway.demo import start_demo

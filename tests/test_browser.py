@@ -25,10 +25,11 @@ import json
 import time
 from pathlib import Path
 
-import harness
 import numpy as np
 import pytest
 import trio
+
+import harness
 from audio_checks import best_alignment, blockwise_alignment, loop_score, mono, read_wav, write_wav
 from browser import Browser, fake_mic_wav, require_chromium, serve_page
 from harness import run_queue_wait

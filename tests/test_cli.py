@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
 import signal
 import socket
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 import trio

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.codecs import PCM16_8K, PCM16_16K, PCMU_8K, AudioFrame, EncodedFrame, G711Decoder, G711Encoder
+from gateway.codecs import (
+    PCM16_8K,
+    PCM16_16K,
+    PCMU_8K,
+    AudioFrame,
+    EncodedFrame,
+    G711Decoder,
+    G711Encoder,
+)
 from gateway.errors import LocalProtocolError
 
 BIAS = 0x84  # 132: bias added before the segment search (G.711, Sun g711.c)

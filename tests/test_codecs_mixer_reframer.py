@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.codecs import PCM16_8K, PCM16_16K, PCM16_48K, PCM16_48K_STEREO, PCMU_8K, AudioFrame, ChannelMixer, Reframer
+from gateway.codecs import (
+    PCM16_8K,
+    PCM16_16K,
+    PCM16_48K,
+    PCM16_48K_STEREO,
+    PCMU_8K,
+    AudioFrame,
+    ChannelMixer,
+    Reframer,
+)
 from gateway.errors import LocalProtocolError
 
 

@@ -72,11 +72,11 @@ def corr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def best_aligned_corr(decoded: np.ndarray, original: np.ndarray, lag: int) -> tuple[float, int]:
-    """Best correlation of decoded[l:] with original for l within MAX_LAG_SLACK of `lag`."""
+    """Best correlation of decoded[k:] with original for k within MAX_LAG_SLACK of `lag`."""
     results = []
-    for l in range(lag - MAX_LAG_SLACK, lag + MAX_LAG_SLACK + 1):
-        n = min(len(decoded) - l, len(original))
-        results.append((corr(decoded[l : l + n], original[:n]), l))
+    for k in range(lag - MAX_LAG_SLACK, lag + MAX_LAG_SLACK + 1):
+        n = min(len(decoded) - k, len(original))
+        results.append((corr(decoded[k : k + n], original[:n]), k))
     return max(results)
 
 

@@ -114,11 +114,11 @@ def expected(src: AudioFormat, dst: AudioFormat, speech) -> np.ndarray:
 
 
 def aligned_corr(y: np.ndarray, ref: np.ndarray, lag: int, slack: int) -> float:
-    """Best correlation of y[l:] with ref for l within `slack` of `lag`."""
+    """Best correlation of y[k:] with ref for k within `slack` of `lag`."""
     best = -1.0
-    for l in range(max(0, lag - slack), lag + slack + 1):
-        n = min(len(y) - l, len(ref))
-        a, b = y[l : l + n].astype(float), ref[:n]
+    for k in range(max(0, lag - slack), lag + slack + 1):
+        n = min(len(y) - k, len(ref))
+        a, b = y[k : k + n].astype(float), ref[:n]
         a, b = a - a.mean(), b - b.mean()
         best = max(best, float(a @ b / np.sqrt((a @ a) * (b @ b))))
     return best

@@ -72,13 +72,16 @@ def test_example_config_is_valid(tmp_path):
 @pytest.mark.parametrize(
     "old, new, expected",
     [
-        ("frame_duration_ms: 20", "frame_duration_ms: 25", "gw.yaml:13: routes[0].endpoints[1].argon.frame_duration_ms: expected one of 10, 20, 40, 60, got 25"),
-        ("encapsulation: rtp", "encapsulation: rtpx", "gw.yaml:10: routes[0].endpoints[0].voipbin.encapsulation: expected one of rtp, sln, audiosocket, got 'rtpx'"),
+        ("frame_duration_ms: 20", "frame_duration_ms: 25",
+         "gw.yaml:13: routes[0].endpoints[1].argon.frame_duration_ms: expected one of 10, 20, 40, 60, got 25"),
+        ("encapsulation: rtp", "encapsulation: rtpx",
+         "gw.yaml:10: routes[0].endpoints[0].voipbin.encapsulation: expected one of rtp, sln, audiosocket, got 'rtpx'"),
         ("stereo: false", "stereo: maybe", "routes[0].endpoints[1].argon.stereo: expected true or false, got 'maybe'"),
         ("track_name: Support line", "track_nme: x", "gw.yaml:13: routes[0].endpoints[1].argon.track_nme: unknown key"),
         ("- voipbin: {", "- voipbn: {", "gw.yaml:10: routes[0].endpoints[0]: unknown endpoint kind 'voipbn'"),
         ("  http: 127.0.0.1:8080", "  http: localhost", "gw.yaml:2: server.http: expected HOST:PORT, got 'localhost'"),
-        ("call_id: 652af662-eb45-11ee-b1a5-6fde165f9226, ", "", "routes[0].endpoints[0].voipbin: expected exactly one of call_id or conference_id"),
+        ("call_id: 652af662-eb45-11ee-b1a5-6fde165f9226, ", "",
+         "routes[0].endpoints[0].voipbin: expected exactly one of call_id or conference_id"),
         ("  - name: support-line", "  - name: ''", "gw.yaml:8: routes[0].name: expected a non-empty string"),
     ],
 )

@@ -88,7 +88,8 @@ def test_encode_sse_is_the_whatwg_framing_with_compact_ascii_json():
 async def test_ready_first_then_matching_live_events_with_increasing_ids(autojump_clock):
     events = hub()
     async with aclosing(events.stream(INTENT_VOICE)) as voice, aclosing(events.stream(INTENT_CALLS)) as calls:
-        assert one(await voice.__anext__()) == {"id": "ready", "event": "ready", "data": {"intents": INTENT_VOICE, "spaceIds": ["s1", "s2"]}}
+        assert one(await voice.__anext__()) == {"id": "ready", "event": "ready",
+                                                "data": {"intents": INTENT_VOICE, "spaceIds": ["s1", "s2"]}}
         assert one(await calls.__anext__())["data"] == {"intents": INTENT_CALLS, "spaceIds": ["s1", "s2"]}
         assert events.subscribers == 2
         ids = [
@@ -309,7 +310,8 @@ async def test_events_stream_over_http(mock_clock):
                     ("ready", "ready"), (leave, "voiceLeave"), (None, "resumed")]
                 later = events.publish("voiceJoin", JOIN, intent=INTENT_VOICE)
                 assert (await resumed.next())["id"] == later
-                async with client.stream("GET", STREAM_PATH, params={"intents": INTENT_VOICE | INTENT_CALLS, "lastEventId": join}) as by_query:
+                params = {"intents": INTENT_VOICE | INTENT_CALLS, "lastEventId": join}
+                async with client.stream("GET", STREAM_PATH, params=params) as by_query:
                     replay = SseReader(by_query)
                     got = [await replay.next() for _ in range(5)]
                     assert [e["event"] for e in got] == ["ready", "callIncoming", "voiceLeave", "voiceJoin", "resumed"]

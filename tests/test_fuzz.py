@@ -57,7 +57,12 @@ import jwt
 import numpy as np
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, connect_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    connect_websocket_url,
+)
 
 import fuzz_inputs as fz
 from gateway.adapters.agent import wire as agent_wire
@@ -1477,7 +1482,13 @@ def rest_endpoints(webhook_private) -> dict[str, list[RestEndpoint]]:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
 
-    from gateway.adapters.argon.wire import CALLS_ACCEPT_PATH, CALLS_REJECT_PATH, EVENTS_PATH, GET_ME_PATH, STREAM_TOKEN_PATH
+    from gateway.adapters.argon.wire import (
+        CALLS_ACCEPT_PATH,
+        CALLS_REJECT_PATH,
+        EVENTS_PATH,
+        GET_ME_PATH,
+        STREAM_TOKEN_PATH,
+    )
 
     def stream_token(rng):
         body = json_body(rng, {"spaceId": SPACE, "channelId": rng.choice((CHANNEL, "11111111-1111-1111-1111-111111111111"))})
@@ -1654,7 +1665,8 @@ async def rest_case(rng: random.Random, client: RawHttp, endpoint: RestEndpoint,
             return
         created.add(name)
         # the route goes again at once: the fuzz gateway keeps only its own routes
-        delete = http_request("DELETE", "/v1/routes/" + quote(name.encode("utf-8", "surrogatepass"), safe=""), [("Authorization", f"Bearer {CONTROL_TOKEN}")])
+        delete = http_request("DELETE", "/v1/routes/" + quote(name.encode("utf-8", "surrogatepass"), safe=""),
+                              [("Authorization", f"Bearer {CONTROL_TOKEN}")])
         with trio.fail_after(10):
             gone = await client.exchange(delete)
         if gone is None or gone.status != 200:

@@ -28,7 +28,14 @@ from gateway.config.yaml_lines import load_yaml
 from gateway.daemon import Gateway
 from gateway.errors import ConfigError
 from gateway.logs import log_handler
-from gateway.server import MAX_JSON_BODY, MAX_JSON_DEPTH, HttpResponse, HttpServer, json_depth, serve_http
+from gateway.server import (
+    MAX_JSON_BODY,
+    MAX_JSON_DEPTH,
+    HttpResponse,
+    HttpServer,
+    json_depth,
+    serve_http,
+)
 from harness import BOT_TOKEN, JWT_SECRET
 
 CONTROL_TOKEN = "ctl-SECRET-hostile-93c1"

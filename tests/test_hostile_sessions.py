@@ -23,11 +23,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway.adapters.argon.wire import IngressParams, build_ingress_url
 from gateway.adapters.ws import dial
 from gateway.daemon import BACKOFF_FIRST
-from gateway.errors import ServiceError
 from gateway.demo import DEFAULT_AUDIO
-from gateway.adapters.argon.wire import IngressParams, build_ingress_url
+from gateway.errors import ServiceError
 from harness import AGENT_API_KEY, BOT_TOKEN, SECRETS, VOIPBIN_TOKEN, start
 from test_argon_errors import CHANNEL, SPACE
 from test_argon_refusals import BOTS, OTHER_BOT_TOKEN

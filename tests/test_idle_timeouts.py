@@ -30,7 +30,15 @@ from gateway.adapters.voipbin.wire import Audio, Codec, Encapsulation, MediaStre
 from gateway.demo import DEFAULT_AUDIO
 from gateway.errors import ConfigError
 from harness import VOIPBIN_TOKEN, start, ws_client
-from test_argon_refusals import EOF, OPUS_20MS, ROOM, RawWs, audio_target, channel_gateway, room_token
+from test_argon_refusals import (
+    EOF,
+    OPUS_20MS,
+    ROOM,
+    RawWs,
+    audio_target,
+    channel_gateway,
+    room_token,
+)
 
 IDLE = 0.5  # seconds: the shrunk idle timeout
 LATE = 4.0  # seconds after the timeout by which the closure must have come (a loaded machine)

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from impair import (  # noqa: E402
     GilbertElliott,
-    ImpairProxy,
     Impairment,
     ImpairmentSchedule,
+    ImpairProxy,
     ReleaseQueue,
     require_loopback,
 )

@@ -20,7 +20,7 @@ import trio
 
 import gateway
 from gateway.adapters.local import FileSource, MediaFileError, Recorder
-from gateway.codecs.formats import AudioFormat, AudioFrame, Encoding, EncodedFrame, OPUS_48K
+from gateway.codecs.formats import OPUS_48K, AudioFormat, AudioFrame, EncodedFrame, Encoding
 from gateway.errors import ConfigError, LocalProtocolError
 
 ASSETS = Path(gateway.__file__).parent / "assets"

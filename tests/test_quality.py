@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import ASSETS
-from gateway.adapters.argon.dial import DEFAULT_COMPLEXITY, DEFAULT_EXPECTED_LOSS_PCT, PUBLISH_MIN_PACKET
+from gateway.adapters.argon.dial import (
+    DEFAULT_COMPLEXITY,
+    DEFAULT_EXPECTED_LOSS_PCT,
+    PUBLISH_MIN_PACKET,
+)
 from gateway.codecs import OPUS_48K, AudioFormat, AudioFrame, Encoding, OpusDecoder, plan
 from gateway.codecs.opus import packet_bandwidth
 from gateway.quality import read_wav, spectral_alignment

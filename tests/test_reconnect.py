@@ -16,15 +16,15 @@ never restart, and the channel must hear the caller again within 1 s of each cut
 
 from __future__ import annotations
 
-import harness
 import numpy as np
 import pytest
 import trio
-from audio_checks import SPECTRAL_FOUND, loop_score, mono, read_wav, write_wav
-from tcp_proxy import CuttableProxy
 
+import harness
+from audio_checks import SPECTRAL_FOUND, loop_score, mono, read_wav, write_wav
 from gateway.adapters.argon.dial import TOKEN_RENEW_BEFORE_S, token_fresh
 from gateway.demo import ASSETS
+from tcp_proxy import CuttableProxy
 
 SPACE = "550e8400-e29b-41d4-a716-446655440000"
 CHANNEL = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
@@ -130,9 +130,10 @@ async def test_a_two_minute_call_survives_three_argon_resets(tmp_path):
     # A broken path (noise, wrong rate, garbled frames at a reconnect) fails most blocks (only
     # speech blocks count: about 40 % of the clip). The bridge codes the 8 kHz call at 8 kHz
     # input (narrowband SILK, with FEC), which keeps the spectrum but not the waveform: judged
-    # by short-time spectra (`spectral_alignment`), about 0.9 per block. Each block is searched within 0.6 s: a session of the stand-in channel
-    # may start with a backlog (the caller's audio kept while a side came up), its latency won
-    # back in pauses, so its first blocks come later than the rest.
+    # by short-time spectra (`spectral_alignment`), about 0.9 per block. Each block is searched
+    # within 0.6 s: a session of the stand-in channel may start with a backlog (the caller's audio
+    # kept while a side came up), its latency won back in pauses, so its first blocks come later
+    # than the rest.
     good = sum(b > SPECTRAL_FOUND for b in blocks)
     assert len(blocks) >= 0.3 * CALL_S / 0.25 and good >= 0.8 * len(blocks), f"{np.round(blocks, 2)}; {context}"
 

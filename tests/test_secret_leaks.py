@@ -149,6 +149,6 @@ routes:
     if log_format == "json":
         assert all(line.startswith("{") for line in output.splitlines() if line.strip()), output[:500]
     for name, secret in SECRETS.items():
-        assert secret not in written, f"{name} leaked: {[l for l in written.splitlines() if secret in l][:3]}"
+        assert secret not in written, f"{name} leaked: {[line for line in written.splitlines() if secret in line][:3]}"
     assert jwt not in written and not JWT.search(written), JWT.search(written)
     assert "closing the" in output and "(1007)" in output  # the bot's malformed packet was refused

@@ -36,11 +36,18 @@ from trio_websocket import ConnectionClosed, connect_websocket_url, serve_websoc
 
 from audio_checks import active_duration, best_alignment, blockwise_alignment, read_wav, write_wav
 from conftest import ASSETS
-from harness import VOIPBIN_TOKEN, start
-from seed_clients import ARGON_STREAM, VOIPBIN_AUDIOSOCKET, argon_env, require_ffmpeg, run_node, voipbin_env
 from gateway.adapters.voipbin.wire import Encapsulation, Hangup, MediaStreamProtocol
 from gateway.codecs.ogg import OggOpusDemuxer, looks_like_ogg
 from gateway.codecs.opus import packet_channels, packet_samples
+from harness import VOIPBIN_TOKEN, start
+from seed_clients import (
+    ARGON_STREAM,
+    VOIPBIN_AUDIOSOCKET,
+    argon_env,
+    require_ffmpeg,
+    run_node,
+    voipbin_env,
+)
 
 CALL_ID = "5eedc11e-0000-4000-8000-000000000002"
 NODE_TIMEOUT = 90.0  # s: node's first start on a cold machine, plus the call itself

@@ -77,6 +77,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+
 import sandbox
 from conftest import ASSETS
 

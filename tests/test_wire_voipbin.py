@@ -10,6 +10,7 @@ import wave
 import pytest
 from aiortc.rtp import RtpPacket
 
+from conftest import ASSETS
 from gateway.adapters.voipbin.wire import (
     MAX_DROPOUT,
     Audio,
@@ -22,7 +23,6 @@ from gateway.adapters.voipbin.wire import (
     MediaStreamProtocol,
     PeerError,
 )
-from conftest import ASSETS
 from gateway.errors import LocalProtocolError, RemoteProtocolError
 
 RTP, SLN, AS = Encapsulation.RTP, Encapsulation.SLN, Encapsulation.AUDIOSOCKET

@@ -22,9 +22,9 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from audio_checks import loop_score, read_wav
-from harness import run_queue_wait
 from gateway.config.schema import RouteConfig
 from gateway.workers import placement_key, sum_metrics, worker_of
+from harness import run_queue_wait
 from test_cli import free_port
 from test_service_cli import Notify
 

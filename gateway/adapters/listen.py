@@ -8,6 +8,8 @@ takes it, accepts the upgrade and streams; when the session ends the handler ret
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 import attrs
 import trio
 from trio_websocket import WebSocketConnection
@@ -17,11 +19,14 @@ from gateway.server import MediaRequest
 OFFER_TIMEOUT = 10.0  # seconds an upgrade waits for its route to take it before 503
 BUSY_WAIT = 1.0  # seconds a client arriving during another's session waits for it to end before 409
 
+C = TypeVar("C")
+"""What a listen endpoint's handler hands over with each request (`PendingSession.context`)."""
+
 
 @attrs.define(eq=False)
-class PendingSession:
+class PendingSession(Generic[C]):
     request: MediaRequest
-    context: object = None
+    context: C
     """What the handler already validated (parsed params, token grant...)."""
     finished: trio.Event = attrs.Factory(trio.Event)
     ws: WebSocketConnection | None = None
@@ -33,13 +38,13 @@ class PendingSession:
         return self.ws
 
 
-class ListenSlot:
+class ListenSlot(Generic[C]):
     """One session at a time for one listen endpoint; a second client gets 409."""
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self._send, self._recv = trio.open_memory_channel[PendingSession](0)
-        self._current: PendingSession | None = None
+        self._send, self._recv = trio.open_memory_channel[PendingSession[C]](0)
+        self._current: PendingSession[C] | None = None
 
     @property
     def busy(self) -> bool:
@@ -47,7 +52,7 @@ class ListenSlot:
         endpoint set `finished`: a client reconnecting right after never sees a stale 409)."""
         return self._current is not None and not self._current.finished.is_set()
 
-    async def offer(self, request: MediaRequest, context: object = None) -> None:
+    async def offer(self, request: MediaRequest, context: C) -> None:
         """Called in the media server's handler task; returns when the session is over.
 
         A client that arrives while another's session runs waits up to `BUSY_WAIT` for it to
@@ -75,6 +80,6 @@ class ListenSlot:
             if self._current is session:
                 self._current = None
 
-    async def take(self) -> PendingSession:
+    async def take(self) -> PendingSession[C]:
         """Called in the endpoint's run(): the next client that asked to connect."""
         return await self._recv.receive()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,7 @@ def _check_gain(value: Any) -> float:
     return float(value)
 
 
-def _from_config(cls: type, name: str, options: Any, allowed: tuple[str, ...]) -> Any:
+def _from_config(cls: type[Endpoint], name: str, options: Any, allowed: tuple[str, ...]) -> Any:
     """Build `cls(name, **options)`, turning every option mistake into a ConfigError."""
     where = f"{cls.kind} endpoint {name!r}"
     if not isinstance(options, Mapping):
@@ -186,7 +186,7 @@ async def _play_at(start: float, k: int, ptime: float) -> float:
     return start
 
 
-class FileSource(Endpoint):
+class FileSource(Endpoint[Frame]):
     """Plays an audio file into a route, in real time.
 
     Emits `AudioFrame`s with `pcm` of shape (`frame_samples`, `channels`), int16, at `rate`
@@ -265,8 +265,12 @@ class FileSource(Endpoint):
         """
         key = self._cache_key()
         cached = _DECODED.get(key) if key is not None else None
-        container = None if cached is not None else self._open()
-        chunks = self._replay(cached) if cached is not None else self._chunks(container)  # type: ignore[arg-type]
+        if cached is not None:
+            container = None
+            chunks = self._replay(cached)
+        else:
+            container = self._open()
+            chunks = self._chunks(container)
         try:
             task_status.started()
             n = self.frame_samples
@@ -363,7 +367,7 @@ class FileSource(Endpoint):
             return None
         return (str(self.path), st.st_size, st.st_mtime_ns, self.rate, self.channels, self.gain_db)
 
-    def _chunks(self, container: av.container.InputContainer) -> Iterator[np.ndarray]:
+    def _chunks(self, container: av.container.InputContainer) -> Generator[np.ndarray, None, None]:
         """Yield the file's audio as int16 arrays of shape (samples, channels), pass after
         pass when looping. Raises MediaFileError when a pass yields no samples. (A file that
         `prepare` kept in `_DECODED` is replayed from memory instead: `_replay`.)"""
@@ -378,7 +382,7 @@ class FileSource(Endpoint):
                 return
             container = self._open()
 
-    def _replay(self, pcm: np.ndarray) -> Iterator[np.ndarray]:
+    def _replay(self, pcm: np.ndarray) -> Generator[np.ndarray, None, None]:
         """The decoded file from memory, in views of one second, pass after pass when looping."""
         step = self.rate
         while True:
@@ -416,7 +420,7 @@ class FileSource(Endpoint):
 # ---------------------------------------------------------------------------------------
 
 
-class Recorder(Endpoint):
+class Recorder(Endpoint[Frame]):
     """Records what a route sends it to a WAV (pcm_s16le) or Ogg/Opus (libopus) file.
 
     `send()` takes `AudioFrame`s of int16 shape (samples, `channels`) at `rate` Hz (any number

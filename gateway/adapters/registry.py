@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.config.options import Options
 from gateway.config.schema import EndpointConfig
 from gateway.endpoint import Endpoint
 from gateway.errors import ConfigError
@@ -27,7 +28,7 @@ def build_endpoint(config: EndpointConfig, runtime: Runtime, default_name: str) 
     return endpoint
 
 
-def _build(config: EndpointConfig, runtime: Runtime, name: str, opts) -> Endpoint:
+def _build(config: EndpointConfig, runtime: Runtime, name: str, opts: Options) -> Endpoint:
     kind, role = config.kind, config.role
     if kind == "voipbin":
         from gateway.adapters.voipbin.endpoint import VoipbinDial, VoipbinListen
@@ -64,12 +65,12 @@ def _build(config: EndpointConfig, runtime: Runtime, name: str, opts) -> Endpoin
 
         if role != "dial":
             raise opts.error("role", f"a {kind} endpoint has no listen role")
-        cls = FileSource if kind == "file" else Recorder
+        local = FileSource if kind == "file" else Recorder
         # `${...}` references expand here as everywhere (the local adapters take plain values)
         values = {k: opts.get_str(k) if isinstance(opts.raw(k), str) else opts.raw(k)
                   for k in list(opts.keys()) if k not in ("name", "role", "hears", "identity")}
         try:
-            return cls.from_config(name, values)
+            return local.from_config(name, values)
         except ConfigError as err:
             raise ConfigError(f"{config.where}: {config.path}: {err}") from None
     raise ConfigError(f"{config.where}: {config.path}: unknown endpoint kind {kind!r}")

@@ -39,8 +39,7 @@ from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, Ha
 from wsproto import ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.handshake import H11Handshake
-from wsproto.utilities import LocalProtocolError
-from wsproto.utilities import RemoteProtocolError as WsprotoRemoteError
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError as WsprotoRemoteError
 
 __all__ = ["ClientWebSocket", "connect"]
 
@@ -491,12 +490,12 @@ async def _answer(stream: trio.abc.Stream, handshake: H11Handshake) -> bytes:
 async def _refusal_body(stream: trio.abc.Stream, handshake: H11Handshake, rest: bytes) -> bytes:
     """The body of a refused upgrade (up to MAX_RESPONSE bytes, as far as it came)."""
     body = bytearray()
-    data: bytes | None = rest
+    data: bytes | bytearray | None = rest
     with trio.move_on_after(2.0):
         while len(body) <= MAX_RESPONSE:
             try:
                 if data != b"":  # b"" would tell h11 the stream ended (None does, at EOF)
-                    handshake.receive_data(data)
+                    handshake.receive_data(data)  # type: ignore[arg-type]  # wsproto says bytes; h11 takes bytearray too
                 for event in handshake.events():
                     if isinstance(event, RejectData):
                         body += event.data

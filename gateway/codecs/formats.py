@@ -79,7 +79,7 @@ class AudioFrame:
     reordering are visible without wall-clock reads.
     """
 
-    pcm: np.ndarray
+    pcm: np.ndarray[tuple[int, int], np.dtype[np.int16]]
     """int16, shape (samples, channels), C-contiguous."""
     rate: int
     """Sample rate in Hz."""

@@ -22,7 +22,15 @@ with warnings.catch_warnings():
 import attrs
 import numpy as np
 
-from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFormat, AudioFrame, EncodedFrame, Encoding, Frame
+from gateway.codecs.formats import (
+    PCM16_8K,
+    PCMU_8K,
+    AudioFormat,
+    AudioFrame,
+    EncodedFrame,
+    Encoding,
+    Frame,
+)
 from gateway.codecs.stage import check_encoded, check_pcm
 
 SAMPLE_WIDTH = 2  # bytes per linear sample handed to audioop (int16)
@@ -40,12 +48,13 @@ class G711Encoder:
     output: AudioFormat = attrs.field(default=PCMU_8K, init=False)
     delay: int = attrs.field(default=0, init=False)
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[EncodedFrame]:
         frame = check_pcm(frame, PCM16_8K, "G711Encoder")
-        payload = audioop.lin2ulaw(np.ascontiguousarray(frame.pcm), SAMPLE_WIDTH)
+        # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; it is a buffer on 3.11 too
+        payload = audioop.lin2ulaw(np.ascontiguousarray(frame.pcm), SAMPLE_WIDTH)  # type: ignore[arg-type]
         return [EncodedFrame(payload, PCMU_8K, frame.pcm.shape[0], frame.timestamp)]
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[EncodedFrame]:
         return []
 
 
@@ -62,11 +71,11 @@ class G711Decoder:
     output: AudioFormat = attrs.field(default=PCM16_8K, init=False)
     delay: int = attrs.field(default=0, init=False)
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[AudioFrame]:
         frame = check_encoded(frame, Encoding.PCMU, "G711Decoder")
         linear = audioop.ulaw2lin(frame.payload, SAMPLE_WIDTH)  # native-endian int16
         pcm = np.frombuffer(linear, dtype=np.int16).reshape(-1, 1)
         return [AudioFrame(pcm, PCMU_8K.rate, frame.timestamp)]
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[AudioFrame]:
         return []

@@ -200,28 +200,28 @@ class JitterBuffer:
     _max_seq: int | None = attrs.field(default=None, init=False)
     _cycles: int = attrs.field(default=0, init=False)
     _ssrc: int | None = attrs.field(default=None, init=False)
-    _probation: tuple | None = attrs.field(default=None, init=False)
+    _probation: tuple[int, int | None, Any, float] | None = attrs.field(default=None, init=False)
     _highest: int | None = attrs.field(default=None, init=False)
-    _seen: set = attrs.field(factory=set, init=False)
-    _seen_order: collections.deque = attrs.field(factory=collections.deque, init=False)
+    _seen: set[int] = attrs.field(factory=set, init=False)
+    _seen_order: collections.deque[int] = attrs.field(factory=collections.deque, init=False)
     # jitter (RFC 3550 §6.4.1) and transit window
     _jitter: float = attrs.field(default=0.0, init=False)
     _last_arrival: float | None = attrs.field(default=None, init=False)
     _last_ext: int = attrs.field(default=0, init=False)
     _last_ts: int | None = attrs.field(default=None, init=False)
-    _transits: collections.deque = attrs.field(init=False)
+    _transits: collections.deque[float] = attrs.field(init=False)
     _zmin: float = attrs.field(default=0.0, init=False)
     _zmax: float = attrs.field(default=0.0, init=False)
     # timeline
-    _held: dict = attrs.field(factory=dict, init=False)
-    _ready: list = attrs.field(factory=list, init=False)
+    _held: dict[int, Any] = attrs.field(factory=dict, init=False)
+    _ready: list[Slot] = attrs.field(factory=list, init=False)
     _next: int | None = attrs.field(default=None, init=False)
     _offset: float = attrs.field(default=0.0, init=False)
     _emitted: bool = attrs.field(default=False, init=False)
     _run: int = attrs.field(default=0, init=False)
     _idle: bool = attrs.field(default=False, init=False)
     _idle_depth: float = attrs.field(default=0.0, init=False)
-    _late: tuple | None = attrs.field(default=None, init=False)  # (last late ext, late in a row)
+    _late: tuple[int, int] | None = attrs.field(default=None, init=False)  # (last late ext, late in a row)
     _played: int | None = attrs.field(default=None, init=False)  # highest ext output as a packet
     _steered_at: float | None = attrs.field(default=None, init=False)
 
@@ -323,6 +323,7 @@ class JitterBuffer:
         the sender's timeline moved (a stall, a pause that did not advance the sequence
         numbers, telephone-events sent slower than one per ptime). The timeline then
         re-anchors on it, so it and what follows play."""
+        assert self._next is not None  # only called once the timeline is anchored (_accept)
         run = self._late
         self._late = (ext, run[1] + 1) if run is not None and ext == run[0] + 1 else (ext, 1)
         if self._late[1] < RESYNC_AFTER_LATE or self._next - ext > IDLE_AFTER:

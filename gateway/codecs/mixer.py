@@ -36,7 +36,7 @@ class ChannelMixer:
         self.input = AudioFormat(Encoding.PCM16, self.rate or 0, self.in_channels)
         self.output = AudioFormat(Encoding.PCM16, self.rate or 0, self.out_channels)
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[AudioFrame]:
         frame = check_pcm(frame, self.input, "ChannelMixer", any_rate=self.rate is None)
         if self.in_channels == self.out_channels:
             return [frame]
@@ -51,5 +51,5 @@ class ChannelMixer:
             out = total.astype(np.int16).reshape(-1, 1)
         return [AudioFrame(out, frame.rate, frame.timestamp)]
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[AudioFrame]:
         return []

@@ -22,7 +22,15 @@ import opuslib.api.ctl
 import opuslib.api.decoder
 import opuslib.api.encoder
 
-from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, AudioFormat, AudioFrame, EncodedFrame, Encoding, Frame
+from gateway.codecs.formats import (
+    OPUS_48K,
+    OPUS_48K_STEREO,
+    AudioFormat,
+    AudioFrame,
+    EncodedFrame,
+    Encoding,
+    Frame,
+)
 from gateway.codecs.stage import check_encoded, check_pcm
 from gateway.errors import LocalProtocolError, RemoteProtocolError
 
@@ -87,7 +95,8 @@ _strerror.restype = ctypes.c_char_p
 
 def opus_strerror(code: int) -> str:
     """libopus's text for a negative error code ("corrupted stream", "invalid argument", ...)."""
-    return _strerror(code).decode("ascii", "replace")
+    text: bytes = _strerror(code)
+    return text.decode("ascii", "replace")
 
 
 def _invalid(packet: bytes, cause: str) -> RemoteProtocolError:
@@ -102,10 +111,11 @@ def packet_samples(packet: bytes) -> int:
     if not packet:
         raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
     sizes = (ctypes.c_int16 * MAX_FRAMES_PER_PACKET)()
-    frames = _packet_parse(packet, len(packet), None, None, ctypes.addressof(sizes), None)
+    frames: int = _packet_parse(packet, len(packet), None, None, ctypes.addressof(sizes), None)
     if frames < 0:
         raise _invalid(packet, opus_strerror(frames))
-    return frames * _packet_get_samples_per_frame(packet, OPUS_RATE)
+    per_frame: int = _packet_get_samples_per_frame(packet, OPUS_RATE)
+    return frames * per_frame
 
 
 def packet_frame_samples(packet: bytes) -> int:
@@ -119,7 +129,8 @@ def packet_channels(packet: bytes) -> int:
     Raises RemoteProtocolError (1007) for an empty packet."""
     if not packet:
         raise _invalid(packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
-    return _packet_get_nb_channels(packet)
+    channels: int = _packet_get_nb_channels(packet)
+    return channels
 
 
 #: Audio bandwidth (Hz) of each OPUS_BANDWIDTH_* a TOC byte names (RFC 6716 §2, Table 1).
@@ -277,11 +288,11 @@ class OpusEncoder:
     """48000 / input_rate: input samples -> 48 kHz samples."""
     _lookahead: int = attrs.field(init=False)
     """OPUS_GET_LOOKAHEAD, in samples at the input rate."""
-    _frame_sizes: frozenset = attrs.field(init=False)
+    _frame_sizes: frozenset[int] = attrs.field(init=False)
     _enc: opuslib.Encoder = attrs.field(init=False)
     _pcm: np.ndarray = attrs.field(init=False)
     _pcm_addr: int = attrs.field(init=False)
-    _out: ctypes.Array = attrs.field(init=False)
+    _out: ctypes.Array[ctypes.c_char] = attrs.field(init=False)
     _last_ts: int | None = attrs.field(default=None, init=False)
     _last_samples: int = attrs.field(default=0, init=False)
 
@@ -337,7 +348,7 @@ class OpusEncoder:
         """Samples per channel each input frame must have (None: any Opus frame size)."""
         return None if self.ptime_ms is None else self.ptime_ms * self.input_rate // 1000
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[EncodedFrame]:
         frame = check_pcm(frame, self.input, "OpusEncoder")
         n = frame.pcm.shape[0]
         expected = self.frame_samples
@@ -359,14 +370,14 @@ class OpusEncoder:
             return silence_packet(n * self._scale, self.channels)
         return ctypes.string_at(self._out, size)
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[EncodedFrame]:
         """Encode silence until the lookahead's worth of the last input is out (one packet of
         the last frame size for ptimes >= 10 ms), then reset the encoder for a new stream."""
         if self._last_ts is None:
             return []
         n, scale = self._last_samples, self._scale
         ts = (self._last_ts + n) * scale
-        frames: list[Frame] = []
+        frames: list[EncodedFrame] = []
         silence = np.zeros((n, self.channels), dtype=np.int16)
         for _ in range(-(-self._lookahead // n)):
             frames.append(EncodedFrame(self._encode(silence, n), self.output, n * scale, ts))
@@ -409,7 +420,7 @@ class OpusDecoder:
         """Timestamp just after the last decoded or concealed sample."""
         return self._next_ts
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[AudioFrame]:
         frame = check_encoded(frame, Encoding.OPUS, "OpusDecoder")
         packet = frame.payload
         if not packet:
@@ -440,7 +451,7 @@ class OpusDecoder:
             raise _invalid(next_packet, "empty (RFC 6716 §3.1: at least the TOC byte)")
         return self._decode(next_packet, samples, next_packet is not None, self._next_ts)
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[AudioFrame]:
         """Nothing is held back; resets the decoder state for a new stream."""
         opuslib.api.decoder.decoder_ctl(self._dec.decoder_state, opuslib.api.ctl.reset_state)
         return []

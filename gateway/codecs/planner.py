@@ -54,8 +54,8 @@ class Chain:
         """`delay_ms` in samples at `output.rate` (rounded)."""
         return round(self.delay_ms * self.output.rate / 1000)
 
-    def process(self, frame: Frame) -> list[Frame]:
-        frames = [frame]
+    def process(self, frame: Frame) -> Sequence[Frame]:
+        frames: Sequence[Frame] = [frame]
         for stage in self.stages:
             if len(frames) == 1:
                 frames = stage.process(frames[0])

@@ -52,11 +52,12 @@ next loss is rebuilt from FEC: ~s more latency, only while losses repairable by 
 grown in a pause as any raise of the target.
 
 A TCP stall looks different: the delayed packet is followed at once by the ones TCP held
-back, so a packet bunched (< s/2) right behind one read as "after a loss" undoes that reading (it was a late packet: counted `late`, no FEC). What
-timing cannot tell apart is a delay that steps up by exactly m slots and stays; then a slot is
-filled that did not need to be (FEC then replays the previous packet's content, much as PLC
-would) and the slot of latency is won back in the next pause. With more jitter no inference
-is made: gaps are concealed as their deadlines come and late packets play next.
+back, so a packet bunched (< s/2) right behind one read as "after a loss" undoes that reading
+(it was a late packet: counted `late`, no FEC). What timing cannot tell apart is a delay that
+steps up by exactly m slots and stays; then a slot is filled that did not need to be (FEC then
+replays the previous packet's content, much as PLC would) and the slot of latency is won back
+in the next pause. With more jitter no inference is made: gaps are concealed as their
+deadlines come and late packets play next.
 
 Tolerance, and a loaded event loop. A slot is concealed only when its deadline passes with no
 packet for it: the tolerance for a late packet is the applied delay (the target, >= 20 ms). The
@@ -102,6 +103,7 @@ counters are the same.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import attrs
 import numpy as np
@@ -162,6 +164,10 @@ _SPLICE_RAMP = ((np.arange(SPLICE, dtype=np.float32) + 0.5) / SPLICE)[:, None]
 
 # queue entry kinds
 _NORMAL, _DTX, _MALFORMED, _DECODED = 0, 1, 2, 3
+_Queued = tuple[int, int, int, int, Any, float]
+"""A queue entry: (position, samples, kind, samples missing before it, data, arrival). `data`
+is the packet (bytes), or for _DECODED the AudioFrame decoded at a restart: its type follows
+`kind`, which a type checker cannot narrow on, hence Any."""
 
 
 def _level(pcm: np.ndarray) -> float:
@@ -231,7 +237,7 @@ class OpusPlayout:
     _target: float = attrs.field(init=False)
     _jitter: float = attrs.field(default=0.0, init=False)
     _pairs: int = attrs.field(default=0, init=False)
-    _queue: collections.deque = attrs.field(factory=collections.deque, init=False)
+    _queue: collections.deque[_Queued] = attrs.field(factory=collections.deque, init=False)
     _queued: int = attrs.field(default=0, init=False)
     _running: bool = attrs.field(default=False, init=False)
     _anchor: float = attrs.field(default=0.0, init=False)
@@ -251,8 +257,8 @@ class OpusPlayout:
     _prev_missing: int = attrs.field(default=0, init=False)
     _prev_gap: int = attrs.field(default=0, init=False)
     _last_push: float | None = attrs.field(default=None, init=False)
-    _zmin: collections.deque = attrs.field(factory=collections.deque, init=False)
-    _zmax: collections.deque = attrs.field(factory=collections.deque, init=False)
+    _zmin: collections.deque[tuple[float, float]] = attrs.field(factory=collections.deque, init=False)
+    _zmax: collections.deque[tuple[float, float]] = attrs.field(factory=collections.deque, init=False)
     _celt: bool = attrs.field(default=False, init=False)
     _fec_until: float = attrs.field(default=-1e300, init=False)
 
@@ -297,6 +303,7 @@ class OpusPlayout:
         content: malformed packets are counted and concealed."""
         st = self.stats
         st.received += 1
+        item: bytes | AudioFrame = packet  # what is queued: the packet, or the frame decoded at a restart
         try:
             n = packet_samples(packet)
         except RemoteProtocolError:
@@ -317,14 +324,14 @@ class OpusPlayout:
                 if frame is None or _level(frame.pcm) < _SILENT_MS:
                     return  # nothing to restart for: an idle source already plays as silence
                 self._start(now)
-                kind, packet = _DECODED, frame
+                kind, item = _DECODED, frame
             self._slot = n
 
         # Timeline: lost slots from the arrival spacing, then RFC 3550 jitter.
         missing = 0
         prev_a = self._prev_a
         queue = self._queue
-        if self._prev_missing and 2 * (now - prev_a) * RATE < self._prev_n:  # type: ignore[operator]
+        if self._prev_missing and prev_a is not None and 2 * (now - prev_a) * RATE < self._prev_n:
             # Bunched right behind a packet read as following a loss: that was a stall
             # released (TCP holds back what follows a delayed segment), not a loss.
             if self._prev_gap and self._prev_gap <= self._prev_missing:
@@ -391,7 +398,7 @@ class OpusPlayout:
         if gap > missing:
             st.late += 1  # its slot was concealed: it plays next, the timeline moves later
         self._prev_missing, self._prev_gap = missing, gap
-        queue.append((p, n, kind, missing, packet, now))
+        queue.append((p, n, kind, missing, item, now))
         self._queued += n
         st.depth_ms = self._queued / _MS
 
@@ -488,7 +495,8 @@ class OpusPlayout:
     def _last_low(self) -> bool:
         """Whether the last decoded frame is a pause (below LOW_LEVEL_DBFS); computed once."""
         if self._last_level is None:
-            self._last_level = _level(self._last_pcm)  # type: ignore[arg-type]
+            assert self._last_pcm is not None  # asked only once a frame was decoded
+            self._last_level = _level(self._last_pcm)
         return self._last_level < _LOW_MS
 
     def _decode(self, packet: bytes, n: int) -> AudioFrame | None:
@@ -499,7 +507,7 @@ class OpusPlayout:
             return None
         self._celt = packet[0] >= 0x80  # TOC configs 16-31: what libopus's FEC decision looks at
         self.stats.decoded += 1
-        return frame  # type: ignore[return-value]
+        return frame
 
     def _conceal(self, n: int, fec: bytes | None = None) -> AudioFrame:
         """PLC (or FEC from `fec`, the packet after the gap) for a slot with no audio, faded
@@ -554,6 +562,7 @@ class OpusPlayout:
     def _splice(self, pcm: np.ndarray) -> None:
         """Crossfade the start of `pcm` from the audio that followed the last emitted sample."""
         head, self._head = self._head, None
+        assert head is not None  # callers splice only while a head is held
         k = min(len(head), len(pcm))
         r = _SPLICE_RAMP[:k] if k == SPLICE else ((np.arange(k, dtype=np.float32) + 0.5) / k)[:, None]
         h = head[:k].astype(np.float32)

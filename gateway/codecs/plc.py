@@ -64,7 +64,8 @@ def _ramp(count: int) -> np.ndarray:
 def _to_int16(x: np.ndarray) -> np.ndarray:
     """Truncate towards zero (the reference's cast to short) and clip to int16."""
     x = np.trunc(x)
-    return np.minimum(np.maximum(x, -32768.0, out=x), 32767.0, out=x)
+    clipped: np.ndarray = np.minimum(np.maximum(x, -32768.0, out=x), 32767.0, out=x)
+    return clipped
 
 
 def find_pitch(history: np.ndarray) -> int:

@@ -146,18 +146,18 @@ class Reframer:
         self._count -= n
         self._head_ts += n
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[AudioFrame]:
         self.push(frame)
-        frames: list[Frame] = []
-        while self._count >= self.frame_samples:
-            frames.append(self.pop())  # type: ignore[arg-type]
+        frames: list[AudioFrame] = []
+        while (whole := self.pop()) is not None:
+            frames.append(whole)
         return frames
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[AudioFrame]:
         """Every whole frame, then the partial one padded with silence; empties the buffer."""
-        frames: list[Frame] = []
-        while self._count >= self.frame_samples:
-            frames.append(self.pop())  # type: ignore[arg-type]
+        frames: list[AudioFrame] = []
+        while (whole := self.pop()) is not None:
+            frames.append(whole)
         if self._count:
             out = np.zeros((self.frame_samples, self._ring.shape[1]), dtype=np.int16)
             self._read(out[: self._count])

@@ -123,7 +123,7 @@ class _History:
 
     def fill(self, pcm: np.ndarray) -> int:
         """Append `pcm` (int16, (n, channels)) after the history; returns history + n."""
-        need = self.keep + pcm.shape[0]
+        need: int = self.keep + pcm.shape[0]
         if self.buf.shape[1] < need:
             grown = np.zeros((self.buf.shape[0], need), dtype=np.float32)
             grown[:, : self.keep] = self.buf[:, : self.keep]
@@ -311,7 +311,7 @@ class Resampler:
         g = math.gcd(self.in_rate, self.out_rate)
         return self.out_rate // g, self.in_rate // g
 
-    def process(self, frame: Frame) -> list[Frame]:
+    def process(self, frame: Frame) -> list[AudioFrame]:
         frame = check_pcm(frame, self.input, "Resampler")
         impl = self._impl
         if impl is None:
@@ -323,7 +323,7 @@ class Resampler:
         self._next_ts = frame.timestamp + frame.pcm.shape[0]  # next input timestamp
         return self._fir(impl, frame.pcm, frame.timestamp)
 
-    def _fir(self, impl: _Interpolator | _Decimator, pcm: np.ndarray, timestamp: int) -> list[Frame]:
+    def _fir(self, impl: _Interpolator | _Decimator, pcm: np.ndarray, timestamp: int) -> list[AudioFrame]:
         if isinstance(impl, _Interpolator):
             ts = timestamp * (self.out_rate // self.in_rate)
         else:
@@ -333,14 +333,14 @@ class Resampler:
         y = impl.process(pcm)
         return [AudioFrame(y, self.out_rate, ts)] if y.shape[0] else []
 
-    def _soxr_out(self, y: np.ndarray) -> list[Frame]:
+    def _soxr_out(self, y: np.ndarray) -> list[AudioFrame]:
         if y.shape[0] == 0:
             return []
         ts = self._next_ts or 0
         self._next_ts = ts + y.shape[0]
         return [AudioFrame(y.reshape(-1, self.channels), self.out_rate, ts)]
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> list[AudioFrame]:
         """End of stream: return the filter's tail (about `delay` output samples, the end of
         the signal still inside the filter), then reset to a fresh stream."""
         impl = self._impl

@@ -8,6 +8,7 @@ still holds at the end of the stream and resets it for a new stream.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -28,11 +29,12 @@ class Stage(Protocol):
     """Algorithmic delay in samples at `output.rate`: an input sample at time t comes out at
     t + delay. Buffering of partial frames (the `Reframer`) is not counted here."""
 
-    def process(self, frame: Frame) -> list[Frame]:
-        """Convert one frame; raises LocalProtocolError when `frame` does not match `input`."""
+    def process(self, frame: Frame) -> Sequence[Frame]:
+        """Convert one frame; raises LocalProtocolError when `frame` does not match `input`.
+        (A list: typed Sequence so that each stage can say which kind of frame it returns.)"""
         ...
 
-    def flush(self) -> list[Frame]:
+    def flush(self) -> Sequence[Frame]:
         """End of stream: return what is still held back, then reset for a new stream."""
         ...
 

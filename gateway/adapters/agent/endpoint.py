@@ -41,6 +41,7 @@ import hmac
 import logging
 import math
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -70,7 +71,15 @@ from gateway.adapters.agent.wire import (
     token_url,
 )
 from gateway.adapters.listen import ListenSlot, PendingSession
-from gateway.adapters.ws import Closing, close, close_description, dial, refuse, send_quietly
+from gateway.adapters.ws import (
+    Closing,
+    WebSocket,
+    close,
+    close_description,
+    dial,
+    refuse,
+    send_quietly,
+)
 from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_16K, AudioFrame
 from gateway.config.options import Options
@@ -97,7 +106,7 @@ REJECTED = {
 }
 
 
-class _AgentEndpoint(Endpoint):
+class _AgentEndpoint(Endpoint[AudioFrame]):
     """What both roles share: PCM16 16 kHz mono, 20 ms, audio out through the state machine."""
 
     kind = "agent"
@@ -109,7 +118,7 @@ class _AgentEndpoint(Endpoint):
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self._ws: WebSocketConnection | None = None
+        self._ws: WebSocket | None = None
         self._proto: AgentClient | AgentServer | None = None
 
     async def send(self, frame: AudioFrame) -> None:
@@ -470,6 +479,7 @@ class AgentListen(_AgentEndpoint):
     role = "listen"
     _peer = "client"
     _connected = ServerState.CONNECTED
+    _proto: AgentServer | None
 
     def __init__(self, name: str, *, service: AgentListenService, slot_id: int, api_keys: tuple[str, ...],
                  bursty: bool = True) -> None:
@@ -479,8 +489,8 @@ class AgentListen(_AgentEndpoint):
         self._keys = api_keys
         self.bursty = bursty
         self.ws_path = WS_PATH.format(slot=slot_id)
-        self._slot = ListenSlot(f"agent session {slot_id}")
-        self._unregister = None
+        self._slot: ListenSlot[Grant | None] = ListenSlot(f"agent session {slot_id}")
+        self._unregister: Callable[[], None] | None = None
         self._route_up: trio.Event | None = None
         self.phase = "starting"
         """Where the endpoint is, for the token endpoint: "starting" (its route has not run it
@@ -492,9 +502,9 @@ class AgentListen(_AgentEndpoint):
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> AgentListen:
         service = runtime.singleton(AgentListenService, lambda: AgentListenService(runtime))
-        keys = [opts.child({"k": k}, f"{opts.key_path('api_keys')}[{i}]", line).get_str("k", secret=True)
-                for i, k, line in opts.items("api_keys")]
-        keys = tuple(k for k in keys if k) or tuple(k.reveal() for k in runtime.config.services.agent.listen_api_keys)
+        given = [opts.child({"k": k}, f"{opts.key_path('api_keys')}[{i}]", line).get_str("k", secret=True)
+                 for i, k, line in opts.items("api_keys")]
+        keys = tuple(k for k in given if k) or tuple(k.reveal() for k in runtime.config.services.agent.listen_api_keys)
         if not keys:
             raise opts.error(None, "no API keys for the listen token endpoint: set services.agent.listen_api_keys "
                              "(or services.agent.api_key, or api_keys: on the endpoint)")
@@ -606,12 +616,12 @@ class AgentListen(_AgentEndpoint):
             break
         ws, proto = shook
         self.phase = "in use"
-        self._route_up = trio.Event()
+        route_up = self._route_up = trio.Event()
         self.stats.connects += 1
         self.log.info("client %s connected", session.request.remote)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._announce_ready, ws, proto)
+                nursery.start_soon(self._announce_ready, ws, proto, route_up)
                 self._ws, self._proto = ws, proto
                 task_status.started()
                 await self._stream(ws, proto, emit)
@@ -621,8 +631,8 @@ class AgentListen(_AgentEndpoint):
                 await close(session.ws, 1000, "session ended")
             session.finished.set()
 
-    async def _announce_ready(self, ws: WebSocketConnection, proto: AgentServer) -> None:
-        await self._route_up.wait()
+    async def _announce_ready(self, ws: WebSocketConnection, proto: AgentServer, route_up: trio.Event) -> None:
+        await route_up.wait()
         if proto.state is ServerState.CONNECTED:
             await send_quietly(ws, proto.agent_ready())
 

@@ -77,8 +77,7 @@ from typing import Any
 
 import attrs
 
-from gateway.adapters.rest import json_type as _json_type
-from gateway.adapters.rest import loads_strict, status_cause
+from gateway.adapters.rest import json_type as _json_type, loads_strict, status_cause
 from gateway.errors import LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
@@ -212,7 +211,7 @@ ServerEvent = TokenPresented | Unknown | Audio | ClientDtmf
 # --- shared parsing ------------------------------------------------------------------------
 
 
-def _loads(text: str) -> Any:
+def _loads(text: str | bytes) -> Any:
     """JSON value of `text`; ValueError (or RecursionError) when it is not JSON."""
     return loads_strict(text)
 
@@ -675,9 +674,9 @@ def _retry_after(header: str | None, body: Any) -> float | None:
         if value.isascii() and value.isdigit():
             return float(value)
     if isinstance(body, dict):
-        value = body.get("retry_after")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-            return float(value)
+        given = body.get("retry_after")
+        if isinstance(given, (int, float)) and not isinstance(given, bool) and given >= 0:
+            return float(given)
     return None
 
 

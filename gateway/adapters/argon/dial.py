@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import jwt
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from gateway.adapters.argon.hear import play_out
 from gateway.adapters.argon.sse import (
@@ -76,7 +76,15 @@ from gateway.adapters.argon.wire import (
     stream_token_request,
 )
 from gateway.adapters.ws import Closing, close_description, dial
-from gateway.codecs.formats import OPUS_48K, OPUS_48K_STEREO, PCM16_48K, PCM16_48K_STEREO, VALID_PTIMES_MS, EncodedFrame
+from gateway.adapters.wsclient import ClientWebSocket
+from gateway.codecs.formats import (
+    OPUS_48K,
+    OPUS_48K_STEREO,
+    PCM16_48K,
+    PCM16_48K_STEREO,
+    VALID_PTIMES_MS,
+    EncodedFrame,
+)
 from gateway.codecs.opus import OPUS_INPUT_RATES
 from gateway.codecs.playout import OpusPlayout
 from gateway.config.options import Options
@@ -390,7 +398,7 @@ class EventsClient:
 class _Session:
     """One audio WebSocket of the dial endpoint (connect, subscribe or duplex)."""
 
-    def __init__(self, ws: WebSocketConnection, path: AudioPath, target: str | None) -> None:
+    def __init__(self, ws: ClientWebSocket, path: AudioPath, target: str | None) -> None:
         self.ws, self.path, self.target = ws, path, target
         self.ready = trio.Event()
         self.ended = trio.Event()
@@ -408,7 +416,7 @@ class _Session:
         return f"{self.path.value}" + (f" hearing {self.target}" if self.target else "")
 
 
-class ArgonDial(Endpoint):
+class ArgonDial(Endpoint[EncodedFrame]):
     """The gateway as an Argon bot in a voice channel or a call (module doc). A sink (it
     publishes the route's audio) unless `publish: false`; a source too when it hears someone
     (`hear:` or `calls: incoming`)."""
@@ -714,7 +722,7 @@ class ArgonDial(Endpoint):
     def _follow_target(self, events: EventsClient, me: str) -> str | None:
         """Who `hear: follow` hears: whoever of this channel joined most recently and is
         still there, not a bot, not ourselves; None when nobody is."""
-        users = events.present.get((self.space_id, self.channel_id), {})
+        users: dict[str, ArgonUser] = events.present.get((self.space_id, self.channel_id), {})
         for user_id in reversed(list(users)):
             user = users[user_id]
             if user_id != me and not user.is_bot:

@@ -55,6 +55,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from gateway.adapters.argon.events_hub import EventHub, event_json
+from gateway.adapters.argon.hear import play_out
 from gateway.adapters.argon.room import BotSession, Room, user_object
 from gateway.adapters.argon.wire import (
     CALL_TOKEN_TTL_S,
@@ -68,6 +69,7 @@ from gateway.adapters.argon.wire import (
     STREAM_TOKEN_TTL_S,
     AudioPath,
     AudioRefusal,
+    AudioRequest,
     BotSelf,
     TokenError,
     accept_response,
@@ -79,13 +81,13 @@ from gateway.adapters.argon.wire import (
     stream_token_response,
     verify_room_token,
 )
-from gateway.adapters.argon.hear import play_out
 from gateway.codecs.formats import (
     OPUS_48K,
     OPUS_48K_STEREO,
     PCM16_48K,
     PCM16_48K_STEREO,
     VALID_PTIMES_MS,
+    AudioFormat,
     AudioFrame,
     EncodedFrame,
     Frame,
@@ -464,7 +466,7 @@ async def _refuse(request: MediaRequest, status: int, reason: str) -> None:
                                  body=reason.encode("utf-8", "backslashreplace"))
 
 
-class ArgonListen(Endpoint):
+class ArgonListen(Endpoint[Frame]):
     """An Argon-compatible voice channel, or a call to a bot (module doc).
 
     As a source it emits the room's first publishing bot, played out by arrival time with PLC
@@ -476,6 +478,8 @@ class ArgonListen(Endpoint):
     kind = "argon"
     role = "listen"
     mixes = False
+    ingress: AudioFormat  # both set in __init__
+    egress: AudioFormat
 
     def __init__(self, name: str, *, service: ArgonListenService, space_id: str | None = None,
                  channel_id: str | None = None, call_bot: ArgonBot | None = None, stereo: bool = False,
@@ -510,7 +514,7 @@ class ArgonListen(Endpoint):
         self._primary: BotSession | None = None
         self._joined: list[str] = []
         self.session_id: str | None = None
-        self.params = None
+        self.params: AudioRequest | None = None
         """The primary bot's AudioRequest (stereo, frame_duration_ms, track_name...)."""
         self._emptied = False
         """The channel's session ended because every bot had left (goodbye closes nobody then)."""

@@ -630,7 +630,7 @@ def verify_stream_token(secret: str, token: str, *, now: float) -> StreamGrant:
     identity = claims.get("sub")
     if not isinstance(identity, str) or not identity:
         raise TokenError("stream token malformed: no sub (identity) claim")
-    video = claims.get("video")
+    video: Any = claims.get("video")  # a JSON value: checked below
     room = video.get("room") if isinstance(video, dict) else None
     if not isinstance(room, str) or not room or video.get("roomJoin") is not True:
         raise TokenError("stream token has no room grant")
@@ -732,8 +732,8 @@ def parse_stream_token_response(
     e.g. `parse_retry_after(headers["Retry-After"])`, else from a ``retryAfter`` /
     ``retry_after`` number in the JSON body); 408 and 5xx not permanent; other 4xx permanent;
     2xx whose body is not a JSON object, lacks ``token`` / ``ingressUrl`` (naming the missing
-    field) or whose ``ingressUrl`` is not a ws(s):// or http(s):// URL → not permanent. Messages name the space and channel ids when given, never the
-    token or the response body.
+    field) or whose ``ingressUrl`` is not a ws(s):// or http(s):// URL → not permanent.
+    Messages name the space and channel ids when given, never the token or the response body.
     """
     where = "Argon StreamToken"
     if space_id is not None or channel_id is not None:

@@ -58,6 +58,7 @@ from typing import Any, Iterable, Mapping
 import attrs
 import httpx
 import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from gateway.adapters.listen import ListenSlot
@@ -108,11 +109,18 @@ from gateway.adapters.videosdk.wire import (
     webhook_event,
 )
 from gateway.adapters.ws import Closing, close, close_description, dial, redact_url, refuse
+from gateway.adapters.wsclient import ClientWebSocket
 from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
-from gateway.errors import CallEnded, ConfigError, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.errors import (
+    CallEnded,
+    ConfigError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ServiceError,
+)
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
 
@@ -264,7 +272,7 @@ class VideosdkWebhooks:
         self.calls: dict[str, VideosdkDial] = {}
         """callId → the dial endpoint streaming that session."""
         self._pem: str | None = None
-        self.key = None
+        self.key: rsa.RSAPublicKey | None = None
         self.key_problem = ""
         self._load_key(public_key_pem)
         self._unregister = runtime.http.add("POST", WEBHOOK_PATH, self.handle, refuse=_refused)
@@ -305,7 +313,7 @@ class VideosdkWebhooks:
             log.warning("webhook refused (400): %s", err)
             return HttpResponse(400, error_body(str(err)))
         endpoint = self.calls.get(call_id) if call_id else None
-        if endpoint is None:
+        if endpoint is None or not call_id:  # (no call_id: no endpoint)
             log.info("webhook %s for call %s: no running endpoint holds it (ignored)",
                      _shown(name), _shown(call_id) if call_id else "(none)")
             return HttpResponse(200, error_body("ignored: no running session has that callId"))
@@ -320,7 +328,7 @@ def _refused(status: int, cause: str) -> HttpResponse:
 
 
 # ------------------------------------------------------------------------------------ dial
-class VideosdkDial(Endpoint):
+class VideosdkDial(Endpoint[AudioFrame]):
     """The gateway as a device streaming into a VideoSDK room (spec: Steps 1-2, Messaging).
 
     Audio: PCM16 8 kHz mono both ways, one 20 ms frame per `send`. `run()` creates the
@@ -379,7 +387,7 @@ class VideosdkDial(Endpoint):
         """Route events not published: not connected, or the publish queue was full."""
         self.publish_refused = 0
         """Publishes the spec's limits refused (topic > 128 characters, payload > 8 KB)."""
-        self._ws: WebSocketConnection | None = None
+        self._ws: ClientWebSocket | None = None
         self._proto: IngestClient | None = None
         self._events: trio.MemorySendChannel | None = None
         self._tasks: trio.CancelScope | None = None
@@ -506,7 +514,7 @@ class VideosdkDial(Endpoint):
             if self.webhooks is not None and self.webhooks.calls.get(session.call_id) is self:
                 del self.webhooks.calls[session.call_id]
 
-    async def _stream(self, ws: WebSocketConnection, emit: Emit, task_status) -> None:
+    async def _stream(self, ws: ClientWebSocket, emit: Emit, task_status) -> None:
         proto = IngestClient()
         try:
             await ws.send_message(proto.start())
@@ -525,7 +533,7 @@ class VideosdkDial(Endpoint):
                 if self._hangup is not None:
                     tasks.cancel_scope.cancel()
                 if self.publish_topic is not None:
-                    tasks.start_soon(self._publisher, events_recv)
+                    tasks.start_soon(self._publisher, events_recv, self.publish_topic)
                 await self._receive(ws, proto, emit)
         finally:
             self._ws = self._proto = self._events = self._tasks = None
@@ -538,7 +546,7 @@ class VideosdkDial(Endpoint):
                         pass
             raise CallEnded(self._hangup)
 
-    async def _receive(self, ws: WebSocketConnection, proto: IngestClient, emit: Emit) -> None:
+    async def _receive(self, ws: ClientWebSocket, proto: IngestClient, emit: Emit) -> None:
         """Read until the room ends; raises CallEnded or RemoteProtocolError."""
         audio = PcmIngress(emit, SAMPLE_RATE, self.stats)
         while True:
@@ -631,8 +639,7 @@ class VideosdkDial(Endpoint):
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             self.events_dropped += 1
 
-    async def _publisher(self, events: trio.MemoryReceiveChannel[RouteEvent]) -> None:
-        topic = self.publish_topic
+    async def _publisher(self, events: trio.MemoryReceiveChannel[RouteEvent], topic: str) -> None:
         async with events:
             async for event in events:
                 payload = {"kind": event.kind, "source": event.source, **event.data}
@@ -881,7 +888,7 @@ class VideosdkListenService:
         await endpoint._slot.offer(request, claim)
 
 
-class VideosdkListen(Endpoint):
+class VideosdkListen(Endpoint[AudioFrame]):
     """A participant slot of a VideoSDK-compatible room: one device at a time streams PCM16
     8 kHz mono both ways through the spec's custom WebSocket (see the module doc).
 
@@ -935,7 +942,7 @@ class VideosdkListen(Endpoint):
         """callId of the current (last) session."""
         self.messaging_refused = 0
         """Subscribe / publish frames dropped for breaking the topic or payload rules."""
-        self._slot = ListenSlot(f"VideoSDK room {room_id} ({name})")
+        self._slot: ListenSlot[_Claim] = ListenSlot(f"VideoSDK room {room_id} ({name})")
         self._ws: WebSocketConnection | None = None
         self._proto: IngestServer | None = None
         self._participant: _Participant | None = None

@@ -111,8 +111,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.adapters.rest import json_type as _json_type
-from gateway.adapters.rest import loads_strict, status_cause
+from gateway.adapters.rest import json_type as _json_type, loads_strict, status_cause
 from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
@@ -533,20 +532,15 @@ def _dict_or_none(value: Any) -> dict[str, Any] | None:
 # --- the two roles ---------------------------------------------------------------------------
 
 
-@attrs.define(init=False)
+@attrs.define
 class _IngestStream:
     """What both roles share: media decoding with the odd-byte carry, and counters."""
 
-    media_in: int
+    media_in: int = attrs.field(default=0, init=False)
     """Media frames received that produced audio."""
-    media_out: int
+    media_out: int = attrs.field(default=0, init=False)
     """Media frames built by `media`."""
-    _carry: bytes
-
-    def __init__(self) -> None:
-        self.media_in = 0
-        self.media_out = 0
-        self._carry = b""
+    _carry: bytes = attrs.field(default=b"", init=False)
 
     def _receive_media(self, frame: dict[str, Any]) -> list[Any]:
         payload = frame.get("payload")
@@ -575,7 +569,7 @@ class _IngestStream:
         return text
 
 
-@attrs.define(init=False)
+@attrs.define
 class IngestClient(_IngestStream):
     """The device side of one ingest WebSocket (the gateway dialing VideoSDK), sans-IO.
 
@@ -586,17 +580,11 @@ class IngestClient(_IngestStream):
     pacing (one 20 ms frame every 20 ms) and the socket belong to the adapter.
     """
 
-    started: bool
+    started: bool = attrs.field(default=False, init=False)
     """True once `start` was called."""
-    stopped: bool
+    stopped: bool = attrs.field(default=False, init=False)
     """True once `stop` was called; nothing more may be sent."""
-    _topics: set[str]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started = False
-        self.stopped = False
-        self._topics = set()
+    _topics: set[str] = attrs.field(factory=set, init=False)
 
     @property
     def subscriptions(self) -> frozenset[str]:
@@ -742,7 +730,7 @@ def _parse_message(frame: dict[str, Any]) -> Message:
     )
 
 
-@attrs.define(init=False)
+@attrs.define
 class IngestServer(_IngestStream):
     """The VideoSDK side of one ingest WebSocket (the gateway as a compatible server), sans-IO.
 
@@ -755,15 +743,10 @@ class IngestServer(_IngestStream):
     `PING_INTERVAL_S`, and the room.
     """
 
-    started: bool
+    started: bool = attrs.field(default=False, init=False)
     """True once the start frame arrived."""
-    stopped: bool
+    stopped: bool = attrs.field(default=False, init=False)
     """True once the stop frame arrived; later messages are ignored."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started = False
-        self.stopped = False
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -992,7 +975,7 @@ def parse_session_request(body: bytes | str) -> SessionRequest:
         raise SessionRequestError("request body is not JSON") from None
     if not isinstance(parsed, dict):
         raise SessionRequestError("request body must be a JSON object")
-    fields = [parsed.get(key) for key in ("roomId", "participant", "agent", "region")]
+    fields: list[Any] = [parsed.get(key) for key in ("roomId", "participant", "agent", "region")]  # checked next
     problem = _session_problem(*fields)
     if problem:
         raise SessionRequestError(problem)

@@ -61,14 +61,16 @@ from __future__ import annotations
 import hmac
 import math
 import re
+from collections.abc import Callable
 from typing import NoReturn
 from urllib.parse import urlencode
 
 import numpy as np
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from gateway.adapters.listen import ListenSlot
+from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
 from gateway.adapters.voipbin.wire import (
     Audio,
     CallUuid,
@@ -82,8 +84,15 @@ from gateway.adapters.voipbin.wire import (
     PeerError,
     TelephoneEvent,
 )
-from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
-from gateway.adapters.ws import Closing, close, close_description, dial, http_to_ws, refuse
+from gateway.adapters.ws import (
+    Closing,
+    WebSocket,
+    close,
+    close_description,
+    dial,
+    http_to_ws,
+    refuse,
+)
 from gateway.codecs import G711Decoder, G711Encoder
 from gateway.codecs.dtmf import dtmf_key, duration_ms_of
 from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame
@@ -109,7 +118,7 @@ REJECTED = {
 }
 
 
-class _VoipbinEndpoint(Endpoint):
+class _VoipbinEndpoint(Endpoint[AudioFrame]):
     kind = "voipbin"
     ingress = PCM16_8K
     egress = PCM16_8K
@@ -134,7 +143,7 @@ class _VoipbinEndpoint(Endpoint):
         self.target_id = target_id
         self.encapsulation = encapsulation
         self.codec = codec
-        self._ws: WebSocketConnection | None = None
+        self._ws: WebSocket | None = None
         self._proto: MediaStreamProtocol | None = None
         self._encoder = G711Encoder()
         self._decoder = G711Decoder()
@@ -167,7 +176,7 @@ class _VoipbinEndpoint(Endpoint):
         return f"{self.name} ({self.role} {self.target[:-1]} {self.target_id}, {self.encapsulation.value})"
 
     # ------------------------------------------------------------------------- streaming
-    async def _stream(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit,
+    async def _stream(self, ws: WebSocket, proto: MediaStreamProtocol, emit: Emit,
                       peer: str = "the service") -> None:
         """Receive until the call ends (`_receive`). On rtp the audio goes through the jitter
         buffer and the concealer, played out by a task of this session (module doc, "Jitter
@@ -188,7 +197,7 @@ class _VoipbinEndpoint(Endpoint):
         finally:
             self._playout = None
 
-    async def _receive(self, ws: WebSocketConnection, proto: MediaStreamProtocol, emit: Emit,
+    async def _receive(self, ws: WebSocket, proto: MediaStreamProtocol, emit: Emit,
                        peer: str = "the service") -> None:
         """Receive until the call ends; raises CallEnded (hangup, close, idle timeout) or
         RemoteProtocolError. `peer` names the other side in log lines."""
@@ -296,7 +305,7 @@ class _VoipbinEndpoint(Endpoint):
             self.log.warning("dtmf %s from %s not played: %d key presses already waiting", key, event.source,
                              sender.queued)
 
-    async def _close_idle(self, ws: WebSocketConnection, peer: str) -> NoReturn:
+    async def _close_idle(self, ws: WebSocket, peer: str) -> NoReturn:
         """The peer sent no media message for `idle_timeout`: close 1008, one warning, and
         end the session normally (raises CallEnded)."""
         idle = self.idle_timeout
@@ -314,7 +323,7 @@ class _VoipbinEndpoint(Endpoint):
             self.stats.dropped += 1
             return
         if dtmf is not None and dtmf.busy:
-            frame = await self._send_dtmf(ws, proto, dtmf, frame)
+            frame = await self._send_dtmf(ws, proto, dtmf, frame)  # type: ignore[assignment]  # None: checked next
             if frame is None:
                 return  # rtp: an RFC 4733 packet took this slot
         if proto.codec is Codec.ULAW:
@@ -328,7 +337,7 @@ class _VoipbinEndpoint(Endpoint):
         self.stats.frames_out += 1
         self.stats.bytes_out += len(payload)
 
-    async def _send_dtmf(self, ws: WebSocketConnection, proto: MediaStreamProtocol, dtmf: DtmfSender,
+    async def _send_dtmf(self, ws: WebSocket, proto: MediaStreamProtocol, dtmf: DtmfSender,
                          frame: AudioFrame) -> AudioFrame | None:
         """This slot's share of the key presses being sent (`DtmfSender.slot`): sends its
         messages; returns the audio frame to send in the slot (sln: the tone), None for none."""
@@ -383,7 +392,7 @@ class _RtpPlayout:
             pcm = self._decoder.process(EncodedFrame(event.payload, PCMU_8K, len(event.payload), 0))[0].pcm
         else:
             pcm = AudioFrame.from_bytes(event.payload, 8000).pcm
-        self.buffer.push(event.sequence, event.timestamp, pcm, now)
+        self.buffer.push(event.sequence, event.timestamp, pcm, now)  # type: ignore[arg-type]  # rtp: always set
         self._play(self.buffer.pop(now))
         self._rewake(now)
 
@@ -528,8 +537,8 @@ class VoipbinListen(_VoipbinEndpoint):
         super().__init__(name, **kw)
         self._tokens = tokens
         self.idle_timeout = idle_timeout
-        self._slot = ListenSlot(f"VoIPBIN {self.target[:-1]} {self.target_id}")
-        self._unregister = None
+        self._slot: ListenSlot[Encapsulation] = ListenSlot(f"VoIPBIN {self.target[:-1]} {self.target_id}")
+        self._unregister: Callable[[], None] | None = None
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> VoipbinListen:

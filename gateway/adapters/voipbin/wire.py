@@ -492,7 +492,7 @@ class MediaStreamProtocol:
             event = attrs.evolve(event, lost=lost)
         return [event, *self._keys.event(event)]
 
-    def flush(self) -> list[Event]:
+    def flush(self) -> list[KeyPress]:
         """The stream ended: a `KeyPress` still open (its end packets never came, no audio
         after it) as ``[KeyPress]``, else ``[]``."""
         return list(self._keys.flush())
@@ -651,6 +651,7 @@ class MediaStreamProtocol:
             raise LocalProtocolError(str(exc)) from None
         if start:
             self._event_timestamp = self._out_timestamp
+        assert self._event_timestamp is not None  # just set, or checked on entry
         packet = RtpPacket(
             payload_type=self.dtmf_payload_type,
             marker=1 if start else 0,
