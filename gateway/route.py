@@ -1017,6 +1017,9 @@ class _SinkQueue:
         on (then nothing is taken, as a receive under `move_on_at(deadline)` would)."""
         items = self._items
         if trio.current_time() >= deadline:
+            # a checkpoint, as an expired move_on_at's receive is: tasks woken with the pacer
+            # (an endpoint announcing the route is up) keep their turn before its next send
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return None
         if items:  # as a trio channel does: the emitters get their turn before the pacer goes on
             item = self._took(items.popleft())

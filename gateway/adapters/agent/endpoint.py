@@ -492,6 +492,7 @@ class AgentListen(_AgentEndpoint):
         self._slot: ListenSlot[Grant | None] = ListenSlot(f"agent session {slot_id}")
         self._unregister: Callable[[], None] | None = None
         self._route_up: trio.Event | None = None
+        self._announced = False  # agent_ready sent in this session
         self.phase = "starting"
         """Where the endpoint is, for the token endpoint: "starting" (its route has not run it
         yet), "waiting" (for a client: the only phase in which it is handed out), "connecting"
@@ -560,6 +561,14 @@ class AgentListen(_AgentEndpoint):
         if self._route_up is not None:
             self._route_up.set()
 
+    async def send(self, frame: AudioFrame) -> None:
+        # agent_ready goes before the route's first audio whichever task runs first (spec:
+        # connected, agent_ready, then audio)
+        ws, proto, up = self._ws, self._proto, self._route_up
+        if ws is not None and proto is not None and up is not None and up.is_set() and not self._announced:
+            await self._announce(ws, proto)
+        await super().send(frame)
+
     async def _handshake(self, session: PendingSession) -> tuple[WebSocketConnection, AgentServer] | None:
         """Accept the upgrade, wait for the token (5 s), check it, send ``connected``.
         Returns None (after an error message and close 1008) when the client fails."""
@@ -617,6 +626,7 @@ class AgentListen(_AgentEndpoint):
         ws, proto = shook
         self.phase = "in use"
         route_up = self._route_up = trio.Event()
+        self._announced = False
         self.stats.connects += 1
         self.log.info("client %s connected", session.request.remote)
         try:
@@ -633,8 +643,14 @@ class AgentListen(_AgentEndpoint):
 
     async def _announce_ready(self, ws: WebSocketConnection, proto: AgentServer, route_up: trio.Event) -> None:
         await route_up.wait()
-        if proto.state is ServerState.CONNECTED:
-            await send_quietly(ws, proto.agent_ready())
+        await self._announce(ws, proto)
+
+    async def _announce(self, ws: WebSocket, proto: AgentServer) -> None:
+        """agent_ready, once per session (from `_announce_ready` or the first `send`)."""
+        if self._announced or proto.state is not ServerState.CONNECTED:
+            return
+        self._announced = True
+        await send_quietly(ws, proto.agent_ready())
 
     async def _stream(self, ws: WebSocketConnection, proto: AgentServer, emit: Emit) -> None:
         audio = PcmIngress(emit, 16000, self.stats)
