@@ -699,13 +699,14 @@ class Route:
                 except trio.WouldBlock:
                     return
 
-        async def take_until(until: float) -> None:
-            """Take in what arrives until trio time `until`."""
-            while True:
+        async def take_until(until: float, done: Callable[[], bool] = lambda: False) -> bool:
+            """Take in what arrives until `done()` (True) or trio time `until` (False)."""
+            while not done():
                 item = await recv.receive_until(until)
                 if item is None:
-                    return
+                    return False
                 accept(item)
+            return True
 
         def rebase() -> None:
             """At a (re-)anchor: what a live source has buffered beyond one packet (or one of
@@ -749,11 +750,7 @@ class Route:
                     # Never a burst: a backlog (frames handed over at once) goes one packet per
                     # deadline, and a packet whole within half a ptime of the last waits for
                     # the deadline.
-                    while not ready(0):
-                        item = await recv.receive_until(deadline + grace)
-                        if item is None:
-                            break
-                        accept(item)
+                    await take_until(deadline + grace, lambda: ready(0))
                     if buffers[0].buffered >= n:
                         drain()
                         now = trio.current_time()
@@ -764,11 +761,8 @@ class Route:
                 else:
                     await take_until(deadline)
                     waiting = [i for i in range(len(buffers)) if short_run[i] < IDLE_AFTER and not ready(i)]
-                    while waiting and any(not ready(i) for i in waiting):
-                        item = await recv.receive_until(deadline + grace)
-                        if item is None:
-                            break
-                        accept(item)
+                    if waiting:
+                        await take_until(deadline + grace, lambda: all(ready(i) for i in waiting))
                 # Take one ptime from each source; mix-minus (the sink is never among `feeding`).
                 mixed: np.ndarray | None = None
                 contributors = 0
@@ -877,13 +871,7 @@ class Route:
                 if contributors == 0 and all(s >= IDLE_AFTER for s in short_run):
                     # Everyone idle: silence keeps flowing; when audio comes back the clock
                     # re-anchors on it, so it goes out at once instead of up to a ptime later.
-                    until = anchor + k * ptime
-                    while not any(b.buffered >= n for b in buffers):
-                        item = await recv.receive_until(until)
-                        if item is None:
-                            break
-                        accept(item)
-                    else:
+                    if await take_until(anchor + k * ptime, lambda: any(b.buffered >= n for b in buffers)):
                         anchor = trio.current_time() - k * ptime
                         drain()  # a source that stalled may send its backlog at once
                         rebase()
@@ -983,7 +971,7 @@ class _SinkQueue:
         self._waker = Waker()  # the pacer parks on it (gateway.mediaclock: no cancel scope per wait)
         self._closed = False
         self._queued_us = 0
-        self._bound_us: float = bound_ms * 1000  # inf once closed
+        self._bound_us = bound_ms * 1000
 
     def send_nowait(self, item: tuple[int, AudioFrame | None]) -> None:
         if self._closed:
@@ -1004,13 +992,9 @@ class _SinkQueue:
         return item
 
     async def receive(self) -> tuple[int, AudioFrame | None]:
-        if self._items:
-            item = self._took(self._items.popleft())
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return item
-        while not self._items:
-            await self._waker.wait(math.inf)
-        return self._took(self._items.popleft())
+        item = await self.receive_until(math.inf)
+        assert item is not None  # no deadline
+        return item
 
     async def receive_until(self, deadline: float) -> tuple[int, AudioFrame | None] | None:
         """The next item, waiting for one until trio time `deadline`; None from the deadline

@@ -266,3 +266,37 @@ def test_client_frames_are_masked_with_a_fresh_key():
     assert a[6:] == a[2:6] * 2  # zeros XOR key = key
     assert encode_frame(0x2, b"x" * 200, mask=False)[:4] == b"\x82\x7e\x00\xc8"
 
+
+
+async def test_sends_from_two_tasks_through_a_full_socket_buffer_stay_whole_and_in_order():
+    """The server reads nothing for a while: the kernel's buffer fills, sends take the queued
+    path (a short write, then the rest behind it), and every frame still arrives whole."""
+    got: list[bytes] = []
+    count = 150
+
+    async def slow_reader(request):
+        ws = await request.accept()
+        await trio.sleep(0.3)  # not reading: its socket and ours fill up
+        while len(got) < 2 * count:
+            got.append(await ws.get_message())
+        await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        port = await _server(nursery, slow_reader)
+        ws = await connect(f"ws://127.0.0.1:{port}/", max_message_size=2**20)
+
+        async def sender(tag: int):
+            for i in range(count):
+                await ws.send_message(bytes([tag]) + i.to_bytes(2, "big") + bytes([tag]) * 20000)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as senders:
+                senders.start_soon(sender, 1)
+                senders.start_soon(sender, 2)
+            while len(got) < 2 * count:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    for tag in (1, 2):
+        mine = [m for m in got if m[0] == tag]
+        assert [int.from_bytes(m[1:3], "big") for m in mine] == list(range(count))
+        assert all(m[3:] == bytes([tag]) * 20000 for m in mine)

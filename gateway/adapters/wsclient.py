@@ -116,8 +116,8 @@ class ClientWebSocket:
         self._fragment_op = 0
         self._fragment_size = 0
         self._pings: dict[bytes, trio.Event] = {}
-        self._send_lock = trio.StrictFIFOLock()
-        self._send_waiting = 0  # sends queued behind a short write: later ones go after them
+        self._send_lock = trio.StrictFIFOLock()  # held while queued bytes are written
+        self._queued: collections.deque[bytes] = collections.deque()  # bytes behind a short write, in order
         self._close_sent = False
         self._close_reason: CloseReason | None = None
         self._closed = trio.Event()  # the connection is closed (the handshake is over, or lost)
@@ -156,28 +156,39 @@ class ClientWebSocket:
         if self._close_reason is not None and payload in self._pings:
             raise ConnectionClosed(self._close_reason)
 
-    async def _write(self, data: bytes) -> None:
+    def _write_now(self, data: bytes) -> bytes:
+        """Write what the kernel takes at once; returns what is left (all of it on TLS, or
+        while earlier bytes still wait: they go first). Raises OSError."""
         raw = self._raw
-        if raw is not None and not self._send_waiting:
-            try:
-                sent = raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._lost()
-                raise ConnectionClosed(self._close_reason) from None
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self._send_waiting += 1
+        if raw is None or self._queued or self._send_lock.locked():
+            return data
         try:
-            async with self._send_lock:
-                await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            sent = raw.send(data)
+        except BlockingIOError:
+            return data
+        return data[sent:]
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            rest = self._write_now(data)
+        except OSError:
             self._lost()
             raise ConnectionClosed(self._close_reason) from None
-        finally:
-            self._send_waiting -= 1
+        if rest:
+            self._queued.append(rest)
+            await self._write_queued()
+
+    async def _write_queued(self) -> None:
+        """Write what waits in `_queued`, in order (whoever holds the lock writes all of it,
+        so a chunk queued behind another task's is written when the lock is got)."""
+        try:
+            async with self._send_lock:
+                while self._queued:
+                    await self._stream.send_all(self._queued.popleft())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._queued.clear()
+            self._lost()
+            raise ConnectionClosed(self._close_reason) from None
 
     # -------------------------------------------------------------------------- receiving
     async def get_message(self) -> str | bytes:
@@ -319,20 +330,19 @@ class ClientWebSocket:
         self._finish(CloseReason(code, reason))
 
     def _reply(self, frame: bytes) -> None:
-        """A pong or a close echo, written from the reading task without waiting: a peer
-        that does not read its socket loses these first (the kernel's buffer is full)."""
-        raw = self._raw
-        if raw is not None and not self._send_waiting:
-            try:
-                raw.send(frame)
-            except OSError:
-                pass
-            return
-        trio.lowlevel.spawn_system_task(self._write_quietly, frame)
-
-    async def _write_quietly(self, frame: bytes) -> None:
+        """A pong or a close echo, from the reading task without waiting for the socket: what
+        the kernel does not take at once is queued, in order, and written by a system task."""
         try:
-            await self._write(frame)
+            rest = self._write_now(frame)
+        except OSError:
+            return
+        if rest:
+            self._queued.append(rest)
+            trio.lowlevel.spawn_system_task(self._write_queued_quietly)
+
+    async def _write_queued_quietly(self) -> None:
+        try:
+            await self._write_queued()
         except ConnectionClosed:
             pass
 
