@@ -10,47 +10,11 @@ has one pacer task: it owns one `Reframer` per source (the playout buffer), and 
 deadlines `anchor + k·ptime` (trio.sleep_until semantics, so no drift) it takes one ptime from
 each, mixes them (a sink never hears itself: mix-minus), encodes, and calls `sink.send`.
 
-Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back latency:
-- Audio that arrives before the sink's pacer runs (the sink still coming up, e.g. an Argon
-  side waiting for `ready`) waits in the sink's queue, bounded by duration (STARTUP_BUFFER_MS,
-  whatever the frame size; beyond it the newest frames are dropped and counted `dropped`).
-- The clock anchors when the first whole packet of audio is buffered, so the first packet goes
-  out at once and the gateway adds no waiting of its own. A start-up backlog plays from its
-  first sample; what a live source has buffered beyond one packet (or one of its frames) is
-  excess latency from then on.
-- At each deadline a source that is short waits up to `jitter_ms` for its audio; then its slot
-  is filled with silence (counted `late`). The late audio plays when it arrives, a slot later
-  than planned (excess latency, won back like any other).
-- A source that plays out on its own clock (`Endpoint.clocked`: VoIPBIN rtp, whose jitter
-  buffer already absorbed the network's jitter) and is a sink's only source sets that sink's
-  clock: each packet goes out as soon as it is whole (up to `jitter_ms` after the deadline)
-  and the next deadline follows it, so there is one clock per path, not two (no added wait,
-  one wake-up per packet). A backlog it hands over at once, or a packet whole within half a
-  ptime of the last, still waits for the deadline: never a burst.
-- A source short for `IDLE_AFTER` packets in a row is idle: no more waiting for it; silence
-  flows. When every source was idle, the clock re-anchors on the next audio, and what has
-  queued by then (a stalled source's backlog, sent at once) is excess.
-- A stalled loop (more than two ptimes behind) re-anchors rather than bursting; what queued
-  meanwhile is excess (up to `max_delay_ms`: an overloaded gateway gets no allowance).
-- Latency control, per live source. Excess is also measured every `ADJUST_EVERY` packets: the
-  least audio left buffered after a pop over the window (audio that waited through all of it).
-  Excess is won back only in pauses: a packet is skipped (counted `skipped`) when it is a pause
-  (`_Pauses`: its level is close to the background or far below the recent speech, or below
-  PAUSE_FLOOR_DBFS), at least MIN_PAUSE_MS of that pause has been played, the packet after it is
-  buffered and a pause too (so the packet before speech always plays), and a whole packet of
-  excess is left. A packet of speech is never skipped for latency. What is left, less than a
-  packet, goes when every packet of a window waited for its deadline: the clock moves earlier
-  by the least wait. So the latency the gateway adds returns to "processing only" after a start-
-  up backlog, a stall or late audio pushed it up, at the speed the pauses allow.
-- Audio buffered beyond `max_delay_ms` is dropped oldest first (bounded latency, bounded
-  memory). For a live source that bound is raised by its start-up allowance: all of
-  STARTUP_BUFFER_MS while the source is idle (it starts idle) and through the first window
-  after it is back, then at each window's end no more than what is still buffered, and none once
-  no excess is left: the allowance shrinks as the backlog is worked off, and a backlog is never
-  cut by `max_delay_ms`. Bursty sources (`Endpoint.bursty`) are queued up to their own
-  `burst_buffer_ms` and played at real time, never latency-controlled.
-- When a source ends, what it buffered is played out (the last packet padded), then the route
-  ends; every endpoint says its protocol's goodbye.
+Playout rules, per sink: `gateway.pacer` (pure objects: `SourcePlayout` per source,
+`SinkClock` per sink, driven here by `Route._pace`). In short: the clock anchors on the first
+whole packet, a short source waits up to `jitter_ms` then gets silence (`late`), a clocked
+source alone sets its sink's clock, excess latency is won back only in pauses, audio beyond
+`max_delay_ms` is dropped oldest first, and an ended source plays out before the route ends.
 
 Per-endpoint reconnect (README, "Reconnect"). A dial endpoint that sets `reconnects` and whose
 session fails after the route was up with an error `reconnects_after` accepts (Argon's 1006 drop,
@@ -74,46 +38,38 @@ import random
 from typing import Callable, Sequence
 
 import attrs
-import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
 from gateway._util import collapse, goodbye_scope
 from gateway.adapters.local import FileSource
-from gateway.codecs import Chain, Reframer, plan
+from gateway.codecs import Chain, plan
 from gateway.codecs.formats import AudioFormat, AudioFrame, Encoding, Frame
 from gateway.codecs.opus import OPUS_RATE
 from gateway.codecs.planner import opus_input_rate_for
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
 from gateway.mediaclock import Waker
+from gateway.pacer import (  # noqa: F401  # _dbfs, _mix, _Pauses, MIN_PAUSE_MS: for the tests
+    MIN_PAUSE_MS,
+    STARTUP_BUFFER_MS,
+    Send,
+    SinkClock,
+    Wait,
+    _dbfs,
+    _mix,
+    _Pauses,
+)
 
 log = logging.getLogger("gateway.route")
 
-STARTUP_BUFFER_MS = 5000  # audio kept for a sink before its pacer runs, or when an idle source returns
-MIN_PAUSE_MS = 80  # of every pause at least this much is played before any of it is skipped
-PAUSE_FLOOR_DBFS = -55.0  # the background is taken to be at least this loud (digital silence, hiss)
-PAUSE_ABOVE_NOISE_DB = 6.0  # a packet within this of the background level is a pause...
-PAUSE_BELOW_SPEECH_DB = 18.0  # ...and so is one this far below the recent speech level
-NOISE_RISE_DB_PER_S = 0.5  # how fast the background estimate creeps up (through speech)...
-NOISE_SEEK_DB_PER_S = 5.0  # ...and rises once no packet came near it for NOISE_SEEK_AFTER_S
-NOISE_SEEK_AFTER_S = 1.5  # (a louder background, or a noisy line at the start)
-NOISE_NEAR_DB = 3.0  # a packet within this of the background estimate confirms it
-PRIME_MS = 500  # a start-up backlog at least this long gives the first background estimate
-SPEECH_FALL_DB_PER_S = 0.5  # how fast the speech level estimate decays between words
-SPEECH_START_DBFS = -20.0  # speech level assumed before any speech was heard (a 20 ms peak)
-IDLE_AFTER = 5  # consecutive short packets after which a source counts as idle
 RECONNECT_FIRST_S = 0.1  # an endpoint that failed mid-call reconnects after this (jittered)...
 RECONNECT_MAX_S = 5.0  # ...doubling up to this between attempts, within the route's reconnect_s
 PLAYOUT_START_WAIT = 1.0  # seconds an ended source waits for the sinks' pacers to start (a far
 # side about to be up gets the audio kept for it; one still ringing is given up)
 GOODBYE_DEADLINE = 2.0  # seconds for every endpoint to say goodbye when a route stops
-ADJUST_EVERY = 50  # packets per latency-control window (1 s at 20 ms)
 RECENT_EVENTS = 32  # route events kept for the report / control API
 _END = None  # end-of-stream marker in a sink queue
-_NEVER = 1 << 62
-_NEVER_S = float("inf")
-_CARRIED = object()  # the next packet was already whole at the last pop
 
 
 @attrs.define
@@ -600,351 +556,64 @@ class Route:
         drained: dict[int, trio.Event],
         pcm_format: AudioFormat | None = None,
     ) -> None:
-        """Send one packet per ptime to `sink` on absolute deadlines (see the module doc), mixing
-        and re-framing at `pcm_format` (`pacing_format`: the egress's PCM, or for an Opus sink
-        its encoder's input rate)."""
+        """Send one packet per ptime to `sink` on absolute deadlines, mixing and re-framing at
+        `pcm_format` (`pacing_format`: the egress's PCM, or for an Opus sink its encoder's
+        input rate): the driver of a `gateway.pacer.SinkClock`, whose rules those are."""
         if pcm_format is None:
             pcm_format = self.pacing_format(sink, feeding)
-        n = pcm_format.samples(sink.ptime_ms)
-        ptime = sink.ptime_ms / 1000
-        grace = self.jitter_ms / 1000
-        max_buffer = max(pcm_format.samples(self.max_delay_ms), 2 * n)
-        # Buffered sources (an agent's text-to-speech arrives in bursts) queue: played at real
-        # time without drops, up to their own bound; only live sources get latency control.
-        live = [not s.bursty for s in feeding]
-        limit = [max_buffer if live[i] else max(pcm_format.samples(s.burst_buffer_ms), 2 * n) for i, s in enumerate(feeding)]
-        # A live source may buffer max_buffer plus `extra`, its start-up allowance: all of
-        # STARTUP_BUFFER_MS while it is idle (every source starts idle) and through the first
-        # latency window after it is back (a backlog may arrive in pieces); at each window's end
-        # no more than the most it held after a pop in that window, and 0 once no excess is
-        # left: it shrinks as the backlog is worked off, then max_delay_ms alone applies.
-        startup = pcm_format.samples(STARTUP_BUFFER_MS)
-        extra = [startup] * len(feeding)
         options = dict(sink.encoder_options)
         assert sink.egress is not None  # a sink
         if sink.egress.encoding is Encoding.OPUS:
             options["opus_input_rate"] = pcm_format.rate  # no resampler after the mix
         encoder = self.encoders[sink.name] = plan(pcm_format, sink.egress, **options)
         self.log.debug("%s paces at %s, encodes: %s", sink.name, pcm_format, encoder)
-        buffers = [Reframer(pcm_format, sink.ptime_ms) for _ in feeding]
-        short_run = [IDLE_AFTER] * len(feeding)  # consecutive short packets (starts idle)
-        ended = [False] * len(feeding)
-        largest = [0] * len(feeding)  # largest frame each source has sent (samples at sink rate)
-        # Latency control. `excess` (samples) is what a live source has buffered beyond what
-        # playout needs: the backlog beyond one packet (or one of its frames) at a (re-)anchor,
-        # then `floor` of each window of ADJUST_EVERY packets (the least audio left in the buffer
-        # after a pop: audio that waited through the whole window). It is won back only in
-        # pauses: whole packets of pause are skipped (`pauses` tells them; `paused` is how much
-        # of the current pause was played; `ahead` caches the level of a packet peeked at).
-        # `earliest` is the least time a whole packet waited for its deadline (the clock then
-        # moves earlier by that much, so deadlines line up with the audio's arrival).
-        excess = [0] * len(feeding)
-        pauses = [_Pauses(sink.ptime_ms) for _ in feeding]
-        paused = [0] * len(feeding)
-        ahead = [(-1, 0.0)] * len(feeding)  # (consumed count when it is next, its level)
-        min_pause = pcm_format.samples(MIN_PAUSE_MS)
-        prime_samples = pcm_format.samples(PRIME_MS)
-        floor = [_NEVER] * len(feeding)
-        peak = [0] * len(feeding)  # the most audio left in a buffer after a pop, this window
-        complete_at: list = [None] * len(feeding)  # when the next packet became whole
-        earliest = _NEVER_S
-        window = 0
         stats = sink.stats
+        clock = SinkClock(feeding, pcm_format, sink.ptime_ms, stats=stats, jitter_ms=self.jitter_ms,
+                          max_delay_ms=self.max_delay_ms, clocked=len(feeding) == 1 and feeding[0].clocked)
+        playouts, accept = clock.playouts, clock.accept
         endpoint = getattr(sink, "sink", sink)  # a lane's sink
         key, muted = id(endpoint), self._muted
-        timestamp = 0
-        # Added latency (stats.latency): per source, when each pushed frame arrived, keyed by
-        # the running count of samples pushed; `consumed` counts samples popped or dropped, so
-        # the arrival of a popped packet's last sample is the first entry at or past it.
-        arrivals: list[collections.deque[tuple[int, float]]] = [collections.deque() for _ in feeding]
-        pushed = [0] * len(feeding)
-        consumed = [0] * len(feeding)
-        latency = stats.latency
-
-        def drop(slot: int, samples: int) -> int:
-            dropped = buffers[slot].drop(samples)
-            consumed[slot] += dropped
-            return dropped
-
-        def accept(item: tuple[int, AudioFrame | None]) -> None:
-            slot, frame = item
-            if frame is _END:
-                ended[slot] = True
-                return
-            if feeding[slot].bursty == live[slot]:  # the source found out it is bursty (or not)
-                live[slot] = not feeding[slot].bursty
-                limit[slot] = max_buffer if live[slot] else max(pcm_format.samples(feeding[slot].burst_buffer_ms), 2 * n)
-            buf = buffers[slot]
-            buf.push(frame)
-            now = trio.current_time()
-            if live[slot]:  # bursty sources are queued by design: their latency is not observed
-                pushed[slot] += frame.samples
-                arrivals[slot].append((pushed[slot], now))
-            if frame.samples > largest[slot]:
-                largest[slot] = frame.samples
-            if complete_at[slot] is None and buf.buffered >= n:
-                complete_at[slot] = now
-            bound = limit[slot] + extra[slot] if live[slot] else limit[slot]
-            if buf.buffered > bound:
-                stats.dropped += math.ceil(drop(slot, buf.buffered - bound) / n)
-
-        def ready(slot: int) -> bool:
-            return buffers[slot].buffered >= n or ended[slot]
-
-        def drain() -> None:
-            """Take in everything already queued (at a (re-)anchor: the backlog)."""
-            while True:
-                try:
-                    accept(recv.receive_nowait())
-                except trio.WouldBlock:
-                    return
-
-        async def take_until(until: float, done: Callable[[], bool] = lambda: False) -> bool:
-            """Take in what arrives until `done()` (True) or trio time `until` (False)."""
-            while not done():
-                item = await recv.receive_until(until)
-                if item is None:
-                    return False
-                accept(item)
-            return True
-
-        def rebase() -> None:
-            """At a (re-)anchor: what a live source has buffered beyond one packet (or one of
-            its frames) is excess from now on; the latency-control window starts over."""
-            nonlocal floor, peak, earliest, window
-            for i, buf in enumerate(buffers):
-                excess[i] = max(0, buf.buffered - max(n, largest[i])) if live[i] else 0
-            floor = [_NEVER] * len(feeding)
-            peak = [0] * len(feeding)
-            earliest = _NEVER_S
-            window = 0
-
-        # a clocked source alone: the pacer sends on its clock (see the loop)
-        clocked = len(feeding) == 1 and feeding[0].clocked and live[0]
-        anchor: float | None = None
-        k = 0
+        current_time = trio.current_time
+        steps = clock.steps()
         with recv:
-            while True:
-                if anchor is None:
-                    accept(await recv.receive())
-                    drain()  # what queued before this pacer ran (its sink coming up) is kept
-                    if any(b.buffered >= n for b in buffers) or all(ended):
-                        anchor, k = trio.current_time(), 0
-                        rebase()
-                        for i, buf in enumerate(buffers):
-                            if live[i] and buf.buffered >= prime_samples:
-                                pauses[i].prime(buf.peek(buf.buffered), n)  # type: ignore[arg-type]  # all are there
-                    continue
-                deadline = anchor + k * ptime
-                now = trio.current_time()
-                if now > deadline + 2 * ptime:
-                    # We fell behind (stalled loop): re-anchor rather than burst; what queued
-                    # meanwhile is excess, won back in pauses.
-                    anchor = now - k * ptime
-                    deadline = now
-                    drain()
-                    rebase()
-                if clocked and short_run[0] < IDLE_AFTER and not ready(0):
-                    # One clocked source (Endpoint.clocked): its packet goes out as soon as it
-                    # is whole, up to `jitter_ms` after the deadline, and the clock follows it.
-                    # Never a burst: a backlog (frames handed over at once) goes one packet per
-                    # deadline, and a packet whole within half a ptime of the last waits for
-                    # the deadline.
-                    await take_until(deadline + grace, lambda: ready(0))
-                    if buffers[0].buffered >= n:
-                        drain()
-                        now = trio.current_time()
-                        if now < deadline - ptime / 2:
-                            await take_until(deadline)
-                        else:
-                            deadline, anchor = now, now - k * ptime
-                else:
-                    await take_until(deadline)
-                    waiting = [i for i in range(len(buffers)) if short_run[i] < IDLE_AFTER and not ready(i)]
-                    if waiting:
-                        await take_until(deadline + grace, lambda: all(ready(i) for i in waiting))
-                # Take one ptime from each source; mix-minus (the sink is never among `feeding`).
-                mixed: np.ndarray | None = None
-                contributors = 0
-                single: float | None = None  # the level of the packet, when it is one live source's
-                now = trio.current_time()
-                for i, buf in enumerate(buffers):
-                    frame = buf.pop()
-                    if frame is None and ended[i] and buf.buffered:
-                        frame = buf.flush()[0]
-                    if frame is None:
-                        floor[i] = 0
-                        complete_at[i] = None
-                        if short_run[i] < IDLE_AFTER and not ended[i] and live[i]:
-                            stats.late += 1  # late: silence in this slot; the audio plays when it comes
-                        short_run[i] = min(short_run[i] + 1, IDLE_AFTER)
-                        if short_run[i] >= IDLE_AFTER:
-                            extra[i] = startup  # idle: what it sends when it returns is kept too
-                        continue
-                    short_run[i] = 0
-                    contributors += 1
-                    done_at = complete_at[i]
-                    single = None
-                    if live[i]:
-                        level = ahead[i][1] if ahead[i][0] == consumed[i] else _dbfs(frame.pcm)
-                        pause = pauses[i].observe(level)
-                        # Excess latency is won back in pauses only: this packet is skipped when
-                        # it is a pause, MIN_PAUSE_MS of the pause was played, and the packet
-                        # after it is buffered and a pause too (so the last packet of a pause,
-                        # before speech, always plays), while there is a packet of excess.
-                        while pause and excess[i] >= n and paused[i] >= min_pause:
-                            after = buf.peek(n)
-                            if after is None:
+            try:
+                step = next(steps)
+                while True:
+                    kind = type(step)
+                    if kind is Wait:
+                        until, done = step.until, step.done  # type: ignore[union-attr]
+                        while not done():
+                            item = await recv.receive_until(until)
+                            if item is None:
                                 break
-                            after_level = _dbfs(after)
-                            if after_level >= pauses[i].threshold():
-                                ahead[i] = (consumed[i] + frame.samples, after_level)
-                                break
-                            consumed[i] += frame.samples
-                            excess[i] -= frame.samples
-                            stats.skipped += 1
-                            frame = buf.pop()
-                            assert frame is not None  # peek(n) found a whole packet
-                            level = after_level
-                            pause = pauses[i].observe(level)
-                            done_at = _CARRIED
-                        paused[i] = paused[i] + frame.samples if pause else 0
-                        single = level
-                    consumed[i] += frame.samples
-                    if live[i]:
-                        pending = arrivals[i]
-                        while len(pending) > 1 and pending[0][0] < consumed[i]:
-                            pending.popleft()
-                        if pending:
-                            latency.observe(max(0.0, now - pending[0][1]))
-                    if done_at is not None and done_at is not _CARRIED:
-                        earliest = min(earliest, deadline - done_at)
-                    # a packet already whole after this pop is excess, measured by `floor`
-                    complete_at[i] = _CARRIED if buf.buffered >= n else None
-                    floor[i] = min(floor[i], buf.buffered)
-                    peak[i] = max(peak[i], buf.buffered)
-                    mixed = frame.pcm if mixed is None else _mix(mixed, frame.pcm)
-                if mixed is None and all(ended):
-                    for source in feeding:
-                        drained[id(source)].set()
-                    return  # every source ended and was played out
-                if mixed is None:
-                    mixed = np.zeros((n, pcm_format.channels), dtype=np.int16)
-                frame = AudioFrame(mixed, pcm_format.rate, timestamp)
-                timestamp += n
-                if contributors == 1 and single is not None:
-                    stats.level_dbfs = single  # already measured (the pause detector's level)
-                else:
-                    stats.level_dbfs = _dbfs(mixed) if contributors else -120.0
-                if key in muted:  # away (reconnecting): dropped, never queued into latency
-                    stats.dropped_while_down += 1
-                elif getattr(sink, "listened", True):  # a lane nobody hears is not encoded
-                    for out in encoder.process(frame):
-                        try:
-                            await sink.send(out)
-                        except SEND_FAILURES as err:
-                            if not self._sink_failed(endpoint, err):
-                                raise
+                            accept(item[0], item[1], current_time())
+                    elif kind is Send:
+                        if key in muted:  # away (reconnecting): dropped, never queued into latency
                             stats.dropped_while_down += 1
-                            break
-                k += 1
-                stats.buffered_ms = sum(b.buffered for b in buffers) * 1000 // pcm_format.rate
-                window += 1
-                if window == ADJUST_EVERY:
-                    for i in range(len(feeding)):
-                        if live[i] and not ended[i] and short_run[i] < IDLE_AFTER:
-                            excess[i] = floor[i] if floor[i] < _NEVER else 0
-                            # the allowance covers the backlog still there; none once no audio
-                            # waited through a whole window (then max_delay_ms alone applies)
-                            extra[i] = min(extra[i], peak[i]) if excess[i] else 0
-                    if contributors and 0.001 < earliest < _NEVER_S:
-                        anchor -= earliest
-                    floor = [_NEVER] * len(feeding)
-                    peak = [0] * len(feeding)
-                    earliest = _NEVER_S
-                    window = 0
-                for i, source in enumerate(feeding):
-                    if ended[i] and buffers[i].buffered == 0:
-                        drained[id(source)].set()
-                if all(ended) and all(b.buffered == 0 for b in buffers):
-                    return
-                if contributors == 0 and all(s >= IDLE_AFTER for s in short_run):
-                    # Everyone idle: silence keeps flowing; when audio comes back the clock
-                    # re-anchors on it, so it goes out at once instead of up to a ptime later.
-                    if await take_until(anchor + k * ptime, lambda: any(b.buffered >= n for b in buffers)):
-                        anchor = trio.current_time() - k * ptime
-                        drain()  # a source that stalled may send its backlog at once
-                        rebase()
-
-
-def _dbfs(pcm: np.ndarray) -> float:
-    """RMS level of int16 PCM in dBFS (full-scale sine: -3 dB; digital silence: -120)."""
-    x = pcm.astype(np.float32).ravel()
-    mean_square = float(np.dot(x, x)) / max(1, x.size)
-    return max(-120.0, 10 * math.log10(mean_square / (32768.0 * 32768.0))) if mean_square > 0 else -120.0
-
-
-def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sum two int16 (samples, channels) blocks with saturation."""
-    return np.clip(a.astype(np.int32) + b, -32768, 32767).astype(np.int16)
-
-
-class _Pauses:
-    """Tells a pause (silence, breath, low background) from speech by a packet's level, for one
-    live source of one pacer. It keeps two estimates, updated with each packet it is shown:
-
-    - `noise`, the background: down at once to a quieter packet, never below PAUSE_FLOOR_DBFS
-      (so digital silence does not make hiss look like speech); up by NOISE_RISE_DB_PER_S, or
-      by NOISE_SEEK_DB_PER_S once no packet came within NOISE_NEAR_DB of it for
-      NOISE_SEEK_AFTER_S (the background got louder: speech alone keeps dipping to it);
-    - `speech`, the recent speech level: up at once to a louder packet, down by
-      SPEECH_FALL_DB_PER_S.
-
-    A packet is a pause when its level (RMS dBFS of the packet, `_dbfs`) is below
-    max(PAUSE_FLOOR_DBFS, min(noise + PAUSE_ABOVE_NOISE_DB, speech - PAUSE_BELOW_SPEECH_DB)):
-    close to the background and, on a noisy line, well below the speech; always when quieter
-    than the floor. Per packet: a few float operations (the level is one float32 dot product).
-    """
-
-    __slots__ = ("noise", "speech", "_unseen", "_rise", "_seek", "_seek_after", "_fall")
-
-    def __init__(self, ptime_ms: float) -> None:
-        self.noise = PAUSE_FLOOR_DBFS
-        self.speech = SPEECH_START_DBFS
-        self._unseen = 0  # packets since one came near the background estimate
-        self._rise = NOISE_RISE_DB_PER_S * ptime_ms / 1000
-        self._seek = NOISE_SEEK_DB_PER_S * ptime_ms / 1000
-        self._seek_after = NOISE_SEEK_AFTER_S * 1000 / ptime_ms
-        self._fall = SPEECH_FALL_DB_PER_S * ptime_ms / 1000
-
-    def threshold(self) -> float:
-        """The level (dBFS) below which a packet is a pause, as the estimates stand."""
-        return max(PAUSE_FLOOR_DBFS, min(self.noise + PAUSE_ABOVE_NOISE_DB, self.speech - PAUSE_BELOW_SPEECH_DB))
-
-    def prime(self, backlog: np.ndarray, n: int) -> None:
-        """Before its first packet: start the background estimate at the quietest packet (of
-        `n` samples) of a start-up backlog of int16 PCM (the pacer passes one of PRIME_MS or
-        more: long enough to hold a gap between words), so its pauses are found at once, on a
-        noisy line too. One vectorized pass, once."""
-        packets = len(backlog) // n
-        if packets == 0:
-            return
-        x = backlog[: packets * n].astype(np.float32).reshape(packets, -1)
-        mean_square = np.einsum("ij,ij->i", x, x) / x.shape[1] / (32768.0 * 32768.0)
-        levels = 10 * np.log10(mean_square[mean_square > 0])
-        levels = levels[levels > PAUSE_FLOOR_DBFS]
-        if levels.size:
-            self.noise = float(levels.min())
-
-    def observe(self, level: float) -> bool:
-        """Take the level of the source's next packet into the estimates; True: a pause.
-        (`threshold` inlined: this runs for every packet of every live source.)"""
-        noise = self.noise
-        self._unseen = unseen = 0 if level < noise + NOISE_NEAR_DB else self._unseen + 1
-        noise += self._seek if unseen > self._seek_after else self._rise
-        self.noise = noise = max(PAUSE_FLOOR_DBFS, min(level, noise))
-        self.speech = speech = level if level > self.speech else self.speech - self._fall
-        return level < max(PAUSE_FLOOR_DBFS, min(noise + PAUSE_ABOVE_NOISE_DB, speech - PAUSE_BELOW_SPEECH_DB))
+                        elif getattr(sink, "listened", True):  # a lane nobody hears is not encoded
+                            for out in encoder.process(step.frame):  # type: ignore[union-attr]
+                                try:
+                                    await sink.send(out)
+                                except SEND_FAILURES as err:
+                                    if not self._sink_failed(endpoint, err):
+                                        raise
+                                    stats.dropped_while_down += 1
+                                    break
+                        for i, playout in enumerate(playouts):
+                            if playout.drained:
+                                drained[id(feeding[i])].set()
+                    else:  # DRAIN: what is already queued (a (re-)anchor's backlog)
+                        while True:
+                            try:
+                                item = recv.receive_nowait()
+                            except trio.WouldBlock:
+                                break
+                            accept(item[0], item[1], current_time())
+                    step = steps.send(current_time())
+            except StopIteration:
+                pass  # every source ended and was played out
+        for source in feeding:
+            drained[id(source)].set()
 
 
 def _open_sink_queue(bound_ms: int = STARTUP_BUFFER_MS) -> tuple[_SinkQueue, _SinkQueue]:

@@ -425,3 +425,20 @@ async def test_a_clocked_sources_backlog_still_goes_one_packet_per_ptime(autojum
     assert np.diff(sent_at).min() >= 0.02 - 1e-9  # never two packets of audio within a ptime
     assert np.array_equal(np.concatenate([pcm for _, pcm in sink.sent if pcm.any()]),
                           np.concatenate([f.pcm[:, 0] for f in frames]))  # every frame, in order
+
+
+async def test_a_clocked_sources_20ms_frames_leave_whole_into_a_10ms_sink(autojump_clock):
+    """Issue 13: a sink whose ptime is shorter than the clocked source's frames sends each
+    packet as soon as its samples exist: both 10 ms halves of a 20 ms frame leave the moment
+    the frame arrives (before: the second waited a ptime), in order, and the frames' pace holds
+    (one frame's packets, then the next frame's 20 ms later)."""
+    t0 = trio.current_time()
+    times = [k * 0.02 for k in range(30)]
+    frames = [ramp_frame(k) for k in range(30)]
+    source, sink = Clocked("src", times, frames), Sink("sink", ptime_ms=10)
+    await run_route(source, sink, jitter_ms=20)
+    assert len(sink.sent) == 60
+    sent_at = [round(t - t0, 9) for t, _ in sink.sent]
+    assert sent_at == [round(at, 9) for at in times for _ in range(2)]  # both halves at arrival
+    assert np.array_equal(np.concatenate([pcm for _, pcm in sink.sent]), np.concatenate([f.pcm[:, 0] for f in frames]))
+    assert sink.stats.late == 0 and sink.stats.dropped == 0
