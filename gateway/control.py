@@ -38,7 +38,7 @@ from gateway import __version__
 from gateway.config.schema import GatewayConfig, RouteConfig
 from gateway.errors import ConfigError
 from gateway.logs import redact
-from gateway.route_state import READY_STATES, ReloadReport, RouteState
+from gateway.route_state import READY_STATES, ReloadReport, RouteState, RouteStatus
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse
 
@@ -171,7 +171,7 @@ class ControlApi(AccessGuards):
                     "sessions": admission.sessions,
                     "max_sessions": admission.max_sessions,
                 }}
-        held = {name: s.reason for name, s in gateway.routes.items() if s.state == "held" and s.reason}
+        held = {name: s.reason for name, s in gateway.routes.items() if s.state == RouteStatus.HELD and s.reason}
         if held:
             body["held"] = held
         return HttpResponse.json(200 if gateway.ready else 503, body)
@@ -251,7 +251,7 @@ def describe_route(state: RouteState, *, events: bool) -> dict[str, object]:
         "last_error": redact(state.last_error) or None,
         "reason": state.reason or None,
         "sessions": stats.sessions,
-        "up_since": _wall(stats.started_at) if state.state == "up" else None,
+        "up_since": _wall(stats.started_at) if state.state == RouteStatus.UP else None,
         "ended_by": redact(stats.ended_by) or None,
         "events": stats.events,
         "endpoints": [

@@ -35,7 +35,7 @@ from gateway.config.schema import GatewayConfig, RouteConfig
 from gateway.endpoint import Endpoint
 from gateway.errors import CallEnded, ConfigError, GatewayError, RemoteProtocolError, ServiceError
 from gateway.route import Route
-from gateway.route_state import READY_STATES, ReloadReport, RouteState
+from gateway.route_state import READY_STATES, ReloadReport, RouteState, RouteStatus
 from gateway.runtime import Runtime
 from gateway.server import serve_http, serve_media
 from gateway.systemd import Notifier
@@ -319,10 +319,10 @@ class Gateway:
                         task_status.started()  # held is started: the gateway runs on meanwhile
                         task_status = trio.TASK_STATUS_IGNORED
                         if not await self._admit(state):
-                            state.enter("stopped")
+                            state.enter(RouteStatus.STOPPED)
                             return
                     slot = self.runtime.admission.slot()  # taken at once: nothing slips in between
-                state.enter("waiting" if state.has_listen else "starting")
+                state.enter(RouteStatus.WAITING if state.has_listen else RouteStatus.STARTING)
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 try:
@@ -333,23 +333,23 @@ class Gateway:
                                 if not state.has_listen:  # a listen route's client streams already
                                     up.enter_context(self.runtime.admission.stream())  # media flows: the clock ticks
                                 if not (self.stopping or state.removed):
-                                    state.enter("up")
+                                    state.enter(RouteStatus.UP)
                     except BaseExceptionGroup as group:
                         _raise_leaf(group)
                     backoff = BACKOFF_FIRST
                     state.sessions_done.set()
                     if self.stopping or state.removed:
-                        state.enter("stopped")
+                        state.enter(RouteStatus.STOPPED)
                         return
                     if not state.has_listen:
-                        state.enter("ended")
+                        state.enter(RouteStatus.ENDED)
                         return
                     continue
                 except ServiceError as err:
                     state.last_error = str(err)
                     if err.permanent:
                         rlog.error("route failed: %s (permanent: not retrying)", err)
-                        state.enter("failed")
+                        state.enter(RouteStatus.FAILED)
                         return
                     rlog.warning("route failed: %s", err)
                 except CallEnded as err:
@@ -379,19 +379,19 @@ class Gateway:
                     rlog.exception("route crashed (a bug: please report the trace)")
                 state.sessions_done.set()
                 if self.stopping or state.removed:
-                    state.enter("stopped")
+                    state.enter(RouteStatus.STOPPED)
                     return
                 if rc.restart == "never":
-                    state.enter("failed")
+                    state.enter(RouteStatus.FAILED)
                     return
-                state.enter("restarting")
+                state.enter(RouteStatus.RESTARTING)
                 state.restarts += 1
                 rlog.info("restarting in %.0f s", backoff)
                 with trio.CancelScope() as state.pause:
                     await trio.sleep(backoff)
                 state.pause = None
                 if self.stopping or state.removed:
-                    state.enter("stopped")
+                    state.enter(RouteStatus.STOPPED)
                     return
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
@@ -403,10 +403,10 @@ class Gateway:
         rlog = state.route.log
 
         def on_hold(refusal) -> None:
-            if state.state != "held":
+            if state.state != RouteStatus.HELD:
                 rlog.info("not starting yet: %s (it starts when admission opens)", refusal.detail)
             state.reason = f"waiting: {refusal.detail}"
-            state.enter("held")
+            state.enter(RouteStatus.HELD)
 
         try:
             with trio.CancelScope() as state.pause:
@@ -443,7 +443,7 @@ class Gateway:
         line = CallLine(template, active=active)
         desk = CallDesk.shared(self.runtime, template.api)
         state.line = line
-        state.enter("waiting")
+        state.enter(RouteStatus.WAITING)
         task_status.started()
         try:
             if self.stopping or state.removed:
@@ -475,13 +475,13 @@ class Gateway:
             desk.remove(line)
             line.close()
             state.line = None
-            state.enter("stopped" if self.stopping or state.removed else "ended")
+            state.enter(RouteStatus.STOPPED if self.stopping or state.removed else RouteStatus.ENDED)
             state.finished.set()
 
     async def _run_call(self, state: RouteState, session: Route, call_id: str) -> None:
         rlog = session.log
         admission = self.runtime.admission
-        state.enter("up")
+        state.enter(RouteStatus.UP)
         try:
             try:
                 with admission.slot(), contextlib.ExitStack() as up:
@@ -502,8 +502,8 @@ class Gateway:
             if line is not None:
                 line.sessions.pop(call_id, None)
             state.sessions_done.set()
-            if not state.calls and state.state == "up":
-                state.enter("waiting")
+            if not state.calls and state.state == RouteStatus.UP:
+                state.enter(RouteStatus.WAITING)
 
 
 class _OnStarted:

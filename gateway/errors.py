@@ -13,6 +13,34 @@
 
 from __future__ import annotations
 
+import enum
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes we send or read (RFC 6455 §7.4.1; 1013 from the IANA registry).
+    An IntEnum: it is the number on the wire and compares equal to it."""
+
+    NORMAL = 1000
+    """The session is over (a goodbye)."""
+    GOING_AWAY = 1001
+    """We are stopping (graceful stop, reload) or the route ended."""
+    PROTOCOL_ERROR = 1002
+    """The peer broke the protocol (framing, a message out of order)."""
+    UNSUPPORTED_DATA = 1003
+    """A message type the protocol does not carry (text where binary is expected, or back)."""
+    ABNORMAL = 1006
+    """Never sent: the connection dropped without a close frame."""
+    INVALID_PAYLOAD = 1007
+    """A message whose content is invalid (not UTF-8, bad JSON, a field of the wrong type)."""
+    POLICY_VIOLATION = 1008
+    """The peer is not allowed to (a bad or expired token, a second session)."""
+    MESSAGE_TOO_BIG = 1009
+    """A message over the limit."""
+    INTERNAL_ERROR = 1011
+    """We failed (a bug, or the route could not be served)."""
+    TRY_AGAIN_LATER = 1013
+    """At capacity: come back later."""
+
 
 class GatewayError(Exception):
     """Base class of every error the gateway raises on purpose."""
@@ -25,7 +53,7 @@ class RemoteProtocolError(GatewayError):
     protocol says otherwise; `str(err)` is the close reason (kept under 123 bytes on the wire).
     """
 
-    def __init__(self, message: str, *, close_code: int = 1002) -> None:
+    def __init__(self, message: str, *, close_code: int = CloseCode.PROTOCOL_ERROR) -> None:
         super().__init__(message)
         self.close_code = close_code
 

@@ -113,6 +113,7 @@ from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
 from gateway.endpoint import LATENCY_BUCKETS
+from gateway.route_state import RouteStatus
 
 ROUTE_STATES = ("starting", "up", "waiting", "held", "restarting", "ended", "failed", "stopped")
 """Every state a route can be in (`RouteState.state`). `gateway_route_state` has one series per
@@ -281,7 +282,7 @@ ENDPOINT_SERIES = (
 """The per-endpoint series (labels route, endpoint, kind), besides the latency histogram."""
 
 ROUTE_SERIES = (
-    ("gateway_route_up", _G, lambda r: 1.0 if r.state == "up" else 0.0,
+    ("gateway_route_up", _G, lambda r: 1.0 if r.state == RouteStatus.UP else 0.0,
      "1 while the route streams (every endpoint connected), else 0."),
     ("gateway_route_state_changed_timestamp_seconds", _G, lambda r: r.since,
      "When the route entered its current state, Unix time."),

@@ -6,6 +6,7 @@ installs the control API): the two no longer import each other.
 
 from __future__ import annotations
 
+import enum
 import time
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,29 @@ from gateway.route import Route
 if TYPE_CHECKING:
     from gateway.adapters.argon.dial import CallLine
 
-READY_STATES = ("up", "waiting", "ended")
+class RouteStatus(enum.StrEnum):
+    """A configured route's state (control API `state`, `gateway_route_up`). A StrEnum: it
+    compares equal to, and serializes as, its string (README, "Control API")."""
+
+    STARTING = "starting"
+    """Connecting its endpoints (a dial route's first session, or a restart's)."""
+    UP = "up"
+    """Every endpoint connected; audio flows."""
+    WAITING = "waiting"
+    """A listen route between sessions (or a call desk with no call): waiting for a client."""
+    HELD = "held"
+    """A dial route that admission holds back (the gateway is at capacity); `reason` says why."""
+    RESTARTING = "restarting"
+    """Failed; restarting after its backoff."""
+    ENDED = "ended"
+    """A session ended and the route will not run again (its source ended, the far side hung up)."""
+    FAILED = "failed"
+    """Failed for good (a permanent error, or out of restarts)."""
+    STOPPED = "stopped"
+    """Stopped (gateway stop, reload, DELETE)."""
+
+
+READY_STATES = (RouteStatus.UP, RouteStatus.WAITING, RouteStatus.ENDED)
 """Route states in which a route counts as ready (`/readyz`, systemd READY)."""
 
 
@@ -26,9 +49,7 @@ READY_STATES = ("up", "waiting", "ended")
 class RouteState:
     config: RouteConfig
     route: Route
-    state: str = "starting"
-    """starting | up | waiting (listen, between sessions) | held (dial, admission closed) |
-    restarting | ended | failed | stopped"""
+    state: RouteStatus = RouteStatus.STARTING
     last_error: str = ""
     reason: str = ""
     """Why the route is `held`: `waiting: gateway at capacity (media clock 34 ms behind)`."""
@@ -67,7 +88,7 @@ class RouteState:
         for call in list(self.calls.values()):
             call.stop()
 
-    def enter(self, state: str) -> None:
+    def enter(self, state: RouteStatus) -> None:
         if state != self.state:
             self.state = state
             self.since = time.time()

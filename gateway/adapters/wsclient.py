@@ -41,6 +41,8 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError as WsprotoRemoteError
 
+from gateway.errors import CloseCode
+
 __all__ = ["ClientWebSocket", "connect"]
 
 RECEIVE_SIZE = 65536  # bytes read per socket receive
@@ -135,7 +137,7 @@ class ClientWebSocket:
         A checkpoint only when cancelled or when the socket's buffer is full."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._close_reason is not None or self._close_sent:
-            raise ConnectionClosed(self._close_reason or CloseReason(1000, None))
+            raise ConnectionClosed(self._close_reason or CloseReason(CloseCode.NORMAL, None))
         if isinstance(message, str):
             await self._write(encode_frame(OP_TEXT, message.encode()))
         else:
@@ -248,11 +250,11 @@ class ClientWebSocket:
                     length = int.from_bytes(buf[pos + 2:pos + 10], "big")
                     head = 10
                 if b1 & 0x80:
-                    raise _Fail(1002, "the server sent a masked frame (RFC 6455 §5.1)")
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "the server sent a masked frame (RFC 6455 §5.1)")
                 if b0 & 0x70:
-                    raise _Fail(1002, "a frame has RSV bits set and no extension was negotiated (RFC 6455 §5.2)")
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "a frame has RSV bits set and no extension was negotiated (RFC 6455 §5.2)")
                 if length > self._max:
-                    raise _Fail(1009, f"a frame of {length} bytes is over the {self._max}-byte message limit")
+                    raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"a frame of {length} bytes is over the {self._max}-byte message limit")
                 if end - pos < head + length:
                     break
                 payload = bytes(buf[pos + head:pos + head + length])
@@ -266,24 +268,24 @@ class ClientWebSocket:
     def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
         if opcode in _DATA_OPS:
             if self._fragments is not None:
-                raise _Fail(1002, "a new message began inside a fragmented one (RFC 6455 §5.4)")
+                raise _Fail(CloseCode.PROTOCOL_ERROR, "a new message began inside a fragmented one (RFC 6455 §5.4)")
             if fin:
                 self._deliver(opcode, payload)
             else:
                 self._fragments, self._fragment_op, self._fragment_size = [payload], opcode, len(payload)
         elif opcode == OP_CONTINUATION:
             if self._fragments is None:
-                raise _Fail(1002, "a continuation frame outside a fragmented message (RFC 6455 §5.4)")
+                raise _Fail(CloseCode.PROTOCOL_ERROR, "a continuation frame outside a fragmented message (RFC 6455 §5.4)")
             self._fragment_size += len(payload)
             if self._fragment_size > self._max:
-                raise _Fail(1009, f"a message over the {self._max}-byte limit")
+                raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"a message over the {self._max}-byte limit")
             self._fragments.append(payload)
             if fin:
                 parts, self._fragments = self._fragments, None
                 self._deliver(self._fragment_op, b"".join(parts))
         elif opcode in _CONTROL_OPS:
             if not fin or len(payload) > 125:
-                raise _Fail(1002, "a fragmented or oversized control frame (RFC 6455 §5.5)")
+                raise _Fail(CloseCode.PROTOCOL_ERROR, "a fragmented or oversized control frame (RFC 6455 §5.5)")
             if opcode == OP_PING:
                 self._reply(encode_frame(OP_PONG, payload))
             elif opcode == OP_PONG:
@@ -291,7 +293,7 @@ class ClientWebSocket:
             else:
                 self._peer_closed(payload)
         else:
-            raise _Fail(1002, f"unknown opcode {opcode:#x} (RFC 6455 §5.2)")
+            raise _Fail(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x} (RFC 6455 §5.2)")
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
         if self._close_sent:
@@ -300,7 +302,7 @@ class ClientWebSocket:
             try:
                 self._messages.append(payload.decode("utf-8"))
             except UnicodeDecodeError:
-                raise _Fail(1007, "a text message that is not UTF-8 (RFC 6455 §8.1)") from None
+                raise _Fail(CloseCode.INVALID_PAYLOAD, "a text message that is not UTF-8 (RFC 6455 §8.1)") from None
         else:
             self._messages.append(payload)
 
@@ -314,16 +316,16 @@ class ClientWebSocket:
 
     def _peer_closed(self, payload: bytes) -> None:
         if len(payload) == 1:
-            raise _Fail(1002, "a close frame with a 1-byte body (RFC 6455 §5.5.1)")
+            raise _Fail(CloseCode.PROTOCOL_ERROR, "a close frame with a 1-byte body (RFC 6455 §5.5.1)")
         code, reason = 1005, None
         if payload:
             code = int.from_bytes(payload[:2], "big")
             if not _valid_close_code(code):
-                raise _Fail(1002, f"invalid close code {code} (RFC 6455 §7.4)")
+                raise _Fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code} (RFC 6455 §7.4)")
             try:
                 reason = payload[2:].decode("utf-8") or None
             except UnicodeDecodeError:
-                raise _Fail(1007, "a close reason that is not UTF-8 (RFC 6455 §5.5.1)") from None
+                raise _Fail(CloseCode.INVALID_PAYLOAD, "a close reason that is not UTF-8 (RFC 6455 §5.5.1)") from None
         if not self._close_sent:  # echo its code (RFC 6455 §5.5.1)
             self._close_sent = True
             self._reply(encode_frame(OP_CLOSE, payload[:2] if code != 1005 else b""))
@@ -355,7 +357,7 @@ class ClientWebSocket:
         await self._close_stream()
 
     # ---------------------------------------------------------------------------- closing
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+    async def aclose(self, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
         """Send a close frame (`code`, `reason`) and wait for the peer's, then close the
         stream. Idempotent. Bound it with a timeout: a peer that never answers is waited for."""
         try:
@@ -379,7 +381,7 @@ class ClientWebSocket:
 
     def _lost(self) -> None:
         if self._close_reason is None:
-            self._finish(CloseReason(1006, None))
+            self._finish(CloseReason(CloseCode.ABNORMAL, None))
 
     def _finish(self, reason: CloseReason) -> None:
         if self._close_reason is None:
