@@ -441,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--routes", default="1,10,50,100", help="comma-separated route counts (default 1,10,50,100)")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady-state window per count, s (default 10)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="s after the last stream is up before the window (default 1)")
+    parser.add_argument("--warmup", type=float, default=_common.WARMUP_S,
+                        help=f"s after the last stream is up before the window "
+                             f"(default {_common.WARMUP_S:g}: the jitter buffer's convergence, _common.WARMUP_S)")
     parser.add_argument("--live-agent", action="store_true", help="agent dial with bursty: false (default: the endpoint's bursty: true)")
     parser.add_argument("--keep", metavar="DIR", help="keep the gateway configs and logs in DIR")
     parser.add_argument("--workers", default="auto", help="gateway run --workers (default auto: one per CPU; 1: one process)")
