@@ -48,20 +48,30 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import re
 import secrets
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import attrs
 import httpx
 import trio
-from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from gateway.adapters.listen import ListenSlot
+from gateway.adapters.videosdk._shared import (
+    DEFAULT_PUBLISH_EVENTS,
+    GOODBYE_SEND_S,
+    _config_list,
+    _config_mapping,
+    _config_topic,
+    _dtmf_of,
+    _iso_now,
+    _refused,
+    _shown,
+    log,
+)
+from gateway.adapters.videosdk.webhooks import WEBHOOK_PATH, VideosdkWebhooks
 from gateway.adapters.videosdk.wire import (
     INGEST_PATH,
     MEETING_JOINED,
@@ -75,7 +85,6 @@ from gateway.adapters.videosdk.wire import (
     START_TIMEOUT_CLOSE_CODE,
     START_TIMEOUT_REASON,
     START_TIMEOUT_S,
-    WEBHOOK_SIGNATURE_HEADER,
     IngestClient,
     IngestServer,
     IngestSession,
@@ -94,29 +103,22 @@ from gateway.adapters.videosdk.wire import (
     Subscribe,
     Unknown,
     Unsubscribe,
-    WebhookPayloadError,
-    WebhookSignatureError,
     error_body,
     ingest_url,
-    load_webhook_key,
     parse_authorization,
     parse_ingest_ref,
     parse_session_request,
     parse_session_response,
     session_request,
     session_response,
-    verify_webhook,
-    webhook_event,
 )
 from gateway.adapters.ws import Closing, close, close_description, dial, redact_url, refuse
 from gateway.adapters.wsclient import ClientWebSocket
-from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
 from gateway.errors import (
     CallEnded,
-    ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
     ServiceError,
@@ -142,9 +144,6 @@ EVENT_QUEUE = 64  # route events queued for one dial endpoint's publisher; more 
 OUTBOX = 64  # pub/sub and lifecycle frames queued for one listen device; more are dropped
 MAX_PENDING_SESSIONS = 1024  # ingest sessions issued and not yet claimed nor expired; then 503
 MAX_REMEMBERED_SESSIONS = 16 * MAX_PENDING_SESSIONS  # claimed or expired ones kept for their 410 (180 s)
-GOODBYE_SEND_S = 0.5  # seconds for the stop / meeting-left frame before the close handshake
-WEBHOOK_PATH = "/webhooks/videosdk"  # POST: lifecycle webhooks (server.http)
-DEFAULT_PUBLISH_EVENTS = ("dtmf",)
 
 #: Refused upgrades of the dial side's wsUrl: {status: (cause, permanent)}. A new session
 #: may succeed where a spent or expired ref failed, so those are not permanent.
@@ -156,92 +155,6 @@ INGEST_REJECTED = {
     410: ("ingest session expired or already claimed", False),
 }
 
-log = logging.getLogger("gateway.endpoint.videosdk")
-
-
-# --------------------------------------------------------------------------------- helpers
-def _iso_now() -> str:
-    """UTC wall-clock time as JavaScript's toISOString writes it: 2026-06-27T14:41:00.000Z
-    (message content, not timing: the media clock is trio's)."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _topic_problem(topic: Any) -> str | None:
-    """Why `topic` breaks the spec's topic rule ("a non-empty string up to 128 characters"),
-    or None; the wire layer's own check, through its public API."""
-    probe = IngestClient()
-    probe.start()
-    try:
-        probe.subscribe(topic)
-    except LocalProtocolError as err:
-        return str(err)
-    return None
-
-
-def _dtmf_of(value: Any, log: logging.LoggerAdapter) -> str | None:
-    """The key a pub/sub message ``{"dtmf": "5"}`` names (the object, or its JSON text as a
-    dial side receives it), raised as a ``dtmf`` route event besides the ``message`` one (a
-    gateway extension: the spec defines no DTMF message); None for any other message. A
-    ``dtmf`` field that is not one DTMF key (0-9, *, #, A-D) is logged and ignored."""
-    if isinstance(value, str):
-        if '"dtmf"' not in value or not value.lstrip().startswith("{"):
-            return None
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError):
-            return None
-    if not isinstance(value, dict) or "dtmf" not in value:
-        return None
-    key = dtmf_key(value["dtmf"])
-    if key is None:
-        log.warning("ignoring the dtmf message: %r is not a DTMF key (0-9, *, #, A-D)", _shown(str(value["dtmf"]), 20))
-    return key
-
-
-def _shown(value: str, limit: int = 40) -> str:
-    return ascii(value[:limit]) + ("..." if len(value) > limit else "")
-
-
-def _config_topic(opts: Options, key: str) -> str | None:
-    topic = opts.get_str(key, None)
-    if topic is None:
-        return None
-    problem = _topic_problem(topic)
-    if problem:
-        raise opts.error(key, f"not a VideoSDK topic: {problem} (spec: Messaging, topic rules)")
-    return topic
-
-
-def _config_list(opts: Options, key: str, *, topics: bool = False) -> tuple[str, ...] | None:
-    """A list of non-empty strings at `key` (None when absent); `topics` checks each against
-    the spec's topic rule. Errors name the item: `...subscribe[1]: topic is empty`."""
-    if opts.raw(key, None) is None:
-        return None
-    values = []
-    for i, item, line in opts.items(key):
-        where = f"{opts.filename}:{line}: {opts.key_path(key)}[{i}]"
-        if isinstance(item, bool) or not isinstance(item, (str, int, float)) or not str(item):
-            raise ConfigError(f"{where}: expected a non-empty string")
-        text = str(item)
-        if topics:
-            problem = _topic_problem(text)
-            if problem:
-                raise ConfigError(f"{where}: not a VideoSDK topic: {problem}")
-        values.append(text)
-    return tuple(values)
-
-
-def _config_mapping(opts: Options, key: str) -> dict[str, Any] | None:
-    """A YAML mapping as plain JSON data (for participant / agent metadata)."""
-    value = opts.raw(key, None)
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise opts.error(key, "expected a mapping")
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError):
-        raise opts.error(key, "expected JSON data (strings, numbers, booleans, lists, mappings)") from None
 
 
 def _retry_after_header(value: str | None) -> float | None:
@@ -250,81 +163,6 @@ def _retry_after_header(value: str | None) -> float | None:
         return None
     value = value.strip()
     return float(value) if value.isascii() and value.isdigit() else None
-
-
-# -------------------------------------------------------------------------------- webhooks
-class VideosdkWebhooks:
-    """``POST /webhooks/videosdk``: VideoSDK lifecycle webhooks (spec: "Lifecycle Webhooks";
-    body and signature checks in `wire.verify_webhook` / `wire.webhook_event`).
-
-    One per process (`for_runtime`), on `server.http`, when
-    `services.videosdk.webhook_public_key` is set. Answers: 401 ``{"message"}`` naming the
-    signature problem (missing, not base64, does not verify; the signature and body are
-    never echoed) and nothing changes; 500 when the configured key is not an RSA public key
-    in PEM; 400 for a verified body that is not a JSON object or names no event; 200
-    otherwise. A ``call-hangup`` whose callId a running `VideosdkDial` holds ends that
-    endpoint; other events for it become route events (``call-answered``, ...); an unknown
-    callId is logged and answered 200 (webhooks are retried, so handling is idempotent).
-    """
-
-    def __init__(self, runtime: Runtime, public_key_pem: str) -> None:
-        self.runtime = runtime
-        self.calls: dict[str, VideosdkDial] = {}
-        """callId → the dial endpoint streaming that session."""
-        self._pem: str | None = None
-        self.key: rsa.RSAPublicKey | None = None
-        self.key_problem = ""
-        self._load_key(public_key_pem)
-        self._unregister = runtime.http.add("POST", WEBHOOK_PATH, self.handle, refuse=_refused)
-
-    def _load_key(self, pem: str) -> None:
-        self._pem = pem
-        self.key, self.key_problem = None, ""
-        try:
-            self.key = load_webhook_key(pem)
-        except WebhookSignatureError as err:
-            self.key_problem = str(err)
-            log.error("services.videosdk.webhook_public_key: %s; webhooks will be answered 500", err)
-
-    @classmethod
-    def for_runtime(cls, runtime: Runtime) -> VideosdkWebhooks | None:
-        """The process's webhook endpoint, registered on first use; None when no
-        webhook key or no `server.http` is configured."""
-        service = runtime.config.services.videosdk
-        if not service.webhook_public_key or runtime.config.server.http is None:
-            return None
-        return runtime.singleton(cls, lambda: cls(runtime, service.webhook_public_key))
-
-    async def handle(self, request: HttpRequest) -> HttpResponse:
-        pem = self.runtime.config.services.videosdk.webhook_public_key
-        if not pem:  # removed by a reload
-            return HttpResponse(404, error_body("webhooks are not configured (services.videosdk.webhook_public_key)"))
-        if pem != self._pem:  # changed by a reload
-            self._load_key(pem)
-        if self.key is None:
-            return HttpResponse(500, error_body(f"webhook key is not usable: {self.key_problem}"))
-        try:
-            payload = verify_webhook(request.body, request.headers.get(WEBHOOK_SIGNATURE_HEADER), self.key)
-            name, call_id = webhook_event(payload)
-        except WebhookSignatureError as err:
-            log.warning("webhook refused (401, %s): %s", err.cause, err)
-            return HttpResponse(401, error_body(f"{err} ({err.cause})"))
-        except WebhookPayloadError as err:
-            log.warning("webhook refused (400): %s", err)
-            return HttpResponse(400, error_body(str(err)))
-        endpoint = self.calls.get(call_id) if call_id else None
-        if endpoint is None or not call_id:  # (no call_id: no endpoint)
-            log.info("webhook %s for call %s: no running endpoint holds it (ignored)",
-                     _shown(name), _shown(call_id) if call_id else "(none)")
-            return HttpResponse(200, error_body("ignored: no running session has that callId"))
-        endpoint.on_webhook(name, call_id)
-        return HttpResponse(200, error_body("ok"))
-
-
-def _refused(status: int, cause: str) -> HttpResponse:
-    """A body refused before its handler ran (gateway.server: 413 too big, 400 nested too deep),
-    as VideoSDK answers: {"message": cause}."""
-    return HttpResponse(status, error_body(cause))
 
 
 # ------------------------------------------------------------------------------------ dial
