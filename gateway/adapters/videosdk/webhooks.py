@@ -39,7 +39,7 @@ from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse
 
 if TYPE_CHECKING:
-    from gateway.adapters.videosdk.endpoint import VideosdkDial
+    from gateway.adapters.videosdk.dial import VideosdkDial
 
 __all__ = [
     "VideosdkWebhooks",
