@@ -2235,10 +2235,10 @@ async def test_used_videosdk_sessions_do_not_exhaust_the_session_call(tmp_path, 
     """Regression (found by this fuzz in a longer run): the 503 "too many unclaimed ingest
     sessions" counted the sessions already used too, so after 1,024 sessions within 180 s
     every client was refused. Only sessions still waiting for their device count."""
-    from gateway.adapters.videosdk import endpoint as vsdk_endpoint
+    from gateway.adapters.videosdk import listen as vsdk_listen
 
-    monkeypatch.setattr(vsdk_endpoint, "MAX_PENDING_SESSIONS", 3)
-    monkeypatch.setattr(vsdk_endpoint, "MAX_REMEMBERED_SESSIONS", 5)
+    monkeypatch.setattr(vsdk_listen, "MAX_PENDING_SESSIONS", 3)
+    monkeypatch.setattr(vsdk_listen, "MAX_REMEMBERED_SESSIONS", 5)
     tally = Tally("videosdk sessions")
     async with trio.open_nursery() as nursery:
         gateway = await start_fuzz_gateway(nursery, tmp_path, webhook_key[0])
@@ -2254,7 +2254,7 @@ async def test_used_videosdk_sessions_do_not_exhaust_the_session_call(tmp_path, 
                         await device.get_message()
                 except ConnectionClosed:
                     pass
-        service = vsdk_endpoint.VideosdkListenService.for_runtime(gateway.runtime)
+        service = vsdk_listen.VideosdkListenService.for_runtime(gateway.runtime)
         assert len(service._claims) <= 5
         unclaimed = [await videosdk_session(gateway, tally) for _ in range(3)]
         assert all(unclaimed), tally.report()
