@@ -361,7 +361,7 @@ async def test_ref_expires_after_90_s(autojump_clock, caplog):
     room.endpoint("a")
     room.endpoint("b")
     async with trio.open_nursery() as nursery:
-        for endpoint in room.service.rooms["r1"].endpoints:
+        for endpoint in room.service.endpoints["r1"]:
             nursery.start_soon(endpoint.run, lambda frame: None)
         t0 = trio.current_time()
         early, late = await room.session(), await room.session()

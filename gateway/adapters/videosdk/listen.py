@@ -51,8 +51,6 @@ from gateway.adapters.videosdk._shared import (
 from gateway.adapters.videosdk.frames import (
     MEETING_JOINED,
     MEETING_LEFT,
-    PARTICIPANT_JOINED,
-    PARTICIPANT_LEFT,
     PING_INTERVAL_S,
     SAMPLE_RATE,
     START_TIMEOUT_CLOSE_CODE,
@@ -68,6 +66,7 @@ from gateway.adapters.videosdk.frames import (
     Unknown,
     Unsubscribe,
 )
+from gateway.adapters.videosdk.room import Outgoing, Participant, Room
 from gateway.adapters.videosdk.sessions import (
     INGEST_PATH,
     SESSION_EXPIRES_S,
@@ -117,87 +116,23 @@ class _Claim:
 
 
 @attrs.define(eq=False)
-class _Participant:
-    """A device connected to a room (a listen session after its start frame)."""
+class _Outbox:
+    """Frames for one device other than media (deliveries, lifecycle), sent by its writer task."""
 
-    id: str
-    name: str | None
-    metadata: dict[str, Any] | None
-    endpoint: VideosdkListen
-    proto: IngestServer
-    outbox: trio.MemorySendChannel[str]
-    """Frames for the device other than media (deliveries, lifecycle), sent by its writer."""
-    topics: set[str] = attrs.Factory(set)
-    """Topics it subscribed to."""
+    channel: trio.MemorySendChannel[str]
     dropped: int = 0
-    """Frames dropped because its outbox was full (a device that does not read)."""
+    """Frames dropped because it was full (a device that does not read)."""
 
-    def info(self) -> dict[str, Any]:
-        """``participant`` of a participant-joined / -left frame."""
-        data: dict[str, Any] = {"id": self.id}
-        if self.name is not None:
-            data["name"] = self.name
-        if self.metadata is not None:
-            data["metadata"] = self.metadata
-        return data
-
-    def sender(self) -> dict[str, Any]:
-        """``senderId`` / ``senderName`` of the messages it publishes."""
-        return {"senderId": self.id} | ({"senderName": self.name} if self.name is not None else {})
-
-    def post(self, build) -> bool:
-        """Queue the frame `build(proto)` returns (never blocks; False when refused, after
-        the device's stop, or when the outbox is full: then counted in `dropped`)."""
+    def post(self, text: str) -> bool:
+        """Queue `text` (never blocks; False when full, then counted in `dropped`, or closed)."""
         try:
-            text = build(self.proto)
-        except LocalProtocolError:  # PublishRefused included; after the device's stop
-            return False
-        try:
-            self.outbox.send_nowait(text)
+            self.channel.send_nowait(text)
         except trio.WouldBlock:
             self.dropped += 1
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         return True
-
-
-@attrs.define(eq=False)
-class _Room:
-    """A room of the listen role: its endpoints (config) and connected devices."""
-
-    room_id: str
-    endpoints: list[VideosdkListen] = attrs.Factory(list)
-    participants: list[_Participant] = attrs.Factory(list)
-    session_id: str | None = None
-    """The current meeting session (``meeting-joined``'s sessionId); new when the room fills
-    from empty."""
-
-    def join(self, newcomer: _Participant) -> None:
-        if not self.participants:
-            self.session_id = str(uuid.uuid4())
-        for other in self.participants:
-            other.post(lambda proto: proto.event(PARTICIPANT_JOINED, participant=newcomer.info()))
-            newcomer.post(lambda proto, other=other: proto.event(PARTICIPANT_JOINED, participant=other.info()))
-        self.participants.append(newcomer)
-
-    def leave(self, gone: _Participant) -> None:
-        if gone in self.participants:
-            self.participants.remove(gone)
-            for other in self.participants:
-                other.post(lambda proto: proto.event(PARTICIPANT_LEFT, participant=gone.info()))
-        if not self.participants:
-            self.session_id = None
-
-    def publish(self, sender: _Participant, topic: str, data: str) -> int:
-        """Deliver to every other participant subscribed to `topic` (spec: Messaging);
-        returns how many it was queued for."""
-        meta = sender.sender() | {"timestamp": _iso_now(), "id": str(uuid.uuid4())}
-        delivered = 0
-        for other in self.participants:
-            if other is not sender and topic in other.topics:
-                delivered += other.post(lambda proto: proto.deliver(topic, data, meta))
-        return delivered
 
 
 class VideosdkListenService:
@@ -211,7 +146,12 @@ class VideosdkListenService:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.rooms: dict[str, _Room] = {}
+        self.rooms: dict[str, Room] = {}
+        """room_id → who is connected to it (the pure room model)."""
+        self.endpoints: dict[str, list[VideosdkListen]] = {}
+        """room_id → the listen endpoints serving it (config)."""
+        self.outboxes: dict[Participant, _Outbox] = {}
+        """The outbox of every connected participant, for what its room sends it."""
         self._claims: dict[str, _Claim] = {}
         runtime.http.add("POST", SESSIONS_PATH, self.create_session, refuse=_refused)
         runtime.media.add(re.escape(INGEST_PATH), self.ingest)
@@ -226,12 +166,22 @@ class VideosdkListenService:
         return runtime.singleton(cls, lambda: cls(runtime))
 
     def add(self, endpoint: VideosdkListen) -> None:
-        self.rooms.setdefault(endpoint.room_id, _Room(endpoint.room_id)).endpoints.append(endpoint)
+        self.endpoints.setdefault(endpoint.room_id, []).append(endpoint)
 
     def remove(self, endpoint: VideosdkListen) -> None:
-        room = self.rooms.get(endpoint.room_id)
-        if room is not None and endpoint in room.endpoints:
-            room.endpoints.remove(endpoint)
+        endpoints = self.endpoints.get(endpoint.room_id)
+        if endpoints is not None and endpoint in endpoints:
+            endpoints.remove(endpoint)
+
+    def send(self, outgoing: list[Outgoing]) -> int:
+        """Queue what a room returned on each participant's outbox (never blocks); returns
+        how many were queued."""
+        queued = 0
+        for frame in outgoing:
+            outbox = self.outboxes.get(frame.to)
+            if outbox is not None and outbox.post(frame.text):
+                queued += 1
+        return queued
 
     def _purge(self, now: float) -> None:
         """Forget claims a whole expiry period after they expired (until then a late device
@@ -240,15 +190,15 @@ class VideosdkListenService:
         for ref in stale:
             del self._claims[ref]
 
-    def _pick(self, room: _Room, now: float) -> VideosdkListen:
+    def _pick(self, endpoints: list[VideosdkListen], now: float) -> VideosdkListen:
         """The endpoint of `room` a new session goes to: a free one with the fewest sessions
         issued and not yet claimed (the first endpoint when all are busy: its device gets 409)."""
-        waiting = {id(ep): 0 for ep in room.endpoints}
+        waiting = {id(ep): 0 for ep in endpoints}
         for claim in self._claims.values():
             if not claim.used and claim.expires_at > now and id(claim.endpoint) in waiting:
                 waiting[id(claim.endpoint)] += 1
-        free = [ep for ep in room.endpoints if not ep.busy]
-        return min(free or room.endpoints, key=lambda ep: waiting[id(ep)])
+        free = [ep for ep in endpoints if not ep.busy]
+        return min(free or endpoints, key=lambda ep: waiting[id(ep)])
 
     async def create_session(self, request: HttpRequest) -> HttpResponse:
         """``POST /v2/ingest/sessions`` (spec: Step 1). 401 token missing or not one of
@@ -264,8 +214,8 @@ class VideosdkListenService:
         except SessionRequestError as err:
             log.info("ingest session refused (400): %s", err)
             return HttpResponse(400, error_body(str(err)))
-        room = self.rooms.get(body.room_id)
-        if room is None or not room.endpoints:
+        endpoints = self.endpoints.get(body.room_id)
+        if not endpoints:
             log.info("ingest session refused (404): no room %s", _shown(body.room_id))
             return HttpResponse(404, error_body(f"room {_shown(body.room_id, 64)} not found"))
         now = trio.current_time()
@@ -280,7 +230,7 @@ class VideosdkListenService:
             done = [ref for ref, c in self._claims.items() if c.used or c.expires_at <= now]
             for ref in done[: len(self._claims) - MAX_REMEMBERED_SESSIONS + 1]:
                 del self._claims[ref]
-        endpoint = self._pick(room, now)
+        endpoint = self._pick(endpoints, now)
         ref = secrets.token_urlsafe(24)
         claim = _Claim(endpoint, str(uuid.uuid4()), now + SESSION_EXPIRES_S, dict(body.participant or {}))
         self._claims[ref] = claim
@@ -375,7 +325,7 @@ class VideosdkListen(Endpoint[AudioFrame]):
         self._slot: ListenSlot[_Claim] = ListenSlot(f"VideoSDK room {room_id} ({name})")
         self._ws: WebSocketConnection | None = None
         self._proto: IngestServer | None = None
-        self._participant: _Participant | None = None
+        self._participant: Participant | None = None
         self._closing = Closing()
 
     @classmethod
@@ -412,8 +362,8 @@ class VideosdkListen(Endpoint[AudioFrame]):
         return f"{self.name} (listen room {self.room_id})"
 
     @property
-    def room(self) -> _Room:
-        return self.service.rooms.setdefault(self.room_id, _Room(self.room_id))
+    def room(self) -> Room:
+        return self.service.rooms.setdefault(self.room_id, Room(self.room_id))
 
     # ------------------------------------------------------------------------- streaming
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -436,12 +386,13 @@ class VideosdkListen(Endpoint[AudioFrame]):
                     continue  # that device is closed; wait for the next one
                 outbox_send, outbox_recv = trio.open_memory_channel[str](OUTBOX)
                 info = claim.participant
-                participant = _Participant(
+                participant = Participant(
                     id=info.get("id") or str(uuid.uuid4()), name=info.get("name"), metadata=info.get("metadata"),
-                    endpoint=self, proto=proto, outbox=outbox_send,
+                    proto=proto,
                 )
+                self.service.outboxes[participant] = _Outbox(outbox_send)
                 room = self.room
-                room.join(participant)
+                self.service.send(room.join(participant))
                 self.call_id = claim.call_id
                 try:
                     await ws.send_message(proto.event(MEETING_JOINED, roomId=self.room_id, sessionId=room.session_id))
@@ -457,8 +408,8 @@ class VideosdkListen(Endpoint[AudioFrame]):
             finally:
                 self._ws = self._proto = self._participant = None
                 if participant is not None:
-                    self.room.leave(participant)
-                    participant.outbox.close()
+                    self.service.send(self.room.leave(participant))
+                    self.service.outboxes.pop(participant).channel.close()
                 await self._closing.settle()
                 if session.ws is not None:
                     await close(session.ws, 1000, "call ended")
@@ -496,7 +447,7 @@ class VideosdkListen(Endpoint[AudioFrame]):
             return False
         return True
 
-    async def _stream(self, ws, proto: IngestServer, participant: _Participant, outbox, emit: Emit) -> None:
+    async def _stream(self, ws, proto: IngestServer, participant: Participant, outbox, emit: Emit) -> None:
         ended: list[str] = []
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._writer, ws, outbox)
@@ -533,7 +484,7 @@ class VideosdkListen(Endpoint[AudioFrame]):
                 scope.cancel()
                 return
 
-    async def _receive(self, ws, proto: IngestServer, participant: _Participant, emit: Emit, ended: list[str]) -> None:
+    async def _receive(self, ws, proto: IngestServer, participant: Participant, emit: Emit, ended: list[str]) -> None:
         """Read until the device stops or goes; raises CallEnded or RemoteProtocolError."""
         audio = PcmIngress(emit, SAMPLE_RATE, self.stats)
         room = self.room
@@ -556,11 +507,11 @@ class VideosdkListen(Endpoint[AudioFrame]):
                 if isinstance(event, Media):
                     audio(event.pcm)
                 elif isinstance(event, Subscribe):
-                    participant.topics.add(event.topic)
+                    room.subscribe(participant, event.topic)
                 elif isinstance(event, Unsubscribe):
-                    participant.topics.discard(event.topic)
+                    room.unsubscribe(participant, event.topic)
                 elif isinstance(event, Publish):
-                    room.publish(participant, event.topic, event.data)
+                    self.service.send(room.publish(participant, event.topic, event.data, timestamp=_iso_now()))
                     if self.subscribe is None or event.topic in self.subscribe:
                         self.route_event("message", topic=event.topic, data=event.data,
                                          sender_id=participant.id, sender_name=participant.name)
@@ -607,7 +558,7 @@ class VideosdkListen(Endpoint[AudioFrame]):
             return
         except LocalProtocolError:
             return  # the device already stopped
-        if participant.post(lambda proto: text):
+        if self.service.send([Outgoing(participant, text)]):
             self.stats.events_out += 1
 
     async def goodbye(self) -> None:

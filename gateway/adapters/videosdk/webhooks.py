@@ -229,7 +229,8 @@ class VideosdkWebhooks:
         service = runtime.config.services.videosdk
         if not service.webhook_public_key or runtime.config.server.http is None:
             return None
-        return runtime.singleton(cls, lambda: cls(runtime, service.webhook_public_key))
+        webhooks: VideosdkWebhooks = runtime.singleton(cls, lambda: cls(runtime, service.webhook_public_key))
+        return webhooks
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         pem = self.runtime.config.services.videosdk.webhook_public_key
