@@ -46,14 +46,9 @@ from gateway.adapters.videosdk.endpoint import (
     VideosdkListen,
     VideosdkListenService,
 )
-from gateway.adapters.videosdk.wire import (
-    INGEST_PATH,
-    SESSIONS_PATH,
-    PublishRefused,
-    parse_session_response,
-    sign_webhook,
-    webhook_body,
-)
+from gateway.adapters.videosdk.frames import PublishRefused
+from gateway.adapters.videosdk.sessions import INGEST_PATH, SESSIONS_PATH, parse_session_response
+from gateway.adapters.videosdk.webhooks import sign_webhook, webhook_body
 from gateway.adapters.voipbin.wire import Encapsulation, MediaStreamProtocol
 from gateway.adapters.ws import dial as dial_ws
 from gateway.config import GatewayConfig

@@ -31,7 +31,7 @@ def _iso_now() -> str:
 
 def _topic_problem(topic: Any) -> str | None:
     """Why `topic` breaks the spec's topic rule ("a non-empty string up to 128 characters"),
-    or None; the wire layer's own check, through its public API."""
+    or None; the frames layer's own check (`frames.IngestClient.subscribe`), through its public API."""
     probe = IngestClient()
     probe.start()
     try:

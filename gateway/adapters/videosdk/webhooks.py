@@ -191,7 +191,7 @@ def webhook_event(payload: dict[str, Any]) -> tuple[str, str | None]:
 # --- the webhook endpoint -------------------------------------------------------------------
 class VideosdkWebhooks:
     """``POST /webhooks/videosdk``: VideoSDK lifecycle webhooks (spec: "Lifecycle Webhooks";
-    body and signature checks in `wire.verify_webhook` / `wire.webhook_event`).
+    body and signature checks in `verify_webhook` / `webhook_event` above).
 
     One per process (`for_runtime`), on `server.http`, when
     `services.videosdk.webhook_public_key` is set. Answers: 401 ``{"message"}`` naming the
