@@ -67,7 +67,11 @@ from trio_websocket import (
 import fuzz_inputs as fz
 from gateway.adapters.agent import wire as agent_wire
 from gateway.adapters.argon import wire as argon_wire
-from gateway.adapters.videosdk import wire as vsdk_wire
+from gateway.adapters.videosdk import (
+    frames as vsdk_frames,
+    sessions as vsdk_sessions,
+    webhooks as vsdk_webhooks,
+)
 from gateway.adapters.voipbin.wire import Codec, Encapsulation, MediaStreamProtocol
 from gateway.codecs.ogg import OggOpusDemuxer
 from gateway.config import GatewayConfig
@@ -1092,7 +1096,7 @@ async def videosdk_session(gateway, tally: Tally, body: dict | None = None) -> s
     client = gateway.runtime.http_client()
     tally.requests += 1
     try:
-        response = await client.post(http_base(gateway) + vsdk_wire.SESSIONS_PATH,
+        response = await client.post(http_base(gateway) + vsdk_sessions.SESSIONS_PATH,
                                      content=json.dumps(body or {"roomId": VSDK_ROOM}),
                                      headers={"authorization": f"Bearer {VIDEOSDK_TOKEN}", "content-type": "application/json"})
     except httpx.HTTPError as err:
@@ -1164,7 +1168,7 @@ async def videosdk_case(rng: random.Random, gateway, worker: int, tally: Tally) 
     expect_started = False
     if first is not None:
         try:
-            expect_started = bool(vsdk_wire.IngestServer().receive(first))
+            expect_started = bool(vsdk_frames.IngestServer().receive(first))
         except RemoteProtocolError:
             pass
     tail = pick_tail(rng)
@@ -1540,14 +1544,14 @@ def rest_endpoints(webhook_private) -> dict[str, list[RestEndpoint]]:
         auth = fz.pick(rng, [(0.6, lambda: f"Bearer {VIDEOSDK_TOKEN}"), (0.1, lambda: VIDEOSDK_TOKEN),
                              (0.15, lambda: header_value(rng, f"Bearer {VIDEOSDK_TOKEN}")), (0.15, lambda: None)])
         headers = [("Authorization", auth)] if auth is not None else []
-        return "POST", _path_variant(rng, vsdk_wire.SESSIONS_PATH), headers + _ct(rng), json_body(rng, valid)
+        return "POST", _path_variant(rng, vsdk_sessions.SESSIONS_PATH), headers + _ct(rng), json_body(rng, valid)
 
     def webhook(rng):
-        body = vsdk_wire.webhook_body(rng.choice(("call-started", "call-answered", "call-hangup", "x")),
+        body = vsdk_webhooks.webhook_body(rng.choice(("call-started", "call-answered", "call-hangup", "x")),
                                       rng.choice(("c-1", str(__import__("uuid").uuid4()))))
         if rng.random() < 0.5:
             body = json_body(rng, json.loads(body))
-        # vsdk_wire.sign_webhook's signature, with the key loaded once (loading costs 60 ms)
+        # vsdk_webhooks.sign_webhook's signature, with the key loaded once (loading costs 60 ms)
         signature = base64.b64encode(webhook_private.sign(body, padding.PKCS1v15(), hashes.SHA256())).decode()
         value = fz.pick(rng, [(0.5, lambda: signature), (0.2, lambda: header_value(rng, signature)),
                               (0.1, lambda: base64.b64encode(rng.randbytes(rng.choice((0, 1, 256, 512)))).decode()),
@@ -1814,15 +1818,15 @@ def _wire_agent(rng: random.Random, check) -> None:
 
 
 def _wire_videosdk(rng: random.Random, check) -> None:
-    server = vsdk_wire.IngestServer()
+    server = vsdk_frames.IngestServer()
     messages = [rng.choice(('{"event":"start"}', fz.json_message(rng, {"event": "start"})))] + \
         [videosdk_later(rng) for _ in range(6)]
     for message in messages:
         with check(message, RemoteProtocolError, codes={1002, 1003, 1007, 1008, 1009}):
             for event in server.receive(message):
-                if isinstance(event, vsdk_wire.Publish):
+                if isinstance(event, vsdk_frames.Publish):
                     server.deliver(event.topic, event.data, {"senderId": "s"})
-    client = vsdk_wire.IngestClient()
+    client = vsdk_frames.IngestClient()
     client.start()
     for _ in range(4):
         message = fz.json_message(rng, rng.choice(({"event": "media", "payload": "AAAA"}, {"event": "meeting-joined", "roomId": "r"},
@@ -1831,17 +1835,17 @@ def _wire_videosdk(rng: random.Random, check) -> None:
         with check(message, RemoteProtocolError, codes={1002, 1003, 1007, 1008, 1009}):
             client.receive(message)
     body = json_body(rng, {"roomId": "r", "participant": {"id": "p", "name": "n", "metadata": {}}}, cap=70_000)
-    with check(body, vsdk_wire.SessionRequestError):
-        vsdk_wire.parse_session_request(body)
+    with check(body, vsdk_sessions.SessionRequestError):
+        vsdk_sessions.parse_session_request(body)
     response = json_body(rng, {"message": "Ingest session created", "data": {"wsUrl": "ws://h/videosdk?ref=x",
                                                                                 "callId": "c", "expiresIn": 90}}, cap=70_000)
     with check(response, GatewayError):
-        vsdk_wire.parse_session_response(rng.choice((200, 400, 401, 429, 503)), response, room_id="r")
+        vsdk_sessions.parse_session_response(rng.choice((200, 400, 401, 429, 503)), response, room_id="r")
     target = fz.mutate_text(rng, "/videosdk?ref=abc&x=1", cap=3000)
     with check(target, ()):
-        vsdk_wire.parse_ingest_ref(target)
+        vsdk_sessions.parse_ingest_ref(target)
     with check(target, ()):
-        vsdk_wire.parse_authorization(fz.mutate_text(rng, "Bearer abc", cap=300))
+        vsdk_sessions.parse_authorization(fz.mutate_text(rng, "Bearer abc", cap=300))
 
 
 def _wire_argon(rng: random.Random, check) -> None:
@@ -2235,10 +2239,10 @@ async def test_used_videosdk_sessions_do_not_exhaust_the_session_call(tmp_path, 
     """Regression (found by this fuzz in a longer run): the 503 "too many unclaimed ingest
     sessions" counted the sessions already used too, so after 1,024 sessions within 180 s
     every client was refused. Only sessions still waiting for their device count."""
-    from gateway.adapters.videosdk import endpoint as vsdk_endpoint
+    from gateway.adapters.videosdk import listen as vsdk_listen
 
-    monkeypatch.setattr(vsdk_endpoint, "MAX_PENDING_SESSIONS", 3)
-    monkeypatch.setattr(vsdk_endpoint, "MAX_REMEMBERED_SESSIONS", 5)
+    monkeypatch.setattr(vsdk_listen, "MAX_PENDING_SESSIONS", 3)
+    monkeypatch.setattr(vsdk_listen, "MAX_REMEMBERED_SESSIONS", 5)
     tally = Tally("videosdk sessions")
     async with trio.open_nursery() as nursery:
         gateway = await start_fuzz_gateway(nursery, tmp_path, webhook_key[0])
@@ -2254,7 +2258,7 @@ async def test_used_videosdk_sessions_do_not_exhaust_the_session_call(tmp_path, 
                         await device.get_message()
                 except ConnectionClosed:
                     pass
-        service = vsdk_endpoint.VideosdkListenService.for_runtime(gateway.runtime)
+        service = vsdk_listen.VideosdkListenService.for_runtime(gateway.runtime)
         assert len(service._claims) <= 5
         unclaimed = [await videosdk_session(gateway, tally) for _ in range(3)]
         assert all(unclaimed), tally.report()

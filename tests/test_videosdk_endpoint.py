@@ -46,14 +46,9 @@ from gateway.adapters.videosdk.endpoint import (
     VideosdkListen,
     VideosdkListenService,
 )
-from gateway.adapters.videosdk.wire import (
-    INGEST_PATH,
-    SESSIONS_PATH,
-    PublishRefused,
-    parse_session_response,
-    sign_webhook,
-    webhook_body,
-)
+from gateway.adapters.videosdk.frames import PublishRefused
+from gateway.adapters.videosdk.sessions import INGEST_PATH, SESSIONS_PATH, parse_session_response
+from gateway.adapters.videosdk.webhooks import sign_webhook, webhook_body
 from gateway.adapters.voipbin.wire import Encapsulation, MediaStreamProtocol
 from gateway.adapters.ws import dial as dial_ws
 from gateway.config import GatewayConfig
@@ -361,7 +356,7 @@ async def test_ref_expires_after_90_s(autojump_clock, caplog):
     room.endpoint("a")
     room.endpoint("b")
     async with trio.open_nursery() as nursery:
-        for endpoint in room.service.rooms["r1"].endpoints:
+        for endpoint in room.service.endpoints["r1"]:
             nursery.start_soon(endpoint.run, lambda frame: None)
         t0 = trio.current_time()
         early, late = await room.session(), await room.session()

@@ -21,7 +21,7 @@ import gateway.adapters.argon.room as argon_room
 from audio_checks import best_alignment, blockwise_alignment, read_wav, write_wav
 from conftest import ASSETS
 from gateway.adapters.argon.wire import validate_opus_packet
-from gateway.adapters.videosdk import wire
+from gateway.adapters.videosdk import frames as vsdk_frames
 from harness import SECRETS, start
 from test_argon_errors import CHANNEL, SPACE
 
@@ -86,15 +86,15 @@ async def test_room_and_call_hear_each_other_at_a_steady_pace(tmp_path, monkeypa
     write_wav(tmp_path / "caller_voice.wav", caller_clip, RATE)
 
     arrivals: list[float] = []  # when each media frame from the bridge reached the room
-    real_receive = wire.IngestServer.receive
+    real_receive = vsdk_frames.IngestServer.receive
 
     def spy(self, message):  # the real parser runs; we note when media arrived
         events = real_receive(self, message)
-        if events and isinstance(events[0], wire.Media):
+        if events and isinstance(events[0], vsdk_frames.Media):
             arrivals.append(trio.current_time())
         return events
 
-    monkeypatch.setattr(wire.IngestServer, "receive", spy)
+    monkeypatch.setattr(vsdk_frames.IngestServer, "receive", spy)
     async with trio.open_nursery() as nursery:
         gateway = await start(nursery, ROOM_AND_CALL, out=tmp_path, room_voice=tmp_path / "room_voice.wav",
                               caller_voice=tmp_path / "caller_voice.wav")

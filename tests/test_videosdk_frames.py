@@ -1,4 +1,5 @@
-"""VideoSDK custom WebSocket ingest wire layer (gateway/adapters/videosdk/wire.py), no event loop.
+"""VideoSDK custom WebSocket frames (gateway/adapters/videosdk/frames.py): start / media / stop,
+topic pub/sub and lifecycle events, both roles, no event loop.
 
 Spec: /work/shared/protocols/004_c69f0f37162481c1.txt. Examples marked "spec" are copied from it
 with their original spacing; frames we build are compared as exact strings.
@@ -13,10 +14,8 @@ import struct
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from gateway.adapters.videosdk.wire import (
+from gateway.adapters.videosdk.frames import (
     FRAME_BASE64_CHARS,
     FRAME_BYTES,
     MAX_MESSAGE_BYTES,
@@ -30,15 +29,11 @@ from gateway.adapters.videosdk.wire import (
     PING_INTERVAL_S,
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
-    SESSION_EXPIRES_S,
-    SESSIONS_PATH,
     START_TIMEOUT_CLOSE_CODE,
     START_TIMEOUT_REASON,
     START_TIMEOUT_S,
-    WEBHOOK_SIGNATURE_HEADER,
     IngestClient,
     IngestServer,
-    IngestSession,
     Media,
     MeetingJoined,
     MeetingLeft,
@@ -48,55 +43,18 @@ from gateway.adapters.videosdk.wire import (
     ParticipantLeft,
     Publish,
     PublishRefused,
-    SessionError,
-    SessionRequest,
-    SessionRequestError,
     Started,
     Stopped,
     Subscribe,
     Unknown,
     Unsubscribe,
-    WebhookPayloadError,
-    WebhookSignatureError,
-    authorization_header,
-    error_body,
-    ingest_url,
-    load_webhook_key,
-    parse_authorization,
-    parse_ingest_ref,
-    parse_session_request,
-    parse_session_response,
-    session_request,
-    session_response,
-    sign_webhook,
-    verify_webhook,
-    webhook_body,
-    webhook_event,
 )
-from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.errors import LocalProtocolError, RemoteProtocolError
 
 # 20 ms of a ramp, signed 16-bit little-endian: 160 samples, 320 bytes, every byte value varied.
 PCM_20MS = struct.pack("<160h", *range(-16000, 16000, 200))
 
 # --- spec examples, verbatim -----------------------------------------------------------------
-
-SPEC_SESSION_REQUEST = """{
-"roomId": "abcd-efgh-ijkl",
-"participant": {
-"name": "Field Device 12",
-"metadata": { "deviceId": "dev_12" }
-}
-}"""
-
-SPEC_SESSION_RESPONSE = """{
-"message": "Ingest session created",
-"data": {
-"wsUrl": "wss://ingest.videosdk.live/videosdk?ref=vs_k9d8j2m4x7p1w5v3r6u0",
-"callId": "550e8400-e29b-41d4-a716-446655440000",
-"expiresIn": 90
-}
-}"""
-SPEC_REF = "vs_k9d8j2m4x7p1w5v3r6u0"
 
 SPEC_DELIVERED_MESSAGE = """{
 "event": "message",
@@ -151,10 +109,7 @@ def test_constants_from_the_spec():
     assert (SAMPLE_RATE, SAMPLES_PER_FRAME, FRAME_BYTES, FRAME_BASE64_CHARS) == (8000, 160, 320, 428)
     assert (START_TIMEOUT_S, START_TIMEOUT_CLOSE_CODE, START_TIMEOUT_REASON) == (5, 1008, "start timeout")
     assert PING_INTERVAL_S == 30
-    assert SESSION_EXPIRES_S == 90
-    assert SESSIONS_PATH == "/v2/ingest/sessions"
     assert (MAX_TOPIC_LENGTH, MAX_PAYLOAD_BYTES, MAX_MESSAGE_BYTES) == (128, 8192, 65536)
-    assert WEBHOOK_SIGNATURE_HEADER == "videosdk-signature"
 
 
 # --- client frames -----------------------------------------------------------------------------
@@ -669,327 +624,3 @@ def test_server_refuses_lone_surrogates_without_dropping_the_call():
     [refused] = server.receive('{"event":"message","topic":"CHAT","data":"\\ud800"}')
     assert (refused.close_code, refused.event) == (1007, "message")
     assert server.receive('{"event":"stop"}') == [Stopped()]  # the stream goes on
-
-
-# --- REST: ingest sessions -----------------------------------------------------------------------
-
-
-def test_session_request_is_the_spec_example():
-    participant = {"name": "Field Device 12", "metadata": {"deviceId": "dev_12"}}
-    body = session_request("abcd-efgh-ijkl", participant=participant)
-    assert body == json.loads(SPEC_SESSION_REQUEST)
-    assert session_request("r") == {"roomId": "r"}
-    full = session_request("r", {"id": "p"}, {"id": "agent-1", "metadata": {"lang": "en"}}, "us002")
-    assert full == {
-        "roomId": "r",
-        "participant": {"id": "p"},
-        "agent": {"id": "agent-1", "metadata": {"lang": "en"}},
-        "region": "us002",
-    }
-
-
-@pytest.mark.parametrize(
-    "kwargs, fragment",
-    [
-        ({"room_id": ""}, "roomId"),
-        ({"room_id": "r", "agent": {"metadata": {}}}, "agent.id is required"),
-        ({"room_id": "r", "agent": {"id": ""}}, "agent.id"),
-        ({"room_id": "r", "participant": {"metadata": "x"}}, "participant.metadata"),
-        ({"room_id": "r", "participant": {"name": 5}}, "participant.name"),
-        ({"room_id": "r", "participant": "Bob"}, "participant must be an object"),
-        ({"room_id": "r", "region": ""}, "region"),
-    ],
-)
-def test_session_request_names_the_bad_field(kwargs, fragment):
-    with pytest.raises(LocalProtocolError, match=fragment):
-        session_request(**kwargs)
-    body = {"roomId": kwargs["room_id"], **{k: v for k, v in kwargs.items() if k != "room_id"}}
-    with pytest.raises(SessionRequestError, match=fragment) as info:
-        parse_session_request(json.dumps(body).encode())
-    assert info.value.status == 400
-
-
-def test_parse_session_request_round_trip():
-    assert parse_session_request(SPEC_SESSION_REQUEST.encode()) == SessionRequest(
-        "abcd-efgh-ijkl", {"name": "Field Device 12", "metadata": {"deviceId": "dev_12"}}, None, None
-    )
-    with pytest.raises(SessionRequestError, match="not JSON"):
-        parse_session_request(b"roomId=r")
-    with pytest.raises(SessionRequestError, match="object"):
-        parse_session_request(b'["r"]')
-
-
-def test_parse_session_response_spec_example():
-    session = parse_session_response(201, SPEC_SESSION_RESPONSE.encode())
-    assert session == IngestSession(
-        ws_url=f"wss://ingest.videosdk.live/videosdk?ref={SPEC_REF}",
-        call_id="550e8400-e29b-41d4-a716-446655440000",
-        expires_in=90,
-    )
-    assert SPEC_REF not in repr(session)  # the single-use claim stays out of logs
-    assert "550e8400" in repr(session)
-    assert parse_ingest_ref(session.ws_url) == SPEC_REF
-
-
-def test_session_response_is_the_spec_shape_and_round_trips():
-    ws = f"wss://ingest.videosdk.live/videosdk?ref={SPEC_REF}"
-    body = session_response(ws, "550e8400-e29b-41d4-a716-446655440000")
-    assert json.loads(body) == json.loads(SPEC_SESSION_RESPONSE)
-    assert parse_session_response(200, body).ws_url == ws
-
-
-def test_expires_in_defaults_to_90():
-    body = json.dumps({"data": {"wsUrl": "ws://h/videosdk?ref=x", "callId": "c"}}).encode()
-    assert parse_session_response(200, body).expires_in == 90
-
-
-@pytest.mark.parametrize(
-    "status, cause, permanent",
-    [
-        (400, "bad request", True),
-        (401, "token rejected", True),
-        (403, "token rejected", True),
-        (404, "room not found", True),
-        (418, "request refused", True),
-        (408, "timed out", False),
-        (429, "rate limited", False),
-        (500, "service error", False),
-        (503, "service error", False),
-        (302, "unexpected response", False),
-    ],
-)
-def test_session_errors_by_status(status, cause, permanent):
-    with pytest.raises(SessionError) as info:
-        parse_session_response(status, b'{"message":"nope"}', room_id="abcd-efgh-ijkl")
-    err = info.value
-    assert isinstance(err, ServiceError)
-    assert (err.status, err.permanent) == (status, permanent)
-    assert cause in str(err) and f"HTTP {status}" in str(err) and "abcd-efgh-ijkl" in str(err)
-
-
-def test_rate_limit_retry_after_from_header_or_body():
-    with pytest.raises(SessionError) as info:
-        parse_session_response(429, b"", retry_after_s=7)
-    assert info.value.retry_after == 7 and "retry after 7 s" in str(info.value)
-    with pytest.raises(SessionError) as info:
-        parse_session_response(429, b'{"retryAfter": 2.5}')
-    assert info.value.retry_after == 2.5 and not info.value.permanent
-    with pytest.raises(SessionError) as info:
-        parse_session_response(429, b"{}")
-    assert info.value.retry_after is None
-
-
-@pytest.mark.parametrize(
-    "body, field",
-    [
-        (b"<html>", "not a JSON object"),
-        (b"[]", "not a JSON object"),
-        (b'{"message":"Ingest session created"}', "no data object"),
-        (b'{"data":{"callId":"c"}}', "data.wsUrl"),
-        (b'{"data":{"wsUrl":"https://h/videosdk?ref=x","callId":"c"}}', "data.wsUrl"),
-        (b'{"data":{"wsUrl":"wss://h/videosdk?ref=x"}}', "data.callId"),
-        (b'{"data":{"wsUrl":"wss://h/videosdk?ref=x","callId":7}}', "data.callId"),
-        (b'{"data":{"wsUrl":"wss://h/videosdk?ref=x","callId":"c","expiresIn":"90"}}', "data.expiresIn"),
-    ],
-)
-def test_session_response_missing_fields_are_named(body, field):
-    with pytest.raises(SessionError) as info:
-        parse_session_response(200, body)
-    assert field in str(info.value)
-    assert info.value.permanent is False
-
-
-def test_session_errors_never_contain_the_token_or_the_ref():
-    token = "eyJhbGciOiJIUzI1NiJ9.secret-token.sig"
-    with pytest.raises(SessionError) as info:
-        parse_session_response(401, json.dumps({"message": f"invalid token {token}"}).encode())
-    assert token not in str(info.value) and token not in repr(info.value)
-    with pytest.raises(SessionError) as info:
-        body = {"data": {"wsUrl": f"https://h/?ref={SPEC_REF}", "callId": "c"}}
-        parse_session_response(200, json.dumps(body).encode())
-    assert SPEC_REF not in str(info.value)
-    with pytest.raises(LocalProtocolError) as info:
-        authorization_header("secret token")
-    assert "secret" not in str(info.value)
-
-
-def test_authorization_header_and_parse():
-    assert authorization_header("tok.en") == "Bearer tok.en"
-    assert parse_authorization(authorization_header("tok.en")) == "tok.en"
-    with pytest.raises(LocalProtocolError):
-        authorization_header("")
-    with pytest.raises(LocalProtocolError):
-        authorization_header("a\r\nX-Injected: 1")
-
-
-@pytest.mark.parametrize(
-    "value, token",
-    [
-        ("Bearer abc.def", "abc.def"),
-        ("bearer abc", "abc"),
-        ("  Bearer   abc  ", "abc"),
-        ("abc.def", "abc.def"),  # bare token, as the example and VideoSDK's REST APIs send it
-        (None, None),
-        ("", None),
-        ("   ", None),
-        ("Bearer", None),
-        ("Basic dXNlcjpwYXNz", None),
-        ("Bearer a b", None),
-    ],
-)
-def test_parse_authorization(value, token):
-    assert parse_authorization(value) == token
-
-
-def test_parse_authorization_other_scheme():
-    assert parse_authorization("Bot xyz", scheme="Bot") == "xyz"
-    assert parse_authorization("Bearer xyz", scheme="Bot") is None
-
-
-def test_ingest_url_and_ref():
-    url = ingest_url("wss://gw.example/videosdk", "vs_abc")
-    assert url == "wss://gw.example/videosdk?ref=vs_abc"
-    assert parse_ingest_ref(url) == "vs_abc"
-    assert parse_ingest_ref("/videosdk?ref=vs_abc&x=1") == "vs_abc"
-    assert ingest_url("ws://h:8080/v?k=1", "a b") == "ws://h:8080/v?k=1&ref=a%20b"
-    assert parse_ingest_ref("/videosdk") is None
-    assert parse_ingest_ref("/videosdk?ref=") is None
-    assert parse_ingest_ref("/videosdk?ref=a&ref=b") is None
-    with pytest.raises(LocalProtocolError):
-        ingest_url("https://gw.example/videosdk", "vs_abc")
-    with pytest.raises(LocalProtocolError):
-        ingest_url("wss://gw.example/videosdk", "")
-
-
-def test_error_body_shape():
-    assert json.loads(error_body("roomId is required")) == {"message": "roomId is required"}
-
-
-# --- webhooks ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def keys():
-    """(private key, public PEM, another public PEM) generated for this test run."""
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = lambda key: key.public_key().public_bytes(  # noqa: E731
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private, pem(private), pem(other)
-
-
-def rsa_sign(private, body: bytes) -> str:
-    """What VideoSDK does: base64 of RSA-SHA256 (PKCS#1 v1.5), computed here by cryptography."""
-    return base64.b64encode(private.sign(body, padding.PKCS1v15(), hashes.SHA256())).decode()
-
-
-HANGUP = b'{"webhookType":"call-hangup","data":{"callId":"550e8400-e29b-41d4-a716-446655440000","reason":"normal"}}'
-
-
-def test_verify_webhook_accepts_a_signed_body(keys):
-    private, public_pem, _ = keys
-    payload = verify_webhook(HANGUP, rsa_sign(private, HANGUP), public_pem)
-    assert payload == json.loads(HANGUP)
-    assert webhook_event(payload) == ("call-hangup", "550e8400-e29b-41d4-a716-446655440000")
-    # A pre-loaded key and a str PEM work the same.
-    assert verify_webhook(HANGUP, rsa_sign(private, HANGUP), load_webhook_key(public_pem.decode())) == payload
-
-
-def test_verify_webhook_refuses_a_tampered_body(keys):
-    private, public_pem, _ = keys
-    signature = rsa_sign(private, HANGUP)
-    tampered = HANGUP.replace(b"call-hangup", b"call-started")
-    with pytest.raises(WebhookSignatureError) as info:
-        verify_webhook(tampered, signature, public_pem)
-    assert info.value.cause == "bad-signature"
-    assert signature not in str(info.value)
-
-
-def test_verify_webhook_refuses_another_key(keys):
-    private, _, other_pem = keys
-    with pytest.raises(WebhookSignatureError) as info:
-        verify_webhook(HANGUP, rsa_sign(private, HANGUP), other_pem)
-    assert info.value.cause == "bad-signature"
-
-
-@pytest.mark.parametrize("header", [None, "", "   "])
-def test_verify_webhook_refuses_a_missing_signature(keys, header):
-    with pytest.raises(WebhookSignatureError, match="no videosdk-signature header") as info:
-        verify_webhook(HANGUP, header, keys[1])
-    assert info.value.cause == "missing"
-    assert isinstance(info.value, GatewayError)
-
-
-@pytest.mark.parametrize("header", ["not base64!", "QUJ", "QUJD RA=="])
-def test_verify_webhook_refuses_a_signature_that_is_not_base64(keys, header):
-    with pytest.raises(WebhookSignatureError, match="not base64") as info:
-        verify_webhook(HANGUP, header, keys[1])
-    assert info.value.cause == "not-base64"
-
-
-def test_verify_webhook_refuses_a_bad_key(keys):
-    private, _, _ = keys
-    signature = rsa_sign(private, HANGUP)
-    private_pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    for bad, fragment in ((b"garbage", "not a PEM public key"), (private_pem, "not a PEM public key"),
-                          (ec_pem, "not an RSA key")):
-        with pytest.raises(WebhookSignatureError, match=fragment) as info:
-            verify_webhook(HANGUP, signature, bad)
-        assert info.value.cause == "bad-key"
-
-
-def test_verify_webhook_accepts_json_stringify_signatures(keys):
-    """VideoSDK's sample verifies JSON.stringify(req.body): a body re-spaced in transit still passes."""
-    private, public_pem, _ = keys
-    spaced = b'{\n  "webhookType": "call-answered",\n  "data": {"callId": "c1", "name": "Caf\xc3\xa9"}\n}'
-    compact = json.dumps(json.loads(spaced), separators=(",", ":"), ensure_ascii=False).encode()
-    assert compact != spaced
-    payload = verify_webhook(spaced, rsa_sign(private, compact), public_pem)
-    assert webhook_event(payload) == ("call-answered", "c1")
-    with pytest.raises(WebhookSignatureError):  # the content itself still has to match
-        verify_webhook(spaced.replace(b"c1", b"c2"), rsa_sign(private, compact), public_pem)
-
-
-def test_verified_body_that_is_not_an_object(keys):
-    private, public_pem, _ = keys
-    for body in (b"[1,2]", b"not json"):
-        with pytest.raises(WebhookPayloadError):
-            verify_webhook(body, rsa_sign(private, body), public_pem)
-
-
-def test_sign_webhook_verifies_with_cryptography(keys):
-    private, _, _ = keys
-    private_pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    body = webhook_body("call-started", "c9", direction="inbound")
-    assert json.loads(body) == {"webhookType": "call-started", "data": {"callId": "c9", "direction": "inbound"}}
-    signature = sign_webhook(body, private_pem)
-    private.public_key().verify(base64.b64decode(signature), body, padding.PKCS1v15(), hashes.SHA256())
-    with pytest.raises(LocalProtocolError):
-        sign_webhook(body, b"garbage")
-
-
-@pytest.mark.parametrize(
-    "payload, expected",
-    [
-        ({"webhookType": "call-hangup", "data": {"callId": "c1"}}, ("call-hangup", "c1")),
-        ({"event": "call-started", "callId": "c2"}, ("call-started", "c2")),
-        ({"type": "call-answered", "data": {"call_id": "c3"}}, ("call-answered", "c3")),
-        ({"webhookType": "session-ended", "data": {"meetingId": "m"}}, ("session-ended", None)),
-    ],
-)
-def test_webhook_event_shapes(payload, expected):
-    assert webhook_event(payload) == expected
-
-
-@pytest.mark.parametrize("payload", [{}, {"data": {"callId": "c"}}, {"webhookType": 5}, []])
-def test_webhook_event_without_a_name(payload):
-    with pytest.raises(WebhookPayloadError):
-        webhook_event(payload)

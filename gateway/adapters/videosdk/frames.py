@@ -1,31 +1,26 @@
-"""VideoSDK custom WebSocket ingest, sans-IO: JSON text frames in, events out; audio in, text out.
+"""VideoSDK custom WebSocket frames, sans-IO: JSON text frames in, events out; audio in, text out.
 
 Source: /work/shared/protocols/004_c69f0f37162481c1.txt ("Custom WebSocket": How It Works,
-Step 1 "Create an Ingest Session", Step 2 "Connect and Stream", Messaging, Lifecycle Webhooks,
-Troubleshooting, API Reference). The spec links its runnable example,
-videosdk-live/videosdk-socket-ingest-example (app.js); where the spec is silent, that example
-is the second source and is cited as "the example".
+Step 2 "Connect and Stream", Messaging, Troubleshooting, API Reference). The spec links its
+runnable example, videosdk-live/videosdk-socket-ingest-example (app.js); where the spec is
+silent, that example is the second source and is cited as "the example".
 
-The flow (dial = `IngestClient`, listen = `IngestServer`):
+The ingest WebSocket (dial = `IngestClient`, listen = `IngestServer`), opened on the wsUrl of
+an ingest session (Step 1: `gateway.adapters.videosdk.sessions`):
 
-1. The backend calls ``POST https://api.videosdk.live/v2/ingest/sessions`` (`SESSIONS_PATH`,
-   `session_request`, `authorization_header`) → ``{"message": "Ingest session created",
-   "data": {"wsUrl", "callId", "expiresIn": 90}}`` (`parse_session_response`; the listen side
-   reads the request with `parse_session_request` and answers with `session_response` or
-   `error_body`). The wsUrl's ``ref`` query parameter is a single-use claim, valid 90 s
-   (`SESSION_EXPIRES_S`).
-2. The device opens the wsUrl and sends ``{"event":"start"}`` within 5 s (`START_TIMEOUT_S`), or
+1. The device opens the wsUrl and sends ``{"event":"start"}`` within 5 s (`START_TIMEOUT_S`), or
    the server closes with 1008 "start timeout" (`START_TIMEOUT_CLOSE_CODE`,
    `START_TIMEOUT_REASON`). The server pings every 30 s (`PING_INTERVAL_S`).
-3. Both sides send ``{"event":"media","payload":"<base64 PCM16-LE>"}``: signed 16-bit
+2. Both sides send ``{"event":"media","payload":"<base64 PCM16-LE>"}``: signed 16-bit
    little-endian PCM, 8 kHz mono, 20 ms = 160 samples = 320 bytes = 428 base64 characters
    (`FRAME_BYTES`, `FRAME_BASE64_CHARS`).
-4. Pub/sub on the same socket: ``subscribe`` / ``unsubscribe`` ``{"topic"}``; publishing is a
+3. Pub/sub on the same socket: ``subscribe`` / ``unsubscribe`` ``{"topic"}``; publishing is a
    ``{"event":"message","topic","data"}`` frame whose ``data`` is a string or any JSON value
    (JSON values are serialized before delivery); delivery to subscribers is a ``message``
    frame whose ``data`` is an object ``{"message", "senderId", "senderName", "timestamp",
-   "id"}``. Topic: non-empty, at most 128 characters; payload at most 8 KB of UTF-8.
-5. ``{"event":"stop"}`` (or closing the socket) ends the session.
+   "id"}``. Topic: non-empty, at most 128 characters; payload at most 8 KB of UTF-8. Who
+   receives what in a room (the listen side) is `gateway.adapters.videosdk.room`.
+4. ``{"event":"stop"}`` (or closing the socket) ends the session.
 
 Frames we build are compact JSON (``JSON.stringify`` style: no spaces, non-ASCII unescaped),
 e.g. ``{"event":"start"}``. Frames we parse may use any JSON spacing.
@@ -62,18 +57,6 @@ Spec ambiguities and the choices made
   reason naming what came instead (the same code as the start timeout: the client did not
   start; the Troubleshooting table maps 1008 to "no start frame"). A second start is 1002.
   Frames after stop are ignored (a client's last media may cross its stop).
-- **Session authorization**: the spec's curl sends ``Authorization: Bearer <token>``; the
-  example and VideoSDK's other REST APIs send the bare token. We send ``Bearer``
-  (`authorization_header`); the listen side accepts both (`parse_authorization`).
-- **Webhooks**: the spec defers bodies to the SIP webhooks page, which lists event names
-  (``call-started``, ``call-answered``, ``call-hangup``, ...) but shows no body. VideoSDK's
-  other webhooks use ``{"webhookType": name, "data": {...}}``; `webhook_event` reads that
-  envelope and also a top-level ``event`` / ``type``, with ``callId`` in ``data`` or at the top
-  level. The signature (``videosdk-signature``: base64 RSA-SHA256, PKCS#1 v1.5) is checked
-  over the raw body; VideoSDK's verification sample (docs "Webhook Verification - API")
-  verifies ``JSON.stringify(req.body)`` instead, so a body that fails the raw check is checked
-  once more in that compact re-serialized form. Use the dict `verify_webhook` returns, never a
-  second parse of the raw body.
 
 Errors (`RemoteProtocolError.close_code`, RFC 6455 §7.4.1)
 ----------------------------------------------------------
@@ -92,9 +75,8 @@ Errors (`RemoteProtocolError.close_code`, RFC 6455 §7.4.1)
 shortened. "If this raises anything but RemoteProtocolError, that's a bug" (h11), except
 `LocalProtocolError` when the adapter passes something that is neither str nor bytes.
 
-Secrets: the REST token is never stored or put in a message here; `IngestSession` keeps its
-wsUrl (which holds the single-use ref) out of `repr`, and no error message contains a wsUrl,
-a ref, a response body or a signature.
+Secrets: nothing here sees the REST token, a wsUrl or its ref (those are `sessions`'); peer
+strings in error messages are shortened and ASCII-quoted.
 """
 
 from __future__ import annotations
@@ -102,27 +84,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
-import urllib.parse
 from typing import Any
 
 import attrs
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.adapters.rest import json_type as _json_type, loads_strict, status_cause
-from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.adapters.rest import json_type as _json_type, loads_strict
+from gateway.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
-    "API_BASE_URL",
     "ClientEvent",
     "FRAME_BASE64_CHARS",
     "FRAME_BYTES",
-    "INGEST_PATH",
     "IngestClient",
     "IngestServer",
-    "IngestSession",
     "MAX_MESSAGE_BYTES",
     "MAX_PAYLOAD_BYTES",
     "MAX_PCM_BYTES",
@@ -144,39 +118,15 @@ __all__ = [
     "PublishRefused",
     "SAMPLES_PER_FRAME",
     "SAMPLE_RATE",
-    "SESSIONS_PATH",
-    "SESSION_CREATED_MESSAGE",
-    "SESSION_EXPIRES_S",
     "START_TIMEOUT_CLOSE_CODE",
     "START_TIMEOUT_REASON",
     "START_TIMEOUT_S",
     "ServerEvent",
-    "SessionError",
-    "SessionRequest",
-    "SessionRequestError",
     "Started",
     "Stopped",
     "Subscribe",
     "Unknown",
     "Unsubscribe",
-    "WEBHOOK_PUBLIC_KEY_URL",
-    "WEBHOOK_SIGNATURE_HEADER",
-    "WebhookPayloadError",
-    "WebhookSignatureError",
-    "authorization_header",
-    "error_body",
-    "ingest_url",
-    "load_webhook_key",
-    "parse_authorization",
-    "parse_ingest_ref",
-    "parse_session_request",
-    "parse_session_response",
-    "session_request",
-    "session_response",
-    "sign_webhook",
-    "verify_webhook",
-    "webhook_body",
-    "webhook_event",
 ]
 
 # --- constants -----------------------------------------------------------------------------
@@ -195,7 +145,6 @@ START_TIMEOUT_S = 5  # seconds after connecting within which the start frame mus
 START_TIMEOUT_CLOSE_CODE = 1008  # policy violation (spec: Step 2, Troubleshooting)
 START_TIMEOUT_REASON = "start timeout"  # close reason sent with it
 PING_INTERVAL_S = 30  # seconds between the server's WebSocket pings (spec: Step 2, note)
-SESSION_EXPIRES_S = 90  # seconds an unclaimed session stays valid ("expiresIn": 90)
 
 MAX_TOPIC_LENGTH = 128  # characters, counted in UTF-16 code units (see module docstring)
 MAX_PAYLOAD_BYTES = 8 * 1024  # 8 KB: UTF-8 bytes of one published payload (see module docstring)
@@ -205,15 +154,6 @@ PARTICIPANT_JOINED = "participant-joined"
 PARTICIPANT_LEFT = "participant-left"
 MEETING_JOINED = "meeting-joined"
 MEETING_LEFT = "meeting-left"
-
-API_BASE_URL = "https://api.videosdk.live"  # REST base (spec: Step 1)
-SESSIONS_PATH = "/v2/ingest/sessions"  # POST: create an ingest session
-SESSION_CREATED_MESSAGE = "Ingest session created"  # "message" of a successful response
-INGEST_PATH = "/videosdk"  # WebSocket path of the spec's wsUrl example
-
-WEBHOOK_SIGNATURE_HEADER = "videosdk-signature"  # base64 RSA-SHA256 signature of the body
-#: Where VideoSDK publishes its webhook RSA public key (docs "Webhook Verification - API").
-WEBHOOK_PUBLIC_KEY_URL = "https://api.videosdk.live/v2/public/rsa-public-key"
 
 _MAX_REASON_BYTES = 123  # a close frame's reason, RFC 6455 §5.5 (125 minus the 2-byte code)
 
@@ -864,402 +804,3 @@ class IngestServer(_IngestStream):
         if "event" in fields:
             raise LocalProtocolError("event fields may not contain 'event'")
         return _encode_frame({"event": name, **fields}, name)
-
-
-# --- REST: ingest sessions ------------------------------------------------------------------
-
-
-@attrs.frozen
-class IngestSession:
-    """A created ingest session (``POST /v2/ingest/sessions`` → ``data``)."""
-
-    ws_url: str = attrs.field(repr=False)
-    """``wsUrl``: the WebSocket to open, unmodified; its ``ref`` query parameter is a
-    single-use claim, so it is kept out of `repr` (do not log it)."""
-    call_id: str
-    """``callId``: the backend handle of the session; lifecycle webhooks carry it."""
-    expires_in: float
-    """``expiresIn``: seconds before the unclaimed session expires (90; the default when
-    absent). Connect and send the start frame before then."""
-
-
-@attrs.frozen
-class SessionRequest:
-    """A session-creation request body (listen side), validated."""
-
-    room_id: str
-    """``roomId``: the room the stream joins."""
-    participant: dict[str, Any] | None
-    """``participant``: ``id``, ``name`` (strings), ``metadata`` (object), all optional."""
-    agent: dict[str, Any] | None
-    """``agent``: ``id`` (string, required when agent is given), ``metadata`` (object)."""
-    region: str | None
-    """``region``: pins the ingest region, e.g. "us002" or "in002"."""
-
-
-class SessionError(ServiceError):
-    """Creating an ingest session failed. `status` and `permanent` as in `ServiceError`;
-    `retry_after` is the seconds the service asked us to wait (429), else None. The message
-    names the cause and the room, never the token, the wsUrl or the response body."""
-
-
-class SessionRequestError(GatewayError):
-    """A session-creation request body is invalid (listen side): answer `status` (400) with
-    `error_body(str(err))`. The message names the field."""
-
-    status = 400
-
-
-def _object_problem(value: Any, path: str, *, required_id: bool) -> str | None:
-    if not isinstance(value, dict):
-        return f"{path} must be an object"
-    if required_id and "id" not in value:
-        return f"{path}.id is required"
-    for key in ("id", "name"):
-        if key in value and (not isinstance(value[key], str) or not value[key]):
-            return f"{path}.{key} must be a non-empty string"
-    if "metadata" in value and not isinstance(value["metadata"], dict):
-        return f"{path}.metadata must be an object"
-    return None
-
-
-def _session_problem(room_id: Any, participant: Any, agent: Any, region: Any) -> str | None:
-    """The first field of a session request that breaks the spec's table, by its JSON name."""
-    if not isinstance(room_id, str) or not room_id:
-        return "roomId is required (a non-empty string)"
-    if participant is not None:
-        problem = _object_problem(participant, "participant", required_id=False)
-        if problem:
-            return problem
-    if agent is not None:
-        problem = _object_problem(agent, "agent", required_id=True)
-        if problem:
-            return problem
-    if region is not None and (not isinstance(region, str) or not region):
-        return "region must be a non-empty string"
-    return None
-
-
-def session_request(
-    room_id: str,
-    participant: dict[str, Any] | None = None,
-    agent: dict[str, Any] | None = None,
-    region: str | None = None,
-) -> dict[str, Any]:
-    """JSON body of ``POST {API_BASE_URL}/v2/ingest/sessions`` (spec: Step 1's table).
-
-    ``{"roomId": room_id}`` plus ``participant`` (``id``, ``name``, ``metadata``), ``agent``
-    (``id`` required, ``metadata``) and ``region`` when given; None fields are omitted, other
-    keys pass through. Send it with ``Authorization: <authorization_header(token)>`` and
-    ``Content-Type: application/json``. Raises `LocalProtocolError` naming the bad field."""
-    problem = _session_problem(room_id, participant, agent, region)
-    if problem:
-        raise LocalProtocolError(f"session request: {problem}")
-    body: dict[str, Any] = {"roomId": room_id}
-    if participant is not None:
-        body["participant"] = dict(participant)
-    if agent is not None:
-        body["agent"] = dict(agent)
-    if region is not None:
-        body["region"] = region
-    return body
-
-
-def parse_session_request(body: bytes | str) -> SessionRequest:
-    """The validated body of a session-creation request (listen side), or
-    `SessionRequestError` naming the field ("roomId is required (a non-empty string)",
-    "agent.id is required", "participant.metadata must be an object", ...)."""
-    try:
-        parsed = loads_strict(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise SessionRequestError("request body is not JSON") from None
-    if not isinstance(parsed, dict):
-        raise SessionRequestError("request body must be a JSON object")
-    fields: list[Any] = [parsed.get(key) for key in ("roomId", "participant", "agent", "region")]  # checked next
-    problem = _session_problem(*fields)
-    if problem:
-        raise SessionRequestError(problem)
-    return SessionRequest(*fields)
-
-
-def authorization_header(token: str) -> str:
-    """``Authorization`` value for the session call: ``Bearer <token>`` (the spec's curl).
-    Raises `LocalProtocolError` (without the token) for an empty token or one containing
-    whitespace or control characters (which would break the header)."""
-    if not isinstance(token, str) or not token or not token.isprintable() or any(c.isspace() for c in token):
-        raise LocalProtocolError("VideoSDK token must be a non-empty string without spaces or control characters")
-    return f"Bearer {token}"
-
-
-def parse_authorization(value: str | None, scheme: str = "Bearer") -> str | None:
-    """The token of an ``Authorization`` header (listen side): ``<scheme> <token>`` (scheme
-    matched case-insensitively) or a bare token, as VideoSDK clients send either. None when
-    the header is absent, empty, uses another scheme, or has no or several tokens."""
-    if value is None:
-        return None
-    parts = value.split()
-    if len(parts) == 1:
-        return None if parts[0].lower() == scheme.lower() else parts[0]
-    if len(parts) == 2 and parts[0].lower() == scheme.lower():
-        return parts[1]
-    return None
-
-
-def session_response(ws_url: str, call_id: str, expires_in: float = SESSION_EXPIRES_S) -> bytes:
-    """JSON body of a successful session creation (listen side), in the spec's shape:
-    ``{"message":"Ingest session created","data":{"wsUrl":…,"callId":…,"expiresIn":90}}``."""
-    if not ws_url or not call_id:
-        raise LocalProtocolError("session_response needs a wsUrl and a callId")
-    data = {"wsUrl": ws_url, "callId": call_id, "expiresIn": expires_in}
-    return _dumps({"message": SESSION_CREATED_MESSAGE, "data": data}).encode("utf-8")
-
-
-def error_body(message: str) -> bytes:
-    """JSON error body (listen side): ``{"message": …}``, which VideoSDK clients show
-    (the example: ``data.message || `HTTP ${status}```). Never put a token in `message`."""
-    return _dumps({"message": message}).encode("utf-8")
-
-
-# status -> (cause, permanent); spec "Troubleshooting": 401/403 token missing or expired.
-_STATUS_CAUSES = {
-    400: ("bad request", True),
-    401: ("token rejected (missing or expired)", True),
-    403: ("token rejected (missing or expired)", True),
-    404: ("room not found (or wrong API URL)", True),
-    408: ("request timed out", False),
-    429: ("rate limited", False),
-}
-
-
-def _body_retry_after(body: Any) -> float | None:
-    if isinstance(body, dict):
-        for key in ("retryAfter", "retry_after"):
-            value = body.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-                return float(value)
-    return None
-
-
-def _is_ws_url(url: str) -> bool:
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("ws", "wss") and bool(parts.netloc)
-
-
-def parse_session_response(
-    status: int,
-    body: bytes | str,
-    *,
-    room_id: str | None = None,
-    retry_after_s: float | None = None,
-) -> IngestSession:
-    """The session from a ``POST /v2/ingest/sessions`` response, or `SessionError` (a
-    `ServiceError`).
-
-    2xx with ``{"data": {"wsUrl", "callId"[, "expiresIn"]}}`` → `IngestSession`. Errors by
-    status: 400 "bad request", 401 and 403 "token rejected (missing or expired)", 404 "room
-    not found (or wrong API URL)" (all permanent); 429 "rate limited" (not permanent;
-    `retry_after` from `retry_after_s`, e.g. the ``Retry-After`` header in seconds, else from
-    a ``retryAfter`` number in the body); 408 and 5xx not permanent; other 4xx permanent. A 2xx
-    body that is not a JSON object, has no ``data`` object, no ``data.wsUrl`` (a ws:// or
-    wss:// URL), no ``data.callId``, or a ``data.expiresIn`` that is not a number of seconds
-    is an error naming that field, not permanent. Messages name the room when given, never
-    the token, the wsUrl or the body.
-    """
-    where = "VideoSDK ingest session" + (f" (room {room_id})" if room_id else "")
-    try:
-        parsed: Any = loads_strict(body) if body else None
-    except (ValueError, RecursionError):
-        parsed = None
-    if 200 <= status < 300:
-
-        def bad(what: str) -> SessionError:
-            return SessionError(f"{where}: {what} (HTTP {status})", status=status, permanent=False)
-
-        if not isinstance(parsed, dict):
-            raise bad("response is not a JSON object")
-        data = parsed.get("data")
-        if not isinstance(data, dict):
-            raise bad("response has no data object")
-        ws_url = data.get("wsUrl")
-        if not isinstance(ws_url, str) or not ws_url:
-            raise bad("response has no data.wsUrl")
-        if not _is_ws_url(ws_url):
-            raise bad("response data.wsUrl is not a ws:// or wss:// URL")
-        call_id = data.get("callId")
-        if not isinstance(call_id, str) or not call_id:
-            raise bad("response has no data.callId")
-        expires_in = data.get("expiresIn", SESSION_EXPIRES_S)
-        if (
-            isinstance(expires_in, bool)
-            or not isinstance(expires_in, (int, float))
-            or not math.isfinite(expires_in)
-            or expires_in < 0
-        ):
-            raise bad("response data.expiresIn is not a number of seconds")
-        return IngestSession(ws_url=ws_url, call_id=call_id, expires_in=expires_in)
-    cause, permanent = status_cause(status, _STATUS_CAUSES)
-    retry_after = None
-    if status == 429:
-        retry_after = retry_after_s if retry_after_s is not None else _body_retry_after(parsed)
-    suffix = f", retry after {retry_after:g} s" if retry_after is not None else ""
-    raise SessionError(
-        f"{where}: {cause} (HTTP {status}{suffix})", status=status, permanent=permanent, retry_after=retry_after
-    )
-
-
-def ingest_url(base_url: str, ref: str) -> str:
-    """A wsUrl (listen side): `base_url` (a ws:// or wss:// URL, e.g.
-    ``wss://gateway.example/videosdk``, `INGEST_PATH` being the spec's path) with
-    ``ref=<ref>`` added to its query. Raises `LocalProtocolError` (without the ref) for
-    another scheme or an empty ref."""
-    if not isinstance(ref, str) or not ref:
-        raise LocalProtocolError("ingest ref must be a non-empty string")
-    if not _is_ws_url(base_url):
-        raise LocalProtocolError("ingest base URL must be a ws:// or wss:// URL with a host")
-    parts = urllib.parse.urlsplit(base_url)
-    query = urllib.parse.urlencode([("ref", ref)], quote_via=urllib.parse.quote, safe="")
-    if parts.query:
-        query = f"{parts.query}&{query}"
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
-
-
-def parse_ingest_ref(target: str) -> str | None:
-    """The ``ref`` of an ingest WebSocket request target (``/videosdk?ref=…``) or URL (listen
-    side); None when absent, empty, or given more than once."""
-    try:
-        query = urllib.parse.urlsplit(target).query
-        values = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=64).get("ref", [])
-    except ValueError:
-        return None
-    return values[0] if len(values) == 1 and values[0] else None
-
-
-# --- webhooks -------------------------------------------------------------------------------
-
-
-class WebhookSignatureError(GatewayError):
-    """A webhook's ``videosdk-signature`` does not prove it came from VideoSDK.
-
-    `cause`: "missing" (no header), "not-base64" (the header is not base64), "bad-signature"
-    (it does not verify over the body), "bad-key" (our configured key is not an RSA public key
-    in PEM: a configuration error, answer 500 rather than 401). The message names the cause,
-    never the signature or the body."""
-
-    def __init__(self, message: str, *, cause: str) -> None:
-        super().__init__(message)
-        self.cause = cause
-
-
-class WebhookPayloadError(GatewayError):
-    """A verified webhook body is not a JSON object, or names no event (`webhook_event`)."""
-
-
-def load_webhook_key(public_key_pem: bytes | str | rsa.RSAPublicKey) -> rsa.RSAPublicKey:
-    """VideoSDK's webhook public key (PEM, from `WEBHOOK_PUBLIC_KEY_URL`) as an RSA key object;
-    load it once and pass the object to `verify_webhook`. Raises `WebhookSignatureError`
-    (cause "bad-key")."""
-    if isinstance(public_key_pem, rsa.RSAPublicKey):
-        return public_key_pem
-    data = public_key_pem.encode("ascii", "replace") if isinstance(public_key_pem, str) else public_key_pem
-    try:
-        key = serialization.load_pem_public_key(bytes(data))
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise WebhookSignatureError("webhook public key is not a PEM public key", cause="bad-key") from None
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise WebhookSignatureError("webhook public key is not an RSA key", cause="bad-key")
-    return key
-
-
-def _rsa_verifies(key: rsa.RSAPublicKey, signature: bytes, data: bytes) -> bool:
-    try:
-        key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-    except InvalidSignature:
-        return False
-    return True
-
-
-def verify_webhook(
-    body: bytes, signature_b64: str | None, public_key_pem: bytes | str | rsa.RSAPublicKey
-) -> dict[str, Any]:
-    """Check a webhook's ``videosdk-signature`` header and return its JSON body.
-
-    The signature is base64 (whitespace around it ignored) of RSA-SHA256, PKCS#1 v1.5, over
-    the raw `body`; if that fails and the body is JSON, over its compact re-serialization
-    (what VideoSDK's Node.js sample verifies: ``JSON.stringify(req.body)``). Raises
-    `WebhookSignatureError` with cause "bad-key", "missing", "not-base64" or "bad-signature"
-    (checked in that order), and `WebhookPayloadError` when a verified body is not a JSON
-    object. No timestamp is signed, so replays cannot be detected here (dedupe on callId and
-    event if that matters)."""
-    key = load_webhook_key(public_key_pem)
-    if signature_b64 is None or not signature_b64.strip():
-        raise WebhookSignatureError(f"webhook has no {WEBHOOK_SIGNATURE_HEADER} header", cause="missing")
-    try:
-        signature = base64.b64decode(signature_b64.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise WebhookSignatureError(f"webhook {WEBHOOK_SIGNATURE_HEADER} is not base64", cause="not-base64") from None
-    body = bytes(body)
-    try:
-        parsed: Any = loads_strict(body)
-        is_json = True
-    except (ValueError, RecursionError):
-        parsed, is_json = None, False
-    verified = _rsa_verifies(key, signature, body)
-    if not verified and is_json:
-        try:
-            compact = _dumps(parsed).encode("utf-8")
-        except (ValueError, RecursionError):
-            compact = body
-        verified = compact != body and _rsa_verifies(key, signature, compact)
-    if not verified:
-        raise WebhookSignatureError(
-            f"webhook {WEBHOOK_SIGNATURE_HEADER} does not verify over the body", cause="bad-signature"
-        )
-    if not isinstance(parsed, dict):
-        raise WebhookPayloadError("verified webhook body is not a JSON object")
-    return parsed
-
-
-def sign_webhook(body: bytes, private_key_pem: bytes) -> str:
-    """The ``videosdk-signature`` value for `body` (listen side and tests): base64 of
-    RSA-SHA256, PKCS#1 v1.5, with an unencrypted PEM RSA private key. Raises
-    `LocalProtocolError` for any other key."""
-    try:
-        key = serialization.load_pem_private_key(private_key_pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise LocalProtocolError("webhook signing key is not an unencrypted PEM private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise LocalProtocolError("webhook signing key is not an RSA key")
-    return base64.b64encode(key.sign(bytes(body), padding.PKCS1v15(), hashes.SHA256())).decode("ascii")
-
-
-def webhook_body(event: str, call_id: str, **data: Any) -> bytes:
-    """A lifecycle webhook body (listen side) in VideoSDK's webhook envelope:
-    ``{"webhookType": event, "data": {"callId": call_id, **data}}``, compact JSON, which
-    `webhook_event` reads. Event names: ``call-started``, ``call-answered``, ``call-hangup``,
-    ... (SIP webhooks list)."""
-    if not isinstance(event, str) or not event or not isinstance(call_id, str) or not call_id:
-        raise LocalProtocolError("webhook_body needs a non-empty event name and callId")
-    return _encode_frame({"webhookType": event, "data": {"callId": call_id, **data}}, "webhook").encode("utf-8")
-
-
-def webhook_event(payload: dict[str, Any]) -> tuple[str, str | None]:
-    """(event name, callId) of a verified webhook body.
-
-    The name is the first string among ``webhookType`` (VideoSDK's envelope), ``event`` and
-    ``type``; the call id the first string among ``data.callId``, ``callId``,
-    ``data.call_id`` and ``call_id`` (None when there is none: not every webhook is about an
-    ingest call). Raises `WebhookPayloadError` when no event name is found."""
-    if not isinstance(payload, dict):
-        raise WebhookPayloadError("webhook body is not a JSON object")
-    names = (payload.get("webhookType"), payload.get("event"), payload.get("type"))
-    name = next((value for value in names if isinstance(value, str) and value), None)
-    if name is None:
-        raise WebhookPayloadError("webhook body names no event (webhookType, event or type)")
-    data = payload.get("data")
-    data = data if isinstance(data, dict) else {}
-    candidates = (data.get("callId"), payload.get("callId"), data.get("call_id"), payload.get("call_id"))
-    call_id = next((value for value in candidates if isinstance(value, str) and value), None)
-    return name, call_id
