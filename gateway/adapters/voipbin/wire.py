@@ -28,12 +28,15 @@ Encapsulations
   take part in `Codec.AUTO` and never change the payload type we answer audio with. We send
   events with `send_telephone_event` (RFC 4733 §2.5.1; `dtmf.DtmfSender` schedules them).
 - ``sln``: each message is raw audio, no header, no padding.
-- ``audiosocket``: each message holds one Asterisk AudioSocket frame (or several back to back):
-  1-byte kind, 2-byte big-endian payload length, payload (Asterisk documentation,
-  docs/Configuration/Channel-Drivers/AudioSocket.md). Kinds: 0x00 hangup, 0x01 UUID (16 bytes
-  binary), 0x03 DTMF (one ASCII digit), 0x10 audio (slin 8 kHz little-endian), 0xff error
-  (optional payload; Asterisk's own codes are 0x01 hangup of calling party, 0x02 frame forwarding
-  error, 0x04 memory error).
+- ``audiosocket``: each message holds one Asterisk AudioSocket frame (or several back to back,
+  ending on a frame boundary): 1-byte kind, 2-byte big-endian payload length, payload. The
+  framing rules, events and serializers are AudioSocket's own, shared with the AudioSocket TCP
+  adapter (`gateway.adapters.audiosocket.wire`, which cites the Asterisk sources). Kinds here:
+  0x00 hangup, 0x01 UUID (16 bytes binary), 0x03 DTMF (one ASCII digit), 0x10 audio (slin 8 kHz
+  little-endian), 0xff error (optional payload; Asterisk's own codes are 0x01 hangup of calling
+  party, 0x02 frame forwarding error, 0x04 memory error). The audio kinds of other rates that
+  newer Asterisk versions define (0x11-0x18) are not part of VoIPBIN's stream (8 kHz only):
+  they are refused as unknown kinds (1003).
 
 Headerless AudioSocket: the spec's own Node.js example
 ------------------------------------------------------
@@ -119,13 +122,14 @@ but RemoteProtocolError, that's a bug" (h11).
 from __future__ import annotations
 
 import enum
-import struct
 import uuid as uuid_module
 
 import attrs
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32, uint16_add, uint16_gt, uint32_add
 
+from gateway.adapters.audiosocket import wire as as_wire
+from gateway.adapters.audiosocket.wire import DTMF_DIGITS, CallUuid, Dtmf, Hangup, PeerError
 from gateway.adapters.voipbin.dtmf import (
     DTMF_VOLUME,
     END_PACKETS,
@@ -193,22 +197,10 @@ PAYLOAD_TYPES = frozenset({PT_PCMU, PT_VOIPBIN})
 #: A sequence number this far ahead of the highest seen, or more, is a restart of the stream,
 #: not loss (RFC 3550 Appendix A.1; 3000 packets is 60 s at 20 ms).
 MAX_DROPOUT = 3000
-#: DTMF digits AudioSocket may carry (lower-case a-d are accepted and reported upper-case).
-DTMF_DIGITS = "0123456789*#ABCD"
-
-_KIND_HANGUP = 0x00
-_KIND_UUID = 0x01
-_KIND_DTMF = 0x03
-_KIND_AUDIO = 0x10
-_KIND_ERROR = 0xFF
-_KIND_NAMES = {
-    _KIND_HANGUP: "hangup",
-    _KIND_UUID: "UUID",
-    _KIND_DTMF: "DTMF",
-    _KIND_AUDIO: "audio",
-    _KIND_ERROR: "error",
-}
-_AS_HEADER = struct.Struct("!BH")  # kind, payload length (big-endian)
+_KIND_AUDIO = as_wire.KIND_AUDIO
+#: AudioSocket kinds VoIPBIN carries (audio is 0x10 only: the spec defines no other rate), each
+#: payload at most MAX_PAYLOAD_BYTES.
+_AS_LIMITS = {kind: (name, MAX_PAYLOAD_BYTES) for kind, (name, _) in as_wire.default_limits({_KIND_AUDIO: SAMPLE_RATE}).items()}
 
 
 # --- events ------------------------------------------------------------------------------
@@ -233,36 +225,8 @@ class Audio:
     docstring, "DTMF on rtp")."""
 
 
-@attrs.frozen
-class Hangup:
-    """The peer ended the call (AudioSocket kind 0x00). rtp/sln end by closing the WebSocket."""
-
-
-@attrs.frozen
-class CallUuid:
-    """The call's identifier (AudioSocket kind 0x01), usually the first frame of a stream."""
-
-    uuid: str
-    """Canonical lower-case 8-4-4-4-12 form of the 16 bytes received."""
-
-
-@attrs.frozen
-class Dtmf:
-    """A DTMF digit pressed on the call (AudioSocket kind 0x03)."""
-
-    digit: str
-    """One of `DTMF_DIGITS` ("0"-"9", "*", "#", "A"-"D")."""
-
-
-@attrs.frozen
-class PeerError:
-    """The peer reported an error (AudioSocket kind 0xff); the stream usually ends after it."""
-
-    code: int | None
-    """First payload byte (Asterisk: 0x01 hangup of calling party, 0x02 frame forwarding error,
-    0x04 memory error); None when the payload is empty."""
-    detail: bytes
-    """The whole payload as received (application-specific; often empty or the code alone)."""
+# Hangup, CallUuid, Dtmf and PeerError are AudioSocket's own events
+# (`gateway.adapters.audiosocket.wire`), re-exported here.
 
 
 @attrs.frozen
@@ -275,9 +239,6 @@ class Headerless:
 
 
 Event = Audio | Hangup | CallUuid | Dtmf | PeerError | Headerless | TelephoneEvent | KeyPress
-
-_HANGUP = Hangup()
-
 
 # --- the protocol object -------------------------------------------------------------------
 
@@ -534,34 +495,24 @@ class MediaStreamProtocol:
         return events
 
     def _parse_audiosocket(self, data: bytes, *, first: bool) -> list[Event]:
-        """Events of every frame in `data`. With `first`, also refuse what a well-formed first
-        message never holds: an empty audio frame, or anything after a hangup or error frame
-        (then the caller takes the message for raw slin)."""
+        """Events of every frame in `data` (the framing rules: `gateway.adapters.audiosocket.wire`;
+        a message must end on a frame boundary). With `first`, also refuse what a well-formed
+        first message never holds: an empty audio frame, a hangup with a payload, or anything
+        after a hangup or error frame (then the caller takes the message for raw slin)."""
         events: list[Event] = []
         pos = 0
         end = len(data)
         while pos < end:
-            if end - pos < _AS_HEADER.size:
-                raise RemoteProtocolError(
-                    f"AudioSocket header truncated: expected 3 bytes, got {end - pos}", close_code=1002
-                )
-            kind, length = _AS_HEADER.unpack_from(data, pos)
-            name = _KIND_NAMES.get(kind)
-            if name is None:
-                raise RemoteProtocolError(f"unknown AudioSocket kind 0x{kind:02x}", close_code=1003)
-            if length > MAX_PAYLOAD_BYTES:
-                raise RemoteProtocolError(
-                    f"AudioSocket {name} payload {length} bytes, limit {MAX_PAYLOAD_BYTES}", close_code=1009
-                )
+            header = as_wire.read_header(data, pos, _AS_LIMITS)
+            if header is None:
+                raise as_wire.header_truncated(end - pos)
+            kind, length, name = header
             if first and events and isinstance(events[-1], (Hangup, PeerError)):
                 last = "a hangup" if isinstance(events[-1], Hangup) else "an error"
                 raise RemoteProtocolError(f"AudioSocket {name} frame after {last} frame", close_code=1002)
-            pos += _AS_HEADER.size
+            pos += as_wire.HEADER.size
             if end - pos < length:
-                raise RemoteProtocolError(
-                    f"AudioSocket {name} frame truncated: expected {length} payload bytes, got {end - pos}",
-                    close_code=1002,
-                )
+                raise as_wire.payload_truncated(name, length, end - pos)
             payload = data[pos : pos + length]
             pos += length
             if kind == _KIND_AUDIO:
@@ -569,28 +520,12 @@ class MediaStreamProtocol:
                     events.append(self._audio(payload, self._resolve(payload), None, None, 0))
                 elif first:
                     raise RemoteProtocolError("empty AudioSocket audio frame", close_code=1002)
-            elif kind == _KIND_HANGUP:
-                if first and length:
+            else:
+                if first and kind == as_wire.KIND_HANGUP and length:
                     raise RemoteProtocolError(
                         f"AudioSocket hangup frame with a {length}-byte payload", close_code=1002
                     )
-                events.append(_HANGUP)
-            elif kind == _KIND_UUID:
-                if length != 16:
-                    raise RemoteProtocolError(
-                        f"AudioSocket UUID payload {length} bytes, expected 16", close_code=1007
-                    )
-                events.append(CallUuid(str(uuid_module.UUID(bytes=payload))))
-            elif kind == _KIND_DTMF:
-                digit = payload.decode("latin-1").upper()
-                if length != 1 or digit not in DTMF_DIGITS:
-                    raise RemoteProtocolError(
-                        f"AudioSocket DTMF payload is not one digit of {DTMF_DIGITS} ({length} bytes)",
-                        close_code=1007,
-                    )
-                events.append(Dtmf(digit))
-            else:  # _KIND_ERROR
-                events.append(PeerError(payload[0] if payload else None, payload))
+                events.append(as_wire.control_event(kind, payload))
         return events
 
     # --- sending -----------------------------------------------------------------------
@@ -614,7 +549,7 @@ class MediaStreamProtocol:
         if self.encapsulation is Encapsulation.SLN:
             return data
         if self.encapsulation is Encapsulation.AUDIOSOCKET:
-            return _AS_HEADER.pack(_KIND_AUDIO, len(data)) + data
+            return as_wire.audio_frame(data)
         packet = RtpPacket(
             payload_type=self.payload_type,
             marker=1 if self.packets_out == 1 else 0,
@@ -668,24 +603,18 @@ class MediaStreamProtocol:
     def send_hangup(self) -> bytes | None:
         """audiosocket: the hangup frame ``00 00 00``. rtp/sln: None (close the WebSocket)."""
         if self.encapsulation is Encapsulation.AUDIOSOCKET:
-            return _AS_HEADER.pack(_KIND_HANGUP, 0)
+            return as_wire.hangup_frame()
         return None
 
     def send_uuid(self, call_uuid: str | uuid_module.UUID) -> bytes:
         """audiosocket only: the UUID frame (kind 0x01, 16 bytes binary) for `call_uuid`."""
         self._require_audiosocket("send_uuid")
-        try:
-            value = call_uuid if isinstance(call_uuid, uuid_module.UUID) else uuid_module.UUID(call_uuid)
-        except (ValueError, TypeError, AttributeError):
-            raise LocalProtocolError(f"not a UUID: {call_uuid!r}") from None
-        return _AS_HEADER.pack(_KIND_UUID, 16) + value.bytes
+        return as_wire.uuid_frame(call_uuid)
 
     def send_dtmf(self, digit: str) -> bytes:
         """audiosocket only: the DTMF frame (kind 0x03) for one digit of `DTMF_DIGITS`."""
         self._require_audiosocket("send_dtmf")
-        if not isinstance(digit, str) or len(digit) != 1 or digit.upper() not in DTMF_DIGITS:
-            raise LocalProtocolError(f"not a DTMF digit: {digit!r}")
-        return _AS_HEADER.pack(_KIND_DTMF, 1) + digit.upper().encode("ascii")
+        return as_wire.dtmf_frame(digit)
 
     def _require_audiosocket(self, what: str) -> None:
         if self.encapsulation is not Encapsulation.AUDIOSOCKET:
