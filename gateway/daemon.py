@@ -1,6 +1,6 @@
 """The daemon: listen servers, one supervised nursery per route, live reload, graceful stop.
 
-`Gateway(config).run()` binds `server.http` / `server.media` when configured, builds every
+`Gateway(config).run()` binds `server.http` / `server.media` / `server.audiosocket` when configured, builds every
 route's endpoints (listen endpoints register their paths before any route starts, so routes
 of the same process can dial each other), then supervises each route in its own task: a route
 that fails is logged and restarted with backoff unless the error is permanent; the others keep
@@ -30,6 +30,7 @@ import trio
 
 from gateway import control
 from gateway._util import collapse
+from gateway.adapters.audiosocket.server import listen_server, serve_audiosocket
 from gateway.adapters.registry import build_endpoint
 from gateway.config.schema import GatewayConfig, RouteConfig
 from gateway.endpoint import Endpoint
@@ -136,6 +137,8 @@ class Gateway:
                 await nursery.start(serve_http, self.runtime.http, server.http.host, server.http.port)
             if server.media and self.runtime.media.port is None:
                 await nursery.start(serve_media, self.runtime.media, server.media.host, server.media.port)
+            if server.audiosocket and (audiosocket := listen_server(self.runtime)).port is None:
+                await nursery.start(serve_audiosocket, audiosocket, server.audiosocket.host, server.audiosocket.port)
             if not self.routes:
                 self.build()
             self._nursery = self.runtime.nursery = nursery
@@ -214,10 +217,10 @@ class Gateway:
 
     async def _apply(self, new: GatewayConfig) -> ReloadReport:
         old = self.config
-        sockets = lambda server: (server.http, server.media, server.media_url)  # noqa: E731
+        sockets = lambda server: (server.http, server.media, server.media_url, server.audiosocket)  # noqa: E731
         kept_server = sockets(new.server) != sockets(old.server)
         if kept_server:
-            log.warning("reload: server.http/media/media_url changed in %s; the running sockets stay as they "
+            log.warning("reload: server.http/media/media_url/audiosocket changed in %s; the running sockets stay as they "
                         "are until the next restart", new.filename)
         # server.control (token, open_reads) applies at once: a token can be rotated by a reload;
         # so do the admission limits (sessions in progress are never touched by them)

@@ -60,6 +60,13 @@ def _build(config: EndpointConfig, runtime: Runtime, name: str, opts: Options) -
             _need_server(runtime, "http", config)
             return VideosdkListen.from_config(name, opts, runtime)
         return VideosdkDial.from_config(name, opts, runtime)
+    if kind == "audiosocket":
+        from gateway.adapters.audiosocket.endpoint import AudioSocketDial, AudioSocketListen
+
+        if role == "listen":
+            _need_server(runtime, "audiosocket", config)
+            return AudioSocketListen.from_config(name, opts, runtime)
+        return AudioSocketDial.from_config(name, opts, runtime)
     if kind in ("file", "record"):
         from gateway.adapters.local import FileSource, Recorder
 

@@ -23,7 +23,7 @@ from gateway.config.secret import Secret
 from gateway.config.yaml_lines import expand_env, load_yaml
 from gateway.errors import ConfigError
 
-ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "file", "record")
+ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "audiosocket", "file", "record")
 ARGON_API_URL = "https://gateway.argon.zone"  # argon-voice-ws.md "Calls and events" (the seed: api.argon.gl/api/bot)
 ARGON_INGRESS_PATH = "/audio/connect"
 VOIPBIN_API_URL = "https://api.voipbin.net"
@@ -78,6 +78,9 @@ class ServerConfig:
     """WebSocket media of every listen endpoint."""
     media_url: str | None = None
     """Base ws:// URL clients are told to use for media (default ws://{media})."""
+    audiosocket: HostPort | None = None
+    """TCP socket of the AudioSocket listen endpoints (Asterisk's `AudioSocket(uuid,host:port)`
+    connects here; gateway.adapters.audiosocket)."""
     control: ControlConfig = ControlConfig()
     setups_per_second: float = 50.0
     """Listen sessions set up per second at most, after a burst of `setup_burst`: a crowd of
@@ -97,6 +100,7 @@ class ServerConfig:
         http = opts.get_str("http", None)
         media = opts.get_str("media", None)
         media_url = opts.get_str("media_url", None)
+        audiosocket = opts.get_str("audiosocket", None)
         control = ControlConfig.from_options(opts.sub("control"))
         setups = opts.get_float("setups_per_second", 50.0, minimum=1.0)
         burst = opts.get_int("setup_burst", 10, minimum=1)
@@ -107,6 +111,7 @@ class ServerConfig:
             http=HostPort.parse(http, opts, "http") if http else None,
             media=HostPort.parse(media, opts, "media") if media else None,
             media_url=media_url,
+            audiosocket=HostPort.parse(audiosocket, opts, "audiosocket") if audiosocket else None,
             control=control,
             setups_per_second=float(setups),
             setup_burst=burst,
