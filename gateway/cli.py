@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--workers: expected a number of at least 1 or `auto`, got {args.workers!r}")
         try:
             config = _load(args.config)
+            if workers > 1 and config.server.audiosocket is not None:
+                # the supervisor hands each WebSocket connection to its worker by the request's
+                # path; an AudioSocket connection would have to be handed over by its UUID frame
+                raise ConfigError(f"{args.config}: server.audiosocket: not served with --workers {workers} yet "
+                                  "(AudioSocket connections are not handed to workers); run with --workers 1")
             if workers > 1:
                 from gateway.daemon import Gateway
                 from gateway.systemd import Notifier

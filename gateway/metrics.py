@@ -19,7 +19,7 @@ Two ways to scrape, both returning (body, content type):
   reads). For tests, tools and small gateways.
 
 Series (labels `route`, `endpoint`, `kind`, where `kind` is the endpoint's kind: voipbin,
-argon, agent, videosdk, file, record). Audio counters exist only in the direction an endpoint
+argon, agent, videosdk, audiosocket, file, record). Audio counters exist only in the direction an endpoint
 has: received for endpoints that produce audio, sent / late / dropped / buffer / level /
 latency for endpoints that take it.
 

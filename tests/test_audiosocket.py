@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import string
 import struct
 import uuid
@@ -30,6 +31,7 @@ import pytest
 import trio
 
 from audio_checks import read_wav, write_wav
+from gateway import metrics
 from gateway.adapters.audiosocket import server as as_server
 from gateway.adapters.audiosocket.endpoint import (
     UNPACED_AHEAD_S,
@@ -277,6 +279,7 @@ async def test_an_asterisk_like_client_hears_the_route_and_is_recorded(autojump_
             await asterisk.closed.wait()  # the reply file ends, the route ends: hangup, close
         route = gateway.routes["ivr"].route
         await wait_for(lambda: gateway.routes["ivr"].state == "waiting")
+        exposition = metrics.render(gateway)[0].decode()
         nursery.cancel_scope.cancel()
     # what Asterisk read: only audio frames (kind 0x10, 320 bytes each) and the hangup at the end
     assert isinstance(asterisk.events[-1], Hangup) and asterisk.raw.endswith(b"\x00\x00\x00")
@@ -295,6 +298,11 @@ async def test_an_asterisk_like_client_hears_the_route_and_is_recorded(autojump_
     assert any(e.kind == "dtmf" and e.data == {"digit": "5"} for _, e in route.stats.recent_events)
     assert route.endpoints[0].stats.dtmf_in == 1
     assert "Asterisk 127.0.0.1:" in caplog.text and f"connected (call {CALL})" in caplog.text
+    # the endpoint's counters in /metrics, labelled with its kind
+    labels = 'endpoint="call",kind="audiosocket",route="ivr"'
+    assert f"gateway_dtmf_received_total{{{labels}}} 1.0" in exposition
+    received = re.search(rf"gateway_frames_received_total{{{labels}}} (\S+)", exposition)
+    assert received and float(received.group(1)) >= 40  # at least 0.8 s of 20 ms frames
 
 
 # --- refusals and bad input ----------------------------------------------------------------
@@ -567,3 +575,14 @@ def test_a_listen_endpoint_needs_server_audiosocket_and_a_uuid_of_its_own():
 def test_golden_refusal_bytes_are_what_asterisk_understands():
     # the only frames Asterisk reads from a server are audio and hangup (res_audiosocket.c)
     assert hangup_frame() == struct.pack("!BH", 0, 0)
+
+
+def test_workers_refuse_server_audiosocket_with_a_clear_error(tmp_path, capsys):
+    """Under `--workers N` the supervisor hands WebSocket connections to workers by path; it
+    cannot hand over AudioSocket connections (by UUID) yet, so it refuses to start, naming why."""
+    from gateway.cli import main
+
+    config = tmp_path / "gw.yaml"
+    config.write_text((ROOT / "config" / "audiosocket.example.yaml").read_text())
+    assert main(["run", str(config), "--workers", "2"]) == 1
+    assert "server.audiosocket: not served with --workers 2 yet" in capsys.readouterr().err
