@@ -586,3 +586,46 @@ def test_workers_refuse_server_audiosocket_with_a_clear_error(tmp_path, capsys):
     config.write_text((ROOT / "config" / "audiosocket.example.yaml").read_text())
     assert main(["run", str(config), "--workers", "2"]) == 1
     assert "server.audiosocket: not served with --workers 2 yet" in capsys.readouterr().err
+
+
+async def test_a_call_at_8_khz_talks_to_a_bot_at_16_khz_through_the_codec_graph(autojump_clock, tmp_path):
+    """The example's voice-bot route: Asterisk (slin 8 kHz) ⇄ listen | dial ⇄ an echo bot that
+    serves AudioSocket at 16 kHz (kind 0x12, 640 bytes per 20 ms). The bot gets 16 kHz frames
+    only and the caller hears its own words back, resampled twice."""
+    bot_kinds: list[int] = []
+    bot_sizes: list[int] = []
+
+    async def echo_bot(stream: trio.SocketStream) -> None:
+        parser = FrameParser()
+        while data := await stream.receive_some(65536):
+            for event in parser.receive_data(data):
+                if isinstance(event, Audio):
+                    bot_kinds.append(AUDIO_KIND_OF_RATE[event.rate])
+                    bot_sizes.append(len(event.payload))
+                    await stream.send_all(audio_frame(event.payload, AUDIO_KIND_OF_RATE[event.rate]))
+
+    t = np.arange(8000 * 2) / 8000
+    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)[:, None]  # 2 s of 440 Hz
+    routes = """\
+server: {audiosocket: "127.0.0.1:$as_port"}
+routes:
+  - name: voice-bot
+    endpoints:
+      - audiosocket: {role: listen, uuid: "$call", name: caller}
+      - audiosocket: {address: "127.0.0.1:$bot_port", rate: 16000, name: bot}
+"""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, echo_bot, 0, host="127.0.0.1"))
+        gateway = await start_gateway(nursery, routes, call=CALL, bot_port=listeners[0].socket.getsockname()[1])
+        asterisk = await Asterisk.connect(nursery, listen_server(gateway.runtime).port)
+        await asterisk.stream_audio(tone)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert bot_kinds and set(bot_kinds) == {0x12} and set(bot_sizes) == {640}
+    heard = asterisk.audio().astype(np.float64)
+    assert {e.rate for e in asterisk.events if isinstance(e, Audio)} == {8000}
+    loud = np.flatnonzero(np.abs(heard) > 1000)
+    assert len(loud) > 8000  # more than a second of the tone came back
+    middle = (loud[0] + loud[-1]) // 2
+    spectrum = np.abs(np.fft.rfft(heard[middle - 4000 : middle + 4000]))  # a second from the middle of it
+    assert np.argmax(spectrum) == 440  # 1 Hz bins: the caller hears 440 Hz
