@@ -47,6 +47,7 @@ from gateway.adapters.audiosocket.wire import (
     Hangup,
     audio_frame,
     dtmf_frame,
+    error_frame,
     hangup_frame,
     uuid_frame,
 )
@@ -275,6 +276,7 @@ async def test_an_asterisk_like_client_hears_the_route_and_is_recorded(autojump_
         asterisk = await Asterisk.connect(nursery, port)
         nursery.start_soon(asterisk.stream_audio, says)
         await asterisk.stream.send_all(dtmf_frame("5"))  # a key press on the call
+        await asterisk.stream.send_all(error_frame(2))  # an error report: logged, the call goes on
         with trio.fail_after(30):
             await asterisk.closed.wait()  # the reply file ends, the route ends: hangup, close
         route = gateway.routes["ivr"].route
@@ -298,6 +300,8 @@ async def test_an_asterisk_like_client_hears_the_route_and_is_recorded(autojump_
     assert any(e.kind == "dtmf" and e.data == {"digit": "5"} for _, e in route.stats.recent_events)
     assert route.endpoints[0].stats.dtmf_in == 1
     assert "Asterisk 127.0.0.1:" in caplog.text and f"connected (call {CALL})" in caplog.text
+    assert "reported an AudioSocket error (code 0x02: frame forwarding error)" in caplog.text
+    assert route.stats.ended_by == "reply: ended"  # the file's end ended the call, not the error frame
     # the endpoint's counters in /metrics, labelled with its kind
     labels = 'endpoint="call",kind="audiosocket",route="ivr"'
     assert f"gateway_dtmf_received_total{{{labels}}} 1.0" in exposition
