@@ -46,6 +46,7 @@ from gateway.adapters.audiosocket.wire import (
     FrameParser,
     Hangup,
     audio_frame,
+    default_limits,
     dtmf_frame,
     error_frame,
     hangup_frame,
@@ -274,9 +275,9 @@ async def test_an_asterisk_like_client_hears_the_route_and_is_recorded(autojump_
                                       rec=tmp_path / "rec.wav")
         port = listen_server(gateway.runtime).port
         asterisk = await Asterisk.connect(nursery, port)
-        nursery.start_soon(asterisk.stream_audio, says)
         await asterisk.stream.send_all(dtmf_frame("5"))  # a key press on the call
         await asterisk.stream.send_all(error_frame(2))  # an error report: logged, the call goes on
+        nursery.start_soon(asterisk.stream_audio, says)  # (one task sends: a stream has one writer)
         with trio.fail_after(30):
             await asterisk.closed.wait()  # the reply file ends, the route ends: hangup, close
         route = gateway.routes["ivr"].route
@@ -633,3 +634,44 @@ routes:
     middle = (loud[0] + loud[-1]) // 2
     spectrum = np.abs(np.fft.rfft(heard[middle - 4000 : middle + 4000]))  # a second from the middle of it
     assert np.argmax(spectrum) == 440  # 1 Hz bins: the caller hears 440 Hz
+
+
+async def test_goodbye_while_a_send_is_blocked_waits_for_it_and_the_hangup_follows_whole(autojump_clock):
+    """A bot that stops reading fills the socket buffers, so the pacer's send blocks; the
+    route's goodbye then waits for that send (never writing beside it) and the hangup frame
+    follows the last audio frame whole."""
+    start_reading = trio.Event()
+    received = bytearray()
+
+    async def slow_bot(stream: trio.SocketStream) -> None:
+        await start_reading.wait()
+        while data := await stream.receive_some(65536):
+            received.extend(data)
+
+    big = AudioFrame(np.full((32000, 1), 1234, np.int16), 8000, 0)  # 64000 bytes per frame
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, slow_bot, 0, host="127.0.0.1"))
+        dial = AudioSocketDial("bot", host="127.0.0.1", port=listeners[0].socket.getsockname()[1], call_uuid=CALL)
+        nursery.start_soon(run_recording, dial, lambda f: None, {})
+        await wait_for(lambda: dial._out is not None)
+
+        async def pacer() -> None:
+            while dial._out is not None:
+                await dial.send(big)
+
+        nursery.start_soon(pacer)
+        with trio.fail_after(30):
+            while not dial._sending:  # until a send is blocked on the full buffers
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+        assert dial._sending
+        async with trio.open_nursery() as inner:
+            inner.start_soon(dial.goodbye)
+            await trio.sleep(0.05)
+            start_reading.set()  # the blocked send completes, then the hangup and FIN go
+        await wait_for(lambda: received.endswith(hangup_frame()))
+        nursery.cancel_scope.cancel()
+    events = FrameParser(limits={**default_limits(), 0x10: ("audio", 0xFFFF)}).receive_data(bytes(received))
+    sent = dial.stats.frames_out
+    assert [type(e).__name__ for e in events] == ["CallUuid"] + ["Audio"] * sent + ["Hangup"]
+    assert sent >= 2 and all(e.payload == big.to_bytes() for e in events[1:-1])

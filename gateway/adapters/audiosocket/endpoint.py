@@ -135,6 +135,7 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
         """Stream until the call ends: raises CallEnded (hangup, close) or RemoteProtocolError
         (after a warning and our hangup frame). `peer` names the other side in log lines."""
         self._out = stream
+        self._sent = None
         self._peer_closed = trio.Event()
         self._said_goodbye = False
         self._keys.clear()  # presses queued for an earlier session are not played
@@ -157,7 +158,7 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
                         raise CallEnded("closed")
             except RemoteProtocolError as err:
                 self.log.warning("closing the AudioSocket connection: %s broke the protocol: %s", peer, err)
-                self._out = None
+                await self._stop_sending()
                 await self._hangup(stream)
                 raise
         except (CallEnded, RemoteProtocolError):
@@ -222,15 +223,21 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
         stream = self._out
         if stream is None:
             return
-        self._out = None  # the pacer's next send drops its frame
-        if self._sending:  # never write beside a send_all in progress (trio refuses it)
-            self._sent = trio.Event()
-            with trio.move_on_after(LINGER_S):
-                await self._sent.wait()
+        await self._stop_sending()
         await self._hangup(stream)
         if self._peer_closed is not None:
             with trio.move_on_after(LINGER_S):
                 await self._peer_closed.wait()
+
+    async def _stop_sending(self) -> None:
+        """The pacer's next `send` drops its frame; one in progress is waited for (up to
+        `LINGER_S`): trio refuses a second `send_all` beside it, and our hangup must follow
+        the audio whole, never cut into it."""
+        self._out = None
+        if self._sending:
+            self._sent = trio.Event()
+            with trio.move_on_after(LINGER_S):
+                await self._sent.wait()
 
     async def _hangup(self, stream: trio.SocketStream) -> None:
         """Once per session: the hangup frame and FIN, best effort (the peer may be gone)."""
