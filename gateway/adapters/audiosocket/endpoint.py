@@ -88,7 +88,7 @@ from gateway.codecs.formats import VALID_PTIMES_MS, AudioFormat, AudioFrame, Enc
 from gateway.config.options import Options
 from gateway.config.schema import HostPort
 from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
-from gateway.errors import CallEnded, RemoteProtocolError, ServiceError
+from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceError
 from gateway.runtime import Runtime
 
 CONNECT_TIMEOUT = 10.0  # seconds for the dial role's TCP connect
@@ -174,7 +174,7 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
             if type(event) is Audio:
                 if event.rate != rate:
                     raise RemoteProtocolError(
-                        f"audio at {event.rate} Hz on an endpoint configured for {rate} Hz (rate:)", close_code=1003
+                        f"audio at {event.rate} Hz on an endpoint configured for {rate} Hz (rate:)", close_code=CloseCode.UNSUPPORTED_DATA
                     )
                 ingress(event.payload)
             elif isinstance(event, Hangup):

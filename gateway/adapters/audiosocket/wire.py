@@ -70,7 +70,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from gateway.errors import LocalProtocolError, RemoteProtocolError
+from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "AUDIO_RATES",
@@ -219,10 +219,10 @@ def read_header(data: bytes, pos: int, limits: Mapping[int, tuple[str, int]]) ->
     kind, length = HEADER.unpack_from(data, pos)
     entry = limits.get(kind)
     if entry is None:
-        raise RemoteProtocolError(f"unknown AudioSocket kind 0x{kind:02x}", close_code=1003)
+        raise RemoteProtocolError(f"unknown AudioSocket kind 0x{kind:02x}", close_code=CloseCode.UNSUPPORTED_DATA)
     name, limit = entry
     if length > limit:
-        raise RemoteProtocolError(f"AudioSocket {name} payload {length} bytes, limit {limit}", close_code=1009)
+        raise RemoteProtocolError(f"AudioSocket {name} payload {length} bytes, limit {limit}", close_code=CloseCode.MESSAGE_TOO_BIG)
     return kind, length, name
 
 
@@ -235,13 +235,13 @@ def control_event(kind: int, payload: bytes) -> Hangup | CallUuid | Dtmf | PeerE
         return _HANGUP
     if kind == KIND_UUID:
         if len(payload) != 16:
-            raise RemoteProtocolError(f"AudioSocket UUID payload {len(payload)} bytes, expected 16", close_code=1007)
+            raise RemoteProtocolError(f"AudioSocket UUID payload {len(payload)} bytes, expected 16", close_code=CloseCode.INVALID_PAYLOAD)
         return CallUuid(str(uuid_module.UUID(bytes=payload)))
     if kind == KIND_DTMF:
         digit = payload.decode("latin-1").upper()
         if len(payload) != 1 or digit not in DTMF_DIGITS:
             raise RemoteProtocolError(
-                f"AudioSocket DTMF payload is not one digit of {DTMF_DIGITS} ({len(payload)} bytes)", close_code=1007
+                f"AudioSocket DTMF payload is not one digit of {DTMF_DIGITS} ({len(payload)} bytes)", close_code=CloseCode.INVALID_PAYLOAD
             )
         return Dtmf(digit)
     return PeerError(payload[0] if payload else None, payload)
@@ -250,13 +250,13 @@ def control_event(kind: int, payload: bytes) -> Hangup | CallUuid | Dtmf | PeerE
 def header_truncated(got: int, when: str = "") -> RemoteProtocolError:
     """The error for a stream or message that ends `got` bytes into a header (1002); `when`
     is appended to the message (e.g. " at end of stream")."""
-    return RemoteProtocolError(f"AudioSocket header truncated{when}: expected 3 bytes, got {got}", close_code=1002)
+    return RemoteProtocolError(f"AudioSocket header truncated{when}: expected 3 bytes, got {got}", close_code=CloseCode.PROTOCOL_ERROR)
 
 
 def payload_truncated(name: str, length: int, got: int, when: str = "") -> RemoteProtocolError:
     """The error for a frame whose payload ends after `got` of its `length` bytes (1002)."""
     return RemoteProtocolError(
-        f"AudioSocket {name} frame truncated{when}: expected {length} payload bytes, got {got}", close_code=1002
+        f"AudioSocket {name} frame truncated{when}: expected {length} payload bytes, got {got}", close_code=CloseCode.PROTOCOL_ERROR
     )
 
 
@@ -338,7 +338,7 @@ class FrameParser:
                 if length & 1:
                     raise RemoteProtocolError(
                         f"AudioSocket audio payload has an odd length ({length} bytes): slin is 16-bit samples",
-                        close_code=1007,
+                        close_code=CloseCode.INVALID_PAYLOAD,
                     )
                 if length:
                     events.append(Audio(buf[start:pos], rate))
