@@ -414,6 +414,10 @@ class Result:
     warnings: list[str]
     totals: Totals = attrs.Factory(Totals)
     rss_end_mib: float = math.nan
+    held: int = 0
+    """Routes the gateway's admission held back at least once (its log's "not starting yet")."""
+    admission_closed: int = 0
+    """Times the gateway's admission closed (its log's "admission closed")."""
 
 
 def decimate(y48: np.ndarray) -> np.ndarray:
@@ -458,6 +462,8 @@ def analyze(run: Run) -> Result:
     totals = Totals.of(stats)
     lags = totals.lags
     warnings = [line for line in run.log_lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+    held = len({line.split("[", 1)[-1].split("]", 1)[0] for line in run.log_lines if "not starting yet:" in line})
+    closed = sum("admission closed" in line for line in run.log_lines)
     cpu = run.cpu_s
     return Result(
         n=run.n,
@@ -478,6 +484,8 @@ def analyze(run: Run) -> Result:
         peer_cpu_pct=run.peer_cpu_s / run.seconds * 100,
         peer_lag_p99_ms=float(np.percentile(lags, 99) * 1000) if lags else math.nan,
         peer_lag_max_ms=float(np.max(lags) * 1000) if lags else math.nan,
+        held=held,
+        admission_closed=closed,
         connect_s=run.connect_s,
         warnings=warnings,
         totals=totals,
@@ -517,6 +525,9 @@ def details(r: Result) -> str:
                      f"{r.unaligned} blocks of {BLOCK} packets without a clear match (pauses, or a backlog > {SEARCH:g} s)")
     if r.silent_routes:
         parts.append(f"{r.silent_routes} routes' channels silent for the whole window (no latency to measure)")
+    if r.held or r.admission_closed:
+        parts.append(f"admission closed {r.admission_closed} time(s) and held {r.held} route start(s) back; "
+                     f"{r.n - r.up} routes never came up (held: dial routes wait for admission)")
     parts.append(f"{len(r.warnings)} gateway log warnings/errors")
     return "; ".join(parts)
 
