@@ -166,6 +166,18 @@ def _from_config(cls: type[Endpoint], name: str, options: Any, allowed: tuple[st
         raise ConfigError(f"{where}: {err}") from None
 
 
+def _from_options(cls: Any, name: str, opts: Any) -> Any:
+    """`cls.from_config(name, values)` from a route's endpoint options (`gateway.config.Options`):
+    the registry's constructor of the local kinds. `${...}` references expand here as
+    everywhere (the local adapters take plain values); errors gain the file:line and key path."""
+    values = {k: opts.get_str(k) if isinstance(opts.raw(k), str) else opts.raw(k)
+              for k in list(opts.keys()) if k not in ("name", "role", "hears", "identity")}
+    try:
+        return cls.from_config(name, values)
+    except ConfigError as err:
+        raise opts.error(None, str(err)) from None
+
+
 def _os_error(err: av.FFmpegError | OSError, path: Path) -> OSError:
     """The builtin OSError subclass for a failed open, naming `path` (OSError(errno, ...)
     picks FileNotFoundError, PermissionError, IsADirectoryError... from the errno)."""
@@ -245,6 +257,11 @@ class FileSource(Endpoint[Frame]):
         Raises ConfigError naming the key and what was expected.
         """
         return _from_config(cls, name, options, ("path", "loop", "rate", "channels", "ptime_ms", "gain_db"))
+
+    @classmethod
+    def from_options(cls, name: str, opts: Any, runtime: Any = None) -> FileSource:
+        """`from_config` from a route's endpoint options (the registry's constructor)."""
+        return _from_options(cls, name, opts)
 
     def describe(self) -> str:
         loop = ", loop" if self.loop else ""
@@ -483,6 +500,11 @@ class Recorder(Endpoint[Frame]):
         Raises ConfigError naming the key and what was expected.
         """
         return _from_config(cls, name, options, ("path", "format", "rate", "channels", "ptime_ms"))
+
+    @classmethod
+    def from_options(cls, name: str, opts: Any, runtime: Any = None) -> Recorder:
+        """`from_config` from a route's endpoint options (the registry's constructor)."""
+        return _from_options(cls, name, opts)
 
     @property
     def duration_s(self) -> float:

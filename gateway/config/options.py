@@ -13,6 +13,7 @@ import os
 import re
 from typing import Any, Iterable, Mapping
 
+from gateway.config.secret import Secret
 from gateway.config.yaml_lines import LineDict, LineList, UnresolvedReference, expand, has_reference
 from gateway.errors import ConfigError
 
@@ -113,6 +114,22 @@ class Options:
         if not allow_empty and not text:
             raise self.error(key, "expected a non-empty string" + ("" if secret else ", got ''"))
         return text
+
+    def get_str_list(self, key: str, *, secret: bool = False, allow_empty: bool = False) -> tuple[str, ...]:
+        """The list of strings at `key` (() when absent), each expanded like `get_str`; an
+        error names the item (`services.agent.cors_origins[1]: expected a string`)."""
+        values = []
+        for i, value, line in self.items(key):
+            item = f"{key}[{i}]"  # errors name `services.agent.cors_origins[1]`
+            values.append(self.child({item: value}, self.path, line).get_str(item, secret=secret, allow_empty=allow_empty))
+        return tuple(values)
+
+    def get_secrets(self, key: str, default: tuple[Secret, ...] = ()) -> tuple[Secret, ...]:
+        """The list of secrets at `key` (tokens, API keys), empty items left out; `default`
+        when the list is absent or empty. The listen roles' idiom: `listen_tokens` defaults to
+        the dial token, `opts.get_secrets("listen_tokens", (token,) if token else ())`."""
+        values = self.get_str_list(key, secret=True, allow_empty=True)
+        return tuple(Secret(v) for v in values if v) or default
 
     def get_name(self, key: str, default: Any = _MISSING, *, what: str = "name") -> Any:
         """A route or endpoint name (`NAME_RULE`); the error quotes it with repr(), so no control

@@ -3,7 +3,7 @@
 The YAML shape is the contract (README, "Configuration"):
 
     server:   {http: HOST:PORT, media: HOST:PORT, media_url: ws://HOST:PORT}
-    services: {argon: {...}, voipbin: {...}}
+    services: {argon: {...}, voipbin: {...}}   (one section per kind of the registry table)
     routes:   [{name: ..., endpoints: [{KIND: {...options, role: dial|listen}}, ...]}]
 
 Route and endpoint options are validated here (route level) and by each adapter's
@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import attrs
 
+from gateway.adapters.registry import ENDPOINT_KINDS, kind_of, service_sections
 from gateway.config.options import Options
 from gateway.config.secret import Secret
 from gateway.config.yaml_lines import expand_env, load_yaml
 from gateway.errors import ConfigError
 
-ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "audiosocket", "file", "record")
-ARGON_API_URL = "https://gateway.argon.zone"  # argon-voice-ws.md "Calls and events" (the seed: api.argon.gl/api/bot)
-ARGON_INGRESS_PATH = "/audio/connect"
-VOIPBIN_API_URL = "https://api.voipbin.net"
-VIDEOSDK_API_URL = "https://api.videosdk.live"
+__all__ = ["ENDPOINT_KINDS", "EndpointConfig", "GatewayConfig", "HostPort", "RouteConfig", "ServerConfig", "Services"]
+
 ROLES = ("dial", "listen")
 
 
@@ -121,219 +119,26 @@ class ServerConfig:
 
 
 @attrs.frozen
-class ArgonBot:
-    """One bot our Argon listen role knows (`services.argon.listen_bots[]`): the token it sends
-    (`Authorization: Bot <token>`) and who it is (`GET /IBotSelf/v1/GetMe`, its identity in
-    rooms, the callee of `call:` listen endpoints)."""
-
-    token: Secret
-    user_id: str
-    """The bot's user id (a GUID in Argon): its identity in stream tokens and rooms."""
-    bot_id: str = ""
-    username: str = ""
-    """Argon bot usernames end in `_bot`."""
-    display_name: str = ""
-
-    @classmethod
-    def from_options(cls, opts: Options, index: int) -> ArgonBot:
-        token = opts.get_str("token", secret=True, allow_empty=False)
-        user_id = opts.get_str("user_id", allow_empty=False)
-        username = opts.get_str("username", f"bot{index}_bot")
-        result = cls(token=Secret(token), user_id=user_id, bot_id=opts.get_str("bot_id", user_id),
-                     username=username, display_name=opts.get_str("display_name", username))
-        opts.finish()
-        return result
-
-
-@attrs.frozen
-class ArgonService:
-    """`services.argon`: the Argon bot API (dial) and our Argon-compatible server (listen)."""
-
-    api_url: str = ARGON_API_URL
-    """Base of the bot REST API; StreamToken is POST {api_url}/IVoice/v1/StreamToken."""
-    bot_token: Secret | None = None
-    """`Authorization: Bot <token>` for dial endpoints."""
-    ingress_path: str = ARGON_INGRESS_PATH
-    """Appended to the ingressUrl from StreamToken ("" for the bare URL of the seed document)."""
-    stream_token_per_minute: int = 5
-    """StreamToken calls allowed per minute per bot (Argon: 5)."""
-    listen_bot_tokens: tuple[Secret, ...] = ()
-    """Bot tokens our listen StreamToken endpoint accepts (default: bot_token)."""
-    jwt_secret: Secret | None = None
-    """HS256 key for stream tokens issued by the listen role (default: random per process)."""
-    listen_bots: tuple[ArgonBot, ...] = ()
-    """Bots our listen role knows, with their user ids (`listen_bots: [{token, user_id, ...}]`);
-    each `listen_bot_tokens` entry is a bot too, with a user id derived from its position."""
-    events_per_minute: int = 5
-    """Events-stream connects allowed per minute per bot (Argon: 5)."""
-    calls_per_minute: int = 20
-    """Calls Accept/Reject requests allowed per minute per bot (Argon: 20)."""
-    max_sessions: int = 200
-    """Listen role: audio WebSocket sessions served at once; more get 503, as Argon's ingress."""
-
-    @classmethod
-    def from_options(cls, opts: Options) -> ArgonService:
-        bot_token = opts.get_str("bot_token", None, secret=True)
-        listen_tokens = [opts.child({"t": t}, f"{opts.key_path('listen_bot_tokens')}[{i}]", line).get_str("t", secret=True)
-                         for i, t, line in opts.items("listen_bot_tokens")]
-        bots = [ArgonBot.from_options(opts.child(item, f"{opts.key_path('listen_bots')}[{i}]", line), i)
-                for i, item, line in opts.items("listen_bots")]
-        jwt_secret = opts.get_str("jwt_secret", None, secret=True)
-        tokens = tuple(Secret(t) for t in listen_tokens if t)
-        if not tokens and not bots and bot_token:
-            tokens = (Secret(bot_token),)
-        known = {b.token for b in bots}
-        bots += [ArgonBot(token=t, user_id=_bot_user_id(i), username=f"bot{i}_bot", display_name=f"bot{i}_bot")
-                 for i, t in enumerate(tokens) if t not in known]
-        user_ids = [b.user_id for b in bots]
-        if len(set(user_ids)) != len(user_ids):
-            raise opts.error("listen_bots", f"two bots with the same user_id: {user_ids}")
-        result = cls(
-            api_url=opts.get_str("api_url", ARGON_API_URL).rstrip("/"),
-            bot_token=Secret(bot_token) if bot_token else None,
-            ingress_path=opts.get_str("ingress_path", ARGON_INGRESS_PATH),
-            stream_token_per_minute=opts.get_int("stream_token_per_minute", 5, minimum=1),
-            listen_bot_tokens=tuple(b.token for b in bots),
-            jwt_secret=Secret(jwt_secret) if jwt_secret else None,
-            listen_bots=tuple(bots),
-            events_per_minute=opts.get_int("events_per_minute", 5, minimum=1),
-            calls_per_minute=opts.get_int("calls_per_minute", 20, minimum=1),
-            max_sessions=opts.get_int("max_sessions", 200, minimum=1),
-        )
-        opts.finish()
-        return result
-
-
-def _bot_user_id(index: int) -> str:
-    """The user id of the `index`-th bot of `listen_bot_tokens` (stable, GUID-shaped)."""
-    import uuid
-
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"gateway:argon-bot:{index}"))
-
-
-@attrs.frozen
-class VoipbinService:
-    """`services.voipbin`: the VoIPBIN API (dial) and our compatible media server (listen)."""
-
-    api_url: str = VOIPBIN_API_URL
-    """Base URL; media streams are {api_url as ws/wss}/v1.0/calls/{id}/media_stream."""
-    token: Secret | None = None
-    """The `token=` query parameter for dial endpoints."""
-    listen_tokens: tuple[Secret, ...] = ()
-    """Tokens our listen media server accepts (default: token)."""
-
-    @classmethod
-    def from_options(cls, opts: Options) -> VoipbinService:
-        token = opts.get_str("token", None, secret=True)
-        listen_tokens = [opts.child({"t": t}, f"{opts.key_path('listen_tokens')}[{i}]", line).get_str("t", secret=True)
-                         for i, t, line in opts.items("listen_tokens")]
-        result = cls(
-            api_url=opts.get_str("api_url", VOIPBIN_API_URL).rstrip("/"),
-            token=Secret(token) if token else None,
-            listen_tokens=tuple(Secret(t) for t in listen_tokens if t) or ((Secret(token),) if token else ()),
-        )
-        opts.finish()
-        return result
-
-
-def _secret_list(opts: Options, key: str) -> tuple[Secret, ...]:
-    values = [opts.child({"t": t}, f"{opts.key_path(key)}[{i}]", line).get_str("t", secret=True)
-              for i, t, line in opts.items(key)]
-    return tuple(Secret(v) for v in values if v)
-
-
-def _str_list(opts: Options, key: str) -> tuple[str, ...]:
-    return tuple(opts.child({"v": v}, f"{opts.key_path(key)}[{i}]", line).get_str("v", allow_empty=False)
-                 for i, v, line in opts.items(key))
-
-
-@attrs.frozen
-class AgentService:
-    """`services.agent`: a voice-agent SDK service (dial) and our compatible server (listen).
-    Spec: shared/protocols/003_300445899f8ad283.txt."""
-
-    api_url: str | None = None
-    """Base URL of the agent API; the token call is POST {api_url}/api/v1/sdk/token."""
-    api_key: Secret | None = None
-    """`Authorization: Bearer <api_key>` of the token call (dial)."""
-    listen_api_keys: tuple[Secret, ...] = ()
-    """API keys our listen token endpoint accepts (default: api_key)."""
-    cors_origins: tuple[str, ...] = ()
-    """Origins allowed to call our listen token endpoint from a browser ("*" for any)."""
-    connect_timeout_s: float = 10.0
-    """Seconds a dial endpoint waits for {"type":"connected"} after sending its token."""
-
-    @classmethod
-    def from_options(cls, opts: Options) -> AgentService:
-        api_key = opts.get_str("api_key", None, secret=True)
-        api_url = opts.get_str("api_url", None)
-        result = cls(
-            api_url=api_url.rstrip("/") if api_url else None,
-            api_key=Secret(api_key) if api_key else None,
-            listen_api_keys=_secret_list(opts, "listen_api_keys") or ((Secret(api_key),) if api_key else ()),
-            cors_origins=_str_list(opts, "cors_origins"),
-            connect_timeout_s=opts.get_float("connect_timeout_s", 10.0, minimum=0.1),
-        )
-        opts.finish()
-        return result
-
-
-@attrs.frozen
-class VideosdkService:
-    """`services.videosdk`: VideoSDK custom WebSocket ingest (dial) and our compatible server
-    (listen). Spec: shared/protocols/004_c69f0f37162481c1.txt."""
-
-    api_url: str = VIDEOSDK_API_URL
-    """REST base; sessions are POST {api_url}/v2/ingest/sessions."""
-    token: Secret | None = None
-    """The token of the session call (dial)."""
-    auth_scheme: str = "Bearer"
-    """`Authorization: <auth_scheme> <token>` as the spec shows; "" sends the bare token."""
-    listen_tokens: tuple[Secret, ...] = ()
-    """Tokens our listen sessions endpoint accepts (default: token)."""
-    webhook_public_key: str | None = None
-    """PEM of the RSA key that signs lifecycle webhooks (`webhook_public_key` or
-    `webhook_public_key_file`); without it POST /webhooks/videosdk is not served."""
-
-    @classmethod
-    def from_options(cls, opts: Options) -> VideosdkService:
-        token = opts.get_str("token", None, secret=True)
-        pem = opts.get_str("webhook_public_key", None)
-        pem_file = opts.get_str("webhook_public_key_file", None)
-        if pem and pem_file:
-            raise opts.error("webhook_public_key_file", "set webhook_public_key or webhook_public_key_file, not both")
-        if pem_file:
-            try:
-                with open(pem_file, encoding="ascii") as f:
-                    pem = f.read()
-            except (OSError, UnicodeDecodeError) as err:
-                raise opts.error("webhook_public_key_file", f"cannot read {pem_file}: {err}") from None
-        result = cls(
-            api_url=opts.get_str("api_url", VIDEOSDK_API_URL).rstrip("/"),
-            token=Secret(token) if token else None,
-            auth_scheme=opts.get_str("auth_scheme", "Bearer"),
-            listen_tokens=_secret_list(opts, "listen_tokens") or ((Secret(token),) if token else ()),
-            webhook_public_key=pem or None,
-        )
-        opts.finish()
-        return result
-
-
-@attrs.frozen
 class Services:
-    argon: ArgonService = ArgonService()
-    voipbin: VoipbinService = VoipbinService()
-    agent: AgentService = AgentService()
-    videosdk: VideosdkService = VideosdkService()
+    """`services:`: the settings of each kind of the registry table that has a config class
+    (`gateway.adapters.registry.KINDS`), by kind: `services.voipbin` is a `VoipbinService`
+    (gateway/adapters/voipbin/config.py), its defaults when the section is absent. A section
+    for a kind the table lacks is an error ("unknown key")."""
+
+    by_kind: Mapping[str, Any] = attrs.field(factory=lambda: {n: c() for n, c in service_sections().items()})
+    """Kind name → its settings object."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self.by_kind[name]
+        except KeyError:
+            raise AttributeError(f"no services section {name!r} (kinds with one: {', '.join(self.by_kind)})") from None
 
     @classmethod
     def from_options(cls, opts: Options) -> Services:
-        result = cls(
-            argon=ArgonService.from_options(opts.sub("argon")),
-            voipbin=VoipbinService.from_options(opts.sub("voipbin")),
-            agent=AgentService.from_options(opts.sub("agent")),
-            videosdk=VideosdkService.from_options(opts.sub("videosdk")),
-        )
+        result = cls({name: config.from_options(opts.sub(name)) for name, config in service_sections().items()})
         opts.finish()
         return result
 
@@ -425,8 +230,7 @@ class RouteConfig:
                     f"({', '.join(ENDPOINT_KINDS)}), e.g. `- voipbin: {{call_id: ...}}`"
                 )
             (kind, body), = item.items()
-            if kind not in ENDPOINT_KINDS:
-                raise ConfigError(f"{where}: {path}: unknown endpoint kind {kind!r}, expected one of {', '.join(ENDPOINT_KINDS)}")
+            kind_of(kind, where, path)  # ConfigError for a kind the registry table lacks
             eopts = opts.child(body if body is not None else {}, f"{path}.{kind}", line)
             role = eopts.get_choice("role", ROLES, "dial")
             endpoints.append(EndpointConfig(kind, role, eopts, where))

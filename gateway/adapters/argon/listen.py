@@ -54,6 +54,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway.adapters.argon.config import ArgonBot
 from gateway.adapters.argon.events_hub import EventHub, event_json
 from gateway.adapters.argon.hear import play_out
 from gateway.adapters.argon.room import BotSession, Room, user_object
@@ -95,7 +96,6 @@ from gateway.codecs.formats import (
 from gateway.codecs.opus import FEC_PACKET_LOSS_PERC, OpusDecoder
 from gateway.codecs.playout import OpusPlayout
 from gateway.config.options import Options
-from gateway.config.schema import ArgonBot
 from gateway.endpoint import Emit, Endpoint
 from gateway.errors import CallEnded
 from gateway.runtime import Runtime
