@@ -1,9 +1,14 @@
-"""WebSocket plumbing shared by the adapters: dialing with errors translated at the boundary,
-closing with a code and reason, and the message loop's error handling."""
+"""WebSocket plumbing shared by the adapters (the adapter kit's session helper, see
+gateway/adapters/kit.py): dialing with errors translated at the boundary, closing with a code
+and reason, the message loop's error handling, and `WsSession` / `WsEndpoint`: one
+connection of an endpoint, and the one `send()` every WebSocket endpoint shares."""
 
 from __future__ import annotations
 
 import logging
+import operator
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
@@ -11,7 +16,9 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 
 from gateway._util import goodbye_scope
 from gateway.adapters.wsclient import ClientWebSocket, connect
-from gateway.errors import RemoteProtocolError, ServiceError
+from gateway.codecs.formats import AudioFrame, EncodedFrame
+from gateway.endpoint import Endpoint, FrameT
+from gateway.errors import CallEnded, RemoteProtocolError, ServiceError
 from gateway.logs import install_redaction
 
 install_redaction()
@@ -19,6 +26,7 @@ install_redaction()
 WebSocket = WebSocketConnection | ClientWebSocket  # a listen role's connection, or a dial role's
 
 CONNECT_TIMEOUT = 10.0  # seconds for TCP + TLS + the opening handshake
+GOODBYE_SEND_S = 0.5  # seconds for a protocol's farewell frame (stop, hangup) before the close handshake
 MAX_MESSAGE = 2**16  # 64 KiB: the largest media message any of our protocols sends
 
 
@@ -155,3 +163,138 @@ def close_description(exc: ConnectionClosed) -> str:
 
 def endpoint_logger(kind: str) -> logging.Logger:
     return logging.getLogger(f"gateway.endpoint.{kind}")
+
+
+# ------------------------------------------------------------------------------ the session
+Interleave = Callable[["WsSession", Any], Awaitable[Any]]
+"""`await interleave(session, frame)`: send what must go before this slot's audio (a DTMF
+packet, a mark) and return the frame to send in the slot, or None when the slot is taken."""
+
+
+class WsSession(Generic[FrameT]):
+    """One WebSocket connection of an endpoint, from dial (or accept) to close: what its
+    `send()` needs per frame, and its goodbye.
+
+    Per-frame fields, set once per connection (`WsEndpoint.send` reads them; no lookup or
+    allocation per frame beyond what the wire's own builder does):
+
+    - `payload(frame) -> bytes`: the payload of one egress frame, the bytes counted in
+      `stats.bytes_out` (PCM16 LE for a PCM sink: `pcm_payload`; an Opus packet:
+      `encoded_payload`; u-law after an encoder);
+    - `wrap(payload) -> str | bytes`: the wire's message for one payload (the media frame,
+      the RTP packet), None when the payload is the message (one Opus packet per message);
+    - `interleave`: None, or the coroutine that goes before the next slot's audio (module
+      `Interleave`); set it when there is something to send (a key press queued), clear it
+      when done, so the common path costs one attribute test.
+
+    `peer` prefixes the reason of the `CallEnded` a closed connection raises ("device " gives
+    "device closed (1000)"); `ended`, when set, is that reason instead (we closed it: "idle
+    timeout ..."). `closer` lets `goodbye()` finish its close handshake before `finish()`
+    closes the socket (`Closing`).
+    """
+
+    __slots__ = ("closer", "ended", "interleave", "payload", "peer", "wrap", "ws")
+
+    def __init__(self, ws: WebSocket, *, payload: Callable[[FrameT], bytes], wrap: Callable[[bytes], Any] | None = None,
+                 peer: str = "") -> None:
+        self.ws = ws
+        self.payload = payload
+        self.wrap = wrap
+        self.interleave: Interleave | None = None
+        self.peer = peer
+        self.ended: str | None = None
+        self.closer = Closing()
+
+    @classmethod
+    async def dial(cls, url: str, *, service: str, rejected: dict[int, tuple[str, bool]] | None = None,
+                   extra_headers: list[tuple[bytes, bytes]] | None = None, payload: Callable[[FrameT], bytes],
+                   wrap: Callable[[bytes], Any] | None = None, peer: str = "") -> WsSession[FrameT]:
+        """Open a client WebSocket (`dial`: ServiceError naming `service` and the cause, a
+        refused upgrade's status mapped through `rejected`, never the URL's query)."""
+        ws = await dial(None, url, service=service, rejected=rejected, extra_headers=extra_headers)
+        return cls(ws, payload=payload, wrap=wrap, peer=peer)
+
+    def call_ended(self, closed: ConnectionClosed) -> CallEnded:
+        """The `CallEnded` for a connection the peer closed: `ended` when we closed it, else
+        `peer` + "closed (1000 ...)" / "closed without a close frame (1006)"."""
+        return CallEnded(self.ended or f"{self.peer}{close_description(closed)}")
+
+    async def refuse(self, err: RemoteProtocolError, log: logging.LoggerAdapter | logging.Logger, what: str,
+                     farewell: str | None = None) -> None:
+        """The peer broke the protocol: one warning, `farewell`, close with `err.close_code`
+        (module function `refuse`). The caller re-raises `err`."""
+        await refuse(self.ws, err, log, what, farewell)
+
+    async def goodbye(self, farewell: str | bytes | None = None, *, code: int = 1000, reason: str | None = None,
+                      timeout: float = GOODBYE_SEND_S) -> None:
+        """The protocol's goodbye: `farewell` (its stop / hangup / session-ended frame; None:
+        none) within `timeout` seconds, then the close handshake (`code`, `reason`), which
+        `finish()` lets complete. A peer already gone ends it quietly: nothing is raised."""
+        if farewell is not None:
+            with trio.move_on_after(timeout):
+                try:
+                    await self.ws.send_message(farewell)
+                except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+        await self.closer.close(self.ws, code, reason)
+
+    async def finish(self, code: int = 1000, reason: str | None = None) -> None:
+        """The end of the session (`run()`'s `finally`): let a goodbye's close handshake finish
+        (bounded), then close with `code` (nothing happens on a closed connection)."""
+        await self.closer.settle()
+        await close(self.ws, code, reason)
+
+
+pcm_payload: Callable[[AudioFrame], bytes] = AudioFrame.to_bytes
+"""`WsSession.payload` of a PCM sink: the `AudioFrame` as PCM16 LE bytes."""
+
+encoded_payload: Callable[[EncodedFrame], bytes] = operator.attrgetter("payload")
+"""`WsSession.payload` of a sink that sends coded frames as they are (one Opus packet)."""
+
+
+class WsEndpoint(Endpoint[FrameT]):
+    """An endpoint with (at most) one `WsSession` at a time; it gives the one `send()`.
+
+    The adapter sets `self.session` once media may flow (after its handshake) and clears it
+    (None) when it must not: the session ended, we closed it, or the protocol's farewell went
+    out (a stop frame: the wire refuses audio after it). `send()` then:
+
+    - drops the frame (counted in `stats.dropped`) while there is no session;
+    - awaits `session.interleave` first when one is set (module `Interleave`);
+    - sends `session.wrap(session.payload(frame))` (or the payload itself) and counts
+      `frames_out` and the payload's bytes in `bytes_out`;
+    - on `ConnectionClosed` calls `send_failed`, which raises `session.call_ended(...)` (the
+      route ends the session) unless the adapter overrides it (a listen role whose client
+      left while its last messages are still being read: count a drop, `run()` ends it).
+
+    Per-frame cost (issue 12): the same awaits as a hand-written `send()` (one: the socket
+    write), no lock, task, log line or allocation of its own.
+    """
+
+    session: WsSession[FrameT] | None = None
+
+    async def send(self, frame: FrameT) -> None:
+        session = self.session
+        if session is None:
+            self.stats.dropped += 1
+            return
+        if session.interleave is not None:
+            slot = await session.interleave(session, frame)
+            if slot is None:
+                return
+            frame = slot
+        payload = session.payload(frame)
+        wrap = session.wrap
+        try:
+            await session.ws.send_message(payload if wrap is None else wrap(payload))
+        except ConnectionClosed as closed:
+            self.send_failed(session, closed)
+            return
+        stats = self.stats
+        stats.frames_out += 1
+        stats.bytes_out += len(payload)
+
+    def send_failed(self, session: WsSession[FrameT], closed: ConnectionClosed) -> None:
+        """`send()` found the connection closed: raise `session.call_ended(closed)` (override
+        to count a drop and let `run()` decide)."""
+        raise session.call_ended(closed) from None

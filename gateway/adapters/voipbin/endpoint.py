@@ -84,22 +84,14 @@ from gateway.adapters.voipbin.wire import (
     PeerError,
     TelephoneEvent,
 )
-from gateway.adapters.ws import (
-    Closing,
-    WebSocket,
-    close,
-    close_description,
-    dial,
-    http_to_ws,
-    refuse,
-)
+from gateway.adapters.ws import WebSocket, WsEndpoint, WsSession, close, dial, http_to_ws
 from gateway.codecs import G711Decoder, G711Encoder
 from gateway.codecs.dtmf import dtmf_key, duration_ms_of
 from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame
 from gateway.codecs.jitter import DEFAULT_MAX_MS, JitterBuffer, Slot
 from gateway.codecs.plc import G711Plc
 from gateway.config.options import Options
-from gateway.endpoint import Emit, Endpoint, EndpointStats, RouteEvent
+from gateway.endpoint import Emit, EndpointStats, RouteEvent
 from gateway.errors import CallEnded, RemoteProtocolError
 from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
@@ -118,7 +110,7 @@ REJECTED = {
 }
 
 
-class _VoipbinEndpoint(Endpoint[AudioFrame]):
+class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
     kind = "voipbin"
     ingress = PCM16_8K
     egress = PCM16_8K
@@ -143,15 +135,12 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         self.target_id = target_id
         self.encapsulation = encapsulation
         self.codec = codec
-        self._ws: WebSocket | None = None
-        self._proto: MediaStreamProtocol | None = None
+        self._proto: MediaStreamProtocol | None = None  # with `session`: the connection's framing
         self._encoder = G711Encoder()
         self._decoder = G711Decoder()
         self._rx_timestamp = 0
-        self._closing = Closing()
         self.dtmf: list[str] = []
         self.call_uuid: str | None = None
-        self._ended: str | None = None  # why we closed this session ourselves (idle timeout)
 
     @staticmethod
     def _parse_target(opts: Options) -> tuple[str, str]:
@@ -176,13 +165,25 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         return f"{self.name} ({self.role} {self.target[:-1]} {self.target_id}, {self.encapsulation.value})"
 
     # ------------------------------------------------------------------------- streaming
-    async def _stream(self, ws: WebSocket, proto: MediaStreamProtocol, emit: Emit,
+    def _session(self, ws: WebSocket, proto: MediaStreamProtocol) -> WsSession[AudioFrame]:
+        """The connection's `WsSession`: the payload is u-law or slin as `proto.codec` says
+        (with `codec: auto`, known from the peer's first packet), framed by `proto`."""
+        encoder = self._encoder
+
+        def payload(frame: AudioFrame) -> bytes:
+            if proto.codec is Codec.ULAW:
+                return encoder.process(frame)[0].payload
+            return frame.to_bytes()
+
+        return WsSession(ws, payload=payload, wrap=proto.send_audio)
+
+    async def _stream(self, session: WsSession[AudioFrame], proto: MediaStreamProtocol, emit: Emit,
                       peer: str = "the service") -> None:
         """Receive until the call ends (`_receive`). On rtp the audio goes through the jitter
         buffer and the concealer, played out by a task of this session (module doc, "Jitter
         buffer"); what is still held when the session ends is played out at once."""
         if proto.encapsulation is not Encapsulation.RTP:
-            await self._receive(ws, proto, emit, peer)
+            await self._receive(session, proto, emit, peer)
             return
         playout = self._playout = _RtpPlayout(emit, self.stats, self._decoder, max_ms=self.jitter_buffer_ms,
                                               concealment=self.concealment)
@@ -190,20 +191,20 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(playout.run)
                 try:
-                    await self._receive(ws, proto, emit, peer)
+                    await self._receive(session, proto, emit, peer)
                 finally:
                     playout.finish()
                     nursery.cancel_scope.cancel()
         finally:
             self._playout = None
 
-    async def _receive(self, ws: WebSocket, proto: MediaStreamProtocol, emit: Emit,
+    async def _receive(self, session: WsSession[AudioFrame], proto: MediaStreamProtocol, emit: Emit,
                        peer: str = "the service") -> None:
         """Receive until the call ends; raises CallEnded (hangup, close, idle timeout) or
         RemoteProtocolError. `peer` names the other side in log lines."""
-        self._ws, self._proto = ws, proto
+        ws = session.ws
+        self.session, self._proto = session, proto
         self._dtmf_out = DtmfSender(proto.encapsulation.value)  # presses of an earlier session are not played
-        self._ended = None
         self.stats.connects += 1
         self.bursty = False  # until this session's peer shows it sends unpaced (Headerless)
         self._rx_timestamp = 0  # of the frames emitted without a jitter buffer (not rtp)
@@ -219,19 +220,19 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
                     try:
                         message = await ws.get_message()
                     except ConnectionClosed as closed:
-                        raise CallEnded(close_description(closed)) from None
+                        raise session.call_ended(closed) from None
                     try:
                         events = proto.receive(message)
                     except RemoteProtocolError as err:
                         waiting.deadline = math.inf
-                        await refuse(ws, err, self.log, "media stream")
+                        await session.refuse(err, self.log, "media stream")
                         raise
                     if idle > 0:
                         waiting.deadline = trio.current_time() + idle  # any well-formed message, audio or not
                     self._dispatch(events, emit, playout)
-            await self._close_idle(ws, peer)  # only an idle deadline ends the loop without raising
+            await self._close_idle(session, peer)  # only an idle deadline ends the loop without raising
         finally:
-            self._ws = self._proto = self._dtmf_out = None
+            self.session = self._proto = self._dtmf_out = None
             for press in proto.flush():  # a key press whose end packets never came
                 self._key_pressed(press.digit, duration_ms=press.duration_ms)
 
@@ -304,51 +305,40 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         elif not sender.press(key, duration_ms_of(event.data.get("duration_ms"))):
             self.log.warning("dtmf %s from %s not played: %d key presses already waiting", key, event.source,
                              sender.queued)
+        elif self.session is not None:
+            self.session.interleave = self._dtmf_slot  # the next slots play it (until it is done)
 
-    async def _close_idle(self, ws: WebSocket, peer: str) -> NoReturn:
+    async def _close_idle(self, session: WsSession[AudioFrame], peer: str) -> NoReturn:
         """The peer sent no media message for `idle_timeout`: close 1008, one warning, and
         end the session normally (raises CallEnded)."""
         idle = self.idle_timeout
         reason = f"idle timeout: no media for {idle:g} s"
-        self._ended = f"{reason} (closed {IDLE_CLOSE_CODE})"
-        self._ws = self._proto = None  # the route's pacer stops sending to it (and blames no one else)
+        ended = session.ended = f"{reason} (closed {IDLE_CLOSE_CODE})"  # a send in flight says so too
+        self.session = self._proto = None  # the route's pacer stops sending to it (and blames no one else)
         self.log.warning("closing the media stream (%d): idle timeout: %s sent no media message for %g s "
                          "(idle_timeout_s: 0 allows receive-only clients)", IDLE_CLOSE_CODE, peer, idle)
-        await close(ws, IDLE_CLOSE_CODE, reason)
-        raise CallEnded(self._ended)
+        await close(session.ws, IDLE_CLOSE_CODE, reason)
+        raise CallEnded(ended)
 
-    async def send(self, frame: AudioFrame) -> None:
-        ws, proto, dtmf = self._ws, self._proto, self._dtmf_out
-        if ws is None or proto is None:
-            self.stats.dropped += 1
-            return
-        if dtmf is not None and dtmf.busy:
-            frame = await self._send_dtmf(ws, proto, dtmf, frame)  # type: ignore[assignment]  # None: checked next
-            if frame is None:
-                return  # rtp: an RFC 4733 packet took this slot
-        if proto.codec is Codec.ULAW:
-            payload = self._encoder.process(frame)[0].payload
-        else:
-            payload = frame.to_bytes()
-        try:
-            await ws.send_message(proto.send_audio(payload))
-        except ConnectionClosed as closed:
-            raise CallEnded(self._ended or close_description(closed)) from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(payload)
-
-    async def _send_dtmf(self, ws: WebSocket, proto: MediaStreamProtocol, dtmf: DtmfSender,
-                         frame: AudioFrame) -> AudioFrame | None:
+    # `send()` is WsEndpoint's; while a key press plays, `session.interleave` is this:
+    async def _dtmf_slot(self, session: WsSession[AudioFrame], frame: AudioFrame) -> AudioFrame | None:
         """This slot's share of the key presses being sent (`DtmfSender.slot`): sends its
-        messages; returns the audio frame to send in the slot (sln: the tone), None for none."""
+        messages; returns the audio frame to send in the slot (sln: the tone), None for none
+        (rtp: an RFC 4733 packet took the slot). Unhooks itself once no press is left."""
+        dtmf, proto = self._dtmf_out, self._proto
+        if dtmf is None or proto is None or not dtmf.busy:
+            session.interleave = None
+            return frame
         slot = dtmf.slot(proto)
         if slot.started is not None:
             self.stats.dtmf_out += 1
         try:
             for message in slot.messages:
-                await ws.send_message(message)
+                await session.ws.send_message(message)
         except ConnectionClosed as closed:
-            raise CallEnded(self._ended or close_description(closed)) from None
+            raise session.call_ended(closed) from None
+        if not dtmf.busy:
+            session.interleave = None
         if not slot.audio:
             return None
         if slot.tone is not None:
@@ -356,17 +346,10 @@ class _VoipbinEndpoint(Endpoint[AudioFrame]):
         return frame
 
     async def goodbye(self) -> None:
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None:
+        session, proto = self.session, self._proto
+        if session is None or proto is None:
             return
-        hangup = proto.send_hangup()
-        if hangup is not None:
-            with trio.move_on_after(0.5):
-                try:
-                    await ws.send_message(hangup)
-                except ConnectionClosed:
-                    return
-        await self._closing.close(ws, 1000, "call ended")
+        await session.goodbye(proto.send_hangup(), reason="call ended")
 
 
 class _RtpPlayout:
@@ -510,18 +493,15 @@ class VoipbinDial(_VoipbinEndpoint):
         return f"{http_to_ws(self.api_url)}{self.media_path}?{query}"
 
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            ws = await dial(nursery, self.url(), service=f"VoIPBIN {self.target[:-1]} {self.target_id}", rejected=REJECTED)
-            proto = MediaStreamProtocol(self.encapsulation, self.codec, dtmf_payload_type=self.dtmf_payload_type)
-            self._closing = Closing()
-            self.log.info("media stream connected (%s)", self.encapsulation.value)
-            task_status.started()
-            try:
-                await self._stream(ws, proto, emit)
-            finally:
-                await self._closing.settle()
-                await close(ws, 1000)
-                nursery.cancel_scope.cancel()
+        proto = MediaStreamProtocol(self.encapsulation, self.codec, dtmf_payload_type=self.dtmf_payload_type)
+        ws = await dial(None, self.url(), service=f"VoIPBIN {self.target[:-1]} {self.target_id}", rejected=REJECTED)
+        session = self._session(ws, proto)
+        self.log.info("media stream connected (%s)", self.encapsulation.value)
+        task_status.started()
+        try:
+            await self._stream(session, proto, emit)
+        finally:
+            await session.finish()
 
 
 class VoipbinListen(_VoipbinEndpoint):
@@ -580,14 +560,18 @@ class VoipbinListen(_VoipbinEndpoint):
         await self._slot.offer(request, encapsulation)
 
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        session = await self._slot.take()
+        pending = await self._slot.take()
+        session: WsSession[AudioFrame] | None = None
         try:
-            ws = await session.accept()
-            proto = MediaStreamProtocol(session.context, self.codec, dtmf_payload_type=self.dtmf_payload_type)
-            self.log.info("client %s connected (%s)", session.request.remote, session.context.value)
+            ws = await pending.accept()
+            proto = MediaStreamProtocol(pending.context, self.codec, dtmf_payload_type=self.dtmf_payload_type)
+            session = self._session(ws, proto)
+            self.log.info("client %s connected (%s)", pending.request.remote, pending.context.value)
             task_status.started()
-            await self._stream(ws, proto, emit, peer=f"client {session.request.remote}")
+            await self._stream(session, proto, emit, peer=f"client {pending.request.remote}")
         finally:
-            if session.ws is not None:
-                await close(session.ws, 1000, "call ended")
-            session.finished.set()
+            if session is not None:
+                await session.finish(1000, "call ended")
+            elif pending.ws is not None:
+                await close(pending.ws, 1000, "call ended")
+            pending.finished.set()
