@@ -1,4 +1,6 @@
-"""Hand-off of accepted WebSocket sessions from the media server to a listen endpoint.
+"""The listen roles' kit: `ListenService` (one per kind and process: the paths it serves and
+its endpoints), `ListenSlot` (the hand-off of accepted WebSocket sessions from the media
+server to a listen endpoint) and `secret_in` (a presented token checked in constant time).
 
 The media server runs each upgrade in a handler task that must live as long as the
 connection; the endpoint's `run()` runs in its route's nursery. A `ListenSlot` joins the two:
@@ -8,13 +10,18 @@ takes it, accepts the upgrade and streams; when the session ends the handler ret
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import hmac
+from typing import TYPE_CHECKING, Any, Generic, Iterable, Self, TypeVar
 
 import attrs
 import trio
 from trio_websocket import WebSocketConnection
 
+from gateway.config.secret import Secret
 from gateway.server import MediaRequest
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
 
 OFFER_TIMEOUT = 10.0  # seconds an upgrade waits for its route to take it before 503
 BUSY_WAIT = 1.0  # seconds a client arriving during another's session waits for it to end before 409
@@ -83,3 +90,51 @@ class ListenSlot(Generic[C]):
     async def take(self) -> PendingSession[C]:
         """Called in the endpoint's run(): the next client that asked to connect."""
         return await self._recv.receive()
+
+
+def secret_in(presented: str | None, secrets: Iterable[Secret | str]) -> bool:
+    """Whether `presented` (a token or API key a client sent) is one of `secrets`, each
+    compared in constant time (`hmac.compare_digest`); False for None or an empty list. A
+    presented value that is not valid UTF-8 text (a lone surrogate) still compares."""
+    if presented is None:
+        return False
+    given = presented.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(given, (s.reveal() if isinstance(s, Secret) else s).encode()) for s in secrets)
+
+
+E = TypeVar("E")
+
+
+class ListenService(Generic[E]):
+    """The listen role of one kind in one gateway process: the REST and WebSocket paths it
+    serves on `runtime.http` / `runtime.media` (the subclass registers them in its
+    `__init__`), and the listen endpoints of that kind (`add` / `remove`, from the endpoints'
+    `from_config` / `detach`).
+
+    One per runtime: `for_runtime(runtime)`. Its settings are read from the running config on
+    each request (`settings`: `services.<kind>`), so a reload applies at once."""
+
+    kind: str = ""
+    """The registry kind whose `services:` section `settings` reads."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.endpoints: list[E] = []
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> Self:
+        """The process's service of this class, created (and its paths registered) on first use."""
+        service: Self = runtime.singleton(cls, lambda: cls(runtime))
+        return service
+
+    @property
+    def settings(self) -> Any:
+        """`services.<kind>` of the running config."""
+        return getattr(self.runtime.config.services, self.kind)
+
+    def add(self, endpoint: E) -> None:
+        self.endpoints.append(endpoint)
+
+    def remove(self, endpoint: E) -> None:
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)

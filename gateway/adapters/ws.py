@@ -31,9 +31,10 @@ MAX_MESSAGE = 2**16  # 64 KiB: the largest media message any of our protocols se
 
 
 def redact_url(url: str) -> str:
-    """The URL without its query string (which carries tokens), for logs and errors."""
+    """The URL without its query string (which carries tokens) and its userinfo (`user:pass@`),
+    for logs and errors."""
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def http_to_ws(url: str) -> str:
