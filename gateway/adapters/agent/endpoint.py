@@ -37,7 +37,6 @@ else (a previous page reconnecting with its old URL) from taking that endpoint m
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import secrets
@@ -70,26 +69,27 @@ from gateway.adapters.agent.wire import (
     token_response,
     token_url,
 )
-from gateway.adapters.listen import ListenSlot, PendingSession
+from gateway.adapters.kit import post_with_retry
+from gateway.adapters.listen import ListenService, ListenSlot, PendingSession, secret_in
 from gateway.adapters.ws import (
-    Closing,
     WebSocket,
+    WsEndpoint,
+    WsSession,
     close,
     close_description,
     dial,
+    pcm_payload,
     refuse,
     send_quietly,
 )
 from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_16K, AudioFrame
 from gateway.config.options import Options
-from gateway.endpoint import Emit, Endpoint, PcmIngress
+from gateway.endpoint import Emit, PcmIngress
 from gateway.errors import CallEnded, LocalProtocolError, RemoteProtocolError, ServiceError
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
 
-MAX_RATE_RETRIES = 5  # 429s retried for one token call before giving up
-DEFAULT_RETRY_S = 5.0  # seconds to wait after a 429 without Retry-After
 TOKEN_TTL_S = 60.0  # seconds a listen session token stays valid if unused
 TOKEN_WAIT_S = 0.5  # seconds a token request waits for an endpoint about to be free (its route
 # re-arming after a session or a failed handshake) before it is refused with 503
@@ -106,40 +106,22 @@ REJECTED = {
 }
 
 
-class _AgentEndpoint(Endpoint[AudioFrame]):
-    """What both roles share: PCM16 16 kHz mono, 20 ms, audio out through the state machine."""
+class _AgentEndpoint(WsEndpoint[AudioFrame]):
+    """What both roles share: PCM16 16 kHz mono, 20 ms, audio out through the state machine
+    (`WsEndpoint.send`: the session is set while the state machine is connected)."""
 
     kind = "agent"
     ingress = PCM16_16K
     egress = PCM16_16K
     ptime_ms = 20
     _peer = "agent"  # who is on the other end, for reasons in logs
-    _connected: Any = None  # the state machine's state in which audio flows
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self._ws: WebSocket | None = None
         self._proto: AgentClient | AgentServer | None = None
 
-    async def send(self, frame: AudioFrame) -> None:
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.state is not self._connected:
-            self.stats.dropped += 1
-            return
-        payload = proto.send_audio(frame.to_bytes())
-        try:
-            await ws.send_message(payload)
-        except ConnectionClosed as closed:
-            if self.role == "listen":
-                # The client left. Sending fails as soon as its close frame is read, while
-                # messages it sent before may still be queued for run(): run() ends the
-                # session once it has read them all, so the route plays out everything the
-                # client said (ending the route from here would cut that audio).
-                self.stats.dropped += 1
-                return
-            raise CallEnded(f"{self._peer} {close_description(closed)}") from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(payload)
+    def _ws_session(self, ws: WebSocket, proto: AgentClient | AgentServer) -> WsSession[AudioFrame]:
+        return WsSession(ws, payload=pcm_payload, wrap=proto.send_audio, peer=f"{self._peer} ")
 
 
 class AgentDial(_AgentEndpoint):
@@ -151,7 +133,6 @@ class AgentDial(_AgentEndpoint):
     role = "dial"
     reconnects = True  # a mid-call failure reconnects this endpoint alone (Endpoint.reconnects_after)
     bursty = True
-    _connected = ClientState.CONNECTED
 
     def __init__(
         self,
@@ -171,7 +152,6 @@ class AgentDial(_AgentEndpoint):
         self.connect_timeout_s = connect_timeout_s
         self.bursty = bursty
         self.burst_buffer_ms = burst_buffer_ms
-        self._closing = Closing()
         self.agent_ready = False
         self.ended_reason: str | None = None
 
@@ -205,67 +185,50 @@ class AgentDial(_AgentEndpoint):
         return f"{self.name} (dial agent {self.api_url})"
 
     async def session_token(self):
-        """POST the token call; returns `TokenGrant`. 429 is retried after the service's
-        Retry-After (at most `MAX_RATE_RETRIES` times); other errors raise TokenRequestError
-        (a ServiceError) naming the cause and status, never the key."""
-        url = token_url(self.api_url)
-        headers = token_request_headers(self._api_key)
-        for attempt in range(MAX_RATE_RETRIES + 1):
-            try:
-                response = await self.client.post(url, headers=headers)
-            except httpx.HTTPError as err:
-                raise ServiceError(f"voice agent token request: cannot reach {url}: {err.__class__.__name__}") from None
-            try:
-                return parse_token_response(
-                    response.status_code, response.content, api_url=self.api_url,
-                    retry_after=response.headers.get("retry-after"),
-                )
-            except ServiceError as err:
-                if err.status != 429 or attempt == MAX_RATE_RETRIES:
-                    raise
-                wait = err.retry_after if err.retry_after is not None else DEFAULT_RETRY_S
-                self.log.warning("token request rate limited; retrying in %.0f s", wait)
-                await trio.sleep(wait)
-        raise AssertionError("unreachable")
+        """POST the token call; returns `TokenGrant`. 429 and 5xx are retried per the kit's
+        `RetryPolicy` (after the service's Retry-After, else backoff); other errors raise
+        TokenRequestError (a ServiceError) naming the cause and status, never the key."""
+        return await post_with_retry(
+            self.client, token_url(self.api_url), headers=token_request_headers(self._api_key),
+            parse=lambda status, body, retry_after_s: parse_token_response(
+                status, body, api_url=self.api_url, retry_after_s=retry_after_s),
+            what="voice agent token request", log=self.log)
 
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._closing = Closing()
         self.agent_ready = False
         self.ended_reason = None
         grant = await self.session_token()
-        async with trio.open_nursery() as nursery:
-            ws = await dial(nursery, grant.ws_url, service="voice agent", rejected=REJECTED)
-            proto = AgentClient(grant.token)
-            try:
-                await ws.send_message(proto.start())
-                with trio.move_on_after(self.connect_timeout_s) as waiting:
-                    while proto.state is ClientState.AWAITING_CONNECTED:
-                        for event in proto.receive(await ws.get_message()):
-                            self._before_connected(event)
-                if waiting.cancelled_caught:
-                    raise ServiceError(f"voice agent: no connected message within {self.connect_timeout_s:g} s of sending the token")
-                self.stats.connects += 1
-                self._ws, self._proto = ws, proto
-                self.log.info("agent session connected")
-                task_status.started()
-                audio = PcmIngress(emit, 16000, self.stats)
-                while True:
+        proto = AgentClient(grant.token)
+        session = self._ws_session(await dial(None, grant.ws_url, service="voice agent", rejected=REJECTED), proto)
+        ws = session.ws
+        try:
+            await ws.send_message(proto.start())
+            with trio.move_on_after(self.connect_timeout_s) as waiting:
+                while proto.state is ClientState.AWAITING_CONNECTED:
                     for event in proto.receive(await ws.get_message()):
-                        self._on_event(event, audio)
-            except ConnectionClosed as closed:
-                if self._closing.started:
-                    return
-                if closed.reason is not None and closed.reason.code == 1000:
-                    raise CallEnded(f"agent {close_description(closed)}") from None
-                raise ServiceError(f"voice agent {close_description(closed)}") from None
-            except RemoteProtocolError as err:
-                await refuse(ws, err, self.log, "agent session")
-                raise
-            finally:
-                self._ws = self._proto = None
-                await self._closing.settle()
-                await close(ws, 1000)
-                nursery.cancel_scope.cancel()
+                        self._before_connected(event)
+            if waiting.cancelled_caught:
+                raise ServiceError(f"voice agent: no connected message within {self.connect_timeout_s:g} s of sending the token")
+            self.stats.connects += 1
+            self.session, self._proto = session, proto
+            self.log.info("agent session connected")
+            task_status.started()
+            audio = PcmIngress(emit, 16000, self.stats)
+            while True:
+                for event in proto.receive(await ws.get_message()):
+                    self._on_event(event, audio)
+        except ConnectionClosed as closed:
+            if session.closer.started:
+                return
+            if closed.reason is not None and closed.reason.code == 1000:
+                raise CallEnded(f"agent {close_description(closed)}") from None
+            raise ServiceError(f"voice agent {close_description(closed)}") from None
+        except RemoteProtocolError as err:
+            await session.refuse(err, self.log, "agent session")
+            raise
+        finally:
+            self.session = self._proto = None
+            await session.finish()
 
     def _before_connected(self, event: Any) -> None:
         """An event while waiting for ``connected``: an error or an ended session there means
@@ -294,9 +257,9 @@ class AgentDial(_AgentEndpoint):
             self.log.debug("ignoring agent control message of type %r", event.type)
 
     async def goodbye(self) -> None:
-        ws = self._ws
-        if ws is not None:
-            await self._closing.close(ws, 1000, "session over")
+        session = self.session
+        if session is not None:
+            await session.goodbye(reason="session over")
 
 
 # ------------------------------------------------------------------------------ listen role
@@ -316,18 +279,19 @@ class Grant:
 
 def _same(a: str | None, b: str) -> bool:
     """Constant-time equality of a value the peer sent and one we issued."""
-    return a is not None and hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode())
+    return secret_in(a, (b,))
 
 
-class AgentListenService:
+class AgentListenService(ListenService["AgentListen"]):
     """The agent-compatible token endpoint of one gateway process (spec §1), registered once
     per runtime on `server.http`: ``POST /api/v1/sdk/token`` and its CORS preflight
     ``OPTIONS``. Sessions go to the `agent` listen endpoints, first free one first (see the
     module doc: a free endpoint waits for a client and is promised to no unused token)."""
 
+    kind = "agent"
+
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.endpoints: list[AgentListen] = []
+        super().__init__(runtime)
         self.next_slot = 1
         """Slot number of the next listen endpoint (never reused, so a reload that removes one
         cannot hand its path to another)."""
@@ -341,7 +305,7 @@ class AgentListenService:
     @property
     def origins(self) -> tuple[str, ...]:
         """services.agent.cors_origins of the running config (a reload applies at once)."""
-        return self.runtime.config.services.agent.cors_origins
+        return self.settings.cors_origins
 
     def _cors(self, request: HttpRequest) -> tuple[tuple[str, str], ...] | None:
         """CORS headers for the request's Origin (Fetch standard §3.2), () when it sent none
@@ -478,7 +442,6 @@ class AgentListen(_AgentEndpoint):
 
     role = "listen"
     _peer = "client"
-    _connected = ServerState.CONNECTED
     _proto: AgentServer | None
 
     def __init__(self, name: str, *, service: AgentListenService, slot_id: int, api_keys: tuple[str, ...],
@@ -502,10 +465,8 @@ class AgentListen(_AgentEndpoint):
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> AgentListen:
-        service = runtime.singleton(AgentListenService, lambda: AgentListenService(runtime))
-        given = [opts.child({"k": k}, f"{opts.key_path('api_keys')}[{i}]", line).get_str("k", secret=True)
-                 for i, k, line in opts.items("api_keys")]
-        keys = tuple(k for k in given if k) or tuple(k.reveal() for k in runtime.config.services.agent.listen_api_keys)
+        service = AgentListenService.for_runtime(runtime)
+        keys = tuple(k.reveal() for k in opts.get_secrets("api_keys", runtime.config.services.agent.listen_api_keys))
         if not keys:
             raise opts.error(None, "no API keys for the listen token endpoint: set services.agent.listen_api_keys "
                              "(or services.agent.api_key, or api_keys: on the endpoint)")
@@ -513,7 +474,7 @@ class AgentListen(_AgentEndpoint):
                        bursty=opts.get_bool("bursty", True))
         opts.finish()
         service.next_slot += 1
-        service.endpoints.append(endpoint)
+        service.add(endpoint)
         endpoint._unregister = runtime.media.add(endpoint.ws_path, endpoint._on_upgrade)
         return endpoint
 
@@ -521,8 +482,7 @@ class AgentListen(_AgentEndpoint):
         if self._unregister:
             self._unregister()
             self._unregister = None
-        if self in self.service.endpoints:
-            self.service.endpoints.remove(self)
+        self.service.remove(self)
 
     @property
     def busy(self) -> bool:
@@ -530,7 +490,7 @@ class AgentListen(_AgentEndpoint):
         return self.phase in ("connecting", "in use")
 
     def accepts_key(self, key: str) -> bool:
-        return any(hmac.compare_digest(key.encode(), k.encode()) for k in self._keys)
+        return secret_in(key, self._keys)
 
     def describe(self) -> str:
         return f"{self.name} (listen agent session at {self.ws_path})"
@@ -561,13 +521,22 @@ class AgentListen(_AgentEndpoint):
         if self._route_up is not None:
             self._route_up.set()
 
-    async def send(self, frame: AudioFrame) -> None:
-        # agent_ready goes before the route's first audio whichever task runs first (spec:
-        # connected, agent_ready, then audio)
-        ws, proto, up = self._ws, self._proto, self._route_up
-        if ws is not None and proto is not None and up is not None and up.is_set() and not self._announced:
-            await self._announce(ws, proto)
-        await super().send(frame)
+    async def _before_first_audio(self, session: WsSession[AudioFrame], frame: AudioFrame) -> AudioFrame:
+        """`session.interleave` until agent_ready is out: it goes before the route's first
+        audio whichever task runs first (spec: connected, agent_ready, then audio)."""
+        proto, up = self._proto, self._route_up
+        if proto is not None and up is not None and up.is_set():
+            await self._announce(session.ws, proto)
+        if self._announced:
+            session.interleave = None
+        return frame
+
+    def send_failed(self, session: WsSession[AudioFrame], closed: ConnectionClosed) -> None:
+        # The client left. Sending fails as soon as its close frame is read, while messages it
+        # sent before may still be queued for run(): run() ends the session once it has read
+        # them all, so the route plays out everything the client said (ending the route from
+        # here would cut that audio).
+        self.stats.dropped += 1
 
     async def _handshake(self, session: PendingSession) -> tuple[WebSocketConnection, AgentServer] | None:
         """Accept the upgrade, wait for the token (5 s), check it, send ``connected``.
@@ -629,16 +598,17 @@ class AgentListen(_AgentEndpoint):
         self._announced = False
         self.stats.connects += 1
         self.log.info("client %s connected", session.request.remote)
+        ws_session = self._ws_session(ws, proto)
+        ws_session.interleave = self._before_first_audio
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._announce_ready, ws, proto, route_up)
-                self._ws, self._proto = ws, proto
+                self.session, self._proto = ws_session, proto
                 task_status.started()
                 await self._stream(ws, proto, emit)
         finally:
-            self._ws = self._proto = None
-            if session.ws is not None:
-                await close(session.ws, 1000, "session ended")
+            self.session = self._proto = None
+            await ws_session.finish(1000, "session ended")
             session.finished.set()
 
     async def _announce_ready(self, ws: WebSocketConnection, proto: AgentServer, route_up: trio.Event) -> None:
@@ -677,11 +647,12 @@ class AgentListen(_AgentEndpoint):
                     self.log.debug("ignoring client control message of type %r", event.type)
 
     async def goodbye(self) -> None:
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None:
+        session, proto = self.session, self._proto
+        if session is None or proto is None:
             return
+        self.session = None  # no audio after session_ended (the state machine refuses it)
+        farewell = None
         if proto.state is not ServerState.ENDED:
-            reason = "server_shutdown" if self.route_stopping else "agent_disconnected"
-            await send_quietly(ws, proto.session_ended(reason))
-        await close(ws, 1000, "session ended")
+            farewell = proto.session_ended("server_shutdown" if self.route_stopping else "agent_disconnected")
+        await session.goodbye(farewell, reason="session ended", timeout=1.0)
 

@@ -77,7 +77,13 @@ from typing import Any
 
 import attrs
 
-from gateway.adapters.rest import json_type as _json_type, loads_strict, status_cause
+from gateway.adapters.rest import (
+    body_retry_after,
+    json_type as _json_type,
+    loads_strict,
+    parse_retry_after,
+    status_cause,
+)
 from gateway.errors import LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
@@ -668,16 +674,10 @@ def token_request_headers(api_key: str) -> dict[str, str]:
 
 def _retry_after(header: str | None, body: Any) -> float | None:
     """Seconds from a ``Retry-After`` delta-seconds value (RFC 9110 §10.2.3), else from a
-    ``retry_after`` number in the JSON body; None otherwise (an HTTP-date needs a clock)."""
-    if header is not None:
-        value = header.strip()
-        if value.isascii() and value.isdigit():
-            return float(value)
-    if isinstance(body, dict):
-        given = body.get("retry_after")
-        if isinstance(given, (int, float)) and not isinstance(given, bool) and given >= 0:
-            return float(given)
-    return None
+    ``retry_after`` number in the JSON body; None otherwise (an HTTP-date needs a clock: the
+    I/O layer converts it and passes `retry_after_s`)."""
+    seconds = parse_retry_after(header)
+    return seconds if seconds is not None else body_retry_after(body, ("retry_after",))
 
 
 def _dial_url(ws_url: str, api_url: str | None) -> str | None:
@@ -700,13 +700,15 @@ def parse_token_response(
     *,
     api_url: str | None = None,
     retry_after: str | None = None,
+    retry_after_s: float | None = None,
 ) -> TokenGrant:
     """The grant from a token response, or `TokenRequestError` (a `ServiceError`).
 
     2xx with ``{"token": …, "ws_url": …}`` → the grant (`ws_url` resolved against `api_url`
     when relative, http(s) mapped to ws(s)). Errors, by status: 401 and 403 "API key rejected",
     404 "token endpoint not found", 400 and other 4xx (all permanent); 429 "rate limited" (not
-    permanent; `retry_after` from the ``Retry-After`` header value passed as `retry_after`, else
+    permanent; `retry_after` from `retry_after_s` (seconds, e.g. `rest.parse_retry_after` of the
+    header, both forms), else the ``Retry-After`` header value passed as `retry_after`, else
     from a ``retry_after`` number in the JSON body); 408, 5xx and anything else not permanent;
     2xx whose body is not a JSON object, lacks a non-empty string ``token`` or ``ws_url``
     (naming the field) or whose ``ws_url`` is not a WebSocket URL → not permanent.
@@ -729,7 +731,9 @@ def parse_token_response(
             )
         return TokenGrant(token=parsed["token"], ws_url=dial)
     cause, permanent = status_cause(status, _STATUS_CAUSES)
-    seconds = _retry_after(retry_after, parsed) if status == 429 else None
+    seconds = None
+    if status == 429:
+        seconds = retry_after_s if retry_after_s is not None else _retry_after(retry_after, parsed)
     suffix = f", retry after {seconds:g} s" if seconds is not None else ""
     raise TokenRequestError(
         f"{_WHERE}: {cause} (HTTP {status}{suffix})", status=status, permanent=permanent, retry_after=seconds

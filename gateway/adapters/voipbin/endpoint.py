@@ -58,7 +58,6 @@ audio (the slots are the pacer's); a new session starts with an empty queue.
 
 from __future__ import annotations
 
-import hmac
 import math
 import re
 from collections.abc import Callable
@@ -69,7 +68,7 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
-from gateway.adapters.listen import ListenSlot
+from gateway.adapters.listen import ListenSlot, secret_in
 from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
 from gateway.adapters.voipbin.wire import (
     Audio,
@@ -547,7 +546,7 @@ class VoipbinListen(_VoipbinEndpoint):
 
     async def _on_upgrade(self, request: MediaRequest) -> None:
         token = request.query.get("token", "")
-        if not self._tokens or not any(hmac.compare_digest(token.encode(), t.encode()) for t in self._tokens):
+        if not secret_in(token, self._tokens):
             self.log.info("refused %s: token rejected", request.remote)
             await request.reject(401, "token rejected")
             return
