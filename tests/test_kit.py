@@ -107,12 +107,12 @@ def mock_client(answers: list[httpx.Response], seen: list[float]) -> httpx.Async
 
 
 async def test_429_then_5xx_then_success_waits_as_told(autojump_clock, caplog):
-    """429 with Retry-After: 3 (delay-seconds), 503 with an HTTP-date 10 s ahead, 500 with
+    """429 with Retry-After: 3 (delay-seconds), 503 with an HTTP-date 10 s ahead, 429 with
     nothing (backoff: 1 s doubling, so 4 s at the third retry), then 200."""
     caplog.set_level(logging.INFO)
     date = email.utils.formatdate(time.time() + 10, usegmt=True)
     answers = [httpx.Response(429, headers={"retry-after": "3"}), httpx.Response(503, headers={"retry-after": date}),
-               httpx.Response(500), httpx.Response(200, content=b"ok")]
+               httpx.Response(429), httpx.Response(200, content=b"ok")]
     seen: list[float] = []
     async with mock_client(answers, seen) as client:
         result = await post_with_retry(client, "https://api.example/token", parse=parse, what="test call", log=log)
@@ -120,22 +120,25 @@ async def test_429_then_5xx_then_success_waits_as_told(autojump_clock, caplog):
     waits = [round(b - a, 1) for a, b in zip(seen, seen[1:])]
     assert waits[0] == 3 and 8 <= waits[1] <= 10 and waits[2] == 4  # a date has 1 s resolution
     assert "test call: rate limited; retrying in 3 s" in caplog.text
-    assert "test call: HTTP 500; retrying in 4 s" in caplog.text
+    assert "test call: HTTP 503; retrying in" in caplog.text and "test call: rate limited; retrying in 4 s" in caplog.text
 
 
-async def test_4xx_is_not_retried(autojump_clock):
+@pytest.mark.parametrize("status", [401, 404, 500, 502, 503])
+async def test_4xx_and_5xx_without_retry_after_are_not_retried(autojump_clock, status):
+    """A 5xx that names no Retry-After is raised at once: the route's restart backoff retries
+    the endpoint (two layers of blind retries would multiply the load)."""
     seen: list[float] = []
-    async with mock_client([httpx.Response(401), httpx.Response(200)], seen) as client:
+    async with mock_client([httpx.Response(status), httpx.Response(200)], seen) as client:
         with pytest.raises(ServiceError) as raised:
             await post_with_retry(client, "https://api.example/token", parse=parse, what="test call", log=log)
-    assert raised.value.status == 401 and raised.value.permanent and len(seen) == 1
+    assert raised.value.status == status and raised.value.permanent is (status < 500) and len(seen) == 1
 
 
 async def test_retries_are_bounded_in_count(autojump_clock):
     """Six attempts in all (RetryPolicy.retries = 5), then the last refusal."""
     seen: list[float] = []
-    async with mock_client([httpx.Response(503) for _ in range(10)], seen) as client:
-        with pytest.raises(ServiceError, match=r"HTTP 503"):
+    async with mock_client([httpx.Response(429) for _ in range(10)], seen) as client:
+        with pytest.raises(ServiceError, match=r"HTTP 429"):
             await post_with_retry(client, "https://api.example/token", parse=parse, what="test call", log=log)
     assert len(seen) == 6
     assert seen[-1] - seen[0] == pytest.approx(1 + 2 + 4 + 8 + 16)
@@ -164,7 +167,7 @@ async def test_a_body_hint_is_used_when_no_header(autojump_clock):
 async def test_the_policy_is_one_value(autojump_clock):
     policy = RetryPolicy(retries=1, backoff_s=0.25)
     seen: list[float] = []
-    async with mock_client([httpx.Response(502), httpx.Response(502), httpx.Response(200)], seen) as client:
+    async with mock_client([httpx.Response(429), httpx.Response(429), httpx.Response(200)], seen) as client:
         with pytest.raises(ServiceError):
             await request_with_retry(client, "GET", "https://api.example/t", parse=parse, what="t", log=log,
                                      policy=policy)

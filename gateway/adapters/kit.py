@@ -28,8 +28,8 @@ How to use the kit
    through `session.interleave`.
 
 3. **REST calls**: `await post_with_retry(client, url, parse=..., what="Twilio token", log=self.log,
-   json=body)`: 429 and 5xx are retried per `RetryPolicy` (Retry-After in both its forms,
-   RFC 9110 §10.2.3; else backoff), within a bounded total wait; `parse(status, body,
+   json=body)`: a 429, and a 5xx that names a Retry-After, are retried per `RetryPolicy`
+   (Retry-After in both its forms, RFC 9110 §10.2.3; else backoff), within a bounded total wait; `parse(status, body,
    retry_after_s)` is the wire's response parser, raising `ServiceError` (with `status`,
    `permanent`, `retry_after`) for a refusal. Errors never carry the URL's query or a header.
    A service with per-minute limits passes `limiter=` a shared `RateLimiter`.
@@ -106,13 +106,16 @@ RATE_WINDOW = 60.0  # seconds: the window of the services' per-minute limits
 class RetryPolicy:
     """When a refused REST call is tried again: one policy for every service.
 
-    Retried: 429 (Too Many Requests, RFC 6585 §4) and 5xx (the server failed; 503 often says
-    when to come back). Everything else (4xx: the request or its credentials are wrong; a
-    network failure: the route's own restart and reconnect backoff handles it) is raised at
-    once. The wait is what the service asked for (`Retry-After`, else a retry hint its wire
-    parser found in the body), else `backoff_s` doubling per retry up to `max_backoff_s`. At
-    most `retries` retries, and `max_total_wait_s` seconds of waiting in all: a wait that would
-    go past it is not made, and the last refusal is raised (the route then backs off)."""
+    Retried: 429 (Too Many Requests, RFC 6585 §4), and a 5xx that says when to come back
+    (`Retry-After`, RFC 9110 §10.2.3 and §15.6.4: a 503 during maintenance or overload). A 5xx
+    without one, any other 4xx (the request or its credentials are wrong) and a network
+    failure are raised at once: the route's own restart and reconnect backoff retries the
+    whole endpoint, and two layers of blind retries would multiply the load on a failing
+    service. The wait is what the service asked for (`Retry-After` in either form, else a
+    retry hint its wire parser found in the body), else (a 429 that names none) `backoff_s`
+    doubling per retry up to `max_backoff_s`. At most `retries` retries, and
+    `max_total_wait_s` seconds of waiting in all: a wait that would go past it is not made,
+    and the last refusal is raised (the route then backs off)."""
 
     retries: int = 5
     """Retries after the first attempt."""
@@ -123,14 +126,13 @@ class RetryPolicy:
     max_total_wait_s: float = 120.0
     """All the waits of one call together (seconds): two per-minute windows."""
 
-    def retryable(self, status: int | None) -> bool:
-        return status is not None and (status == 429 or 500 <= status < 600)
-
-    def wait_s(self, attempt: int, asked_s: float | None) -> float:
-        """Seconds to wait before retry number `attempt` (0 for the first retry)."""
-        if asked_s is not None:
-            return asked_s
-        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
+    def wait_s(self, status: int | None, attempt: int, asked_s: float | None) -> float | None:
+        """Seconds to wait before retry number `attempt` (0 for the first) of a call refused
+        with `status`, the service having asked for `asked_s` (None: it did not); None: do not
+        retry (the count and total-wait bounds are the caller's)."""
+        if status == 429 or (status is not None and 500 <= status < 600 and asked_s is not None):
+            return asked_s if asked_s is not None else min(self.backoff_s * 2**attempt, self.max_backoff_s)
+        return None
 
 
 DEFAULT_POLICY = RetryPolicy()
@@ -150,7 +152,8 @@ async def request_with_retry(
     limiter: RateLimiter | None = None,
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> T:
-    """One REST call to a service, retried per `policy`; returns what `parse` returns.
+    """One REST call to a service, a 429 (or a 5xx with Retry-After) retried per `policy`;
+    returns what `parse` returns.
 
     `parse(status, body, retry_after_s)` is the wire module's response parser: it returns the
     result of a success and raises `ServiceError` (with `status`, `permanent`, `retry_after`)
@@ -175,10 +178,8 @@ async def request_with_retry(
         try:
             return parse(response.status_code, response.content, header_s)
         except ServiceError as err:
-            if attempt >= policy.retries or not policy.retryable(err.status):
-                raise
-            wait = policy.wait_s(attempt, header_s if header_s is not None else err.retry_after)
-            if waited + wait > policy.max_total_wait_s:
+            wait = policy.wait_s(err.status, attempt, header_s if header_s is not None else err.retry_after)
+            if wait is None or attempt >= policy.retries or waited + wait > policy.max_total_wait_s:
                 raise
             cause = "rate limited" if err.status == 429 else f"HTTP {err.status}"
             log.warning("%s: %s; retrying in %g s", what, cause, wait)

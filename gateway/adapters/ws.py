@@ -189,12 +189,12 @@ class WsSession(Generic[FrameT]):
       when done, so the common path costs one attribute test.
 
     `peer` prefixes the reason of the `CallEnded` a closed connection raises ("device " gives
-    "device closed (1000)"); `ended`, when set, is that reason instead (we closed it: "idle
+    "device closed (1000)"); `end_reason`, when set, is that reason instead (we closed it: "idle
     timeout ..."). `closer` lets `goodbye()` finish its close handshake before `finish()`
     closes the socket (`Closing`).
     """
 
-    __slots__ = ("closer", "ended", "interleave", "payload", "peer", "wrap", "ws")
+    __slots__ = ("closer", "end_reason", "interleave", "payload", "peer", "wrap", "ws")
 
     def __init__(self, ws: WebSocket, *, payload: Callable[[FrameT], bytes], wrap: Callable[[bytes], Any] | None = None,
                  peer: str = "") -> None:
@@ -203,7 +203,7 @@ class WsSession(Generic[FrameT]):
         self.wrap = wrap
         self.interleave: Interleave | None = None
         self.peer = peer
-        self.ended: str | None = None
+        self.end_reason: str | None = None
         self.closer = Closing()
 
     @classmethod
@@ -216,9 +216,9 @@ class WsSession(Generic[FrameT]):
         return cls(ws, payload=payload, wrap=wrap, peer=peer)
 
     def call_ended(self, closed: ConnectionClosed) -> CallEnded:
-        """The `CallEnded` for a connection the peer closed: `ended` when we closed it, else
+        """The `CallEnded` for a connection the peer closed: `end_reason` when we closed it, else
         `peer` + "closed (1000 ...)" / "closed without a close frame (1006)"."""
-        return CallEnded(self.ended or f"{self.peer}{close_description(closed)}")
+        return CallEnded(self.end_reason or f"{self.peer}{close_description(closed)}")
 
     async def refuse(self, err: RemoteProtocolError, log: logging.LoggerAdapter | logging.Logger, what: str,
                      farewell: str | None = None) -> None:

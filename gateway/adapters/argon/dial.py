@@ -75,7 +75,8 @@ from gateway.adapters.argon.wire import (
     reject_request,
     stream_token_request,
 )
-from gateway.adapters.ws import Closing, close_description, dial
+from gateway.adapters.kit import RateLimiter, request_with_retry
+from gateway.adapters.ws import WsEndpoint, WsSession, close_description, dial, encoded_payload
 from gateway.adapters.wsclient import ClientWebSocket
 from gateway.codecs.formats import (
     OPUS_48K,
@@ -94,8 +95,6 @@ from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.endpoint.argon")
 
-RATE_WINDOW = 60.0  # seconds: the per-minute limits' window
-MAX_RATE_RETRIES = 20  # 429s retried for one REST call before giving up
 DEFAULT_COMPLEXITY = 5  # libopus 0-10: 5 costs ~1/4 of the CPU of 10 at nearly the same speech quality
 # opus_input_rate: auto (None) by default: what is published is encoded at the rate of the audio
 # it is made of (`opus_input_rate_for`), so an 8 kHz call is fed to libopus as it is, with no 8 ->
@@ -139,43 +138,16 @@ def token_fresh(token: str, margin_s: float) -> bool:
     return exp - time.time() > margin_s
 
 
-class StreamTokenLimiter:
-    """Spaces a bot's calls to one API: at most `per_window` in any `window` seconds, FIFO.
-
-    One per bot token (by fingerprint), API and purpose, shared by every route of that bot.
-    Reads the trio clock only, so MockClock tests control it.
-    """
-
-    def __init__(self, per_window: int, window: float = RATE_WINDOW) -> None:
-        self.per_window = per_window
-        self.window = window
-        self._calls: collections.deque[float] = collections.deque()
-        self._blocked_until = 0.0
-        self._lock = trio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = trio.current_time()
-                while self._calls and self._calls[0] <= now - self.window:
-                    self._calls.popleft()
-                wake = self._blocked_until
-                if len(self._calls) >= self.per_window:
-                    wake = max(wake, self._calls[0] + self.window)
-                if wake <= now:
-                    self._calls.append(now)
-                    return
-                await trio.sleep_until(wake)
-
-    def back_off(self, seconds: float) -> None:
-        """The server said 429: no call for `seconds`."""
-        self._blocked_until = max(self._blocked_until, trio.current_time() + seconds)
+StreamTokenLimiter = RateLimiter
+"""A bot's limiter of one API (the kit's `RateLimiter`: at most `per_window` calls in any
+`window` seconds, FIFO); one per bot token, API and purpose, shared by every route of that bot."""
 
 
 class BotApi:
     """The REST calls of one bot (`Authorization: Bot <token>`), each through its limiter, a
-    429 retried after its Retry-After. Errors are ServiceErrors naming the cause, never the
-    token."""
+    429 (or 5xx) retried per the kit's `RetryPolicy` after its Retry-After, the wait held in the
+    limiter so every route of the bot waits too. Errors are ServiceErrors naming the cause,
+    never the token."""
 
     def __init__(self, client: httpx.AsyncClient, api_url: str, bot_token: str, *, stream_tokens: StreamTokenLimiter,
                  events: StreamTokenLimiter, calls: StreamTokenLimiter) -> None:
@@ -205,23 +177,9 @@ class BotApi:
 
     async def request(self, method: str, path: str, limiter: StreamTokenLimiter, parse: Callable[..., Any],
                       body: Any = None, what: str = "Argon API") -> Any:
-        url = f"{self.api_url}{path}"
-        for attempt in range(MAX_RATE_RETRIES + 1):
-            await limiter.acquire()
-            try:
-                response = await self.client.request(method, url, json=body, headers=self.headers)
-            except httpx.HTTPError as err:
-                raise ServiceError(f"{what}: cannot reach {url}: {err.__class__.__name__}") from None
-            try:
-                return parse(response.status_code, response.content,
-                             retry_after_s=parse_retry_after(response.headers.get("retry-after")))
-            except ServiceError as err:
-                if err.status != 429 or attempt == MAX_RATE_RETRIES:
-                    raise
-                retry_after = RATE_WINDOW if err.retry_after is None else err.retry_after
-                log.warning("%s rate limited; retrying in %.0f s", what, retry_after)
-                limiter.back_off(retry_after)
-        raise AssertionError("unreachable")
+        """One call (`request_with_retry`): `parse(status, body, retry_after_s)` is the wire's."""
+        return await request_with_retry(self.client, method, f"{self.api_url}{path}", parse=parse, what=what, log=log,
+                                        headers=self.headers, json=body, limiter=limiter)
 
     async def stream_token(self, space_id: str, channel_id: str):
         """`StreamTokenGrant` for a voice channel (400 not voice, 403 not a member, 404 no such channel)."""
@@ -361,7 +319,7 @@ class EventsClient:
                 if response.status_code != 200:
                     body = await response.aread()
                     permanent = response.status_code in (400, 401, 403)
-                    retry = parse_retry_after(response.headers.get("retry-after"))
+                    retry = parse_retry_after(response.headers.get("retry-after"), now=time.time())
                     if response.status_code == 429 and retry:
                         self.api.events_limiter.back_off(retry)
                     cause = {401: "bot token rejected", 403: "intents not allowed (calls need a verified bot)",
@@ -395,11 +353,13 @@ class EventsClient:
 
 
 # --------------------------------------------------------------------------------- sessions
-class _Session:
-    """One audio WebSocket of the dial endpoint (connect, subscribe or duplex)."""
+class _Session(WsSession[EncodedFrame]):
+    """One audio WebSocket of the dial endpoint (connect, subscribe or duplex); what it
+    publishes is one Opus packet per binary message (`WsEndpoint.send`)."""
 
     def __init__(self, ws: ClientWebSocket, path: AudioPath, target: str | None) -> None:
-        self.ws, self.path, self.target = ws, path, target
+        super().__init__(ws, payload=encoded_payload)
+        self.path, self.target = path, target
         self.ready = trio.Event()
         self.ended = trio.Event()
         self.closing = False
@@ -409,14 +369,14 @@ class _Session:
         self.target_left = False
         self.left = trio.Event()
         """Set on `target_left` (the server keeps a duplex socket open after it)."""
-        self.closer = Closing()
-        """Our close handshake, which `run()` lets finish before it stops the socket's reader."""
+        # `closer` (WsSession): our close handshake, which `run()` lets finish before it stops
+        # the socket's reader
 
     def describe(self) -> str:
         return f"{self.path.value}" + (f" hearing {self.target}" if self.target else "")
 
 
-class ArgonDial(Endpoint[EncodedFrame]):
+class ArgonDial(WsEndpoint[EncodedFrame]):
     """The gateway as an Argon bot in a voice channel or a call (module doc). A sink (it
     publishes the route's audio) unless `publish: false`; a source too when it hears someone
     (`hear:` or `calls: incoming`)."""
@@ -493,9 +453,9 @@ class ArgonDial(Endpoint[EncodedFrame]):
         self.call: CallIncoming | None = None
         """The call this session answers (`calls: incoming`; set by the call dispatcher)."""
         self.playout: OpusPlayout | None = None
-        self._session: _Session | None = None
-        """The session we publish on (the newest, during a target change)."""
-        self._sessions: list[_Session] = []
+        self.session: _Session | None = None
+        """The session we publish on (the newest, during a target change): `send()`'s."""
+        self.sessions: list[_Session] = []
         self._closing: list[_Session] = []
         """Sessions whose close handshake is in progress (it needs their reader to finish)."""
         self._nursery: trio.Nursery | None = None
@@ -633,7 +593,7 @@ class ArgonDial(Endpoint[EncodedFrame]):
                 else:
                     await self._run_fixed(task_status)
             finally:
-                self._session = None
+                self.session = None
                 await self._close_all()
                 for session in list(self._closing):  # e.g. goodbye()'s: the reader has to see the reply
                     await session.closer.settle()
@@ -791,10 +751,10 @@ class ArgonDial(Endpoint[EncodedFrame]):
             raise
         self.stats.connects += 1
         session = _Session(ws, path, target)
-        self._sessions.append(session)
+        self.sessions.append(session)
         self._nursery.start_soon(self._read, session)
         if path.publishes:
-            self._session = session
+            self.session = session
         return session
 
     async def _wait_ready(self, session: _Session) -> None:
@@ -826,10 +786,10 @@ class ArgonDial(Endpoint[EncodedFrame]):
             session.end = close_description(closed)
         finally:
             session.ended.set()
-            if session in self._sessions:
-                self._sessions.remove(session)
-            if self._session is session:
-                self._session = None
+            if session in self.sessions:
+                self.sessions.remove(session)
+            if self.session is session:
+                self.session = None
 
     def _on_status(self, session: _Session, text: str) -> None:
         try:
@@ -842,7 +802,7 @@ class ArgonDial(Endpoint[EncodedFrame]):
                                     ("session_id", status.session_id)) if v}
         if kind == "ready":
             session.session_id = status.session_id
-            if session is self._session:
+            if session is self.session:
                 self.session_id = status.session_id
             session.ready.set()
         elif kind == "target_left":
@@ -865,32 +825,22 @@ class ArgonDial(Endpoint[EncodedFrame]):
             self._closing.remove(session)
 
     async def _close_all(self) -> None:
-        for session in list(self._sessions):
+        for session in list(self.sessions):
             session.closing = True
         with trio.move_on_after(2.0):
             async with trio.open_nursery() as nursery:
-                for session in list(self._sessions):
+                for session in list(self.sessions):
                     nursery.start_soon(self._close_session, session)
 
-    # -- egress -----------------------------------------------------------------------------
-    async def send(self, frame: EncodedFrame) -> None:
-        session = self._session
-        if session is None:
-            self.stats.dropped += 1
-            return
-        try:
-            await session.ws.send_message(frame.payload)
-        except ConnectionClosed:
-            # The session is going (the server drops TCP; a target change): its reader ends
-            # it, and the endpoint decides whether that is a failure.
-            self.stats.dropped += 1
-            return
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(frame.payload)
+    # -- egress: WsEndpoint.send() on the publishing session ----------------------------------
+    def send_failed(self, session: WsSession[EncodedFrame], closed: ConnectionClosed) -> None:
+        # The session is going (the server drops TCP; a target change): its reader ends it,
+        # and the endpoint decides whether that is a failure.
+        self.stats.dropped += 1
 
     async def goodbye(self) -> None:
         self._stopping = True
-        for session in list(self._sessions):
+        for session in list(self.sessions):
             session.closing = True
         await self._close_all()
 

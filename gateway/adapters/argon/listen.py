@@ -43,8 +43,6 @@ the route's pacer): the silence-fill baseline a benchmark compares with.
 
 from __future__ import annotations
 
-import collections
-import hmac
 import logging
 import secrets
 import time
@@ -82,6 +80,8 @@ from gateway.adapters.argon.wire import (
     stream_token_response,
     verify_room_token,
 )
+from gateway.adapters.kit import RATE_WINDOW, RateLimiter
+from gateway.adapters.listen import ListenService, secret_in
 from gateway.codecs.formats import (
     OPUS_48K,
     OPUS_48K_STEREO,
@@ -103,7 +103,6 @@ from gateway.server import HttpRequest, HttpResponse, MediaRequest
 
 log = logging.getLogger("gateway.endpoint.argon")
 
-RATE_WINDOW = 60.0  # seconds of the per-minute limits
 ISSUER = "gateway"  # `iss` of the tokens we issue (LiveKit puts its API key there)
 API_PREFIXES = ("", "/api/bot")  # today's paths, and the older `/api/bot/...` of the seed
 RING_TIMEOUT = 30.0  # seconds a `call:` endpoint rings its bot before the call ends unanswered
@@ -126,21 +125,20 @@ def seat(room: str, identity: str) -> tuple[str, str, str]:
 
 
 class _PerMinute:
-    """At most `limit()` requests a minute per key (the trio clock): a token bucket per bot."""
+    """At most `limit` requests a minute per key (a bot and an API): a `RateLimiter` each, its
+    limit read from the running config on every request (a reload applies at once)."""
 
     def __init__(self) -> None:
-        self._calls: dict[str, collections.deque[float]] = {}
+        self._limiters: dict[str, RateLimiter] = {}
 
     def retry_after(self, key: str, limit: int) -> int | None:
-        """None when a request may go now (and count it), else seconds to wait."""
-        calls = self._calls.setdefault(key, collections.deque())
-        now = trio.current_time()
-        while calls and calls[0] <= now - RATE_WINDOW:
-            calls.popleft()
-        if len(calls) >= limit:
-            return max(1, int(calls[0] + RATE_WINDOW - now + 0.999))
-        calls.append(now)
-        return None
+        """None when a request may go now (and count it), else whole seconds to wait (>= 1)."""
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            limiter = self._limiters[key] = RateLimiter(limit, RATE_WINDOW)
+        limiter.per_window = limit
+        wait = limiter.try_acquire()
+        return None if wait is None else max(1, int(wait + 0.999))
 
 
 class _Call:
@@ -155,7 +153,7 @@ class _Call:
         self.answered = trio.Event()
 
 
-class ArgonListenService:
+class ArgonListenService(ListenService["ArgonListen"]):
     """The Argon-compatible REST and audio endpoints of one gateway process (module doc).
 
     Registered once per runtime. Rooms are those of the `argon` listen endpoints (voice
@@ -163,8 +161,10 @@ class ArgonListenService:
     request, so a reload applies at once.
     """
 
+    kind = "argon"
+
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+        super().__init__(runtime)
         self._random_secret = secrets.token_urlsafe(32)
         self.channels: dict[tuple[str, str], list[ArgonListen]] = {}
         """Listen endpoints by (space, channel); several routes may share a channel."""
@@ -188,12 +188,12 @@ class ArgonListenService:
     @property
     def secret(self) -> str:
         """HS256 key of the room tokens: services.argon.jwt_secret, else random per process."""
-        service = self.runtime.config.services.argon
+        service = self.settings
         return service.jwt_secret.reveal() if service.jwt_secret else self._random_secret
 
     @property
     def bots(self) -> tuple[ArgonBot, ...]:
-        return self.runtime.config.services.argon.listen_bots
+        return self.settings.listen_bots
 
     def bot_by_user_id(self, user_id: str) -> ArgonBot | None:
         return next((b for b in self.bots if b.user_id == user_id), None)
@@ -202,7 +202,7 @@ class ArgonListenService:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme != "Bot" or not token:
             return None
-        return next((b for b in self.bots if hmac.compare_digest(b.token.reveal().encode(), token.encode())), None)
+        return next((b for b in self.bots if secret_in(token, (b.token,))), None)
 
     def hub(self, bot: ArgonBot) -> EventHub:
         hub = self.hubs.get(bot.user_id)
@@ -225,6 +225,7 @@ class ArgonListenService:
         return room
 
     def register(self, endpoint: ArgonListen) -> None:
+        self.add(endpoint)
         if endpoint.channel is not None:
             self.channels.setdefault(endpoint.channel, []).append(endpoint)
             # The room exists from now on, not from the route's first run: a bot connecting
@@ -233,6 +234,7 @@ class ArgonListenService:
             self.channel_room(*endpoint.channel)
 
     def unregister(self, endpoint: ArgonListen) -> None:
+        self.remove(endpoint)
         if endpoint.channel is not None:
             hosts = self.channels.get(endpoint.channel, [])
             if endpoint in hosts:
@@ -322,7 +324,7 @@ class ArgonListenService:
         bot = self._bot(request)
         if bot is None:
             return self._error(401, "unauthorized", "expected Authorization: Bot <token> of a known bot")
-        limited = self._limited(bot, "StreamToken", self.runtime.config.services.argon.stream_token_per_minute)
+        limited = self._limited(bot, "StreamToken", self.settings.stream_token_per_minute)
         if limited is not None:
             return limited
         try:
@@ -352,7 +354,7 @@ class ArgonListenService:
             intents = int(raw)
         else:
             return self._error(400, "bad_request", "intents must be a non-negative integer bitmask")
-        limited = self._limited(bot, "events stream connect", self.runtime.config.services.argon.events_per_minute)
+        limited = self._limited(bot, "events stream connect", self.settings.events_per_minute)
         if limited is not None:
             return limited
         last_id = request.headers.get("last-event-id") or request.query.get("lastEventId")
@@ -363,7 +365,7 @@ class ArgonListenService:
         bot = self._bot(request)
         if bot is None:
             return self._error(401, "unauthorized", "expected Authorization: Bot <token> of a known bot")
-        limited = self._limited(bot, "Calls", self.runtime.config.services.argon.calls_per_minute)
+        limited = self._limited(bot, "Calls", self.settings.calls_per_minute)
         if limited is not None:
             return limited
         try:
@@ -435,7 +437,7 @@ class ArgonListenService:
             await _refuse(request, 403, "the token does not grant this path")
             return
         replacing = grant.identity in room.sessions  # one identity per room: this one takes the other's place
-        if self._sessions >= self.runtime.config.services.argon.max_sessions and not replacing:
+        if self._sessions >= self.settings.max_sessions and not replacing:
             await _refuse(request, 503, "max audio WS sessions reached")
             return
         self._sessions += 1
@@ -530,7 +532,7 @@ class ArgonListen(Endpoint[Frame]):
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> ArgonListen:
-        service = runtime.singleton(ArgonListenService, lambda: ArgonListenService(runtime))
+        service = ArgonListenService.for_runtime(runtime)
         bot_id = opts.get_str("call", None)
         stereo = opts.get_bool("stereo", False)
         frame_ms = opts.get_int("frame_duration_ms", 20, choices=VALID_PTIMES_MS)

@@ -62,7 +62,13 @@ from typing import Any
 import attrs
 import jwt
 
-from gateway.adapters.rest import json_type, loads_strict, status_cause
+from gateway.adapters.rest import (
+    body_retry_after,
+    json_type,
+    loads_strict,
+    parse_retry_after,
+    status_cause,
+)
 from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
@@ -687,24 +693,8 @@ def stream_token_request(space_id: str, channel_id: str) -> dict[str, str]:
     return {"spaceId": space_id, "channelId": channel_id}
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header in delta-seconds form (RFC 9110 §10.2.3).
-
-    None when absent or in the HTTP-date form (converting a date needs a clock; the adapter
-    may do it)."""
-    if value is None:
-        return None
-    value = value.strip()
-    return float(value) if value.isascii() and value.isdigit() else None
-
-
 def _body_retry_after(body: Any) -> float | None:
-    if isinstance(body, dict):
-        for key in ("retryAfter", "retry_after", "retry_after_s"):
-            value = body.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-                return float(value)
-    return None
+    return body_retry_after(body, ("retryAfter", "retry_after", "retry_after_s"))
 
 
 def _url_scheme(url: str) -> str | None:

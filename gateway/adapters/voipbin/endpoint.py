@@ -312,7 +312,7 @@ class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
         end the session normally (raises CallEnded)."""
         idle = self.idle_timeout
         reason = f"idle timeout: no media for {idle:g} s"
-        ended = session.ended = f"{reason} (closed {IDLE_CLOSE_CODE})"  # a send in flight says so too
+        ended = session.end_reason = f"{reason} (closed {IDLE_CLOSE_CODE})"  # a send in flight says so too
         self.session = self._proto = None  # the route's pacer stops sending to it (and blames no one else)
         self.log.warning("closing the media stream (%d): idle timeout: %s sent no media message for %g s "
                          "(idle_timeout_s: 0 allows receive-only clients)", IDLE_CLOSE_CODE, peer, idle)
