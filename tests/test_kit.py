@@ -312,8 +312,8 @@ def test_table_is_the_source_of_kinds_and_services():
     assert voipbin.roles == ("dial", "listen") and voipbin.listen_servers == ("media",)
     assert registry.kind_of("file").roles == ("dial",)
     assert voipbin.endpoint_class("listen").__name__ == "VoipbinListen"
-    with pytest.raises(ValueError, match="unknown listen_servers"):
-        registry.Kind("x", listen_servers=("sip",))
+    with pytest.raises(ValueError, match="a file endpoint has no listen role"):
+        registry.kind_of("file").endpoint_class("listen")
 
 
 def test_unknown_kind_is_a_clear_config_error():

@@ -9,8 +9,9 @@
 - `dial` / `listen`: the endpoint classes of each role, as "module:Class" (imported when the
   first endpoint of that kind is built, so loading a config imports no adapter's I/O code);
   None for a role the kind does not have;
-- `listen_servers`: the `server:` sockets a listen endpoint needs ("media": WebSocket media,
-  "http": REST); building one without them is a ConfigError naming the key.
+- `listen_servers`: the `server:` sockets a listen endpoint needs, by their key ("media":
+  WebSocket media, "http": REST; a kind that brings a socket of its own adds its key to
+  `ServerConfig`); building one without them is a ConfigError naming the key.
 
 From the table come `ENDPOINT_KINDS` (the kinds the config schema accepts), `Services` (one
 field per row with a `config`, gateway/config/schema.py) and `build_endpoint`.
@@ -39,12 +40,6 @@ if TYPE_CHECKING:
     from gateway.endpoint import Endpoint
     from gateway.runtime import Runtime
 
-SERVERS = ("media", "http", "audiosocket")
-"""`server:` sockets a listen role may need: "media" (`server.media`, the WebSocket listen
-socket), "http" (`server.http`, REST token and session calls) and "audiosocket"
-(`server.audiosocket`, AudioSocket's TCP listener)."""
-
-
 @attrs.frozen
 class Kind:
     """One row of `KINDS`: an endpoint kind (module doc)."""
@@ -58,14 +53,9 @@ class Kind:
     listen: str | None = None
     """"module:Class" of the listen role, None: none."""
     listen_servers: tuple[str, ...] = ()
-    """What a listen endpoint needs of `SERVERS`, e.g. ("media", "http")."""
+    """The `server:` keys a listen endpoint needs, e.g. ("media", "http")."""
     constructor: str = "from_config"
     """The classmethod that builds an endpoint: `(name, opts, runtime) -> Endpoint`."""
-
-    def __attrs_post_init__(self) -> None:
-        unknown = set(self.listen_servers) - set(SERVERS)
-        if unknown:
-            raise ValueError(f"kind {self.name}: unknown listen_servers {sorted(unknown)} (known: {SERVERS})")
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -143,7 +133,7 @@ def _build(config: EndpointConfig, runtime: Runtime, name: str, opts: Options) -
         raise opts.error("role", f"a {row.name} endpoint has no {config.role} role")
     if config.role == "listen":
         for server in row.listen_servers:
-            if getattr(runtime.config.server, server) is None:
+            if getattr(runtime.config.server, server, None) is None:
                 raise ConfigError(f"{config.where}: {config.path}: a listen endpoint needs server.{server} (HOST:PORT)")
     cls: Any = row.endpoint_class(config.role)
     return getattr(cls, row.constructor)(name, opts, runtime)
