@@ -102,14 +102,12 @@ def secret_in(presented: str | None, secrets: Iterable[Secret | str]) -> bool:
     return any(hmac.compare_digest(given, (s.reveal() if isinstance(s, Secret) else s).encode()) for s in secrets)
 
 
-E = TypeVar("E")
-
-
-class ListenService(Generic[E]):
+class ListenService:
     """The listen role of one kind in one gateway process: the REST and WebSocket paths it
     serves on `runtime.http` / `runtime.media` (the subclass registers them in its
-    `__init__`), and the listen endpoints of that kind (`add` / `remove`, from the endpoints'
-    `from_config` / `detach`).
+    `__init__`, after `super().__init__(runtime)`), and its endpoints, kept as the kind needs
+    them (a list, by room, by channel: `add` / `remove` from the endpoints' `from_config` /
+    `detach`).
 
     One per runtime: `for_runtime(runtime)`. Its settings are read from the running config on
     each request (`settings`: `services.<kind>`), so a reload applies at once."""
@@ -119,7 +117,6 @@ class ListenService(Generic[E]):
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.endpoints: list[E] = []
 
     @classmethod
     def for_runtime(cls, runtime: Runtime) -> Self:
@@ -131,10 +128,3 @@ class ListenService(Generic[E]):
     def settings(self) -> Any:
         """`services.<kind>` of the running config."""
         return getattr(self.runtime.config.services, self.kind)
-
-    def add(self, endpoint: E) -> None:
-        self.endpoints.append(endpoint)
-
-    def remove(self, endpoint: E) -> None:
-        if endpoint in self.endpoints:
-            self.endpoints.remove(endpoint)

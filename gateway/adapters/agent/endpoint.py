@@ -282,7 +282,7 @@ def _same(a: str | None, b: str) -> bool:
     return secret_in(a, (b,))
 
 
-class AgentListenService(ListenService["AgentListen"]):
+class AgentListenService(ListenService):
     """The agent-compatible token endpoint of one gateway process (spec §1), registered once
     per runtime on `server.http`: ``POST /api/v1/sdk/token`` and its CORS preflight
     ``OPTIONS``. Sessions go to the `agent` listen endpoints, first free one first (see the
@@ -292,6 +292,8 @@ class AgentListenService(ListenService["AgentListen"]):
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
+        self.endpoints: list[AgentListen] = []
+        """The agent listen endpoints, in the order tokens are handed out for them."""
         self.next_slot = 1
         """Slot number of the next listen endpoint (never reused, so a reload that removes one
         cannot hand its path to another)."""
@@ -301,6 +303,13 @@ class AgentListenService(ListenService["AgentListen"]):
         runtime.http.add("POST", TOKEN_PATH, self.token)
         runtime.http.add("OPTIONS", TOKEN_PATH, self.preflight)
         self.log = logging.getLogger("gateway.endpoint.agent")
+
+    def add(self, endpoint: AgentListen) -> None:
+        self.endpoints.append(endpoint)
+
+    def remove(self, endpoint: AgentListen) -> None:
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
 
     @property
     def origins(self) -> tuple[str, ...]:

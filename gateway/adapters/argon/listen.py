@@ -153,7 +153,7 @@ class _Call:
         self.answered = trio.Event()
 
 
-class ArgonListenService(ListenService["ArgonListen"]):
+class ArgonListenService(ListenService):
     """The Argon-compatible REST and audio endpoints of one gateway process (module doc).
 
     Registered once per runtime. Rooms are those of the `argon` listen endpoints (voice
@@ -225,7 +225,6 @@ class ArgonListenService(ListenService["ArgonListen"]):
         return room
 
     def register(self, endpoint: ArgonListen) -> None:
-        self.add(endpoint)
         if endpoint.channel is not None:
             self.channels.setdefault(endpoint.channel, []).append(endpoint)
             # The room exists from now on, not from the route's first run: a bot connecting
@@ -234,7 +233,6 @@ class ArgonListenService(ListenService["ArgonListen"]):
             self.channel_room(*endpoint.channel)
 
     def unregister(self, endpoint: ArgonListen) -> None:
-        self.remove(endpoint)
         if endpoint.channel is not None:
             hosts = self.channels.get(endpoint.channel, [])
             if endpoint in hosts:
