@@ -75,6 +75,7 @@ def test_body_retry_after_and_status_cause():
     assert body_retry_after({"retryAfter": 2}) == 2.0
     assert body_retry_after({"retry_after": 0.5}, ("retry_after",)) == 0.5
     assert body_retry_after({"retryAfter": True}) is None and body_retry_after({"retryAfter": -1}) is None
+    assert body_retry_after({"retryAfter": float("inf")}) is None  # 1e400 in JSON
     assert body_retry_after(["retryAfter"]) is None
     assert status_cause(503, {}) == ("service error", False) and status_cause(404, {}) == ("request refused", True)
 

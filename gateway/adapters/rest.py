@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import math
 import re
 import time
 from typing import Any, Iterable, Mapping
@@ -81,14 +82,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def body_retry_after(body: Any, keys: Iterable[str] = ("retryAfter", "retry_after")) -> float | None:
-    """A retry hint in a JSON error body: the first of `keys` whose value is a non-negative
-    number (seconds), else None. Services that put one there (the header still wins) name
+    """A retry hint in a JSON error body: the first of `keys` whose value is a finite
+    non-negative number (seconds), else None. Services that put one there (the header still wins) name
     their keys."""
     if isinstance(body, dict):
         for key in keys:
             value = body.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-                return float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
+                return float(value)  # (1e400 parses as inf: not a wait)
     return None
 
 

@@ -30,6 +30,7 @@ import httpx
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway.adapters.kit import post_with_retry
 from gateway.adapters.videosdk._shared import (
     DEFAULT_PUBLISH_EVENTS,
     GOODBYE_SEND_S,
@@ -58,16 +59,14 @@ from gateway.adapters.videosdk.frames import (
 from gateway.adapters.videosdk.sessions import (
     SESSIONS_PATH,
     IngestSession,
-    SessionError,
     parse_session_response,
     session_request,
 )
 from gateway.adapters.videosdk.webhooks import VideosdkWebhooks
-from gateway.adapters.ws import Closing, close, close_description, dial, redact_url, refuse
-from gateway.adapters.wsclient import ClientWebSocket
+from gateway.adapters.ws import WsEndpoint, WsSession, close_description, dial, pcm_payload
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
-from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
+from gateway.endpoint import Emit, PcmIngress, RouteEvent
 from gateway.errors import (
     CallEnded,
     LocalProtocolError,
@@ -78,9 +77,6 @@ from gateway.runtime import Runtime
 
 __all__ = ["INGEST_REJECTED", "VideosdkDial"]
 
-MAX_RATE_RETRIES = 5  # 429s retried for one session call before giving up
-DEFAULT_RETRY_S = 1.0  # seconds to wait after a 429 that names no Retry-After
-MAX_RETRY_WAIT_S = 60.0  # seconds: the longest wait a 429 can ask of us
 EVENT_QUEUE = 64  # route events queued for one dial endpoint's publisher; more are dropped
 
 #: Refused upgrades of the dial side's wsUrl: {status: (cause, permanent)}. A new session
@@ -95,17 +91,8 @@ INGEST_REJECTED = {
 
 
 
-def _retry_after_header(value: str | None) -> float | None:
-    """Seconds of a ``Retry-After`` header in delta-seconds form (RFC 9110 §10.2.3)."""
-    if value is None:
-        return None
-    value = value.strip()
-    return float(value) if value.isascii() and value.isdigit() else None
-
-
-
 # ------------------------------------------------------------------------------------ dial
-class VideosdkDial(Endpoint[AudioFrame]):
+class VideosdkDial(WsEndpoint[AudioFrame]):
     """The gateway as a device streaming into a VideoSDK room (spec: Steps 1-2, Messaging).
 
     Audio: PCM16 8 kHz mono both ways, one 20 ms frame per `send`. `run()` creates the
@@ -164,12 +151,10 @@ class VideosdkDial(Endpoint[AudioFrame]):
         """Route events not published: not connected, or the publish queue was full."""
         self.publish_refused = 0
         """Publishes the spec's limits refused (topic > 128 characters, payload > 8 KB)."""
-        self._ws: ClientWebSocket | None = None
-        self._proto: IngestClient | None = None
+        self._proto: IngestClient | None = None  # with `session` (WsEndpoint): the stream's framing
         self._events: trio.MemorySendChannel | None = None
         self._tasks: trio.CancelScope | None = None
         self._hangup: str | None = None
-        self._closing = Closing()
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> VideosdkDial:
@@ -238,37 +223,23 @@ class VideosdkDial(Endpoint[AudioFrame]):
     async def create_session(self) -> IngestSession:
         """``POST {api_url}/v2/ingest/sessions`` (spec: Step 1) → the session.
 
-        A 429 is retried after its Retry-After (header, else body ``retryAfter``, else
-        `DEFAULT_RETRY_S`; at most `MAX_RETRY_WAIT_S`), up to `MAX_RATE_RETRIES` times.
+        A 429 (or a 5xx with Retry-After) is retried per the kit's `RetryPolicy`, after its
+        Retry-After (header, either form, else body ``retryAfter``, else backoff).
         Raises `SessionError` (status, permanent, retry_after) or `ServiceError` when the API
         cannot be reached; messages name the room and the cause, never the token."""
-        url = f"{self.api_url}{SESSIONS_PATH}"
-        headers = {"Authorization": self._authorization, "Content-Type": "application/json"}
-        body = json.dumps(self.request_body, separators=(",", ":")).encode()
-        for attempt in range(MAX_RATE_RETRIES + 1):
-            try:
-                response = await self.client.post(url, content=body, headers=headers)
-            except httpx.HTTPError as err:
-                raise ServiceError(f"{self._where}: cannot reach {redact_url(url)}: {err.__class__.__name__}") from None
-            try:
-                return parse_session_response(
-                    response.status_code, response.content, room_id=self.room_id,
-                    retry_after_s=_retry_after_header(response.headers.get("retry-after")),
-                )
-            except SessionError as err:
-                if err.status != 429 or attempt == MAX_RATE_RETRIES:
-                    raise
-                wait = min(err.retry_after if err.retry_after is not None else DEFAULT_RETRY_S, MAX_RETRY_WAIT_S)
-                self.log.warning("session call rate limited (HTTP 429); retrying in %g s", wait)
-                await trio.sleep(wait)
-        raise AssertionError("unreachable")
+        return await post_with_retry(
+            self.client, f"{self.api_url}{SESSIONS_PATH}",
+            headers={"Authorization": self._authorization, "Content-Type": "application/json"},
+            content=json.dumps(self.request_body, separators=(",", ":")).encode(),
+            parse=lambda status, body, retry_after_s: parse_session_response(
+                status, body, room_id=self.room_id, retry_after_s=retry_after_s),
+            what=self._where, log=self.log)
 
     # ------------------------------------------------------------------------- streaming
     async def run(self, emit: Emit, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Create the session, connect, start; `task_status.started()` once the start and
         subscribe frames are out; then emit the room's audio (`AudioFrame`, PCM16 8 kHz
         mono, timestamps in samples) until the room ends (see the class doc for errors)."""
-        self._closing = Closing()
         self._hangup = None
         session = await self.create_session()
         expires_at = trio.current_time() + session.expires_in
@@ -276,23 +247,22 @@ class VideosdkDial(Endpoint[AudioFrame]):
         if self.webhooks is not None:
             self.webhooks.calls[session.call_id] = self
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.move_on_at(expires_at) as in_time:
-                    ws = await dial(nursery, session.ws_url, service=f"VideoSDK room {self.room_id}", rejected=INGEST_REJECTED)
-                if in_time.cancelled_caught:
-                    raise ServiceError(f"{self._where}: expired ({session.expires_in:g} s) before the WebSocket connected")
-                try:
-                    await self._stream(ws, emit, task_status)
-                finally:
-                    await self._closing.settle()
-                    await close(ws, 1000)
-                    nursery.cancel_scope.cancel()
+            with trio.move_on_at(expires_at) as in_time:
+                ws = await dial(None, session.ws_url, service=f"VideoSDK room {self.room_id}", rejected=INGEST_REJECTED)
+            if in_time.cancelled_caught:
+                raise ServiceError(f"{self._where}: expired ({session.expires_in:g} s) before the WebSocket connected")
+            proto = IngestClient()
+            ws_session = WsSession(ws, payload=pcm_payload, wrap=proto.media)
+            try:
+                await self._stream(ws_session, proto, emit, task_status)
+            finally:
+                await ws_session.finish()
         finally:
             if self.webhooks is not None and self.webhooks.calls.get(session.call_id) is self:
                 del self.webhooks.calls[session.call_id]
 
-    async def _stream(self, ws: ClientWebSocket, emit: Emit, task_status) -> None:
-        proto = IngestClient()
+    async def _stream(self, session: WsSession[AudioFrame], proto: IngestClient, emit: Emit, task_status) -> None:
+        ws = session.ws
         try:
             await ws.send_message(proto.start())
             for topic in self.subscribe:
@@ -300,7 +270,7 @@ class VideosdkDial(Endpoint[AudioFrame]):
         except ConnectionClosed as closed:
             raise ServiceError(f"{self._where}: {close_description(closed)} before the stream started") from None
         events_send, events_recv = trio.open_memory_channel[RouteEvent](EVENT_QUEUE)
-        self._ws, self._proto, self._events = ws, proto, events_send
+        self.session, self._proto, self._events = session, proto, events_send
         self.stats.connects += 1
         self.log.info("streaming into room %s (call %s)", self.room_id, self.call_id)
         task_status.started()
@@ -311,9 +281,9 @@ class VideosdkDial(Endpoint[AudioFrame]):
                     tasks.cancel_scope.cancel()
                 if self.publish_topic is not None:
                     tasks.start_soon(self._publisher, events_recv, self.publish_topic)
-                await self._receive(ws, proto, emit)
+                await self._receive(session, proto, emit)
         finally:
-            self._ws = self._proto = self._events = self._tasks = None
+            self.session = self._proto = self._events = self._tasks = None
         if self._hangup is not None:  # the receive loop was cancelled by hang_up()
             if not proto.stopped:
                 with trio.move_on_after(GOODBYE_SEND_S):
@@ -323,18 +293,19 @@ class VideosdkDial(Endpoint[AudioFrame]):
                         pass
             raise CallEnded(self._hangup)
 
-    async def _receive(self, ws: ClientWebSocket, proto: IngestClient, emit: Emit) -> None:
+    async def _receive(self, session: WsSession[AudioFrame], proto: IngestClient, emit: Emit) -> None:
         """Read until the room ends; raises CallEnded or RemoteProtocolError."""
         audio = PcmIngress(emit, SAMPLE_RATE, self.stats)
+        ws = session.ws
         while True:
             try:
                 message = await ws.get_message()
             except ConnectionClosed as closed:
-                raise CallEnded(close_description(closed)) from None
+                raise session.call_ended(closed) from None
             try:
                 events = proto.receive(message)
             except RemoteProtocolError as err:
-                await refuse(ws, err, self.log, "ingest stream")
+                await session.refuse(err, self.log, "ingest stream")
                 raise
             for event in events:
                 if isinstance(event, Media):
@@ -356,32 +327,15 @@ class VideosdkDial(Endpoint[AudioFrame]):
                 elif isinstance(event, Unknown):
                     self.log.debug("ignored a %s frame", _shown(event.event))
 
-    async def send(self, frame: AudioFrame) -> None:
-        """One 20 ms frame of PCM16 8 kHz mono (320 bytes) as a media frame."""
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.stopped:
-            self.stats.dropped += 1
-            return
-        pcm = frame.to_bytes()
-        try:
-            await ws.send_message(proto.media(pcm))
-        except ConnectionClosed as closed:
-            raise CallEnded(close_description(closed)) from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(pcm)
+    # send(): WsEndpoint's (one 20 ms frame of PCM16 8 kHz mono, 320 bytes, as a media frame)
 
     async def goodbye(self) -> None:
         """``{"event":"stop"}`` (spec: Step 2), then close 1000 with the handshake completed."""
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None:
+        session, proto = self.session, self._proto
+        if session is None or proto is None:
             return
-        if not proto.stopped:
-            with trio.move_on_after(GOODBYE_SEND_S):
-                try:
-                    await ws.send_message(proto.stop())
-                except ConnectionClosed:
-                    return
-        await self._closing.close(ws, 1000, "call ended")
+        self.session = None  # no audio after stop (the wire refuses it)
+        await session.goodbye(None if proto.stopped else proto.stop(), reason="call ended", timeout=GOODBYE_SEND_S)
 
     # --------------------------------------------------------------------------- pub/sub
     async def publish(self, topic: str, data: Any) -> None:
@@ -392,12 +346,12 @@ class VideosdkDial(Endpoint[AudioFrame]):
         characters, payload over 8 KB of UTF-8: the message names the cause and sizes);
         nothing is sent and the stream goes on. Raises `ServiceError` when not connected,
         `CallEnded` when the stream has closed."""
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.stopped:
+        session, proto = self.session, self._proto
+        if session is None or proto is None or proto.stopped:
             raise ServiceError(f"{self._where}: not connected, cannot publish")
         text = proto.publish(topic, data)
         try:
-            await ws.send_message(text)
+            await session.ws.send_message(text)
         except ConnectionClosed as closed:
             raise CallEnded(close_description(closed)) from None
         self.stats.events_out += 1

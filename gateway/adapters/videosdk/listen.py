@@ -26,7 +26,6 @@ warning naming the cause.
 
 from __future__ import annotations
 
-import hmac
 import re
 import secrets
 import uuid
@@ -36,7 +35,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from gateway.adapters.listen import ListenSlot
+from gateway.adapters.listen import ListenService, ListenSlot, secret_in
 from gateway.adapters.videosdk._shared import (
     DEFAULT_PUBLISH_EVENTS,
     GOODBYE_SEND_S,
@@ -79,10 +78,10 @@ from gateway.adapters.videosdk.sessions import (
     parse_session_request,
     session_response,
 )
-from gateway.adapters.ws import Closing, close, close_description, refuse
+from gateway.adapters.ws import WsEndpoint, WsSession, close, close_description, pcm_payload, refuse
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
-from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
+from gateway.endpoint import Emit, PcmIngress, RouteEvent
 from gateway.errors import (
     CallEnded,
     LocalProtocolError,
@@ -135,7 +134,7 @@ class _Outbox:
         return True
 
 
-class VideosdkListenService:
+class VideosdkListenService(ListenService):
     """The VideoSDK-compatible session REST endpoint and ingest WebSocket of one process.
 
     Registered once per runtime (`for_runtime`) on `server.http` (``POST
@@ -144,8 +143,10 @@ class VideosdkListenService:
     holding one device.
     """
 
+    kind = "videosdk"
+
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+        super().__init__(runtime)
         self.rooms: dict[str, Room] = {}
         """room_id → who is connected to it (the pure room model)."""
         self.endpoints: dict[str, list[VideosdkListen]] = {}
@@ -155,15 +156,6 @@ class VideosdkListenService:
         self._claims: dict[str, _Claim] = {}
         runtime.http.add("POST", SESSIONS_PATH, self.create_session, refuse=_refused)
         runtime.media.add(re.escape(INGEST_PATH), self.ingest)
-
-    @property
-    def _tokens(self) -> tuple[bytes, ...]:
-        """services.videosdk.listen_tokens of the running config (a reload applies at once)."""
-        return tuple(t.reveal().encode() for t in self.runtime.config.services.videosdk.listen_tokens)
-
-    @classmethod
-    def for_runtime(cls, runtime: Runtime) -> VideosdkListenService:
-        return runtime.singleton(cls, lambda: cls(runtime))
 
     def add(self, endpoint: VideosdkListen) -> None:
         self.endpoints.setdefault(endpoint.room_id, []).append(endpoint)
@@ -206,7 +198,7 @@ class VideosdkListenService:
         too many unclaimed sessions; 200 ``{"message":"Ingest session created","data":
         {"wsUrl","callId","expiresIn":90}}``."""
         token = parse_authorization(request.headers.get("authorization"))
-        if token is None or not any(hmac.compare_digest(token.encode(), t) for t in self._tokens):
+        if not secret_in(token, self.settings.listen_tokens):  # the running config's: a reload applies at once
             log.info("ingest session refused (401): token missing or rejected")
             return HttpResponse(401, error_body("token missing or rejected"))
         try:
@@ -268,7 +260,7 @@ class VideosdkListenService:
         await endpoint._slot.offer(request, claim)
 
 
-class VideosdkListen(Endpoint[AudioFrame]):
+class VideosdkListen(WsEndpoint[AudioFrame]):
     """A participant slot of a VideoSDK-compatible room: one device at a time streams PCM16
     8 kHz mono both ways through the spec's custom WebSocket (see the module doc).
 
@@ -323,10 +315,8 @@ class VideosdkListen(Endpoint[AudioFrame]):
         self.messaging_refused = 0
         """Subscribe / publish frames dropped for breaking the topic or payload rules."""
         self._slot: ListenSlot[_Claim] = ListenSlot(f"VideoSDK room {room_id} ({name})")
-        self._ws: WebSocketConnection | None = None
-        self._proto: IngestServer | None = None
+        self._proto: IngestServer | None = None  # with `session` (WsEndpoint): the device's framing
         self._participant: Participant | None = None
-        self._closing = Closing()
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> VideosdkListen:
@@ -374,7 +364,7 @@ class VideosdkListen(Endpoint[AudioFrame]):
             session = await self._slot.take()
             claim: _Claim = session.context
             participant = None
-            self._closing = Closing()
+            ws_session: WsSession[AudioFrame] | None = None
             try:
                 try:
                     ws = await session.accept()
@@ -399,19 +389,21 @@ class VideosdkListen(Endpoint[AudioFrame]):
                 except ConnectionClosed as closed:
                     self.log.info("device %s left before joining: %s", session.request.remote, close_description(closed))
                     continue
-                self._ws, self._proto, self._participant = ws, proto, participant
+                ws_session = WsSession(ws, payload=pcm_payload, wrap=proto.media, peer="device ")
+                self.session, self._proto, self._participant = ws_session, proto, participant
                 self.stats.connects += 1
                 self.log.info("device %s joined room %s (call %s, participant %s)", session.request.remote,
                               self.room_id, claim.call_id, _shown(participant.name or participant.id))
                 task_status.started()
                 await self._stream(ws, proto, participant, outbox_recv, emit)
             finally:
-                self._ws = self._proto = self._participant = None
+                self.session = self._proto = self._participant = None
                 if participant is not None:
                     self.service.send(self.room.leave(participant))
                     self.service.outboxes.pop(participant).channel.close()
-                await self._closing.settle()
-                if session.ws is not None:
+                if ws_session is not None:
+                    await ws_session.finish(1000, "call ended")
+                elif session.ws is not None:
                     await close(session.ws, 1000, "call ended")
                 session.finished.set()
 
@@ -526,19 +518,7 @@ class VideosdkListen(Endpoint[AudioFrame]):
                 elif isinstance(event, Unknown):
                     self.log.debug("ignored a %s frame", _shown(event.event))
 
-    async def send(self, frame: AudioFrame) -> None:
-        """One 20 ms frame of room audio (PCM16 8 kHz mono, 320 bytes) to the device."""
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.stopped:
-            self.stats.dropped += 1
-            return
-        pcm = frame.to_bytes()
-        try:
-            await ws.send_message(proto.media(pcm))
-        except ConnectionClosed as closed:
-            raise CallEnded(f"device {close_description(closed)}") from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(pcm)
+    # send(): WsEndpoint's (one 20 ms frame of room audio, PCM16 8 kHz mono, 320 bytes)
 
     def on_route_event(self, event: RouteEvent) -> None:
         """Deliver an event of a `publish_events` kind to the device on `publish_topic` when it
@@ -563,13 +543,8 @@ class VideosdkListen(Endpoint[AudioFrame]):
 
     async def goodbye(self) -> None:
         """``meeting-left`` (the example's lifecycle frame), then close 1000."""
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None:
+        session, proto = self.session, self._proto
+        if session is None or proto is None:
             return
-        if not proto.stopped:
-            with trio.move_on_after(GOODBYE_SEND_S):
-                try:
-                    await ws.send_message(proto.event(MEETING_LEFT, message="call ended"))
-                except ConnectionClosed:
-                    return
-        await self._closing.close(ws, 1000, "call ended")
+        farewell = None if proto.stopped else proto.event(MEETING_LEFT, message="call ended")
+        await session.goodbye(farewell, reason="call ended", timeout=GOODBYE_SEND_S)

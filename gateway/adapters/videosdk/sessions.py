@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from gateway.adapters.rest import loads_strict, status_cause
+from gateway.adapters.rest import body_retry_after, loads_strict, status_cause
 from gateway.adapters.videosdk.frames import _dumps
 from gateway.errors import GatewayError, LocalProtocolError, ServiceError
 
@@ -230,12 +230,7 @@ _STATUS_CAUSES = {
 
 
 def _body_retry_after(body: Any) -> float | None:
-    if isinstance(body, dict):
-        for key in ("retryAfter", "retry_after"):
-            value = body.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-                return float(value)
-    return None
+    return body_retry_after(body, ("retryAfter", "retry_after"))
 
 
 def _is_ws_url(url: str) -> bool:
