@@ -21,7 +21,8 @@ How to use the kit
    listen: the `ws` a `ListenSlot`'s `PendingSession.accept()` gives). `send()` is then done:
    it drops while there is no session, sends `wrap(payload(frame))`, counts `frames_out` /
    `bytes_out`, and turns a closed connection into `CallEnded`. Clear `self.session` when the
-   session ends or its farewell went out. In the receive loop, `await session.refuse(err,
+   session ends or a stop frame went out or came in (where it is seen: the route keeps
+   sending while the session winds down). In the receive loop, `await session.refuse(err,
    self.log, "media stream")` closes with the `RemoteProtocolError`'s code; `goodbye()` is
    `await session.goodbye(proto.stop(), reason="call ended")`; `run()`'s `finally` is
    `await session.finish()`. What must go between audio frames (a DTMF packet, a mark) goes

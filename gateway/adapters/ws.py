@@ -257,8 +257,10 @@ class WsEndpoint(Endpoint[FrameT]):
     """An endpoint with (at most) one `WsSession` at a time; it gives the one `send()`.
 
     The adapter sets `self.session` once media may flow (after its handshake) and clears it
-    (None) when it must not: the session ended, we closed it, or the protocol's farewell went
-    out (a stop frame: the wire refuses audio after it). `send()` then:
+    (None) when it must not: the session ended, we closed it, the protocol's farewell went out
+    or the peer's arrived (a stop frame: the wire refuses audio after it; clear it there and
+    then, not only in `run()`'s `finally`, which may come after tasks of the session wound
+    down while the route kept sending). `send()` then:
 
     - drops the frame (counted in `stats.dropped`) while there is no session;
     - awaits `session.interleave` first when one is set (module `Interleave`);

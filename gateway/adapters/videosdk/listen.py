@@ -514,6 +514,9 @@ class VideosdkListen(WsEndpoint[AudioFrame]):
                     self.log.warning("dropped the device's %s frame (topic %s): %s", event.event,
                                      _shown(event.topic), event.reason)
                 elif isinstance(event, Stopped):
+                    # no audio after the device's stop (the wire refuses it), from now on: the
+                    # session's tasks still wind down before run() clears the rest
+                    self.session = None
                     raise CallEnded("stop")
                 elif isinstance(event, Unknown):
                     self.log.debug("ignored a %s frame", _shown(event.event))
