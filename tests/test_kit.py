@@ -321,7 +321,8 @@ def test_unknown_kind_is_a_clear_config_error():
     with pytest.raises(ConfigError) as raised:
         registry.kind_of("voipbn", "gw.yaml:4", "routes[0].endpoints[0]")
     assert str(raised.value) == ("gw.yaml:4: routes[0].endpoints[0]: unknown endpoint kind 'voipbn', expected one "
-                                 "of voipbin, argon, agent, videosdk, file, record")
+                                 f"of {', '.join(registry.ENDPOINT_KINDS)}")
+    assert registry.ENDPOINT_KINDS[:4] == ("voipbin", "argon", "agent", "videosdk")
     text = "routes:\n  - name: r\n    endpoints:\n      - voipbn: {call_id: c}\n      - record: {path: x.wav}\n"
     with pytest.raises(ConfigError, match=r"^gw.yaml:4: routes\[0\].endpoints\[0\]: unknown endpoint kind 'voipbn'"):
         GatewayConfig.from_text(text, "gw.yaml")
@@ -333,11 +334,13 @@ def test_unknown_kind_is_a_clear_config_error():
     ("voipbin", "call_id: c", "media"),
     ("agent", "name: a", "media"),
     ("videosdk", "room_id: r", "http"),
+    ("audiosocket", "uuid: 40325ec2-5efd-4bd3-805f-53576e581d13", "audiosocket"),  # a socket of its own
 ])
 def test_listen_role_without_its_server_is_a_clear_config_error(kind, options, missing):
     from gateway.runtime import Runtime
 
-    server = {"media": "  http: 127.0.0.1:0\n", "http": "  media: 127.0.0.1:0\n"}[missing]
+    server = {"media": "  http: 127.0.0.1:0\n", "http": "  media: 127.0.0.1:0\n",
+              "audiosocket": "  media: 127.0.0.1:0\n"}[missing]
     text = f"server:\n{server}" + ("services:\n  agent: {api_key: k}\n" if kind == "agent" else "")
     text += f"routes:\n  - name: r\n    endpoints:\n      - {kind}: {{role: listen, {options}}}\n      - record: {{path: x.wav}}\n"
     config = GatewayConfig.from_text(text, "gw.yaml")
