@@ -67,6 +67,13 @@ def _build(config: EndpointConfig, runtime: Runtime, name: str, opts: Options) -
             _need_server(runtime, "audiosocket", config)
             return AudioSocketListen.from_config(name, opts, runtime)
         return AudioSocketDial.from_config(name, opts, runtime)
+    if kind == "twilio":
+        from gateway.adapters.twilio.endpoint import TwilioDial, TwilioListen
+
+        if role == "listen":
+            _need_server(runtime, "media", config)
+            return TwilioListen.from_config(name, opts, runtime)
+        return TwilioDial.from_config(name, opts, runtime)
     if kind in ("file", "record"):
         from gateway.adapters.local import FileSource, Recorder
 

@@ -18,12 +18,13 @@ from typing import Mapping
 
 import attrs
 
+from gateway.adapters.twilio.config import TwilioService
 from gateway.config.options import Options
 from gateway.config.secret import Secret
 from gateway.config.yaml_lines import expand_env, load_yaml
 from gateway.errors import ConfigError
 
-ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "audiosocket", "file", "record")
+ENDPOINT_KINDS = ("voipbin", "argon", "agent", "videosdk", "audiosocket", "twilio", "file", "record")
 ARGON_API_URL = "https://gateway.argon.zone"  # argon-voice-ws.md "Calls and events" (the seed: api.argon.gl/api/bot)
 ARGON_INGRESS_PATH = "/audio/connect"
 VOIPBIN_API_URL = "https://api.voipbin.net"
@@ -325,6 +326,7 @@ class Services:
     voipbin: VoipbinService = VoipbinService()
     agent: AgentService = AgentService()
     videosdk: VideosdkService = VideosdkService()
+    twilio: TwilioService = TwilioService()
 
     @classmethod
     def from_options(cls, opts: Options) -> Services:
@@ -333,6 +335,7 @@ class Services:
             voipbin=VoipbinService.from_options(opts.sub("voipbin")),
             agent=AgentService.from_options(opts.sub("agent")),
             videosdk=VideosdkService.from_options(opts.sub("videosdk")),
+            twilio=TwilioService.from_options(opts.sub("twilio")),
         )
         opts.finish()
         return result
