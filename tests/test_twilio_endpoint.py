@@ -21,6 +21,7 @@ import string
 import xml.etree.ElementTree as ET
 
 import httpx
+import pytest
 import numpy as np
 import trio
 from trio_websocket import ConnectionClosed, serve_websocket
@@ -422,3 +423,49 @@ async def test_dial_plays_twilios_part_toward_a_bot(tmp_path, speech_clip, caplo
     total_s = len(heard) / rate
     assert dial.stats.frames_in * 0.02 < 1.0 + 0.4 + 0.3, (dial.stats.frames_in, total_s)
     assert AUTH_TOKEN not in caplog.text
+
+
+# ====================================================================================== config
+def test_the_twilio_example_config_is_valid(tmp_path):
+    from pathlib import Path
+
+    from gateway.daemon import Gateway
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "twilio_auth_token").write_text(AUTH_TOKEN + "\n")
+    text = (root / "config" / "twilio.example.yaml").read_text()
+    config = GatewayConfig.from_text(text, "twilio.example.yaml", env={"CREDENTIALS_DIRECTORY": str(tmp_path), "VOIPBIN_TOKEN": "vb-example"})
+    assert config.services.twilio.auth_token.reveal() == AUTH_TOKEN
+    gateway = Gateway(config)
+    gateway.build()
+    desk = gateway.routes["front-desk"].route.endpoints
+    assert [(e.kind, e.role, e.name) for e in desk] == [("twilio", "listen", "caller"), ("twilio", "dial", "bot"),
+                                                        ("record", "dial", "record")]
+    assert desk[0].stream_url() == "wss://gw.example.com/twilio/front-desk"
+    assert desk[0].twiml and desk[1].parameters == {"tenant": "acme", "language": "en-US"}
+    assert gateway.routes["front-desk"].has_listen and not gateway.routes["bot-on-voipbin"].has_listen
+    voicemail = gateway.routes["voicemail"].route.endpoints[0]
+    assert not voicemail.twiml and voicemail.idle_timeout == 5.0
+    assert ("GET", r"^/twilio/front\-desk/voice$") in gateway.runtime.http.patterns()
+    assert not any("voicemail" in p for _, p in gateway.runtime.http.patterns())
+    assert r"^/twilio/voicemail$" in gateway.runtime.media.patterns()
+
+
+@pytest.mark.parametrize("endpoint, error", [
+    ("{role: listen}", "routes[0].endpoints[0].twilio: missing required key 'stream'"),
+    ("{role: listen, stream: 'a/b'}", "'a/b' is not a valid stream name"),
+    ("{role: listen, stream: s, parameters: [1]}", "twilio.parameters: expected a mapping"),
+    ("{role: listen, stream: s, bogus: 1}", "twilio.bogus: unknown key"),
+    ("{url: 'http://bot.example.com/x'}", "twilio.url: expected a ws:// or wss:// URL"),
+    ("{url: 'wss://bot.example.com/x', account_sid: AC12}", "twilio.account_sid: expected AC and 32 hex digits"),
+    ("{url: 'wss://bot.example.com/x', buffer_ms: 10}", "twilio.buffer_ms: expected at least 200"),
+])
+def test_config_errors_name_the_key(endpoint, error):
+    from gateway.daemon import Gateway
+    from gateway.errors import ConfigError
+
+    text = ("server: {http: 127.0.0.1:0, media: 127.0.0.1:0}\nroutes:\n  - name: r\n    endpoints:\n"
+            f"      - twilio: {endpoint}\n      - record: {{path: /tmp/x.wav}}\n")
+    with pytest.raises(ConfigError) as info:
+        Gateway(GatewayConfig.from_text(text, "gw.yaml")).build()
+    assert error in str(info.value), str(info.value)
