@@ -33,6 +33,7 @@ from gateway.codecs import G711Decoder, G711Encoder
 from gateway.codecs.formats import PCMU_8K, AudioFrame, EncodedFrame
 from gateway.config import GatewayConfig
 from gateway.demo import start_gateway
+from gateway.endpoint import RouteEvent
 from harness import ws_client
 
 RATE = 8000
@@ -196,18 +197,28 @@ async def test_listen_serves_a_twilio_stream_and_raises_its_keys(tmp_path, speec
         twilio = Twilio(ws)
         await twilio.hello()
         heard = bytearray()
+        clears: list[dict] = []
 
         async def listen() -> None:
             while True:
                 try:
-                    message = await twilio.next("media")
+                    message = json.loads(await ws.get_message())
                 except ConnectionClosed:
                     return  # after our stop, the gateway closes (1000)
+                if message["event"] == "clear":
+                    clears.append(message)
+                    continue
+                assert message["event"] == "media", message
                 assert set(message) == {"event", "streamSid", "media"} and message["streamSid"] == twilio.stream_sid
                 heard.extend(base64.b64decode(message["media"]["payload"], validate=True))
 
         nursery.start_soon(listen)
         payload = ulaw(padded(caller, 0.2, 0.3))
+        endpoint = state.route.endpoints[0]
+        with trio.fail_after(5):
+            while endpoint.call_sid is None:  # the start was read
+                await trio.sleep(0.005)
+        endpoint.on_route_event(RouteEvent("bot", "clear", {}))  # a bot barged in: Twilio's buffer is dropped
         t0 = trio.current_time()
         for i in range(0, len(payload), 160):  # real time on absolute deadlines, as Twilio streams
             await trio.sleep_until(t0 + i / 8000)
@@ -224,6 +235,7 @@ async def test_listen_serves_a_twilio_stream_and_raises_its_keys(tmp_path, speec
         nursery.cancel_scope.cancel()
 
     assert [(e.kind, e.data) for e in events if e.kind == "dtmf"] == [("dtmf", {"digit": "7"})]
+    assert clears == [{"event": "clear", "streamSid": twilio.stream_sid}]
     assert state.route.stats.ended_by == "twilio: Twilio stopped the stream (stop)"
     assert len(heard) >= 160 * 50 and len(heard) % 160 == 0  # 20 ms media messages, at least 1 s of them
     recorded, rate = read_wav(tmp_path / "call.wav")
@@ -365,6 +377,8 @@ async def test_dial_plays_twilios_part_toward_a_bot(tmp_path, speech_clip, caplo
         await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "greeting"}}))
         while True:
             message = json.loads(await ws.get_message())
+            if message["event"] == "dtmf":
+                got["dtmf"] = message
             if message["event"] == "mark":
                 got["marks"].append((message["mark"]["name"], trio.current_time() - t0, message))
                 if message["mark"]["name"] == "greeting":
@@ -389,6 +403,10 @@ async def test_dial_plays_twilios_part_toward_a_bot(tmp_path, speech_clip, caplo
         bot_server = await nursery.start(serve_websocket, bot, "127.0.0.1", 0, None)
         bot_port = bot_server.port
         gateway = await start(nursery, BOT, out=tmp_path, voice=speech_clip, bot_port=bot_port)
+        with trio.fail_after(5):
+            while gateway.routes["caller"].state != "up":
+                await trio.sleep(0.01)
+        gateway.routes["caller"].route.endpoints[0].on_route_event(RouteEvent("call", "dtmf", {"digit": "5"}))
         with trio.fail_after(20):
             await gateway.routes["caller"].sessions_done.wait()
         dial = gateway.routes["caller"].route.endpoints[0]
@@ -409,6 +427,9 @@ async def test_dial_plays_twilios_part_toward_a_bot(tmp_path, speech_clip, caplo
     assert media["sequenceNumber"] == "2" and media["media"]["chunk"] == "1" and media["media"]["track"] == "inbound"
     assert len(base64.b64decode(media["media"]["payload"])) == 160
 
+    dtmf = got["dtmf"]
+    assert dtmf["dtmf"] == {"track": "inbound_track", "digit": "5"} and dtmf["streamSid"] == meta["streamSid"]
+    assert int(dtmf["sequenceNumber"]) > 2
     (greeting, after_s, echo), (answer, cleared_s, _) = got["marks"]
     assert (greeting, answer) == ("greeting", "answer")
     assert 0.95 < after_s < 1.6, after_s  # once the 1 s burst has played at real time, not at once

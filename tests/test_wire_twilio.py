@@ -412,3 +412,69 @@ def test_connect_stream_twiml():
         wire.connect_stream_twiml("wss://gw.example.com/x?token=1")
     reject = ET.fromstring(wire.reject_twiml())
     assert reject[0].tag == "Reject" and reject[0].get("reason") == "busy"
+
+
+# ============================================================================================= fuzz
+def _mutations(rng, message: dict) -> str | bytes:
+    """One seeded corruption of a valid message: a field dropped, retyped or replaced, the text
+    cut or garbled, or the message sent as binary."""
+    choice = rng.randrange(6)
+    data = copy.deepcopy(message)
+    paths = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            paths.append(prefix + [key])
+            if isinstance(value, dict):
+                walk(value, prefix + [key])
+
+    walk(data, [])
+    path = rng.choice(paths)
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    odd = [None, True, 0, -1, 1.5, "", "x" * 200, [], {}, "MZ", "\u2028", "9" * 30, "%%", "1e3"]
+    if choice == 0:
+        del parent[path[-1]]
+    elif choice == 1:
+        parent[path[-1]] = rng.choice(odd)
+    elif choice == 2:
+        parent[rng.choice(["extra", "sequenceNumber", "event"])] = rng.choice(odd)
+    text = json.dumps(data)
+    if choice == 3:
+        cut = rng.randrange(len(text))
+        text = text[:cut] + text[cut + 1:]
+    elif choice == 4:
+        return text.encode()
+    elif choice == 5:
+        i = rng.randrange(len(text))
+        text = text[:i] + chr(rng.randrange(32, 0x2000)) + text[i + 1:]
+    return text
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzzed_messages_are_accepted_or_refused_with_a_close_code(seed):
+    """h11's invariant: anything a peer sends gives an event or a RemoteProtocolError with a
+    close code, never another exception; a refusal leaves the protocol usable."""
+    import random
+
+    rng = random.Random(seed)
+    server_messages = [CONNECTED, START, media(2), DTMF, MARK, STOP]
+    client_messages = [{"event": "media", "streamSid": MZ, "media": {"payload": "AAAA"}},
+                       {"event": "mark", "streamSid": MZ, "mark": {"name": "m"}}, {"event": "clear", "streamSid": MZ}]
+    for _ in range(1500):
+        server = started()
+        message = _mutations(rng, rng.choice(server_messages[2:]))
+        try:
+            server.receive(message)
+        except RemoteProtocolError as err:
+            assert err.close_code in (1002, 1003, 1007, 1009) and len(str(err).encode()) <= 123
+        first = _mutations(rng, rng.choice(server_messages[:2]))
+        try:
+            StreamServer().receive(first)
+        except RemoteProtocolError as err:
+            assert err.close_code in (1002, 1003, 1007, 1009)
+        try:
+            client().receive(_mutations(rng, rng.choice(client_messages)))
+        except RemoteProtocolError as err:
+            assert err.close_code in (1002, 1003, 1007, 1009)
