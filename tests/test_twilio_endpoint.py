@@ -21,8 +21,8 @@ import string
 import xml.etree.ElementTree as ET
 
 import httpx
-import pytest
 import numpy as np
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, serve_websocket
 
@@ -34,7 +34,6 @@ from gateway.codecs.formats import PCMU_8K, AudioFrame, EncodedFrame
 from gateway.config import GatewayConfig
 from gateway.demo import start_gateway
 from gateway.endpoint import RouteEvent
-from harness import ws_client
 
 RATE = 8000
 AUTH_TOKEN = "twilio-SECRET-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
@@ -455,7 +454,8 @@ def test_the_twilio_example_config_is_valid(tmp_path):
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "twilio_auth_token").write_text(AUTH_TOKEN + "\n")
     text = (root / "config" / "twilio.example.yaml").read_text()
-    config = GatewayConfig.from_text(text, "twilio.example.yaml", env={"CREDENTIALS_DIRECTORY": str(tmp_path), "VOIPBIN_TOKEN": "vb-example"})
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path), "VOIPBIN_TOKEN": "vb-example"}
+    config = GatewayConfig.from_text(text, "twilio.example.yaml", env=env)
     assert config.services.twilio.auth_token.reveal() == AUTH_TOKEN
     gateway = Gateway(config)
     gateway.build()
