@@ -490,3 +490,56 @@ def test_config_errors_name_the_key(endpoint, error):
     with pytest.raises(ConfigError) as info:
         Gateway(GatewayConfig.from_text(text, "gw.yaml")).build()
     assert error in str(info.value), str(info.value)
+
+
+# ========================================================================= deadlines, reconnect
+async def test_a_silent_stream_is_closed_after_the_idle_timeout(tmp_path, speech_clip, caplog):
+    routes = CALL.replace("parameters: {greeting: \"hi & <welcome>\"}", "idle_timeout_s: 0.5")
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, routes, out=tmp_path, voice=speech_clip)
+        url = media_url(gateway)
+        from gateway.adapters.wsclient import connect
+
+        t0 = trio.current_time()
+        ws = await connect(url, extra_headers=signed_headers(url))
+        await ws.send_message(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        with trio.fail_after(5):
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed as closed:
+                reason = closed.reason
+        assert trio.current_time() - t0 >= 0.5
+        assert (reason.code, reason.reason) == (1008, "idle timeout: no message for 0.5 s")
+        state = gateway.routes["call"]
+        with trio.fail_after(5):
+            while state.state != "waiting":
+                await trio.sleep(0.01)
+        assert state.restarts == 0 and state.route.stats.ended_by.endswith("(closed 1008)")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dropped_bot_connection_reconnects_with_a_new_stream(tmp_path, speech_clip):
+    starts: list[dict] = []
+
+    async def bot(request) -> None:
+        ws = await request.accept()
+        json.loads(await ws.get_message())  # connected
+        starts.append(json.loads(await ws.get_message()))
+        if len(starts) == 1:
+            await trio.aclose_forcefully(ws._stream)  # TCP dropped, no close frame (1006)
+            return
+        await ws.get_message()  # media flows again
+        await ws.aclose(1000)
+
+    async with trio.open_nursery() as nursery:
+        bot_server = await nursery.start(serve_websocket, bot, "127.0.0.1", 0, None)
+        gateway = await start(nursery, BOT, out=tmp_path, voice=speech_clip, bot_port=bot_server.port)
+        with trio.fail_after(20):
+            await gateway.routes["caller"].sessions_done.wait()
+        dial = gateway.routes["caller"].route.endpoints[0]
+        nursery.cancel_scope.cancel()
+    assert len(starts) == 2, starts
+    first, second = (s["start"] for s in starts)
+    assert first["streamSid"] != second["streamSid"] and first["callSid"] == second["callSid"]
+    assert dial.stats.outages == 1 and dial.stats.connects == 2
