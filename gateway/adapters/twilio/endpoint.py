@@ -431,7 +431,7 @@ class TwilioDial(_TwilioEndpoint):
                     elif isinstance(event, wire.Clear):
                         dropped, names = playback.clear()
                         self.log.info("the server cleared %d ms of queued audio (barge-in)", dropped // 8)
-                        for name in names:
+                        for name in names if not proto.stopped else ():
                             await ws.send_message(proto.mark(name))
                         self.route_event("clear", dropped_ms=dropped // 8)
                     elif isinstance(event, wire.Unknown):
@@ -459,7 +459,7 @@ class TwilioDial(_TwilioEndpoint):
         if key is None:
             self.log.warning("ignoring the dtmf event from %s: digit %r is not a DTMF key (0-9, *, #, A-D)",
                              event.source, str(event.data.get("digit"))[:20])
-        elif proto is None or not proto.started:
+        elif proto is None or not proto.started or proto.stopped:
             self.log.info("dtmf %s from %s not sent: no stream connected", key, event.source)
         elif len(self._pending) < 32:
             self._pending.append(proto.dtmf(key))
@@ -467,7 +467,7 @@ class TwilioDial(_TwilioEndpoint):
 
     async def send(self, frame: EncodedFrame) -> None:
         ws, proto = self._ws, self._proto
-        if ws is None or proto is None:
+        if ws is None or proto is None or proto.stopped:
             self.stats.dropped += 1
             return
         try:
@@ -533,8 +533,13 @@ class _Player:
                 stats.bytes_in += size
                 emit(EncodedFrame(payload, PCMU_8K, size, self._timestamp))
                 self._timestamp += size
-            for name in marks:
-                await self.ws.send_message(self.proto.mark(name))
+            try:
+                for name in marks:
+                    if self.proto.stopped:
+                        break  # our goodbye (stop) went out: nothing follows it
+                    await self.ws.send_message(self.proto.mark(name))
+            except ConnectionClosed:
+                return  # the session is ending: its reader reports why
 
 
 def _safe(url: str) -> str:

@@ -383,6 +383,8 @@ class StreamServer:
     `receive(message)` turns each message from Twilio into one `ServerEvent` and checks its
     order (`State`); once the ``start`` came, `media`, `mark` and `clear` build the messages to
     send back (bidirectional streams). Calling them before ``start`` raises LocalProtocolError.
+    A message that raises changes no state (its sequence number is not taken), so the adapter
+    closes from a consistent object.
     """
 
     state: State = State.AWAITING_START
