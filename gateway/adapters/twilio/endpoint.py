@@ -73,13 +73,13 @@ from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCMU_8K, EncodedFrame
 from gateway.config.options import Options, is_name
 from gateway.endpoint import Emit, Endpoint, RouteEvent
-from gateway.errors import CallEnded, RemoteProtocolError, ServiceError
+from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceError
 from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
 
 IDLE_TIMEOUT_S = 10.0  # seconds a listen stream may send nothing (Twilio sends media every 20 ms)
-IDLE_CLOSE_CODE = 1008  # policy violation (RFC 6455 §7.4.1): the gateway's rule
+IDLE_CLOSE_CODE = CloseCode.POLICY_VIOLATION  # 1008 (RFC 6455 §7.4.1): the gateway's rule
 BUFFER_MS = 60_000  # dial: the most of the server's audio queued for playing (ms)
 WEBHOOK_MAX_BODY = 16 * 1024  # bytes: a voice webhook's form is ~1-2 KiB
 PATH_PREFIX = "/twilio/"

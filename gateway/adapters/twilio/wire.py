@@ -98,7 +98,7 @@ from typing import Any
 import attrs
 
 from gateway.adapters.rest import json_type as _json_type, loads_strict
-from gateway.errors import LocalProtocolError, RemoteProtocolError
+from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "CHANNELS",
@@ -282,7 +282,7 @@ class State(enum.Enum):
 # --- parsing helpers ---------------------------------------------------------------------------
 
 
-def _remote(message: str, code: int) -> RemoteProtocolError:
+def _remote(message: str, code: CloseCode) -> RemoteProtocolError:
     return RemoteProtocolError(message, close_code=code)
 
 
@@ -294,23 +294,23 @@ def _decode(message: Any) -> tuple[dict[str, Any], str]:
     """One WebSocket message → (the JSON object, its event); raises RemoteProtocolError."""
     if not isinstance(message, str):
         if isinstance(message, (bytes, bytearray, memoryview)):
-            raise _remote("binary message; Media Streams messages are JSON text", 1003)
+            raise _remote("binary message; Media Streams messages are JSON text", CloseCode.UNSUPPORTED_DATA)
         raise LocalProtocolError(f"receive takes a str (text message) or bytes, got {type(message).__name__}")
     chars = len(message)
     if chars > MAX_MESSAGE_BYTES or (4 * chars > MAX_MESSAGE_BYTES
                                      and len(message.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES):
-        raise _remote(f"text message over {MAX_MESSAGE_BYTES} bytes", 1009)
+        raise _remote(f"text message over {MAX_MESSAGE_BYTES} bytes", CloseCode.MESSAGE_TOO_BIG)
     try:
         data = loads_strict(message)
     except (ValueError, RecursionError):
-        raise _remote("message is not valid JSON", 1007) from None
+        raise _remote("message is not valid JSON", CloseCode.INVALID_PAYLOAD) from None
     if not isinstance(data, dict):
-        raise _remote(f"message is {_json_type(data)}, expected a JSON object", 1007)
+        raise _remote(f"message is {_json_type(data)}, expected a JSON object", CloseCode.INVALID_PAYLOAD)
     event = data.get("event")
     if not isinstance(event, str):
         if "event" not in data:
-            raise _remote("message has no event", 1007)
-        raise _remote(f"event is {_json_type(event)}, expected a string", 1007)
+            raise _remote("message has no event", CloseCode.INVALID_PAYLOAD)
+        raise _remote(f"event is {_json_type(event)}, expected a string", CloseCode.INVALID_PAYLOAD)
     return data, event
 
 
@@ -319,9 +319,9 @@ def _field(obj: dict[str, Any], key: str, kind: type[Any], where: str) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         if key not in obj:
-            raise _remote(f"{where} has no {key}", 1007)
+            raise _remote(f"{where} has no {key}", CloseCode.INVALID_PAYLOAD)
         expected = "a string" if kind is str else "an object" if kind is dict else "an array"
-        raise _remote(f"{where}.{key} is {_json_type(value)}, expected {expected}", 1007)
+        raise _remote(f"{where}.{key} is {_json_type(value)}, expected {expected}", CloseCode.INVALID_PAYLOAD)
     return value
 
 
@@ -333,21 +333,21 @@ def _number(obj: dict[str, Any], key: str, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**18:
         return value
     if key not in obj:
-        raise _remote(f"{where} has no {key}", 1007)
+        raise _remote(f"{where} has no {key}", CloseCode.INVALID_PAYLOAD)
     shown = _short(value) if isinstance(value, str) else _json_type(value)
-    raise _remote(f"{where}.{key} is {shown}, expected a non-negative integer (decimal string)", 1007)
+    raise _remote(f"{where}.{key} is {shown}, expected a non-negative integer (decimal string)", CloseCode.INVALID_PAYLOAD)
 
 
 def _payload(media: dict[str, Any], where: str) -> bytes:
     payload = media.get("payload")
     if not isinstance(payload, str):
         if "payload" not in media:
-            raise _remote(f"{where} has no payload", 1007)
-        raise _remote(f"{where}.payload is {_json_type(payload)}, expected a base64 string", 1007)
+            raise _remote(f"{where} has no payload", CloseCode.INVALID_PAYLOAD)
+        raise _remote(f"{where}.payload is {_json_type(payload)}, expected a base64 string", CloseCode.INVALID_PAYLOAD)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise _remote(f"{where}.payload is not valid base64", 1007) from None
+        raise _remote(f"{where}.payload is not valid base64", CloseCode.INVALID_PAYLOAD) from None
 
 
 def _b64(payload: Any) -> str:
@@ -405,17 +405,17 @@ class StreamServer:
         data, event = _decode(message)
         state = self.state
         if state is State.STOPPED:
-            raise _remote(f"{_short(event)} after stop", 1002)
+            raise _remote(f"{_short(event)} after stop", CloseCode.PROTOCOL_ERROR)
         if event == "connected":
             if self._connected or state is not State.AWAITING_START:
-                raise _remote("connected twice" if self._connected else "connected after start", 1002)
+                raise _remote("connected twice" if self._connected else "connected after start", CloseCode.PROTOCOL_ERROR)
             result: ServerEvent = Connected(_field(data, "protocol", str, "connected"),
                                             _field(data, "version", str, "connected"))
             self._connected = True
             return result
         if event == "start":
             if state is not State.AWAITING_START:
-                raise _remote("start twice", 1002)
+                raise _remote("start twice", CloseCode.PROTOCOL_ERROR)
             start = self._parse_start(data)
             self.start_event = start
             self._sequence = start.sequence
@@ -425,20 +425,20 @@ class StreamServer:
         if event not in _STREAM_EVENTS:
             return Unknown(event[:MAX_REASON_CHARS])  # forward compatible: no field of it is checked
         if state is State.AWAITING_START:
-            raise _remote(f"{_short(event)} before start", 1002)
+            raise _remote(f"{_short(event)} before start", CloseCode.PROTOCOL_ERROR)
         sequence = self._next_sequence(data, event)
         if event == "media":  # first: the per-frame path
             media = _field(data, "media", dict, "media")
             track = _field(media, "track", str, "media")
             if track not in TRACKS:
-                raise _remote(f"media.track is {_short(track)}, expected inbound or outbound", 1007)
+                raise _remote(f"media.track is {_short(track)}, expected inbound or outbound", CloseCode.INVALID_PAYLOAD)
             result = Media(track, _number(media, "chunk", "media"), _number(media, "timestamp", "media"),
                            _payload(media, "media"))
         elif event == "dtmf":
             dtmf = _field(data, "dtmf", dict, "dtmf")
             digit = _field(dtmf, "digit", str, "dtmf")
             if len(digit) != 1 or digit.upper() not in DTMF_KEYS:
-                raise _remote(f"dtmf.digit is {_short(digit)}, expected one of 0-9 * # A-D", 1007)
+                raise _remote(f"dtmf.digit is {_short(digit)}, expected one of 0-9 * # A-D", CloseCode.INVALID_PAYLOAD)
             result = Dtmf(digit.upper(), _field(dtmf, "track", str, "dtmf"))
         elif event == "mark":
             name = _field(_field(data, "mark", dict, "mark"), "name", str, "mark")
@@ -454,14 +454,14 @@ class StreamServer:
     def _stream_of(self, data: dict[str, Any], event: str) -> str:
         sid: str = _field(data, "streamSid", str, event)
         if self.start_event is not None and sid != self.start_event.stream_sid:
-            raise _remote(f"{event} names another stream ({_short(sid)})", 1002)
+            raise _remote(f"{event} names another stream ({_short(sid)})", CloseCode.PROTOCOL_ERROR)
         return sid
 
     def _next_sequence(self, data: dict[str, Any], event: str) -> int:
         self._stream_of(data, event)
         sequence = _number(data, "sequenceNumber", event)
         if sequence <= self._sequence:
-            raise _remote(f"{event} sequenceNumber {sequence} does not follow {self._sequence}", 1002)
+            raise _remote(f"{event} sequenceNumber {sequence} does not follow {self._sequence}", CloseCode.PROTOCOL_ERROR)
         return sequence
 
     def _parse_start(self, data: dict[str, Any]) -> Start:
@@ -469,24 +469,24 @@ class StreamServer:
         start = _field(data, "start", dict, "start")
         sid = _field(start, "streamSid", str, "start")
         if not sid:
-            raise _remote("start.streamSid is empty", 1007)
+            raise _remote("start.streamSid is empty", CloseCode.INVALID_PAYLOAD)
         if not _SID.fullmatch(sid):
-            raise _remote(f"start.streamSid is {_short(sid)}, expected letters and digits", 1007)
+            raise _remote(f"start.streamSid is {_short(sid)}, expected letters and digits", CloseCode.INVALID_PAYLOAD)
         if _field(data, "streamSid", str, "start") != sid:
-            raise _remote("start: streamSid differs from start.streamSid", 1002)
+            raise _remote("start: streamSid differs from start.streamSid", CloseCode.PROTOCOL_ERROR)
         tracks = _field(start, "tracks", list, "start")
         if not tracks or not all(isinstance(t, str) and t in TRACKS for t in tracks):
-            raise _remote("start.tracks must list inbound and/or outbound", 1007)
+            raise _remote("start.tracks must list inbound and/or outbound", CloseCode.INVALID_PAYLOAD)
         params = start.get("customParameters", {})  # absent: no <Parameter> (not in the docs; lenient)
         if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
-            raise _remote("start.customParameters must be an object of strings", 1007)
+            raise _remote("start.customParameters must be an object of strings", CloseCode.INVALID_PAYLOAD)
         fmt = _field(start, "mediaFormat", dict, "start")
         encoding = _field(fmt, "encoding", str, "start.mediaFormat")
         rate = _number(fmt, "sampleRate", "start.mediaFormat")
         channels = _number(fmt, "channels", "start.mediaFormat")
         if (encoding, rate, channels) != (ENCODING, SAMPLE_RATE, CHANNELS):
             raise _remote(f"start.mediaFormat {_short(encoding)} {rate} Hz {channels} ch is not "
-                          f"{ENCODING} {SAMPLE_RATE} Hz mono", 1003)
+                          f"{ENCODING} {SAMPLE_RATE} Hz mono", CloseCode.UNSUPPORTED_DATA)
         return Start(sid, _field(start, "accountSid", str, "start"), _field(start, "callSid", str, "start"),
                      tuple(tracks), dict(params), sequence)
 
@@ -642,7 +642,7 @@ class StreamClient:
             return Unknown(event[:MAX_REASON_CHARS])
         sid = _field(data, "streamSid", str, event)
         if sid != self.stream_sid:
-            raise _remote(f"{event} names another stream ({_short(sid)})", 1002)
+            raise _remote(f"{event} names another stream ({_short(sid)})", CloseCode.PROTOCOL_ERROR)
         if event == "media":
             return Play(_payload(_field(data, "media", dict, "media"), "media"))
         if event == "mark":
