@@ -30,6 +30,7 @@ import attrs
 
 from gateway.adapters.agent.config import AgentService
 from gateway.adapters.argon.config import ArgonService
+from gateway.adapters.twilio.config import TwilioService
 from gateway.adapters.videosdk.config import VideosdkService
 from gateway.adapters.voipbin.config import VoipbinService
 from gateway.errors import ConfigError
@@ -82,6 +83,8 @@ KINDS: tuple[Kind, ...] = (
          listen="gateway.adapters.videosdk.endpoint:VideosdkListen", listen_servers=("media", "http")),
     Kind("audiosocket", dial="gateway.adapters.audiosocket.endpoint:AudioSocketDial",
          listen="gateway.adapters.audiosocket.endpoint:AudioSocketListen", listen_servers=("audiosocket",)),
+    Kind("twilio", TwilioService, dial="gateway.adapters.twilio.endpoint:TwilioDial",
+         listen="gateway.adapters.twilio.endpoint:TwilioListen", listen_servers=("media",)),
     Kind("file", dial="gateway.adapters.local:FileSource", constructor="from_options"),
     Kind("record", dial="gateway.adapters.local:Recorder", constructor="from_options"),
 )
