@@ -376,7 +376,7 @@ class SourcePlayout:
                 pending.popleft()
             if pending:
                 stats.latency.observe(max(0.0, now - pending[0][1]))
-        waited = deadline - done_at if isinstance(done_at, float) else None
+        waited = deadline - done_at if done_at is not None and done_at is not _CARRIED else None  # type: ignore[operator]
         # a packet already whole after this pop is excess, measured by `floor`
         self.complete_at = _CARRIED if buf.buffered >= n else None
         if buf.buffered < self.floor:
