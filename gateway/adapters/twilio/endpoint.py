@@ -63,16 +63,19 @@ from gateway.adapters.twilio.playback import Playback
 from gateway.adapters.ws import (
     Closing,
     WebSocket,
+    WsEndpoint,
+    WsSession,
     close,
     close_description,
     dial,
+    encoded_payload,
     refuse,
     send_quietly,
 )
 from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCMU_8K, EncodedFrame
 from gateway.config.options import Options, is_name
-from gateway.endpoint import Emit, Endpoint, RouteEvent
+from gateway.endpoint import Emit, RouteEvent
 from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceError
 from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
@@ -92,7 +95,10 @@ REJECTED = {
 }
 
 
-class _TwilioEndpoint(Endpoint[EncodedFrame]):
+class _TwilioEndpoint(WsEndpoint[EncodedFrame]):
+    """What both roles share. `send()` is the kit's (`WsEndpoint`): `session` is set once the
+    stream has started (the `media` message needs its streamSid) and cleared when it stops."""
+
     kind = "twilio"
     ingress = PCMU_8K
     egress = PCMU_8K
@@ -142,7 +148,6 @@ class TwilioListen(_TwilioEndpoint):
         self._slot: ListenSlot[None] = ListenSlot(f"Twilio stream {stream}")
         self._unregister: list[Callable[[], None]] = []
         self._proto: wire.StreamServer | None = None
-        self._clear_pending = False
         self.call_sid: str | None = None
         self._ended: str | None = None
 
@@ -250,7 +255,7 @@ class TwilioListen(_TwilioEndpoint):
         try:
             ws = await session.accept()
             proto = wire.StreamServer()
-            self._ws, self._proto, self._clear_pending, self._ended = ws, proto, False, None
+            self._ws, self._proto, self._ended = ws, proto, None
             self._warned_unknown = False
             self.call_sid = None
             self.stats.connects += 1
@@ -258,7 +263,7 @@ class TwilioListen(_TwilioEndpoint):
             task_status.started()
             await self._receive(ws, proto, emit, peer)
         finally:
-            self._ws = self._proto = None
+            self._ws = self._proto = self.session = None
             if session.ws is not None:
                 await close(session.ws, 1000, "call ended")
             session.finished.set()
@@ -297,6 +302,7 @@ class TwilioListen(_TwilioEndpoint):
                         emit(EncodedFrame(event.payload, PCMU_8K, size, timestamp))
                         timestamp += size
                 elif isinstance(event, wire.Start):
+                    self.session = WsSession(ws, payload=encoded_payload, wrap=proto.media, peer="Twilio ")
                     self.call_sid = event.call_sid
                     self.log.info("stream %s started: call %s, account %s, tracks %s, parameters %s",
                                   event.stream_sid, event.call_sid, event.account_sid, ",".join(event.tracks),
@@ -305,6 +311,7 @@ class TwilioListen(_TwilioEndpoint):
                     stats.dtmf_in += 1
                     self.route_event("dtmf", digit=event.digit)
                 elif isinstance(event, wire.Stop):
+                    self.session = None  # no media after Twilio's stop
                     raise CallEnded("Twilio stopped the stream (stop)")
                 elif isinstance(event, wire.Unknown):
                     self._unknown(event, peer)
@@ -314,7 +321,7 @@ class TwilioListen(_TwilioEndpoint):
     async def _close_idle(self, ws: WebSocket, peer: str) -> NoReturn:
         reason = f"idle timeout: no message for {self.idle_timeout:g} s"
         self._ended = f"{reason} (closed {IDLE_CLOSE_CODE})"
-        self._ws = self._proto = None
+        self._ws = self._proto = self.session = None
         self.log.warning("closing the media stream (%d): %s sent nothing for %g s", IDLE_CLOSE_CODE, peer,
                          self.idle_timeout)
         await close(ws, IDLE_CLOSE_CODE, reason)
@@ -322,26 +329,22 @@ class TwilioListen(_TwilioEndpoint):
 
     def on_route_event(self, event: RouteEvent) -> None:
         if event.kind == "clear":
-            if self._proto is not None and self._proto.start_event is not None:
-                self._clear_pending = True  # sent before the next frame (send): no task, no wait here
+            if self.session is not None:
+                self.session.interleave = self._send_clear  # before the next frame: no task, no wait here
         elif event.kind == "dtmf":
             self.log.info("dtmf %s from %s not played: Twilio Media Streams has no message to play a key",
                           str(event.data.get("digit"))[:8], event.source)
 
-    async def send(self, frame: EncodedFrame) -> None:
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.start_event is None:
-            self.stats.dropped += 1
-            return
-        try:
-            if self._clear_pending:
-                self._clear_pending = False
-                await ws.send_message(proto.clear())
-            await ws.send_message(proto.media(frame.payload))
-        except ConnectionClosed as closed:
-            raise CallEnded(self._ended or f"Twilio {close_description(closed)}") from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(frame.payload)
+    async def _send_clear(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame:
+        """`session.interleave` after a `clear` route event: Twilio's `clear` goes before the frame."""
+        session.interleave = None
+        proto = self._proto
+        if proto is not None:
+            try:
+                await session.ws.send_message(proto.clear())
+            except ConnectionClosed as closed:
+                self.send_failed(session, closed)
+        return frame
 
     async def goodbye(self) -> None:
         ws = self._ws
@@ -416,6 +419,7 @@ class TwilioDial(_TwilioEndpoint):
                 await ws.send_message(proto.connected())
                 await ws.send_message(proto.start())
                 self._ws, self._proto, self._pending, self.playback = ws, proto, [], playback
+                self.session = WsSession(ws, payload=encoded_payload, wrap=proto.media)
                 self.stats.connects += 1
                 self.log.info("stream %s connected to %s", proto.stream_sid, _safe(self.url))
                 task_status.started()
@@ -446,7 +450,7 @@ class TwilioDial(_TwilioEndpoint):
                 await refuse(ws, err, self.log, "Twilio media stream")
                 raise
             finally:
-                self._ws = self._proto = self.playback = None
+                self._ws = self._proto = self.playback = self.session = None
                 await self._closing.settle()
                 await close(ws, 1000)
                 nursery.cancel_scope.cancel()
@@ -464,27 +468,29 @@ class TwilioDial(_TwilioEndpoint):
         elif len(self._pending) < 32:
             self._pending.append(proto.dtmf(key))
             self.stats.dtmf_out += 1
+            if self.session is not None:
+                self.session.interleave = self._send_pending  # before the next frame
 
-    async def send(self, frame: EncodedFrame) -> None:
-        ws, proto = self._ws, self._proto
-        if ws is None or proto is None or proto.stopped:
-            self.stats.dropped += 1
-            return
+    async def _send_pending(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame:
+        """`session.interleave` while dtmf messages wait: they go before the frame, in order."""
+        session.interleave = None
+        pending, self._pending = self._pending, []
         try:
-            if self._pending:
-                pending, self._pending = self._pending, []
-                for message in pending:
-                    await ws.send_message(message)
-            await ws.send_message(proto.media(frame.payload))
+            for message in pending:
+                await session.ws.send_message(message)
         except ConnectionClosed as closed:
-            raise ServiceError(f"Twilio Media Streams server {close_description(closed)}") from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(frame.payload)
+            self.send_failed(session, closed)
+        return frame
+
+    def send_failed(self, session: WsSession[EncodedFrame], closed: ConnectionClosed) -> NoReturn:
+        """The bot's connection is gone: a failure the route reconnects (not the call's end)."""
+        raise ServiceError(f"Twilio Media Streams server {close_description(closed)}") from None
 
     async def goodbye(self) -> None:
         ws, proto = self._ws, self._proto
         if ws is None or proto is None:
             return
+        self.session = None  # nothing after our stop
         if not proto.stopped:
             await send_quietly(ws, proto.stop(), timeout=0.5)
         await self._closing.close(ws, 1000, "call ended")
