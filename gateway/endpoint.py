@@ -48,6 +48,19 @@ class RouteEvent:
         return f"{self.kind} {fields}".strip()
 
 
+def route_dtmf_key(event: RouteEvent, log: logging.Logger | logging.LoggerAdapter) -> str | None:
+    """The DTMF key of a `dtmf` route event (its `digit`: 0-9, *, #, A-D), or None after one
+    warning naming the sender (the endpoints that play route events' keys all check it so)."""
+    from gateway.codecs.dtmf import dtmf_key
+
+    digit = event.data.get("digit")
+    key = dtmf_key(digit)
+    if key is None:
+        log.warning("ignoring the dtmf event from %s: digit %r is not a DTMF key (0-9, *, #, A-D)",
+                    event.source, str(digit)[:20])
+    return key
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -83,11 +83,10 @@ from gateway.adapters.audiosocket.wire import (
     hangup_frame,
     uuid_frame,
 )
-from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import VALID_PTIMES_MS, AudioFormat, AudioFrame, Encoding
 from gateway.config.options import Options
 from gateway.config.schema import HostPort
-from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent
+from gateway.endpoint import Emit, Endpoint, PcmIngress, RouteEvent, route_dtmf_key
 from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceError
 from gateway.runtime import Runtime
 
@@ -328,11 +327,10 @@ class AudioSocketDial(_AudioSocketEndpoint):
         """A ``dtmf`` event: its digit goes as one DTMF frame before the next audio frame."""
         if event.kind != "dtmf":
             return
-        key = dtmf_key(event.data.get("digit"))
+        key = route_dtmf_key(event, self.log)
         if key is None:
-            self.log.warning("ignoring the dtmf event from %s: digit %r is not a DTMF key (0-9, *, #, A-D)",
-                             event.source, str(event.data.get("digit"))[:20])
-        elif self._out is None:
+            return
+        if self._out is None:
             self.log.info("dtmf %s from %s not sent: no AudioSocket connection", key, event.source)
         elif len(self._keys) >= MAX_QUEUED_DTMF:
             self.log.warning("dtmf %s from %s not sent: %d key presses already waiting", key, event.source,

@@ -72,10 +72,9 @@ from gateway.adapters.ws import (
     refuse,
     send_quietly,
 )
-from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCMU_8K, EncodedFrame
 from gateway.config.options import Options, is_name
-from gateway.endpoint import Emit, RouteEvent
+from gateway.endpoint import Emit, RouteEvent, route_dtmf_key
 from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceError
 from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
@@ -459,11 +458,10 @@ class TwilioDial(_TwilioEndpoint):
         if event.kind != "dtmf":
             return
         proto = self._proto
-        key = dtmf_key(event.data.get("digit"))
+        key = route_dtmf_key(event, self.log)
         if key is None:
-            self.log.warning("ignoring the dtmf event from %s: digit %r is not a DTMF key (0-9, *, #, A-D)",
-                             event.source, str(event.data.get("digit"))[:20])
-        elif proto is None or not proto.started or proto.stopped:
+            return
+        if proto is None or not proto.started or proto.stopped:
             self.log.info("dtmf %s from %s not sent: no stream connected", key, event.source)
         elif len(self._pending) < 32:
             self._pending.append(proto.dtmf(key))

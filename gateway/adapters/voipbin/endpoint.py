@@ -85,12 +85,12 @@ from gateway.adapters.voipbin.wire import (
 )
 from gateway.adapters.ws import WebSocket, WsEndpoint, WsSession, close, dial, http_to_ws
 from gateway.codecs import G711Decoder, G711Encoder
-from gateway.codecs.dtmf import dtmf_key, duration_ms_of
+from gateway.codecs.dtmf import duration_ms_of
 from gateway.codecs.formats import PCM16_8K, PCMU_8K, AudioFrame, EncodedFrame
 from gateway.codecs.jitter import DEFAULT_MAX_MS, JitterBuffer, Slot
 from gateway.codecs.plc import G711Plc
 from gateway.config.options import Options
-from gateway.endpoint import Emit, EndpointStats, RouteEvent
+from gateway.endpoint import Emit, EndpointStats, RouteEvent, route_dtmf_key
 from gateway.errors import CallEnded, RemoteProtocolError
 from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
@@ -293,10 +293,8 @@ class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
         a digit that is not a DTMF key, no session, or a full queue: logged, not played."""
         if event.kind != "dtmf":
             return
-        key = dtmf_key(event.data.get("digit"))
+        key = route_dtmf_key(event, self.log)
         if key is None:
-            self.log.warning("ignoring the dtmf event from %s: digit %r is not a DTMF key (0-9, *, #, A-D)",
-                             event.source, str(event.data.get("digit"))[:20])
             return
         sender = self._dtmf_out
         if sender is None:
