@@ -132,6 +132,67 @@ async def test_dial_and_listen_hear_each_other(tmp_path, caplog):
     assert AUTH_TOKEN not in caplog.text and "+15551234567" not in caplog.text  # no secret, no parameter value
 
 
+async def test_a_send_racing_twilios_stop_and_close_leaves_the_end_to_the_reader():
+    """Twilio's stop then its close: a listen send that finds the connection closed before the
+    reader got to the stop counts a drop and raises nothing, so the reader names the end
+    (`stopped the stream (stop)`), not whichever task ran first (this once made the call of
+    the test above end as "closed (1000 call ended)")."""
+    from gateway.adapters.twilio.endpoint import TwilioListen
+    from gateway.adapters.ws import WsSession, dial, encoded_payload
+
+    endpoint = TwilioListen("twilio", stream="desk", runtime=None, auth_token=None)  # type: ignore[arg-type]
+    frame = EncodedFrame(bytes(160), PCMU_8K, 160)
+    checked = trio.Event()
+
+    async def gateway_side(request):  # trio-websocket's server connection, as the listen role's
+        ws = await request.accept()
+        endpoint.session = WsSession(ws, payload=encoded_payload, wrap=lambda payload: "media", peer="Twilio ")
+        with trio.fail_after(5):
+            while ws.closed is None:  # its reader task read the close frame; the stop is still queued
+                await trio.sleep(0.01)
+        await endpoint.send(frame)  # raised CallEnded("Twilio closed (1000 call ended)") before
+        assert endpoint.stats.dropped == 1 and endpoint.stats.frames_out == 0
+        assert await ws.get_message() == '{"event": "stop"}'  # what the reader ends the session with
+        checked.set()
+
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(serve_websocket, gateway_side, "127.0.0.1", 0, None)
+        twilio = await dial(None, f"ws://127.0.0.1:{listener.port}/twilio/desk", service="test")
+        await twilio.send_message('{"event": "stop"}')
+        await twilio.aclose(1000, "call ended")
+        with trio.fail_after(5):
+            await checked.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dial_send_on_a_connection_the_bot_closed_leaves_the_end_to_the_reader():
+    """The bot's last media then its normal close: a send after the reader read that close
+    counts a drop (the reader names the end: the call ended); it raised ServiceError before,
+    and the route reconnected a call the bot had ended whenever the pacer's send came first."""
+    from gateway.adapters.twilio.endpoint import TwilioDial
+    from gateway.adapters.ws import WsSession, dial, encoded_payload
+
+    async def bot(request):
+        ws = await request.accept()
+        await ws.send_message('{"event": "media"}')
+        await ws.aclose(1000, "done")
+
+    endpoint = TwilioDial("twilio", url="ws://127.0.0.1/unused")
+    frame = EncodedFrame(bytes(160), PCMU_8K, 160)
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(serve_websocket, bot, "127.0.0.1", 0, None)
+        ws = await dial(None, f"ws://127.0.0.1:{listener.port}/bot", service="test")
+        endpoint.session = WsSession(ws, payload=encoded_payload, wrap=lambda payload: "media")
+        with trio.fail_after(5):
+            assert await ws.get_message() == '{"event": "media"}'  # the dial's reader, as in run()
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+        assert closed.value.reason.code == 1000  # run() ends the call: CallEnded("the server closed (1000 done)")
+        await endpoint.send(frame)
+        assert endpoint.stats.dropped == 1 and endpoint.stats.frames_out == 0
+        nursery.cancel_scope.cancel()
+
+
 # =========================================================== listen against a docs-exact Twilio
 CALL = """\
 routes:

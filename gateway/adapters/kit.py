@@ -37,7 +37,9 @@ How to use the kit
 
 4. **Listen role**: one `ListenService` subclass per process (`for_runtime(runtime)`) registers
    the paths on `runtime.http` / `runtime.media` and keeps the endpoints; each endpoint holds a
-   `ListenSlot` (one client at a time, 409 for a second, 503 while its route is down).
+   `ListenSlot` (one client at a time, 409 for a second, 503 while its route is down). A
+   listen role on plain TCP (AudioSocket) holds a `Handoff` of its own connection type (the
+   same rules; a refusal is a `Refused(status, cause)` it answers in its protocol's way).
    `secret_in(presented, secrets)` checks a presented token in constant time.
 
 The pieces live where they read best, and are re-exported here: the WebSocket session in
@@ -58,7 +60,14 @@ import attrs
 import httpx
 import trio
 
-from gateway.adapters.listen import ListenService, ListenSlot, PendingSession, secret_in
+from gateway.adapters.listen import (
+    Handoff,
+    ListenService,
+    ListenSlot,
+    PendingSession,
+    Refused,
+    secret_in,
+)
 from gateway.adapters.registry import KINDS, Kind
 from gateway.adapters.rest import body_retry_after, parse_retry_after, status_cause
 from gateway.adapters.ws import (
@@ -76,11 +85,13 @@ from gateway.errors import ServiceError
 __all__ = [
     "GOODBYE_SEND_S",
     "KINDS",
+    "Handoff",
     "Kind",
     "ListenService",
     "ListenSlot",
     "PendingSession",
     "RateLimiter",
+    "Refused",
     "RetryPolicy",
     "WsEndpoint",
     "WsSession",

@@ -1,6 +1,7 @@
 """The listen roles' kit: `ListenService` (one per kind and process: the paths it serves and
-its endpoints), `ListenSlot` (the hand-off of accepted WebSocket sessions from the media
-server to a listen endpoint) and `secret_in` (a presented token checked in constant time).
+its endpoints), `Handoff` (the hand-off of accepted sessions from a server's task to a listen
+endpoint; `ListenSlot` for WebSocket upgrades) and `secret_in` (a presented token checked in
+constant time).
 
 The media server runs each upgrade in a handler task that must live as long as the
 connection; the endpoint's `run()` runs in its route's nursery. A `ListenSlot` joins the two:
@@ -11,7 +12,7 @@ takes it, accepts the upgrade and streams; when the session ends the handler ret
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any, Generic, Iterable, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Iterable, Protocol, Self, TypeVar
 
 import attrs
 import trio
@@ -45,51 +46,85 @@ class PendingSession(Generic[C]):
         return self.ws
 
 
-class ListenSlot(Generic[C]):
-    """One session at a time for one listen endpoint; a second client gets 409."""
+class Finishes(Protocol):
+    finished: trio.Event
+    """Set by the endpoint when it is done with the session (the server's task then returns)."""
 
-    def __init__(self, label: str) -> None:
+
+T = TypeVar("T", bound=Finishes)
+
+
+@attrs.frozen
+class Refused:
+    """Why a hand-over was refused: the HTTP status a WebSocket upgrade gets, and the cause."""
+
+    status: int
+    cause: str
+
+
+class Handoff(Generic[T]):
+    """One session at a time for one listen endpoint: the server's task of an accepted
+    connection hands it over (`hand_over`), the endpoint's `run()` takes it (`take`).
+
+    Shared by the WebSocket listen roles (`ListenSlot`, which turns a refusal into the
+    upgrade's HTTP status) and the TCP ones (AudioSocket, which hangs up with the cause in
+    its log line). `noun` names what a second arrival finds there ("client", "call").
+    """
+
+    def __init__(self, label: str, noun: str = "client") -> None:
         self.label = label
-        self._send, self._recv = trio.open_memory_channel[PendingSession[C]](0)
-        self._current: PendingSession[C] | None = None
+        self.noun = noun
+        self._send, self._recv = trio.open_memory_channel[T](0)
+        self._current: T | None = None
 
     @property
     def busy(self) -> bool:
-        """A client's session is running (from the moment the endpoint took it until the
-        endpoint set `finished`: a client reconnecting right after never sees a stale 409)."""
+        """A session is running (from the moment the endpoint took it until it set
+        `finished`: a client reconnecting right after never sees a stale 409)."""
         return self._current is not None and not self._current.finished.is_set()
 
-    async def offer(self, request: MediaRequest, context: C) -> None:
-        """Called in the media server's handler task; returns when the session is over.
+    async def hand_over(self, session: T) -> Refused | None:
+        """Called in the server's task of the session; returns None when the session is over,
+        or at once with the refusal: 409 busy, 503 the route is not running.
 
-        A client that arrives while another's session runs waits up to `BUSY_WAIT` for it to
-        end (a session a broken client held for a few ms must not turn an honest client away),
-        then gets 409. The slot is claimed before the route takes the session, so of two
-        clients arriving together one is served and the other refused, never both queued."""
+        A session that arrives while another runs waits up to `BUSY_WAIT` for it to end (a
+        session a broken client held for a few ms must not turn an honest client away), then
+        is refused. The slot is claimed before the route takes the session, so of two arriving
+        together one is served and the other refused, never both queued; one the route does
+        not take within `OFFER_TIMEOUT` is refused."""
         if self.busy:
             with trio.move_on_after(BUSY_WAIT):
                 while self._current is not None and not self._current.finished.is_set():
                     await self._current.finished.wait()
         if self.busy:
-            await request.reject(409, f"{self.label} already has a connected client")
-            return
-        session = PendingSession(request, context)
+            return Refused(409, f"{self.label} already has a connected {self.noun}")
         self._current = session
         try:
             try:
                 with trio.fail_after(OFFER_TIMEOUT):
                     await self._send.send(session)
             except trio.TooSlowError:
-                await request.reject(503, f"{self.label} is not running (its route is down)")
-                return
+                return Refused(503, f"{self.label} is not running (its route is down)")
             await session.finished.wait()
+            return None
         finally:
             if self._current is session:
                 self._current = None
 
-    async def take(self) -> PendingSession[C]:
-        """Called in the endpoint's run(): the next client that asked to connect."""
+    async def take(self) -> T:
+        """Called in the endpoint's run(): the next session handed over."""
         return await self._recv.receive()
+
+
+class ListenSlot(Handoff[PendingSession[C]]):
+    """A `Handoff` of WebSocket upgrades: a refused one gets its HTTP status (409, 503)."""
+
+    async def offer(self, request: MediaRequest, context: C) -> None:
+        """Called in the media server's handler task; returns when the session is over (or
+        refused: `Handoff.hand_over`)."""
+        refused = await self.hand_over(PendingSession(request, context))
+        if refused is not None:
+            await request.reject(refused.status, refused.cause)
 
 
 def secret_in(presented: str | None, secrets: Iterable[Secret | str]) -> bool:

@@ -18,7 +18,7 @@ from gateway._util import goodbye_scope
 from gateway.adapters.wsclient import ClientWebSocket, connect
 from gateway.codecs.formats import AudioFrame, EncodedFrame
 from gateway.endpoint import Endpoint, FrameT
-from gateway.errors import CallEnded, RemoteProtocolError, ServiceError
+from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceError
 from gateway.logs import install_redaction
 
 install_redaction()
@@ -91,7 +91,7 @@ def _body_reason(body: bytes | None) -> str:
     return text[:120]
 
 
-async def close(ws: WebSocket, code: int = 1000, reason: str | None = None) -> None:
+async def close(ws: WebSocket, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
     """Close with `code`/`reason`, best effort, shielded and bounded (so a goodbye survives a
     cancelled route). The reason is cut to the 123 bytes RFC 6455 §5.5.1 allows."""
     if reason is not None:
@@ -136,7 +136,7 @@ class Closing:
         self.started = False
         self._done = trio.Event()
 
-    async def close(self, ws: WebSocket, code: int = 1000, reason: str | None = None) -> None:
+    async def close(self, ws: WebSocket, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
         self.started = True
         try:
             await close(ws, code, reason)
@@ -154,7 +154,7 @@ def close_description(exc: ConnectionClosed) -> str:
     reason = exc.reason
     if reason is None:
         return "closed"
-    if reason.code == 1006:
+    if reason.code == CloseCode.ABNORMAL:
         return "closed without a close frame (1006)"
     text = f"closed ({reason.code}"
     if reason.reason:
@@ -226,7 +226,7 @@ class WsSession(Generic[FrameT]):
         (module function `refuse`). The caller re-raises `err`."""
         await refuse(self.ws, err, log, what, farewell)
 
-    async def goodbye(self, farewell: str | bytes | None = None, *, code: int = 1000, reason: str | None = None,
+    async def goodbye(self, farewell: str | bytes | None = None, *, code: int = CloseCode.NORMAL, reason: str | None = None,
                       timeout: float = GOODBYE_SEND_S) -> None:
         """The protocol's goodbye: `farewell` (its stop / hangup / session-ended frame; None:
         none) within `timeout` seconds, then the close handshake (`code`, `reason`), which
@@ -239,7 +239,7 @@ class WsSession(Generic[FrameT]):
                     return
         await self.closer.close(self.ws, code, reason)
 
-    async def finish(self, code: int = 1000, reason: str | None = None) -> None:
+    async def finish(self, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
         """The end of the session (`run()`'s `finally`): let a goodbye's close handshake finish
         (bounded), then close with `code` (nothing happens on a closed connection)."""
         await self.closer.settle()
@@ -266,9 +266,11 @@ class WsEndpoint(Endpoint[FrameT]):
     - awaits `session.interleave` first when one is set (module `Interleave`);
     - sends `session.wrap(session.payload(frame))` (or the payload itself) and counts
       `frames_out` and the payload's bytes in `bytes_out`;
-    - on `ConnectionClosed` calls `send_failed`, which raises `session.call_ended(...)` (the
-      route ends the session) unless the adapter overrides it (a listen role whose client
-      left while its last messages are still being read: count a drop, `run()` ends it).
+    - on `ConnectionClosed` calls `send_failed`, which counts a drop: the session's reader
+      (`run()`, in `get_message`) ends it. The peer's close is read after every message it
+      sent before it (a stop or hangup frame, its last audio), so the reader names the end and
+      plays out what the peer said; a send that raised here would race it, and the route's
+      reason (or whether a dial reconnects) would depend on which task ran first.
 
     Per-frame cost (issue 12): the same awaits as a hand-written `send()` (one: the socket
     write), no lock, task, log line or allocation of its own.
@@ -298,6 +300,7 @@ class WsEndpoint(Endpoint[FrameT]):
         stats.bytes_out += len(payload)
 
     def send_failed(self, session: WsSession[FrameT], closed: ConnectionClosed) -> None:
-        """`send()` found the connection closed: raise `session.call_ended(closed)` (override
-        to count a drop and let `run()` decide)."""
-        raise session.call_ended(closed) from None
+        """`send()` (or an interleave) found the connection closed: count a drop; the reader
+        ends the session (see the class docstring). An interleave that calls it returns None
+        (the slot is taken: one drop per slot)."""
+        self.stats.dropped += 1

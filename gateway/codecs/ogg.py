@@ -72,7 +72,7 @@ import zlib
 
 import attrs
 
-from gateway.errors import RemoteProtocolError
+from gateway.errors import CloseCode, RemoteProtocolError
 
 __all__ = [
     "CAPTURE_PATTERN",
@@ -131,7 +131,7 @@ def looks_like_ogg(data: bytes | bytearray | memoryview) -> bool:
 
 
 def _not_opus(cause: str) -> RemoteProtocolError:
-    return RemoteProtocolError(f"not an Ogg Opus stream: {cause}", close_code=1007)
+    return RemoteProtocolError(f"not an Ogg Opus stream: {cause}", close_code=CloseCode.INVALID_PAYLOAD)
 
 
 @attrs.frozen
@@ -394,7 +394,7 @@ class OggOpusDemuxer:
         else:
             if self._carry_size > MAX_PACKET_BYTES:
                 raise RemoteProtocolError(
-                    f"Ogg packet over {MAX_PACKET_BYTES} bytes (limit {MAX_PACKET_BYTES // 1024} KiB)", close_code=1009
+                    f"Ogg packet over {MAX_PACKET_BYTES} bytes (limit {MAX_PACKET_BYTES // 1024} KiB)", close_code=CloseCode.MESSAGE_TOO_BIG
                 )
             carry += piece
         if ends:

@@ -32,7 +32,7 @@ from gateway.codecs.formats import (
     Frame,
 )
 from gateway.codecs.stage import check_encoded, check_pcm
-from gateway.errors import LocalProtocolError, RemoteProtocolError
+from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 OPUS_RATE = 48000  # Hz; Opus packets are timed (RTP, Ogg granules, durations) at 48 kHz here
 #: Input rates (Hz) libopus encodes (RFC 6716 §2): every packet decodes at 48 kHz whatever the input.
@@ -100,7 +100,7 @@ def opus_strerror(code: int) -> str:
 
 
 def _invalid(packet: bytes, cause: str) -> RemoteProtocolError:
-    return RemoteProtocolError(f"invalid Opus packet ({len(packet)} bytes): {cause}", close_code=1007)
+    return RemoteProtocolError(f"invalid Opus packet ({len(packet)} bytes): {cause}", close_code=CloseCode.INVALID_PAYLOAD)
 
 
 def packet_samples(packet: bytes) -> int:

@@ -86,7 +86,13 @@ from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_16K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, PcmIngress
-from gateway.errors import CallEnded, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.errors import (
+    CallEnded,
+    CloseCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ServiceError,
+)
 from gateway.runtime import Runtime
 from gateway.server import HttpRequest, HttpResponse, MediaRequest
 
@@ -220,7 +226,7 @@ class AgentDial(_AgentEndpoint):
         except ConnectionClosed as closed:
             if session.closer.started:
                 return
-            if closed.reason is not None and closed.reason.code == 1000:
+            if closed.reason is not None and closed.reason.code == CloseCode.NORMAL:
                 raise CallEnded(f"agent {close_description(closed)}") from None
             raise ServiceError(f"voice agent {close_description(closed)}") from None
         except RemoteProtocolError as err:
@@ -540,13 +546,6 @@ class AgentListen(_AgentEndpoint):
             session.interleave = None
         return frame
 
-    def send_failed(self, session: WsSession[AudioFrame], closed: ConnectionClosed) -> None:
-        # The client left. Sending fails as soon as its close frame is read, while messages it
-        # sent before may still be queued for run(): run() ends the session once it has read
-        # them all, so the route plays out everything the client said (ending the route from
-        # here would cut that audio).
-        self.stats.dropped += 1
-
     async def _handshake(self, session: PendingSession) -> tuple[WebSocketConnection, AgentServer] | None:
         """Accept the upgrade, wait for the token (5 s), check it, send ``connected``.
         Returns None (after an error message and close 1008) when the client fails."""
@@ -559,7 +558,7 @@ class AgentListen(_AgentEndpoint):
             if waiting.cancelled_caught:
                 self.log.info("client %s sent no token within %g s: closing (1008)", remote, TOKEN_TIMEOUT_S)
                 await send_quietly(ws, error_message("token_timeout", f"no token message within {TOKEN_TIMEOUT_S:g} s"))
-                await close(ws, 1008, "token timeout")
+                await close(ws, CloseCode.POLICY_VIOLATION, "token timeout")
                 return None
         except RemoteProtocolError as err:
             await refuse(ws, err, self.log, f"session of client {remote}", error_message("protocol_error", str(err)))
@@ -572,7 +571,7 @@ class AgentListen(_AgentEndpoint):
         if not self.service.redeem(presented.token, self, session.context):
             self.log.info("client %s: session token rejected: closing (1008)", remote)
             await send_quietly(ws, error_message("invalid_token", "session token rejected (unknown, used or expired)"))
-            await close(ws, 1008, "invalid token")
+            await close(ws, CloseCode.POLICY_VIOLATION, "invalid token")
             return None
         await ws.send_message(proto.accept())
         return ws, proto
@@ -617,7 +616,7 @@ class AgentListen(_AgentEndpoint):
                 await self._stream(ws, proto, emit)
         finally:
             self.session = self._proto = None
-            await ws_session.finish(1000, "session ended")
+            await ws_session.finish(CloseCode.NORMAL, "session ended")
             session.finished.set()
 
     async def _announce_ready(self, ws: WebSocketConnection, proto: AgentServer, route_up: trio.Event) -> None:

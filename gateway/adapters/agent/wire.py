@@ -84,7 +84,7 @@ from gateway.adapters.rest import (
     parse_retry_after,
     status_cause,
 )
-from gateway.errors import LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError, ServiceError
 
 __all__ = [
     "CHANNELS",
@@ -235,14 +235,14 @@ def _classify(message: Any) -> tuple[str | None, bytes | None]:
             size = len(message.encode("utf-8", "surrogatepass"))  # UTF-8 size, only when it matters
         if size > MAX_MESSAGE_BYTES:
             raise RemoteProtocolError(
-                f"text message over {MAX_MESSAGE_BYTES} bytes (64 KiB limit)", close_code=1009
+                f"text message over {MAX_MESSAGE_BYTES} bytes (64 KiB limit)", close_code=CloseCode.MESSAGE_TOO_BIG
             )
         return message, None
     if isinstance(message, (bytes, bytearray, memoryview)):
         data = message if isinstance(message, bytes) else bytes(message)
         if len(data) > MAX_MESSAGE_BYTES:
             raise RemoteProtocolError(
-                f"binary message {len(data)} bytes, limit {MAX_MESSAGE_BYTES} (64 KiB)", close_code=1009
+                f"binary message {len(data)} bytes, limit {MAX_MESSAGE_BYTES} (64 KiB)", close_code=CloseCode.MESSAGE_TOO_BIG
             )
         return None, data
     raise LocalProtocolError(f"a WebSocket message is str or bytes, got {type(message).__name__}")
@@ -253,15 +253,15 @@ def _control(text: str) -> dict[str, Any]:
     try:
         value = _loads(text)
     except (ValueError, RecursionError):
-        raise RemoteProtocolError("control message is not valid JSON", close_code=1007) from None
+        raise RemoteProtocolError("control message is not valid JSON", close_code=CloseCode.INVALID_PAYLOAD) from None
     if not isinstance(value, dict):
         raise RemoteProtocolError(
-            f"control message is {_json_type(value)}, expected a JSON object", close_code=1007
+            f"control message is {_json_type(value)}, expected a JSON object", close_code=CloseCode.INVALID_PAYLOAD
         )
     kind = value.get("type")
     if not isinstance(kind, str):
         what = "has no type" if "type" not in value else f"type is {_json_type(kind)}, expected a string"
-        raise RemoteProtocolError(f"control message {what}", close_code=1007)
+        raise RemoteProtocolError(f"control message {what}", close_code=CloseCode.INVALID_PAYLOAD)
     return value
 
 
@@ -401,7 +401,7 @@ class AgentClient:
             pcm, self._carry = _align(self._carry, data or b"")
             return [Audio(pcm)] if pcm else []
         if self.state is ClientState.ENDED:
-            raise RemoteProtocolError("text message after session_ended", close_code=1002)
+            raise RemoteProtocolError("text message after session_ended", close_code=CloseCode.PROTOCOL_ERROR)
         fields = _control(text)
         kind = fields["type"]
         event = self._event(kind, fields)
@@ -419,19 +419,19 @@ class AgentClient:
             reason = fields.get("reason")
             if reason is not None and not isinstance(reason, str):
                 raise RemoteProtocolError(
-                    f"session_ended reason is {_json_type(reason)}, expected a string", close_code=1007
+                    f"session_ended reason is {_json_type(reason)}, expected a string", close_code=CloseCode.INVALID_PAYLOAD
                 )
             return SessionEnded(None if reason is None else self._redact(reason))
         if kind == "error":
             code = fields.get("code")
             if code is not None and (isinstance(code, bool) or not isinstance(code, (str, int))):
                 raise RemoteProtocolError(
-                    f"error code is {_json_type(code)}, expected a string or an integer", close_code=1007
+                    f"error code is {_json_type(code)}, expected a string or an integer", close_code=CloseCode.INVALID_PAYLOAD
                 )
             text = fields.get("message")
             if text is not None and not isinstance(text, str):
                 raise RemoteProtocolError(
-                    f"error message is {_json_type(text)}, expected a string", close_code=1007
+                    f"error message is {_json_type(text)}, expected a string", close_code=CloseCode.INVALID_PAYLOAD
                 )
             if isinstance(code, str):
                 code = self._redact(code)
@@ -450,7 +450,7 @@ class AgentClient:
             else:
                 what = {_AUDIO: "audio", _UNKNOWN: "control message"}.get(key, f"{key} message")
                 reason = f"{what} {_CLIENT_WHERE[self.state]}"
-            raise RemoteProtocolError(reason, close_code=1002)
+            raise RemoteProtocolError(reason, close_code=CloseCode.PROTOCOL_ERROR)
         self.state = following
 
     def send_audio(self, pcm: bytes | bytearray | memoryview) -> bytes:
@@ -487,7 +487,7 @@ _FIRST = 'the first message must be {"token": …}: '  # 1008 reasons start with
 
 
 def _policy(what: str) -> RemoteProtocolError:
-    return RemoteProtocolError(_FIRST + what, close_code=1008)
+    return RemoteProtocolError(_FIRST + what, close_code=CloseCode.POLICY_VIOLATION)
 
 
 @attrs.define(init=False)
@@ -538,7 +538,7 @@ class AgentServer:
             return [TokenPresented(token)]
         if self.state is ServerState.TOKEN_PRESENTED:
             raise RemoteProtocolError(
-                f"{'audio' if text is None else 'text message'} before connected", close_code=1002
+                f"{'audio' if text is None else 'text message'} before connected", close_code=CloseCode.PROTOCOL_ERROR
             )
         if text is None:
             pcm, self._carry = _align(self._carry, data or b"")
@@ -547,7 +547,7 @@ class AgentServer:
             fields = _control(text)
         except RemoteProtocolError:
             if _is_token_message(text):
-                raise RemoteProtocolError("token message sent twice", close_code=1002) from None
+                raise RemoteProtocolError("token message sent twice", close_code=CloseCode.PROTOCOL_ERROR) from None
             raise
         if fields["type"] == "dtmf":
             digit = fields.get("digit")

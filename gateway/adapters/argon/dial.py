@@ -90,7 +90,7 @@ from gateway.codecs.opus import OPUS_INPUT_RATES
 from gateway.codecs.playout import OpusPlayout
 from gateway.config.options import Options
 from gateway.endpoint import Emit, Endpoint
-from gateway.errors import CallEnded, RemoteProtocolError, ServiceError
+from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceError
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.endpoint.argon")
@@ -820,7 +820,7 @@ class ArgonDial(WsEndpoint[EncodedFrame]):
         session.closing = True
         self._closing.append(session)
         try:
-            await session.closer.close(session.ws, 1000, "stream ended")
+            await session.closer.close(session.ws, CloseCode.NORMAL, "stream ended")
         finally:
             self._closing.remove(session)
 
@@ -833,11 +833,6 @@ class ArgonDial(WsEndpoint[EncodedFrame]):
                     nursery.start_soon(self._close_session, session)
 
     # -- egress: WsEndpoint.send() on the publishing session ----------------------------------
-    def send_failed(self, session: WsSession[EncodedFrame], closed: ConnectionClosed) -> None:
-        # The session is going (the server drops TCP; a target change): its reader ends it,
-        # and the endpoint decides whether that is a failure.
-        self.stats.dropped += 1
-
     async def goodbye(self) -> None:
         self._stopping = True
         for session in list(self.sessions):

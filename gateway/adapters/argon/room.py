@@ -35,7 +35,7 @@ from gateway.adapters.argon.wire import AudioPath, AudioRequest, RoomGrant, stat
 from gateway.adapters.ws import close as close_ws, close_description
 from gateway.codecs.ogg import OggOpusDemuxer, looks_like_ogg
 from gateway.codecs.opus import packet_samples
-from gateway.errors import RemoteProtocolError
+from gateway.errors import CloseCode, RemoteProtocolError
 
 if TYPE_CHECKING:
     from gateway.endpoint import Endpoint
@@ -152,7 +152,8 @@ class BotSession:
                 size = len(message.encode()) if isinstance(message, str) else len(message)
                 if size > MAX_SUBSCRIBE_MESSAGE:
                     await self._refuse(RemoteProtocolError(
-                        f"message of {size} bytes on /audio/subscribe (limit {MAX_SUBSCRIBE_MESSAGE})", close_code=1009))
+                        f"message of {size} bytes on /audio/subscribe (limit {MAX_SUBSCRIBE_MESSAGE})",
+                        close_code=CloseCode.MESSAGE_TOO_BIG))
                     return
                 continue  # a subscriber publishes nothing
             if isinstance(message, str):
@@ -182,7 +183,7 @@ class BotSession:
         and the cause, so the bot's log says what was wrong."""
         if not MIN_PACKET <= len(packet) <= MAX_PACKET:
             raise RemoteProtocolError(f"Opus packet of {len(packet)} bytes: the ingress takes {MIN_PACKET} to "
-                                      f"{MAX_PACKET} bytes per message", close_code=1007)
+                                      f"{MAX_PACKET} bytes per message", close_code=CloseCode.INVALID_PAYLOAD)
         return packet_samples(packet)
 
     async def _refuse(self, err: RemoteProtocolError) -> None:
@@ -238,7 +239,7 @@ class BotSession:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
 
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+    async def close(self, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
         """A goodbye: close frame, bounded; then wait for the session's task to finish."""
         await close_ws(self.ws, code, reason)
         with trio.move_on_after(1.0):
@@ -399,7 +400,7 @@ class Room:
         for host in self.hosts:
             host.on_bot_packet(session, packet, samples)
 
-    async def close_all(self, code: int = 1000, reason: str | None = None) -> None:
+    async def close_all(self, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
         """Close every bot session (a goodbye), concurrently and bounded."""
         async with trio.open_nursery() as nursery:
             for session in list(self.sessions.values()):

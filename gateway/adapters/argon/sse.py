@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 
 from gateway.adapters.rest import json_type, loads_strict
-from gateway.errors import LocalProtocolError, RemoteProtocolError
+from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ARGON_EPOCH_MS",
@@ -461,7 +461,7 @@ class _Payload:
         self.obj = obj
 
     def error(self, cause: str) -> RemoteProtocolError:
-        return RemoteProtocolError(f"Argon event {self.event}: {cause}", close_code=1007)
+        return RemoteProtocolError(f"Argon event {self.event}: {cause}", close_code=CloseCode.INVALID_PAYLOAD)
 
     def string(self, obj: dict[str, Any], key: str, where: str = "") -> str:
         """A required non-empty string."""
@@ -555,9 +555,9 @@ def parse_argon_event(event: SseEvent) -> ArgonEvent:
     try:
         parsed = loads_strict(event.data)
     except (ValueError, RecursionError):
-        raise RemoteProtocolError(f"Argon event {key}: data is not JSON", close_code=1007) from None
+        raise RemoteProtocolError(f"Argon event {key}: data is not JSON", close_code=CloseCode.INVALID_PAYLOAD) from None
     if not isinstance(parsed, dict):
-        raise RemoteProtocolError(f"Argon event {key}: data is {json_type(parsed)}, not an object", close_code=1007)
+        raise RemoteProtocolError(f"Argon event {key}: data is {json_type(parsed)}, not an object", close_code=CloseCode.INVALID_PAYLOAD)
     p = _Payload(key, parsed)
     if key == "ready":
         return Ready(id=event.id, intents=p.optional_int(parsed, "intents"), space_ids=_space_ids(parsed))

@@ -69,7 +69,13 @@ from gateway.adapters.rest import (
     parse_retry_after,
     status_cause,
 )
-from gateway.errors import GatewayError, LocalProtocolError, RemoteProtocolError, ServiceError
+from gateway.errors import (
+    CloseCode,
+    GatewayError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ServiceError,
+)
 
 __all__ = [
     "API_ERROR_CONTENT_TYPE",
@@ -213,7 +219,7 @@ class OpusPacketInfo:
 
 
 def _reject(reason: str) -> RemoteProtocolError:
-    return RemoteProtocolError(reason, close_code=1007)
+    return RemoteProtocolError(reason, close_code=CloseCode.INVALID_PAYLOAD)
 
 
 def _ms(value: float) -> str:
@@ -419,7 +425,7 @@ _MAX_QUERY_FIELDS = 64  # parameters in an ingress query; more is refused (bound
 
 
 def _bad_query(reason: str) -> RemoteProtocolError:
-    return RemoteProtocolError(reason, close_code=1002)
+    return RemoteProtocolError(reason, close_code=CloseCode.PROTOCOL_ERROR)
 
 
 def parse_ingress_target(target: str) -> tuple[str, IngressParams]:
@@ -457,7 +463,7 @@ def parse_ingress_target(target: str) -> tuple[str, IngressParams]:
         values[key] = value
     token = values.get("token", "")
     if not token:
-        raise RemoteProtocolError("ingress query has no token", close_code=1008)
+        raise RemoteProtocolError("ingress query has no token", close_code=CloseCode.POLICY_VIOLATION)
     stereo: bool | None = None
     if "stereo" in values:
         flag = values["stereo"].lower()
@@ -1306,7 +1312,7 @@ class StatusMessage:
 
 
 def _bad_text(reason: str) -> RemoteProtocolError:
-    return RemoteProtocolError(reason, close_code=1007)
+    return RemoteProtocolError(reason, close_code=CloseCode.INVALID_PAYLOAD)
 
 
 def parse_status_message(text: str | bytes) -> StatusMessage:

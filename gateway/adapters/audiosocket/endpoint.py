@@ -61,7 +61,6 @@ from gateway.adapters.audiosocket.server import (
     CATCH_ALL,
     RECEIVE_BYTES,
     Connection,
-    Slot,
     listen_server,
 )
 from gateway.adapters.audiosocket.wire import (
@@ -83,6 +82,7 @@ from gateway.adapters.audiosocket.wire import (
     hangup_frame,
     uuid_frame,
 )
+from gateway.adapters.listen import Handoff
 from gateway.codecs.formats import VALID_PTIMES_MS, AudioFormat, AudioFrame, Encoding
 from gateway.config.options import Options
 from gateway.config.schema import HostPort
@@ -348,7 +348,7 @@ class AudioSocketListen(_AudioSocketEndpoint):
     def __init__(self, name: str, **kw) -> None:
         super().__init__(name, **kw)
         self.uuid_option = self.call_uuid or CATCH_ALL
-        self._slot = Slot(f"AudioSocket listen endpoint {name} ({self._where()})")
+        self._slot: Handoff[Connection] = Handoff(f"AudioSocket listen endpoint {name} ({self._where()})", noun="call")
         self._unregister: Callable[[], None] | None = None
 
     def _where(self) -> str:

@@ -14,7 +14,8 @@ then the channel's audio. Routing:
 - Refused, with one log line naming the cause: a first frame that is not a UUID frame, or that
   is malformed (`wire`, the bytes' fault), no UUID frame within `FIRST_FRAME_TIMEOUT`, an
   unknown UUID (no endpoint, no catch-all), an endpoint busy with another call (after
-  `BUSY_WAIT`), an endpoint whose route is not running (after `OFFER_TIMEOUT`), and admission
+  `listen.BUSY_WAIT`), an endpoint whose route is not running (after `listen.OFFER_TIMEOUT`;
+  both are `gateway.adapters.listen.Handoff`'s, as for the WebSocket listen roles), and admission
   closed or too many set-ups at once (`gateway.admission`, the media server's `SetupPacer`).
 - How a refusal looks on the wire: AudioSocket has no close codes and Asterisk reads no error
   frame from the server (`ast_audiosocket_receive_frame` accepts audio and hangup only; any
@@ -47,6 +48,7 @@ from gateway.adapters.audiosocket.wire import (
     PeerError,
     hangup_frame,
 )
+from gateway.adapters.listen import Handoff
 from gateway.admission import Refusal
 from gateway.errors import RemoteProtocolError
 
@@ -54,8 +56,6 @@ log = logging.getLogger("gateway.audiosocket")
 
 CATCH_ALL = "*"  # the `uuid:` of a listen endpoint that takes the calls no other endpoint claims
 FIRST_FRAME_TIMEOUT = 5.0  # seconds from the TCP connect to the UUID frame (Asterisk sends it at once)
-OFFER_TIMEOUT = 10.0  # seconds a call waits for its route to take it before it is refused
-BUSY_WAIT = 1.0  # seconds a call arriving during another's session waits for it to end
 REFUSE_TIMEOUT = 1.0  # seconds for the hangup frame of a refusal
 RECEIVE_BYTES = 65536  # bytes asked of the kernel per read
 
@@ -77,58 +77,18 @@ class Connection:
     """Set by the endpoint when it is done with the connection (the server then closes it)."""
 
 
-class Slot:
-    """One connection at a time for one listen endpoint (the WebSocket listen roles'
-    `gateway.adapters.listen.ListenSlot`, for a TCP connection)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self._send, self._recv = trio.open_memory_channel[Connection](0)
-        self._current: Connection | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self._current is not None and not self._current.finished.is_set()
-
-    async def offer(self, connection: Connection) -> str | None:
-        """Called in the server's task of `connection`: returns once its session is over
-        (None), or at once with the cause of a refusal (busy, route not running)."""
-        if self.busy:
-            with trio.move_on_after(BUSY_WAIT):
-                while self._current is not None and not self._current.finished.is_set():
-                    await self._current.finished.wait()
-        if self.busy:
-            return f"{self.label} already has a connected call"
-        self._current = connection
-        try:
-            try:
-                with trio.fail_after(OFFER_TIMEOUT):
-                    await self._send.send(connection)
-            except trio.TooSlowError:
-                return f"{self.label} is not running (its route is down)"
-            await connection.finished.wait()
-            return None
-        finally:
-            if self._current is connection:
-                self._current = None
-
-    async def take(self) -> Connection:
-        """Called in the endpoint's run(): the next connection for it."""
-        return await self._recv.receive()
-
-
 class AudioSocketServer:
     """The listen endpoints by UUID, and the handling of each accepted connection."""
 
     def __init__(self) -> None:
-        self._slots: dict[str, Slot] = {}
+        self._slots: dict[str, Handoff[Connection]] = {}
         self.port: int | None = None
         """The bound port, once serving (tests bind port 0)."""
         self.runtime = None  # gateway.runtime.Runtime: admission and the set-up pacer (`listen_server`)
         self.refused = 0
         """Connections refused (any cause)."""
 
-    def add(self, call_uuid: str, slot: Slot) -> Callable[[], None]:
+    def add(self, call_uuid: str, slot: Handoff[Connection]) -> Callable[[], None]:
         """Serve connections whose UUID is `call_uuid` (canonical form, or `CATCH_ALL`) with
         `slot`; returns the function that undoes it. ValueError when that UUID is taken."""
         if call_uuid in self._slots:
@@ -202,11 +162,11 @@ class AudioSocketServer:
                 await self._refuse(stream, remote, f"call {call_uuid}: {seat.detail}")
                 return
             with seat, admission.stream():
-                cause = await slot.offer(Connection(stream, parser, call_uuid, remote, events[1:]))
+                refused = await slot.hand_over(Connection(stream, parser, call_uuid, remote, events[1:]))
         else:
-            cause = await slot.offer(Connection(stream, parser, call_uuid, remote, events[1:]))
-        if cause is not None:
-            await self._refuse(stream, remote, f"call {call_uuid}: {cause}")
+            refused = await slot.hand_over(Connection(stream, parser, call_uuid, remote, events[1:]))
+        if refused is not None:
+            await self._refuse(stream, remote, f"call {call_uuid}: {refused.cause}")
 
     async def _refuse(self, stream: trio.SocketStream, remote: str, cause: str) -> None:
         """One warning naming the cause, the hangup frame, and (by `handle`) the TCP close."""

@@ -264,7 +264,7 @@ class TwilioListen(_TwilioEndpoint):
         finally:
             self._ws = self._proto = self.session = None
             if session.ws is not None:
-                await close(session.ws, 1000, "call ended")
+                await close(session.ws, CloseCode.NORMAL, "call ended")
             session.finished.set()
 
     async def _receive(self, ws: WebSocket, proto: wire.StreamServer, emit: Emit, peer: str) -> None:
@@ -334,7 +334,7 @@ class TwilioListen(_TwilioEndpoint):
             self.log.info("dtmf %s from %s not played: Twilio Media Streams has no message to play a key",
                           str(event.data.get("digit"))[:8], event.source)
 
-    async def _send_clear(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame:
+    async def _send_clear(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame | None:
         """`session.interleave` after a `clear` route event: Twilio's `clear` goes before the frame."""
         session.interleave = None
         proto = self._proto
@@ -343,12 +343,13 @@ class TwilioListen(_TwilioEndpoint):
                 await session.ws.send_message(proto.clear())
             except ConnectionClosed as closed:
                 self.send_failed(session, closed)
+                return None
         return frame
 
     async def goodbye(self) -> None:
         ws = self._ws
         if ws is not None:
-            await self._closing.close(ws, 1000, "call ended")
+            await self._closing.close(ws, CloseCode.NORMAL, "call ended")
 
 
 def _twiml(text: str) -> HttpResponse:
@@ -442,7 +443,7 @@ class TwilioDial(_TwilioEndpoint):
             except ConnectionClosed as closed:
                 if self._closing.started:
                     return
-                if closed.reason is not None and closed.reason.code == 1000:
+                if closed.reason is not None and closed.reason.code == CloseCode.NORMAL:
                     raise CallEnded(f"the server {close_description(closed)}") from None
                 raise ServiceError(f"Twilio Media Streams server {close_description(closed)}") from None
             except RemoteProtocolError as err:
@@ -451,7 +452,7 @@ class TwilioDial(_TwilioEndpoint):
             finally:
                 self._ws = self._proto = self.playback = self.session = None
                 await self._closing.settle()
-                await close(ws, 1000)
+                await close(ws, CloseCode.NORMAL)
                 nursery.cancel_scope.cancel()
 
     def on_route_event(self, event: RouteEvent) -> None:
@@ -469,7 +470,7 @@ class TwilioDial(_TwilioEndpoint):
             if self.session is not None:
                 self.session.interleave = self._send_pending  # before the next frame
 
-    async def _send_pending(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame:
+    async def _send_pending(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame | None:
         """`session.interleave` while dtmf messages wait: they go before the frame, in order."""
         session.interleave = None
         pending, self._pending = self._pending, []
@@ -478,11 +479,8 @@ class TwilioDial(_TwilioEndpoint):
                 await session.ws.send_message(message)
         except ConnectionClosed as closed:
             self.send_failed(session, closed)
+            return None
         return frame
-
-    def send_failed(self, session: WsSession[EncodedFrame], closed: ConnectionClosed) -> NoReturn:
-        """The bot's connection is gone: a failure the route reconnects (not the call's end)."""
-        raise ServiceError(f"Twilio Media Streams server {close_description(closed)}") from None
 
     async def goodbye(self) -> None:
         ws, proto = self._ws, self._proto
@@ -491,7 +489,7 @@ class TwilioDial(_TwilioEndpoint):
         self.session = None  # nothing after our stop
         if not proto.stopped:
             await send_quietly(ws, proto.stop(), timeout=0.5)
-        await self._closing.close(ws, 1000, "call ended")
+        await self._closing.close(ws, CloseCode.NORMAL, "call ended")
 
 
 class _Player:

@@ -89,7 +89,7 @@ from typing import Any
 import attrs
 
 from gateway.adapters.rest import json_type as _json_type, loads_strict
-from gateway.errors import LocalProtocolError, RemoteProtocolError
+from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ClientEvent",
@@ -142,7 +142,7 @@ MAX_MESSAGE_BYTES = 64 * 1024  # 64 KiB: UTF-8 bytes of one text message; larger
 MAX_PCM_BYTES = 3 * SAMPLE_RATE * 2
 
 START_TIMEOUT_S = 5  # seconds after connecting within which the start frame must arrive
-START_TIMEOUT_CLOSE_CODE = 1008  # policy violation (spec: Step 2, Troubleshooting)
+START_TIMEOUT_CLOSE_CODE = CloseCode.POLICY_VIOLATION  # policy violation (spec: Step 2, Troubleshooting)
 START_TIMEOUT_REASON = "start timeout"  # close reason sent with it
 PING_INTERVAL_S = 30  # seconds between the server's WebSocket pings (spec: Step 2, note)
 
@@ -364,16 +364,16 @@ def _topic_length(topic: str) -> int:
 def _topic_problem(topic: Any) -> tuple[str, int] | None:
     """Why `topic` breaks the spec's topic rule, with the close code a strict server would use."""
     if not isinstance(topic, str):
-        return f"topic is {_json_type(topic)}, expected a string", 1007
+        return f"topic is {_json_type(topic)}, expected a string", CloseCode.INVALID_PAYLOAD
     if not topic:
-        return "topic is empty", 1008
+        return "topic is empty", CloseCode.POLICY_VIOLATION
     length = _topic_length(topic)
     if length > MAX_TOPIC_LENGTH:
-        return f"topic is {length} characters, limit {MAX_TOPIC_LENGTH}", 1008
+        return f"topic is {length} characters, limit {MAX_TOPIC_LENGTH}", CloseCode.POLICY_VIOLATION
     try:
         topic.encode("utf-8")
     except UnicodeEncodeError:
-        return "topic is not valid Unicode (lone surrogate)", 1007
+        return "topic is not valid Unicode (lone surrogate)", CloseCode.INVALID_PAYLOAD
     return None
 
 
@@ -397,9 +397,9 @@ def _payload_problem(text: str) -> tuple[str, int] | None:
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        return "payload is not valid Unicode (lone surrogate)", 1007
+        return "payload is not valid Unicode (lone surrogate)", CloseCode.INVALID_PAYLOAD
     if size > MAX_PAYLOAD_BYTES:
-        return f"payload is {size} bytes of UTF-8, limit {MAX_PAYLOAD_BYTES} (8 KB)", 1009
+        return f"payload is {size} bytes of UTF-8, limit {MAX_PAYLOAD_BYTES} (8 KB)", CloseCode.MESSAGE_TOO_BIG
     return None
 
 
@@ -438,7 +438,7 @@ def _decode_frame(message: Any) -> tuple[dict[str, Any], str]:
     """One WebSocket message → (the JSON object, its event name); raises RemoteProtocolError."""
     if not isinstance(message, str):
         if isinstance(message, (bytes, bytearray, memoryview)):
-            raise _remote("binary message; VideoSDK ingest frames are JSON text", 1003)
+            raise _remote("binary message; VideoSDK ingest frames are JSON text", CloseCode.UNSUPPORTED_DATA)
         raise LocalProtocolError(
             f"receive takes a str (text message) or bytes (binary message), got {type(message).__name__}"
         )
@@ -446,18 +446,18 @@ def _decode_frame(message: Any) -> tuple[dict[str, Any], str]:
     if chars > MAX_MESSAGE_BYTES or (
         4 * chars > MAX_MESSAGE_BYTES and len(message.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES
     ):
-        raise _remote(f"text message over {MAX_MESSAGE_BYTES} bytes", 1009)
+        raise _remote(f"text message over {MAX_MESSAGE_BYTES} bytes", CloseCode.MESSAGE_TOO_BIG)
     try:
         frame = loads_strict(message)
     except (ValueError, RecursionError):
-        raise _remote("frame is not valid JSON", 1007) from None
+        raise _remote("frame is not valid JSON", CloseCode.INVALID_PAYLOAD) from None
     if not isinstance(frame, dict):
-        raise _remote(f"frame is {_json_type(frame)}, expected a JSON object", 1007)
+        raise _remote(f"frame is {_json_type(frame)}, expected a JSON object", CloseCode.INVALID_PAYLOAD)
     event = frame.get("event")
     if not isinstance(event, str):
         if "event" not in frame:
-            raise _remote("frame has no event field", 1007)
-        raise _remote(f"frame event is {_json_type(event)}, expected a string", 1007)
+            raise _remote("frame has no event field", CloseCode.INVALID_PAYLOAD)
+        raise _remote(f"frame event is {_json_type(event)}, expected a string", CloseCode.INVALID_PAYLOAD)
     return frame, event
 
 
@@ -486,12 +486,12 @@ class _IngestStream:
         payload = frame.get("payload")
         if not isinstance(payload, str):
             if "payload" not in frame:
-                raise _remote("media frame has no payload", 1007)
-            raise _remote(f"media payload is {_json_type(payload)}, expected a base64 string", 1007)
+                raise _remote("media frame has no payload", CloseCode.INVALID_PAYLOAD)
+            raise _remote(f"media payload is {_json_type(payload)}, expected a base64 string", CloseCode.INVALID_PAYLOAD)
         try:
             pcm = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise _remote("media payload is not valid base64", 1007) from None
+            raise _remote("media payload is not valid base64", CloseCode.INVALID_PAYLOAD) from None
         if self._carry:
             pcm = self._carry + pcm
             self._carry = b""
@@ -647,17 +647,17 @@ def _parse_message(frame: dict[str, Any]) -> Message:
     """A delivered pub/sub ``message`` frame (spec: Messaging, "Receive messages")."""
     topic = frame.get("topic")
     if not isinstance(topic, str):
-        raise _remote(f"message frame topic is {_json_type(topic)}, expected a string", 1007)
+        raise _remote(f"message frame topic is {_json_type(topic)}, expected a string", CloseCode.INVALID_PAYLOAD)
     if "data" not in frame:
-        raise _remote("message frame has no data", 1007)
+        raise _remote("message frame has no data", CloseCode.INVALID_PAYLOAD)
     data = frame["data"]
     if isinstance(data, str):
         return Message(topic, data, None, None, None, None, None)
     if not isinstance(data, dict):
-        raise _remote(f"message frame data is {_json_type(data)}, expected an object", 1007)
+        raise _remote(f"message frame data is {_json_type(data)}, expected an object", CloseCode.INVALID_PAYLOAD)
     text = data.get("message")
     if not isinstance(text, str):
-        raise _remote(f"message frame data.message is {_json_type(text)}, expected a string", 1007)
+        raise _remote(f"message frame data.message is {_json_type(text)}, expected a string", CloseCode.INVALID_PAYLOAD)
     sender = {key: value for key, value in data.items() if key != "message"}
     return Message(
         topic=topic,
@@ -701,7 +701,7 @@ class IngestServer(_IngestStream):
         frame, event = _decode_frame(message)
         if not self.started:
             if event != "start":
-                raise _remote(f"expected the start frame first, got {_show(event)}", 1008)
+                raise _remote(f"expected the start frame first, got {_show(event)}", CloseCode.POLICY_VIOLATION)
             self.started = True
             return [_STARTED]
         if event == "media":
@@ -718,7 +718,7 @@ class IngestServer(_IngestStream):
             self.stopped = True
             return [_STOPPED]
         if event == "start":
-            raise _remote("start frame sent twice", 1002)
+            raise _remote("start frame sent twice", CloseCode.PROTOCOL_ERROR)
         return [Unknown(event, frame)]
 
     @staticmethod
@@ -726,14 +726,14 @@ class IngestServer(_IngestStream):
         topic = frame.get("topic")
         if not isinstance(topic, str):
             if "topic" not in frame:
-                raise _remote(f"{event} frame has no topic", 1007)
-            raise _remote(f"{event} frame topic is {_json_type(topic)}, expected a string", 1007)
+                raise _remote(f"{event} frame has no topic", CloseCode.INVALID_PAYLOAD)
+            raise _remote(f"{event} frame topic is {_json_type(topic)}, expected a string", CloseCode.INVALID_PAYLOAD)
         return topic
 
     def _publish(self, frame: dict[str, Any]) -> Publish | MessagingRefused:
         topic = self._topic(frame, "message")
         if "data" not in frame:
-            raise _remote("message frame has no data", 1007)
+            raise _remote("message frame has no data", CloseCode.INVALID_PAYLOAD)
         value = frame["data"]
         problem = _topic_problem(topic)
         if problem is not None:
@@ -741,7 +741,7 @@ class IngestServer(_IngestStream):
         try:
             text = _payload_text(value)
         except ValueError:  # nesting json.loads accepted but json.dumps cannot re-serialize
-            raise _remote("message frame data cannot be serialized", 1007) from None
+            raise _remote("message frame data cannot be serialized", CloseCode.INVALID_PAYLOAD) from None
         problem = _payload_problem(text)
         if problem is not None:
             return MessagingRefused("message", topic, problem[0], problem[1])

@@ -84,6 +84,7 @@ from gateway.config.options import Options
 from gateway.endpoint import Emit, PcmIngress, RouteEvent
 from gateway.errors import (
     CallEnded,
+    CloseCode,
     LocalProtocolError,
     RemoteProtocolError,
 )
@@ -402,17 +403,17 @@ class VideosdkListen(WsEndpoint[AudioFrame]):
                     self.service.send(self.room.leave(participant))
                     self.service.outboxes.pop(participant).channel.close()
                 if ws_session is not None:
-                    await ws_session.finish(1000, "call ended")
+                    await ws_session.finish(CloseCode.NORMAL, "call ended")
                 elif session.ws is not None:
-                    await close(session.ws, 1000, "call ended")
+                    await close(session.ws, CloseCode.NORMAL, "call ended")
                 session.finished.set()
 
     def _closed_by_size(self, closed: ConnectionClosed) -> RemoteProtocolError | None:
         """trio-websocket closes a connection whose message is over the media server's
         limit (64 KiB) itself, with 1009: report it like the wire layer's errors."""
         reason = closed.reason
-        if reason is not None and reason.code == 1009:
-            err = RemoteProtocolError(reason.reason or "message too big", close_code=1009)
+        if reason is not None and reason.code == CloseCode.MESSAGE_TOO_BIG:
+            err = RemoteProtocolError(reason.reason or "message too big", close_code=CloseCode.MESSAGE_TOO_BIG)
             self.log.warning("closing the ingest stream (1009): %s", err)
             return err
         return None
@@ -472,7 +473,7 @@ class VideosdkListen(WsEndpoint[AudioFrame]):
                 reason = f"no pong within {self.pong_timeout:g} s of a ping"
                 self.log.warning("closing the ingest stream (1011): %s", reason)
                 ended.append(f"{reason} (closed 1011)")
-                await close(ws, 1011, "ping timeout")
+                await close(ws, CloseCode.INTERNAL_ERROR, "ping timeout")
                 scope.cancel()
                 return
 

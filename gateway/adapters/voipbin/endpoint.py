@@ -91,7 +91,7 @@ from gateway.codecs.jitter import DEFAULT_MAX_MS, JitterBuffer, Slot
 from gateway.codecs.plc import G711Plc
 from gateway.config.options import Options
 from gateway.endpoint import Emit, EndpointStats, RouteEvent, route_dtmf_key
-from gateway.errors import CallEnded, RemoteProtocolError
+from gateway.errors import CallEnded, CloseCode, RemoteProtocolError
 from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
 from gateway.server import MediaRequest
@@ -99,7 +99,7 @@ from gateway.server import MediaRequest
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz
 MAX_CONCEALED = 50  # packets of silence inserted for one RTP sequence gap (1 s)
 IDLE_TIMEOUT_S = 60.0  # seconds a listen client may send no media message (default of idle_timeout_s)
-IDLE_CLOSE_CODE = 1008  # policy violation (RFC 6455 §7.4.1): the client broke the gateway's rule
+IDLE_CLOSE_CODE = CloseCode.POLICY_VIOLATION  # policy violation (RFC 6455 §7.4.1): the client broke the gateway's rule
 
 REJECTED = {
     401: ("token rejected", True),
@@ -333,7 +333,8 @@ class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
             for message in slot.messages:
                 await session.ws.send_message(message)
         except ConnectionClosed as closed:
-            raise session.call_ended(closed) from None
+            self.send_failed(session, closed)
+            return None
         if not dtmf.busy:
             session.interleave = None
         if not slot.audio:
@@ -568,7 +569,7 @@ class VoipbinListen(_VoipbinEndpoint):
             await self._stream(session, proto, emit, peer=f"client {pending.request.remote}")
         finally:
             if session is not None:
-                await session.finish(1000, "call ended")
+                await session.finish(CloseCode.NORMAL, "call ended")
             elif pending.ws is not None:
-                await close(pending.ws, 1000, "call ended")
+                await close(pending.ws, CloseCode.NORMAL, "call ended")
             pending.finished.set()

@@ -139,7 +139,7 @@ from gateway.adapters.voipbin.dtmf import (
     TelephoneEvent,
     telephone_event_payload,
 )
-from gateway.errors import LocalProtocolError, RemoteProtocolError
+from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "Audio",
@@ -360,10 +360,10 @@ class MediaStreamProtocol:
         breaks the protocol; never anything else.
         """
         if isinstance(message, str):
-            raise RemoteProtocolError("text message on a binary media stream", close_code=1003)
+            raise RemoteProtocolError("text message on a binary media stream", close_code=CloseCode.UNSUPPORTED_DATA)
         data = bytes(message)
         if not data:
-            raise RemoteProtocolError(f"empty message on the {self.encapsulation.value} media stream", close_code=1002)
+            raise RemoteProtocolError(f"empty message on the {self.encapsulation.value} media stream", close_code=CloseCode.PROTOCOL_ERROR)
         if self.encapsulation is Encapsulation.RTP:
             return self._receive_rtp(data)
         if self.encapsulation is Encapsulation.SLN:
@@ -377,7 +377,7 @@ class MediaStreamProtocol:
         size = len(payload)
         if size > MAX_PAYLOAD_BYTES:
             raise RemoteProtocolError(
-                f"audio payload {size} bytes, limit {MAX_PAYLOAD_BYTES} (120 ms of slin)", close_code=1009
+                f"audio payload {size} bytes, limit {MAX_PAYLOAD_BYTES} (120 ms of slin)", close_code=CloseCode.MESSAGE_TOO_BIG
             )
         codec = self.codec
         if not self.codec_resolved:
@@ -386,7 +386,7 @@ class MediaStreamProtocol:
             elif size == FRAME_BYTES[Codec.SLIN]:
                 codec = Codec.SLIN
         if codec is Codec.SLIN and size % 2:
-            raise RemoteProtocolError(f"slin audio payload has an odd length ({size} bytes)", close_code=1007)
+            raise RemoteProtocolError(f"slin audio payload has an odd length ({size} bytes)", close_code=CloseCode.INVALID_PAYLOAD)
         return codec
 
     def _audio(self, payload: bytes, codec: Codec, sequence: int | None, timestamp: int | None, lost: int) -> Audio:
@@ -400,7 +400,7 @@ class MediaStreamProtocol:
         try:
             packet = RtpPacket.parse(data)
         except ValueError as exc:  # aiortc names the cause: truncated header, CSRC, extension...
-            raise RemoteProtocolError(f"malformed RTP packet: {exc}", close_code=1002) from None
+            raise RemoteProtocolError(f"malformed RTP packet: {exc}", close_code=CloseCode.PROTOCOL_ERROR) from None
         pt = packet.payload_type
         payload = packet.payload
         if pt == self.dtmf_payload_type:
@@ -408,7 +408,7 @@ class MediaStreamProtocol:
         if pt not in PAYLOAD_TYPES:
             raise RemoteProtocolError(
                 f"RTP payload type {pt} not supported (expected 0 PCMU, 96, "
-                f"or {self.dtmf_payload_type} telephone-event)", close_code=1003
+                f"or {self.dtmf_payload_type} telephone-event)", close_code=CloseCode.UNSUPPORTED_DATA
             )
         codec = self._resolve(payload) if payload else self.codec
         lost = self._track_sequence(packet.ssrc, packet.sequence_number)
@@ -441,7 +441,7 @@ class MediaStreamProtocol:
             except ValueError as exc:
                 raise RemoteProtocolError(
                     f"RTP payload type {packet.payload_type} (telephone-event): {exc} (RFC 4733 §2.3)",
-                    close_code=1003,
+                    close_code=CloseCode.UNSUPPORTED_DATA,
                 ) from None
         lost = self._track_sequence(packet.ssrc, packet.sequence_number)
         if self._highest_sequence == packet.sequence_number:
@@ -509,7 +509,7 @@ class MediaStreamProtocol:
             kind, length, name = header
             if first and events and isinstance(events[-1], (Hangup, PeerError)):
                 last = "a hangup" if isinstance(events[-1], Hangup) else "an error"
-                raise RemoteProtocolError(f"AudioSocket {name} frame after {last} frame", close_code=1002)
+                raise RemoteProtocolError(f"AudioSocket {name} frame after {last} frame", close_code=CloseCode.PROTOCOL_ERROR)
             pos += as_wire.HEADER.size
             if end - pos < length:
                 raise as_wire.payload_truncated(name, length, end - pos)
@@ -519,11 +519,11 @@ class MediaStreamProtocol:
                 if payload:
                     events.append(self._audio(payload, self._resolve(payload), None, None, 0))
                 elif first:
-                    raise RemoteProtocolError("empty AudioSocket audio frame", close_code=1002)
+                    raise RemoteProtocolError("empty AudioSocket audio frame", close_code=CloseCode.PROTOCOL_ERROR)
             else:
                 if first and kind == as_wire.KIND_HANGUP and length:
                     raise RemoteProtocolError(
-                        f"AudioSocket hangup frame with a {length}-byte payload", close_code=1002
+                        f"AudioSocket hangup frame with a {length}-byte payload", close_code=CloseCode.PROTOCOL_ERROR
                     )
                 events.append(as_wire.control_event(kind, payload))
         return events
