@@ -576,7 +576,7 @@ async def run_ffmpeg(n: int, seconds: float, warmup: float, workdir: Path, input
             run.up = sum(all(log.arrivals for log in call) for call in run.logs_out)
             if firsts:
                 run.connect_s = max(firsts) - started
-                t0 = max(firsts) + warmup
+                t0 = max(max(firsts) + warmup, trio.current_time())  # never before the wait for the routes ended
                 run.window = (t0, t0 + seconds)
                 await trio.sleep_until(t0)
                 alive = [p for p in procs if p.poll() is None]

@@ -238,7 +238,9 @@ def _peer_config(n: int, voipbin_token: str, bot_token: str, jwt_secret: str, ch
         lines += [
             f"  - name: peer-{i}",  # never run as a route: the bench drives both endpoints
             "    endpoints:",
-            f"      - voipbin: {{role: listen, call_id: {call_id(i)}, encapsulation: rtp, codec: ulaw}}",
+            # idle_timeout_s 0: the gateway sends the call nothing (the channel is silent), and a
+            # route admitted at boot must not be closed at 60 s while held ones are still starting
+            f"      - voipbin: {{role: listen, call_id: {call_id(i)}, encapsulation: rtp, codec: ulaw, idle_timeout_s: 0}}",
             f"      - argon: {{role: listen, space_id: {SPACE_ID}, channel_id: {channel_id(i)}{channel_extra}}}",
         ]
     return GatewayConfig.from_text("\n".join(lines) + "\n", "<bench peer>")
@@ -253,8 +255,15 @@ def services_yaml(http_port: int, media_port: int, voipbin_token: str, bot_token
     )
 
 
+ADMISSION_CPU = 0
+"""`--admission-cpu`: the gateway's server.admission_cpu_percent (0: its default, no CPU budget)."""
+
+
 def gateway_config(n: int, http_port: int, media_port: int, voipbin_token: str, bot_token: str) -> str:
-    lines = [services_yaml(http_port, media_port, voipbin_token, bot_token).rstrip("\n"), "routes:"]
+    lines = [services_yaml(http_port, media_port, voipbin_token, bot_token).rstrip("\n")]
+    if ADMISSION_CPU:
+        lines.append(f"server: {{admission_cpu_percent: {ADMISSION_CPU}}}")
+    lines.append("routes:")
     for i in range(n):
         lines += [
             f"  - name: bridge-{i}",
@@ -372,7 +381,9 @@ async def run_once(n: int, seconds: float, warmup: float, workdir: Path) -> Run:
             run.up = len(firsts)
             if firsts and proc.poll() is None:
                 run.connect_s = max(firsts) - started
-                t0 = max(firsts) + warmup
+                # routes held by admission may never come up: then the window starts when the
+                # wait for them ended, never before (its CPU and packets are counted from t0)
+                t0 = max(max(firsts) + warmup, trio.current_time())
                 run.window = (t0, t0 + seconds)
                 await trio.sleep_until(t0)
                 cpu0, peer0 = cpu_seconds(proc.pid), cpu_seconds("self")
@@ -577,8 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="auto", help="gateway run --workers (default auto: one per CPU; 1: one process)")
     parser.add_argument("--compare-ffmpeg", action="store_true",
                         help="after the gateway at each N, N ffmpeg processes doing the same transcoding per call")
+    parser.add_argument("--admission-cpu", type=int, default=0, metavar="PERCENT",
+                        help="the gateway's server.admission_cpu_percent (default 0: none; the admission "
+                             "demonstration past capacity, --routes 300, uses 60)")
     args = parser.parse_args(argv)
     _common.WORKERS = args.workers
+    global ADMISSION_CPU
+    ADMISSION_CPU = args.admission_cpu
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")

@@ -285,7 +285,7 @@ async def run_once(n: int, seconds: float, warmup: float, workdir: Path, live: b
             run.up = sum(bool(c.arrivals and a.arrivals) for c, a in zip(run.calls, run.agents))
             if firsts and proc.poll() is None:
                 run.connect_s = max(firsts) - started
-                t0 = max(firsts) + warmup
+                t0 = max(max(firsts) + warmup, trio.current_time())  # never before the wait for the routes ended
                 run.window = (t0, t0 + seconds)
                 await trio.sleep_until(t0)
                 cpu0, peer0 = cpu_seconds(proc.pid), cpu_seconds("self")

@@ -15,6 +15,24 @@ Two limits decide whether a new session may start:
 - **A session cap** (`server.max_sessions`, default none): at most that many sessions at
   once, where a session is one WebSocket media connection on `server.media` (or one *seat*:
   see below), one running dial route, or one answered incoming call.
+- **A CPU budget** (`server.admission_cpu_percent`, default 0: off): the event loop's thread
+  may use at most that share of one core, *projected*: what it used over the last second
+  (`MediaClock.busy`, the thread's CPU time from `time.thread_time()` read at each tick) plus,
+  for every session started within the last `STARTING_S` (its cost is not in that reading
+  yet) and for the one asking, the cost of one session (the reading divided by the sessions
+  that were already up, or `SESSION_COST_GUESS` before any was measured). Why, beside the
+  media clock: lateness is a saturation signal. The pacers' deadlines slip only once the
+  loop has no idle time left, and at that point the calls already admitted lose audio (issue
+  12, 30 routes on one core: the clock closed admission with 3 speech frames lost and p99
+  97 ms). The CPU share rises in proportion to the calls, so it can stop a ramp *before*
+  the loop is full; the projection lets a crowd of dial routes starting at boot (when
+  nothing has been measured yet) in by batches of what fits, one reading apart. It is off
+  by default because the right share depends on what else the machine runs. Measured with
+  `bench/bench_routes.py --routes 300 --admission-cpu N --workers 1` on 2 cores shared with
+  the bench's peer: at 60 the 46 admitted calls kept every packet on time (p99 26.5 ms beyond
+  the codec's delay) while 254 routes were held; at 80, 66 were admitted and 1,581 of their
+  packets were late (p99 60 ms): latency rises well before the loop's core is full, since
+  the loop also waits its turn for the cores and serves its wake-ups in bursts.
 
 **When the clock ticks.** Only while something streams: `Admission.streaming` counts the
 sessions that are up (an admitted media upgrade while its handler runs, a dial route once
@@ -60,6 +78,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from typing import Hashable, Iterator
 
 import attrs
@@ -77,6 +96,9 @@ ADMISSION_LAG_MS = 20  # default threshold: one 20 ms frame (and the routes' def
 # later than that is served when the next one is due already, the media clock is a frame behind
 OVERLOAD_RETRY_S = 3  # Retry-After while the media clock is behind (it reopens CALM_S after calm)
 CAPACITY_RETRY_S = 1  # Retry-After at the session cap (a slot frees whenever a call ends)
+SESSION_COST_GUESS = 0.05  # share of a core one session is assumed to cost until one is measured
+# (bench/README.md: 4.7 % per phone -> channel route at 10 routes, one worker)
+STARTING_S = 1.5  # seconds a new session counts as starting: its cost is not (fully) in the last second's reading
 
 
 class MediaClock:
@@ -115,6 +137,10 @@ class MediaClock:
         self.ticks = 0
         """Wake-ups recorded since the clock was made (it ticks only while sessions stream)."""
         self._wakes: collections.deque[tuple[float, float]] = collections.deque()  # (now, lag)
+        self._cpu: collections.deque[tuple[float, float]] = collections.deque()  # (now, thread CPU seconds)
+        self.busy: float | None = None
+        """Share of one core the ticking thread used over the last `window` (its CPU seconds
+        per second, from the `cpu` the ticks pass; None until half a window is measured)."""
         self._started: float | None = None
         self._measured = 0.0
         self._calm_since: float | None = None
@@ -134,11 +160,14 @@ class MediaClock:
         self.next_deadline = now + self.period
         return self.next_deadline
 
-    def tick(self, now: float, waited: float = 0.0) -> float:
+    def tick(self, now: float, waited: float = 0.0, cpu: float | None = None) -> float:
         """The ticker woke at `now` for `next_deadline`: record its lag, update `behind`, and
         return the next deadline (the first slot after `now`: missed slots are not replayed).
         `waited`: seconds since the previous tick the OS kept the thread runnable but gave the
-        core to another process; that much of the lag is not the gateway's and is left out."""
+        core to another process; that much of the lag is not the gateway's and is left out.
+        `cpu`: the thread's CPU time now, seconds (`time.thread_time()`), for `busy`."""
+        if cpu is not None:
+            self._measure_cpu(now, cpu)
         deadline = self.next_deadline
         if deadline is None:
             return self.start(now)
@@ -155,13 +184,25 @@ class MediaClock:
             self._update(now)
         return deadline
 
+    def _measure_cpu(self, now: float, cpu: float) -> None:
+        samples = self._cpu
+        samples.append((now, cpu))
+        horizon = now - self.window
+        while len(samples) > 2 and samples[1][0] <= horizon:  # keep one sample at or before the horizon
+            samples.popleft()
+        then, used = samples[0]
+        if now - then >= self.window / 2:
+            self.busy = max(0.0, cpu - used) / (now - then)
+
     def reset(self) -> None:
         """The ticker stopped (nothing streams): forget the readings. Not behind (unless
-        forced), no lag, no deadline; the next `start` begins with a start-up window again.
-        `episodes` and `worst` are kept: they are history."""
+        forced), no lag, no busy share, no deadline; the next `start` begins with a start-up
+        window again. `episodes` and `worst` are kept: they are history."""
         self.next_deadline = None
         self._started = None
         self._wakes.clear()
+        self._cpu.clear()
+        self.busy = None
         self._measured = 0.0
         self._calm_since = None
         if self.forced is None:
@@ -231,17 +272,21 @@ class Admission:
     `stream()` marks a session up (the media clock ticks while any is); `wait_open()` waits
     until `check()` passes; `run()` is the media clock's ticker (started by `Gateway.run`)."""
 
-    def __init__(self, lag_threshold: float = ADMISSION_LAG_MS / 1000, max_sessions: int | None = None) -> None:
+    def __init__(self, lag_threshold: float = ADMISSION_LAG_MS / 1000, max_sessions: int | None = None,
+                 cpu_limit: float = 0.0) -> None:
         self.clock = MediaClock(lag_threshold)
         self.max_sessions = max_sessions
         """Sessions at once at most (None: no cap)."""
+        self.cpu_limit = cpu_limit
+        """Share of one core the loop may use, projected (module doc); 0: no CPU budget."""
+        self._starts: collections.deque[float] = collections.deque()  # when recent sessions took their slot
         self.sessions = 0
         """Sessions holding a `slot()` now (a seat counts once, however many connections it has)."""
         self.streaming = 0
         """Sessions up now (inside `stream()`): the media clock ticks while this is above 0."""
         self._seats: dict[Hashable, int] = {}  # seat -> connections holding its slot
         self._ticker: trio.CancelScope | None = None  # the ticking spell of `run`, while it ticks
-        self.refused: dict[str, int] = {"overload": 0, "capacity": 0}
+        self.refused: dict[str, int] = {"overload": 0, "load": 0, "capacity": 0}
         """Sessions refused, by `Refusal.reason`."""
         self.held = 0
         """Dial route starts that had to wait (counted once per wait)."""
@@ -261,7 +306,31 @@ class Admission:
         if self.max_sessions is not None and self.sessions >= self.max_sessions:
             return Refusal("capacity", f"gateway at capacity ({self.sessions} of server.max_sessions "
                                        f"{self.max_sessions} sessions)", CAPACITY_RETRY_S)
+        if self.cpu_limit > 0:
+            busy, starting, projected = self.projected_load()
+            if projected > self.cpu_limit:
+                return Refusal("load", f"gateway at capacity (loop {busy * 100:.0f} % of a core, {starting} session(s) "
+                                       f"starting, {projected * 100:.0f} % projected with one more; "
+                                       f"server.admission_cpu_percent {self.cpu_limit * 100:.0f})", OVERLOAD_RETRY_S)
         return None
+
+    def projected_load(self, now: float | None = None) -> tuple[float, int, float]:
+        """(busy, starting, projected): the loop's share of a core over the last second (0
+        before it is measured), the sessions started within `STARTING_S`, and the share
+        projected with those and one more session at the measured cost per session (the
+        reading over the sessions that held their slot before them; `SESSION_COST_GUESS` when
+        none did)."""
+        if now is None:
+            now = trio.current_time()
+        starts = self._starts
+        while starts and starts[0] < now - STARTING_S:
+            starts.popleft()
+        starting = min(len(starts), self.sessions)  # a session that ended while starting costs nothing
+        measured = self.clock.busy
+        busy = measured or 0.0
+        settled = self.sessions - starting  # slots held for longer than STARTING_S: their cost is read
+        cost = busy / settled if measured is not None and settled > 0 else SESSION_COST_GUESS
+        return busy, starting, busy + cost * (starting + 1)
 
     @property
     def open(self) -> bool:
@@ -286,6 +355,8 @@ class Admission:
         self._seats[key] = held + 1
         if not held:
             self.sessions += 1
+            if self.cpu_limit > 0:
+                self._starts.append(trio.current_time())  # its cost is not in the reading yet
         try:
             yield
         finally:
@@ -325,8 +396,9 @@ class Admission:
 
     @property
     def ticking(self) -> bool:
-        """Whether the media clock should tick now: a threshold is set and something streams."""
-        return self.clock.threshold > 0 and self.streaming > 0
+        """Whether the media clock should tick now: a threshold or a CPU budget is set and
+        something streams."""
+        return (self.clock.threshold > 0 or self.cpu_limit > 0) and self.streaming > 0
 
     def _stop_ticking(self) -> None:
         """Stop the ticker (at its next checkpoint) and reset the clock: not behind any more."""
@@ -337,11 +409,12 @@ class Admission:
         if self.clock.behind != was:
             self._notify()
 
-    def configure(self, lag_threshold: float, max_sessions: int | None) -> None:
+    def configure(self, lag_threshold: float, max_sessions: int | None, cpu_limit: float = 0.0) -> None:
         """New limits (a reload): the sessions in progress keep their slots, the clock its
         readings; a lower cap refuses only new sessions."""
         self.clock.threshold = lag_threshold
-        if lag_threshold <= 0:
+        self.cpu_limit = cpu_limit
+        if not self.ticking:
             self._stop_ticking()
         self.max_sessions = max_sessions
         self._notify()
@@ -413,17 +486,20 @@ class Admission:
                     deadline = clock.start(trio.current_time())
                     waits.read()
                     timer = Waker()  # gateway.mediaclock: a tick without a cancellation
+                    cpu_time = time.thread_time
                     while True:
                         await timer.wait(deadline)
                         if not self.ticking:  # stopped while this wake-up was already due
                             break
                         was = clock.behind
-                        deadline = clock.tick(trio.current_time(), waits.read())
+                        deadline = clock.tick(trio.current_time(), waits.read(), cpu_time() if self.cpu_limit > 0 else None)
                         if clock.behind != was:
                             refusal = self.refusal()
                             if clock.behind and refusal is not None:  # logged now, not at the first refusal
                                 self._enter_spell(refusal)
                             self._notify()
+                        elif self._closed is not None and self._closed.reason == "load" and self.refusal() is None:
+                            self._notify()  # the budget has room again: wake the held routes, log the spell's end
             finally:
                 self._ticker = None
                 waits.close()

@@ -226,10 +226,14 @@ class Gateway:
         # so do the admission limits (sessions in progress are never touched by them)
         new = attrs.evolve(new, server=attrs.evolve(old.server, control=new.server.control,
                                                     admission_lag_ms=new.server.admission_lag_ms,
+                                                    admission_cpu_percent=new.server.admission_cpu_percent,
                                                     max_sessions=new.server.max_sessions))
-        if (new.server.admission_lag_ms, new.server.max_sessions) != (old.server.admission_lag_ms, old.server.max_sessions):
-            self.runtime.admission.configure(new.server.admission_lag_ms / 1000, new.server.max_sessions)
-            log.info("reload: server.admission_lag_ms %d, server.max_sessions %s", new.server.admission_lag_ms,
+        limits = lambda server: (server.admission_lag_ms, server.admission_cpu_percent, server.max_sessions)  # noqa: E731
+        if limits(new.server) != limits(old.server):
+            self.runtime.admission.configure(new.server.admission_lag_ms / 1000, new.server.max_sessions,
+                                             new.server.admission_cpu_percent / 100)
+            log.info("reload: server.admission_lag_ms %d, server.admission_cpu_percent %s, server.max_sessions %s",
+                     new.server.admission_lag_ms, new.server.admission_cpu_percent or "off",
                      new.server.max_sessions or "none")
         wanted = {rc.name: rc for rc in new.routes if self.placement is None or self.placement(rc)}
         unchanged, restarted, removed = [], [], []

@@ -63,9 +63,10 @@ latency for endpoints that take it.
 | gateway_admission_open | gauge | | 1 while new sessions are admitted, 0 while refused (gateway.admission) |
 | gateway_media_clock_lag_seconds | gauge | | MediaClock.lag: 90th percentile of the last 1 s of 20 ms tick lags (0: idle) |
 | gateway_media_clock_behind_total | counter | | MediaClock.episodes: times the media clock fell behind |
+| gateway_loop_cpu_ratio | gauge | | MediaClock.busy: share of a core the loop used in the last 1 s (0: idle or no CPU budget) |
 | gateway_sessions_active | gauge | | Admission.sessions: media connections, running dial routes and calls |
 | gateway_sessions_max | gauge | | server.max_sessions (absent when there is no cap) |
-| gateway_sessions_refused_total | counter | reason | Admission.refused: overload (media clock behind), capacity (max_sessions) |
+| gateway_sessions_refused_total | counter | reason | Admission.refused: overload (media clock), load (CPU budget), capacity |
 | gateway_routes_held_total | counter | | Admission.held: dial route starts that waited for admission |
 | gateway_build_info | gauge | version | 1 |
 
@@ -194,6 +195,7 @@ class Snapshot(NamedTuple):
     sessions_refused: tuple[tuple[str, int], ...] = ()
     """(reason, count) pairs."""
     routes_held: int = 0
+    loop_cpu: float = 0.0
 
 
 def snapshot(gateway) -> Snapshot:
@@ -220,7 +222,8 @@ def snapshot(gateway) -> Snapshot:
     admission = gateway.runtime.admission
     return Snapshot(tuple(routes), gateway.reloads, gateway.reload_failures, gateway.started_at,
                     pacer.delayed, pacer.refused, admission.open, admission.clock.lag, admission.clock.episodes,
-                    admission.sessions, admission.max_sessions, tuple(admission.refused.items()), admission.held)
+                    admission.sessions, admission.max_sessions, tuple(admission.refused.items()), admission.held,
+                    admission.clock.busy or 0.0)
 
 
 # ------------------------------------------------------------------------------- families
@@ -350,7 +353,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield _C("gateway_session_setups_refused", "Listen session set-ups refused with 503: their turn was more "
              "than 2 s away.", value=snap.setups_refused)
     yield _G("gateway_admission_open", "1 while new sessions are admitted; 0 while they are refused (503) and "
-             "dial routes wait: the media clock is behind or server.max_sessions is reached.",
+             "dial routes wait: the media clock is behind, the CPU budget is spent or server.max_sessions is reached.",
              value=1.0 if snap.admission_open else 0.0)
     yield _G("gateway_media_clock_lag_seconds", "How late the event loop wakes a 20 ms media clock tick: the 90th "
              "percentile over the last second (admission closes past server.admission_lag_ms); the clock ticks "
@@ -358,12 +361,16 @@ def families(snap: Snapshot) -> Iterator[Metric]:
              value=snap.media_clock_lag)
     yield _C("gateway_media_clock_behind", "Times the media clock fell behind (admission closed for overload).",
              value=snap.media_clock_episodes)
+    yield _G("gateway_loop_cpu_ratio", "Share of one core the event loop's thread used over the last second "
+             "(admission refuses past server.admission_cpu_percent, projected); measured only with that set and "
+             "while sessions stream, 0 otherwise.", value=snap.loop_cpu)
     yield _G("gateway_sessions_active", "Sessions in progress: listen media connections, running dial routes, "
              "answered calls (what server.max_sessions caps).", value=snap.sessions_active)
     if snap.sessions_max is not None:
         yield _G("gateway_sessions_max", "server.max_sessions: sessions admitted at once at most.", value=snap.sessions_max)
     refused = _C("gateway_sessions_refused", "New sessions refused (503, or an incoming call rejected as busy) "
-                 "by admission: overload (media clock behind) or capacity (server.max_sessions).", labels=("reason",))
+                 "by admission: overload (media clock behind), load (server.admission_cpu_percent) or capacity "
+                 "(server.max_sessions).", labels=("reason",))
     for reason, count in snap.sessions_refused:
         refused.add_metric((reason,), count)
     yield refused

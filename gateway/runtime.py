@@ -41,7 +41,8 @@ class Runtime:
         (before the gateway runs: sessions in progress keep the slots of the old one)."""
         server = self.config.server
         self.media.pacer = SetupPacer(server.setups_per_second, server.setup_burst)
-        self.admission = Admission(server.admission_lag_ms / 1000, server.max_sessions)
+        self.admission = Admission(server.admission_lag_ms / 1000, server.max_sessions,
+                                   server.admission_cpu_percent / 100)
         self.media.admission = self.http.admission = self.admission
 
     def singleton(self, key: Any, factory) -> Any:

@@ -19,8 +19,10 @@
 from __future__ import annotations
 
 import audioop
+import contextlib
 import json
 import logging
+import math
 import time
 
 import httpx
@@ -31,7 +33,7 @@ from trio_websocket import ConnectionRejected, connect_websocket_url
 
 from audio_checks import loop_score, mono, read_wav
 from gateway.adapters.voipbin.wire import Audio, Encapsulation, MediaStreamProtocol
-from gateway.admission import CALM_S, Admission, MediaClock
+from gateway.admission import CALM_S, SESSION_COST_GUESS, STARTING_S, Admission, MediaClock
 from gateway.config import GatewayConfig
 from gateway.demo import DEFAULT_AUDIO
 from gateway.errors import ConfigError
@@ -177,7 +179,7 @@ async def test_admission_counts_refusals_and_logs_once_per_spell(caplog):
             refusal = admission.check("test session")
             assert refusal is not None and refusal.reason == "capacity" and refusal.retry_after >= 1
             assert "1 of server.max_sessions 1" in refusal.detail
-    assert admission.open and admission.refused == {"overload": 0, "capacity": 20}
+    assert admission.open and admission.refused == {"overload": 0, "load": 0, "capacity": 20}
     closed = [r for r in caplog.records if "admission closed" in r.getMessage()]
     reopened = [r for r in caplog.records if "admission open again" in r.getMessage()]
     assert len(closed) == 1 and len(reopened) == 1 and "20 session(s) refused" in reopened[0].getMessage()
@@ -529,7 +531,8 @@ async def test_a_dial_route_waits_while_behind_and_readyz_says_why(tmp_path, cap
             assert body["not_ready"] == {"dialer": "held"}
             assert body["held"] == {"dialer": "waiting: gateway at capacity (media clock 45 ms behind)"}
             assert body["admission"] == {"open": False, "reason": "gateway at capacity (media clock 45 ms behind)",
-                                         "media_clock_lag_ms": 45.0, "sessions": 0, "max_sessions": None}
+                                         "media_clock_lag_ms": 45.0, "loop_cpu_percent": 0.0, "sessions": 0,
+                                         "max_sessions": None}
             assert "admission closed" in body["status"]
             route = (await http.get("/v1/routes/dialer")).json()
             assert route["state"] == "held" and route["reason"].startswith("waiting: gateway at capacity")
@@ -562,6 +565,99 @@ async def test_a_held_dial_route_stops_at_once(tmp_path):
         nursery.cancel_scope.cancel()
 
 
+# ------------------------------------------------------------------------------ CPU budget
+def test_the_clock_reads_the_loops_share_of_a_core():
+    clock = MediaClock(0.020)
+    deadline, cpu = clock.start(100.0), 7.0
+    while deadline < 100.4:  # under half a window: no reading yet
+        cpu += 0.6 * TICK
+        deadline = clock.tick(deadline, cpu=cpu)
+    assert clock.busy is None
+    while deadline < 102.0:  # 60 % of every 20 ms slot spent working
+        cpu += 0.6 * TICK
+        deadline = clock.tick(deadline, cpu=cpu)
+    assert clock.busy == pytest.approx(0.6, abs=0.01)
+    while deadline < 102.5:  # then half a second at 10 %: the reading covers the last second only
+        cpu += 0.1 * TICK
+        deadline = clock.tick(deadline, cpu=cpu)
+    assert clock.busy == pytest.approx(0.35, abs=0.02)
+    assert not clock.behind  # on time: the lag rule is another matter
+    clock.reset()
+    assert clock.busy is None
+
+
+async def test_a_cpu_budget_admits_a_crowd_by_batches_of_what_fits(autojump_clock):
+    """Nothing measured yet: each start counts SESSION_COST_GUESS (5 % of a core). Once the
+    loop's share is read, each new start counts what one settled session costs."""
+    assert SESSION_COST_GUESS == 0.05
+    admission = Admission(0.020, cpu_limit=0.33)
+    with contextlib.ExitStack() as sessions:
+        admitted = 0
+        while (refusal := admission.check("dial route start")) is None:
+            sessions.enter_context(admission.slot())
+            sessions.enter_context(admission.stream())
+            admitted += 1
+        assert admitted == 6  # 6 x 5 % = 30 %; a 7th would make 35 % > 33 %
+        assert refusal.reason == "load" and admission.refused["load"] == 1
+        assert refusal.detail == ("gateway at capacity (loop 0 % of a core, 6 session(s) starting, 35 % projected "
+                                  "with one more; server.admission_cpu_percent 33)")
+        await trio.sleep(STARTING_S)  # they have started: their cost is in the reading from now on
+        clock, cpu = admission.clock, 0.0
+        deadline = clock.start(trio.current_time())
+        while deadline < trio.current_time() + 1.0:  # the 6 sessions cost 12 % of a core: 2 % each
+            cpu += 0.12 * TICK
+            deadline = clock.tick(deadline, cpu=cpu)
+        await trio.sleep_until(deadline)
+        assert clock.busy == pytest.approx(0.12, abs=0.005)
+        more = 0
+        while admission.check("dial route start") is None:
+            sessions.enter_context(admission.slot())
+            more += 1
+        assert more == 10  # 12 % + 10 x 2 % = 32 %; an 11th would make 34 %
+        assert admission.sessions == 16
+    assert admission.sessions == 0 and admission.open  # all ended: nothing starting, nothing measured
+
+
+MANY_DIAL_ROUTES = "routes:\n" + "".join(f"""\
+  - name: bot-{n}
+    endpoints:
+      - file: {{path: "$audio", rate: 8000, loop: true}}
+      - record: {{path: "$out/bot-{n}.wav"}}
+""" for n in range(6))
+
+
+async def test_dial_routes_starting_together_wait_for_the_cpu_budget_and_readyz_says_why(tmp_path, mock_clock,
+                                                                                         caplog):
+    """Six dial routes at boot with a 10 % budget: nothing is measured yet, so each start is
+    taken to cost 5 %: two start, four are held (state, reason, /readyz), and a reload that
+    lifts the budget starts them. The clock stands still (virtual time), so no reading or
+    ageing changes the count while it is checked."""
+    caplog.set_level(logging.INFO)
+    mock_clock.autojump_threshold = math.inf
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, MANY_DIAL_ROUTES, audio=DEFAULT_AUDIO, out=tmp_path,
+                              server_extra=", admission_cpu_percent: 10")
+        admission = gateway.runtime.admission
+        assert admission.cpu_limit == 0.10
+        held = sorted(name for name, state in gateway.routes.items() if state.state == "held")
+        assert len(held) == 4 and admission.sessions == 2, {n: s.state for n, s in gateway.routes.items()}
+        reason = ("gateway at capacity (loop 0 % of a core, 2 session(s) starting, 15 % projected with one more; "
+                  "server.admission_cpu_percent 10)")
+        assert {gateway.routes[name].reason for name in held} == {f"waiting: {reason}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.runtime.http.port}") as http:
+            ready = await http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["admission"]["reason"] == reason
+        assert ready.json()["held"] == {name: f"waiting: {reason}" for name in held}
+        assert f"not starting yet: {reason}" in caplog.text
+        assert "admission closed: " + reason in caplog.text
+
+        gateway.runtime.admission.configure(0.020, None, 0.0)  # what a reload to admission_cpu_percent: 0 does
+        for _ in range(50):
+            await trio.testing.wait_all_tasks_blocked()
+        assert admission.sessions == 6 and not [s for s in gateway.routes.values() if s.state == "held"]
+        nursery.cancel_scope.cancel()
+
+
 # ------------------------------------------------------------------------------ config
 SERVER = "server: {media: '127.0.0.1:0'%s}\nroutes: []\n"
 
@@ -569,8 +665,10 @@ SERVER = "server: {media: '127.0.0.1:0'%s}\nroutes: []\n"
 def test_admission_config_defaults_and_values():
     server = GatewayConfig.from_text(SERVER % "", "g.yaml").server
     assert server.admission_lag_ms == 20 and server.max_sessions is None
-    server = GatewayConfig.from_text(SERVER % ", admission_lag_ms: 0, max_sessions: 40", "g.yaml").server
-    assert server.admission_lag_ms == 0 and server.max_sessions == 40
+    assert server.admission_cpu_percent == 0
+    server = GatewayConfig.from_text(SERVER % ", admission_lag_ms: 0, max_sessions: 40, admission_cpu_percent: 80",
+                                     "g.yaml").server
+    assert server.admission_lag_ms == 0 and server.max_sessions == 40 and server.admission_cpu_percent == 80
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -578,6 +676,7 @@ def test_admission_config_defaults_and_values():
     (", admission_lag_ms: 5000", "g.yaml:1: server.admission_lag_ms: expected at most 1000, got 5000"),
     (", admission_lag_ms: fast", "g.yaml:1: server.admission_lag_ms: expected an integer, got 'fast'"),
     (", max_sessions: 0", "g.yaml:1: server.max_sessions: expected at least 1, got 0"),
+    (", admission_cpu_percent: 150", "g.yaml:1: server.admission_cpu_percent: expected at most 100, got 150"),
     (", max_sessions: many", "g.yaml:1: server.max_sessions: expected an integer, got 'many'"),
 ])
 def test_admission_config_errors_name_the_key(extra, message):

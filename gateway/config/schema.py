@@ -89,6 +89,10 @@ class ServerConfig:
     """New sessions are refused (dial routes wait) while the media clock is this far behind:
     the 90th percentile of the last second's 20 ms ticks' lateness, ticked while sessions
     stream (gateway.admission); 0: never."""
+    admission_cpu_percent: int = 0
+    """New sessions are refused (dial routes wait) while the event loop's share of one core,
+    projected with the sessions still starting and one more, would pass this percentage
+    (gateway.admission: a CPU budget that stops a ramp before calls lose audio); 0: no budget."""
     max_sessions: int | None = None
     """Sessions at once at most (listen media connections, an Argon bot's connections in one
     room counting once, running dial routes, answered calls); None: no cap."""
@@ -103,6 +107,7 @@ class ServerConfig:
         setups = opts.get_float("setups_per_second", 50.0, minimum=1.0)
         burst = opts.get_int("setup_burst", 10, minimum=1)
         lag = opts.get_int("admission_lag_ms", 20, minimum=0, maximum=1000)
+        cpu = opts.get_int("admission_cpu_percent", 0, minimum=0, maximum=100)
         max_sessions = opts.get_int("max_sessions", None, minimum=1)
         opts.finish()
         return cls(
@@ -114,6 +119,7 @@ class ServerConfig:
             setups_per_second=float(setups),
             setup_burst=burst,
             admission_lag_ms=lag,
+            admission_cpu_percent=cpu,
             max_sessions=max_sessions,
         )
 
