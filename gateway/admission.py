@@ -308,7 +308,7 @@ class Admission:
                                        f"{self.max_sessions} sessions)", CAPACITY_RETRY_S)
         if self.cpu_limit > 0:
             busy, starting, projected = self.projected_load()
-            if projected > self.cpu_limit:
+            if projected > self.cpu_limit + 1e-9:  # 12 x 5 % is 60 %, not a hair over it
                 return Refusal("load", f"gateway at capacity (loop {busy * 100:.0f} % of a core, {starting} session(s) "
                                        f"starting, {projected * 100:.0f} % projected with one more; "
                                        f"server.admission_cpu_percent {self.cpu_limit * 100:.0f})", OVERLOAD_RETRY_S)

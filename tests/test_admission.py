@@ -618,6 +618,17 @@ async def test_a_cpu_budget_admits_a_crowd_by_batches_of_what_fits(autojump_cloc
     assert admission.sessions == 0 and admission.open  # all ended: nothing starting, nothing measured
 
 
+@pytest.mark.parametrize("percent, fits", [(60, 12), (30, 6), (10, 2)])
+async def test_a_budget_that_is_a_whole_number_of_guesses_admits_that_many(autojump_clock, percent, fits):
+    admission = Admission(0.020, cpu_limit=percent / 100)  # as the config gives it
+    with contextlib.ExitStack() as sessions:
+        admitted = 0
+        while admission.check() is None:
+            sessions.enter_context(admission.slot())
+            admitted += 1
+        assert admitted == fits  # fits x 5 % is the budget itself, not a rounding error over it
+
+
 MANY_DIAL_ROUTES = "routes:\n" + "".join(f"""\
   - name: bot-{n}
     endpoints:
