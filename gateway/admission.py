@@ -321,7 +321,10 @@ class Admission:
         reading over the sessions that held their slot before them; `SESSION_COST_GUESS` when
         none did)."""
         if now is None:
-            now = trio.current_time()
+            try:
+                now = trio.current_time()
+            except RuntimeError:  # read outside the gateway's trio thread: count every recorded start
+                now = -math.inf
         starts = self._starts
         while starts and starts[0] < now - STARTING_S:
             starts.popleft()
