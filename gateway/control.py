@@ -8,6 +8,11 @@
     GET    /v1/routes/{name}   one route, with its recent events
     POST   /v1/routes          add a route: the YAML route schema as JSON; 201, 400, 409, 413
     DELETE /v1/routes/{name}   stop a route for good (goodbyes, close codes); 200, 404
+    POST   /v1/routes/{name}/clear  {"endpoint": E}: barge-in, drop what E said that the route
+                               still holds (gateway.route, "Barge-in and marks"); 200 with
+                               dropped_ms, 400, 404
+    POST   /v1/routes/{name}/mark   {"endpoint": E, "name": M}: a mark after what E has sent;
+                               202; its "mark-played" shows in the route's recent events; 400, 404
     POST   /v1/reload          re-read the YAML file (as SIGHUP); 200 with what changed, 400
 
 Mutating calls need `Authorization: Bearer <server.control.token>` (401 without or with a
@@ -86,6 +91,8 @@ def install(gateway: Controlled) -> None:
     http.add("GET", "/v1/routes/{name}", api.reader(api.get_route))
     http.add("POST", "/v1/routes", api.writer(api.add_route))
     http.add("DELETE", "/v1/routes/{name}", api.writer(api.delete_route))
+    http.add("POST", "/v1/routes/{name}/clear", api.writer(api.clear))
+    http.add("POST", "/v1/routes/{name}/mark", api.writer(api.mark))
     http.add("POST", "/v1/reload", api.writer(api.reload))
 
 
@@ -221,6 +228,43 @@ class ControlApi(AccessGuards):
         except KeyError:
             return _error(404, f"no route named {name!r}")
         return HttpResponse.json(200, {"removed": name})
+
+    def _playing(self, request: HttpRequest, *fields: str) -> tuple[RouteState, dict[str, str]] | HttpResponse:
+        """The route and the body's string `fields` for clear and mark, or the error answer."""
+        state = self.gateway.routes.get(request.params["name"])
+        if state is None:
+            return _error(404, f"no route named {request.params['name']!r}")
+        try:
+            data = request.json()
+        except ValueError as err:
+            return _error(400, str(err))
+        if not isinstance(data, dict):
+            return _error(400, f"expected a JSON object with {', '.join(fields)}")
+        values = {}
+        for field in fields:
+            value = data.get(field)
+            if not isinstance(value, str) or not value or len(value) > 128:
+                return _error(400, f"{field!r}: expected a string of 1 to 128 characters")
+            values[field] = value
+        if not any(e.name == values["endpoint"] for e in state.route.endpoints):
+            return _error(404, f"route {state.route.name!r} has no endpoint named {values['endpoint']!r}")
+        return state, values
+
+    async def clear(self, request: HttpRequest) -> HttpResponse:
+        found = self._playing(request, "endpoint")
+        if isinstance(found, HttpResponse):
+            return found
+        state, values = found
+        dropped_ms = state.route.clear(values["endpoint"])
+        return HttpResponse.json(200, {"route": state.route.name, "endpoint": values["endpoint"], "dropped_ms": dropped_ms})
+
+    async def mark(self, request: HttpRequest) -> HttpResponse:
+        found = self._playing(request, "endpoint", "name")
+        if isinstance(found, HttpResponse):
+            return found
+        state, values = found
+        state.route.mark(values["endpoint"], values["name"])
+        return HttpResponse.json(202, {"route": state.route.name, **values})
 
     async def reload(self, request: HttpRequest) -> HttpResponse:
         try:

@@ -298,7 +298,15 @@ class Endpoint(abc.ABC, Generic[FrameT]):
 
     def on_route_event(self, event: RouteEvent) -> None:
         """An event from another endpoint of the route (only called when `accepts_events`).
-        Synchronous and must not block: queue it for the endpoint's own task."""
+        Synchronous and must not block: queue it for the endpoint's own task. An endpoint that
+        raised a ``mark`` gets its ``mark-played`` here (`gateway.route`, "marks")."""
+
+    def played_mark(self, name: str, played: Callable[[], None]) -> None:
+        """As a sink: the packet this endpoint was just sent holds the last audio before a
+        route mark `name`; call `played()` once that audio has played (synchronous, must not
+        block). The default calls it at once: the peer plays what it is sent as it comes. A
+        sink whose peer queues audio of its own (a Twilio listen stream) overrides it."""
+        played()
 
     async def prepare(self) -> None:
         """Work the endpoint can do before its session, so the session starts cheaply (a file

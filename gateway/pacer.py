@@ -47,6 +47,13 @@ Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back la
   `burst_buffer_ms` and played at real time, never latency-controlled.
 - When a source ends, what it buffered is played out (the last packet padded), then the clock
   ends (`SinkClock.steps` returns).
+- Barge-in (`SinkClock.clear(slot)`): what one source has buffered is dropped at once (not
+  counted `dropped`: it was asked for); the clock goes on with the others and with what that
+  source sends next.
+- Marks (`PlayoutMark`, accepted in a source's place in the stream like a frame): a mark is due
+  once every sample the source sent before it has left its playout (played, or dropped, skipped
+  or cleared); `SinkClock.due` collects the due marks, in order, for the driver to report once
+  it has sent the packet that held the last of those samples.
 
 The driver's contract (`SinkClock.steps`, a generator):
 - `Wait(until, done)`: take in arriving frames (`SinkClock.accept(slot, frame, now)`) until
@@ -133,6 +140,17 @@ DRAIN = "drain"
 Step = Wait | Send | str
 
 
+@attrs.define(eq=False)
+class PlayoutMark:
+    """A point in one source's stream (the module doc, "Marks"): `token` is the driver's (the
+    route's pending mark), passed back untouched in `SinkClock.due`. No samples: a queue that
+    bounds its frames by duration counts it as nothing."""
+
+    token: object
+    samples = 0
+    rate = 1
+
+
 def _never() -> bool:
     return False
 
@@ -213,8 +231,13 @@ class SourcePlayout:
 
     Counters go to the sink's `stats` (late, dropped, skipped, latency in seconds)."""
 
-    def __init__(self, source: Source, fmt: AudioFormat, ptime_ms: int, max_delay_ms: int, stats: Stats) -> None:
+    def __init__(self, source: Source, fmt: AudioFormat, ptime_ms: int, max_delay_ms: int, stats: Stats,
+                 due: list[PlayoutMark] | None = None) -> None:
         self.source = source
+        self.marks: collections.deque[tuple[int, PlayoutMark]] = collections.deque()
+        """Marks waiting: (the `consumed` count at which each is due, the mark)."""
+        self.due: list[PlayoutMark] = [] if due is None else due
+        """Where marks go once due (the clock's `due`)."""
         self.n = n = fmt.samples(ptime_ms)
         self.fmt = fmt
         self.buffer = Reframer(fmt, ptime_ms)
@@ -277,11 +300,16 @@ class SourcePlayout:
         """Ended and played out."""
         return self.ended and self.buffer.buffered == 0
 
-    def push(self, frame: AudioFrame | None, now: float) -> None:
-        """Queue `frame` (None: the source ended), which arrived at `now` (seconds); audio
+    def push(self, frame: AudioFrame | PlayoutMark | None, now: float) -> None:
+        """Queue `frame` (None: the source ended; a `PlayoutMark`: a mark after what it sent), which arrived at `now` (seconds); audio
         beyond the bound is dropped oldest first (counted in whole packets, `dropped`)."""
         if frame is None:
             self.ended = True
+            return
+        if isinstance(frame, PlayoutMark):
+            self.marks.append((self.consumed + self.buffer.buffered, frame))
+            if not self.buffer.buffered:
+                self._settle_marks()
             return
         if self.source.bursty == self.live:  # the source found out it is bursty (or not)
             self.live = not self.source.bursty
@@ -300,6 +328,22 @@ class SourcePlayout:
             dropped = buf.drop(buf.buffered - bound)
             self.consumed += dropped
             self.stats.dropped += math.ceil(dropped / self.n)
+
+    def clear(self) -> int:
+        """Barge-in: drop everything buffered (samples dropped); the marks in it are due."""
+        dropped = self.buffer.drop(self.buffer.buffered)
+        self.consumed += dropped
+        self.arrivals.clear()
+        self.excess = 0
+        self.complete_at = None
+        self._ahead = (-1, 0.0)
+        self._settle_marks()
+        return dropped
+
+    def _settle_marks(self) -> None:
+        marks, consumed = self.marks, self.consumed
+        while marks and marks[0][0] <= consumed:
+            self.due.append(marks.popleft()[1])
 
     def rebase(self) -> None:
         """At a (re-)anchor: what a live source has buffered beyond one packet (or one of its
@@ -339,6 +383,8 @@ class SourcePlayout:
             self.short_run = min(self.short_run + 1, IDLE_AFTER)
             if self.short_run >= IDLE_AFTER:
                 self.extra = self.startup  # idle: what it sends when it returns is kept too
+            if self.marks:
+                self._settle_marks()  # what was dropped before a mark is gone too
             return None, None, None
         self.short_run = 0
         done_at = self.complete_at
@@ -383,6 +429,8 @@ class SourcePlayout:
             self.floor = buf.buffered
         if buf.buffered > self.peak:
             self.peak = buf.buffered
+        if self.marks:
+            self._settle_marks()
         return frame, level, waited
 
     def end_window(self) -> None:
@@ -410,15 +458,23 @@ class SinkClock:
         self.ptime = ptime_ms / 1000
         self.grace = jitter_ms / 1000
         self.stats = stats
-        self.playouts = [SourcePlayout(s, fmt, ptime_ms, max_delay_ms, stats) for s in sources]
+        self.due: list[PlayoutMark] = []
+        """Marks due (module doc, "Marks"), in order: the driver reports them once the packet
+        taken with them is sent, and empties the list."""
+        self.playouts = [SourcePlayout(s, fmt, ptime_ms, max_delay_ms, stats, self.due) for s in sources]
         self.clocked = clocked and len(self.playouts) == 1 and self.playouts[0].live
         self.accepted = 0
         """Frames taken in so far (end markers included)."""
 
-    def accept(self, slot: int, frame: AudioFrame | None, now: float) -> None:
-        """Take in source `slot`'s frame (None: that source ended), arrived at `now` (s)."""
+    def accept(self, slot: int, frame: AudioFrame | PlayoutMark | None, now: float) -> None:
+        """Take in source `slot`'s frame (None: that source ended; a `PlayoutMark`: a point in
+        its stream), arrived at `now` (s)."""
         self.accepted += 1
         self.playouts[slot].push(frame, now)
+
+    def clear(self, slot: int) -> int:
+        """Barge-in: drop what source `slot` has buffered (samples dropped; module doc)."""
+        return self.playouts[slot].clear()
 
     def steps(self) -> Generator[Step, float, None]:
         """The clock's steps (module doc, "The driver's contract"); each yield gets the time."""
@@ -525,11 +581,13 @@ class SinkClock:
                     rebase()
 
 
-def simulate(clock: SinkClock, arrivals: Sequence[tuple[float, int, AudioFrame | None]],
-             start: float = 0.0, *, send_time: float = 0.0) -> list[tuple[float, AudioFrame]]:
-    """Run `clock` without an event loop over `arrivals` ((time s, slot, frame or None for the
-    end), in time order, each handed over at its time as the route's queue would), from time
-    `start`; `send_time`: seconds each send takes. Returns (send time, packet) in order."""
+def simulate(clock: SinkClock, arrivals: Sequence[tuple[float, int, AudioFrame | PlayoutMark | None]],
+             start: float = 0.0, *, send_time: float = 0.0,
+             marks: list[tuple[float, object]] | None = None) -> list[tuple[float, AudioFrame]]:
+    """Run `clock` without an event loop over `arrivals` ((time s, slot, frame, a mark or None
+    for the end), in time order, each handed over at its time as the route's queue would), from
+    time `start`; `send_time`: seconds each send takes. Returns (send time, packet) in order;
+    `marks` gets (send time, token) for each mark due, as the driver would report it."""
     pending = collections.deque(sorted(arrivals, key=lambda a: a[0]))
     sent: list[tuple[float, AudioFrame]] = []
     now = start
@@ -550,6 +608,9 @@ def simulate(clock: SinkClock, arrivals: Sequence[tuple[float, int, AudioFrame |
                         break
             elif isinstance(step, Send):
                 sent.append((now, step.frame))
+                if marks is not None:
+                    marks.extend((now, mark.token) for mark in clock.due)
+                    clock.due.clear()
                 now += send_time
             else:  # DRAIN
                 while pending and pending[0][0] <= now:

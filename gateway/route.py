@@ -27,11 +27,27 @@ the route's `on_hold` file (looped) in its place. A send that fails mutes the si
 reader then tells whether the call ended or the connection failed (a reader that does not notice
 within SINK_GONE_WAIT is cancelled with the send's error). An outage longer than `reconnect_s`
 fails the route as before (ReconnectTimeout: the daemon restarts it with backoff).
+
+Barge-in and marks through the route (the playout queues every sink has here, whatever its
+protocol; Twilio Media Streams' ``clear`` and ``mark`` are the model):
+- A ``clear`` route event from endpoint S (a Twilio bot's ``clear``; `Route.clear`, which the
+  control API's ``POST /v1/routes/{name}/clear`` calls for any endpoint, an agent's too) drops at
+  once everything S said that the route still holds: in every sink's queue and playout of S. It
+  then goes to the other endpoints as any event, so a sink with a queue of its own beyond the
+  route (a Twilio listen stream: Twilio's buffer) sends its ``clear``.
+- A ``mark`` route event from S (``name``; `Route.mark`) goes in band after what S sent, into
+  every sink that hears S. Once each of those sinks has sent the packet holding the last sample
+  S sent before it (and, for a sink that plays out beyond the route, once that has played:
+  `Endpoint.played_mark`), S gets a ``mark-played`` event (``name``, ``after_ms``: from the mark
+  to its playout) on `on_route_event`; a sink that never takes it (nobody hears S) reports at
+  once. A clear passes every mark in what it dropped. What the decode chain holds (a resampler's
+  few samples) is not waited for.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import random
@@ -53,6 +69,7 @@ from gateway.mediaclock import Waker
 from gateway.pacer import (  # noqa: F401  # _dbfs, _mix, _Pauses, MIN_PAUSE_MS: for the tests
     MIN_PAUSE_MS,
     STARTUP_BUFFER_MS,
+    PlayoutMark,
     Send,
     SinkClock,
     Wait,
@@ -114,6 +131,17 @@ class _Session:
     watched: bool = False
 
 
+@attrs.define(eq=False)
+class _PendingMark:
+    """A source's mark on its way through the route's sinks (module doc, "marks")."""
+
+    source: Endpoint
+    name: str
+    posted: float
+    waiting: int = 0
+    """Sinks that have not played it yet."""
+
+
 class ReconnectTimeout(GatewayError):
     """An endpoint was away longer than the route's `reconnect_s`: the route fails (and the
     daemon restarts it with backoff, as any failure)."""
@@ -158,6 +186,8 @@ class Route:
         and the tests read to see, e.g., the rate an Opus sink is encoded at."""
         self._muted: set[int] = set()
         self._away: dict[int, float] = {}
+        self._pacers: list[tuple[Endpoint | _Lane, _SinkQueue, list[Endpoint], AudioFormat]] = []
+        self._clocks: dict[int, SinkClock] = {}  # the running pacers' clocks, by id of their queue
         self._sink_failed = lambda ep, err: False
         self.up = trio.Event()
         self._finish: Callable[[str], None] | None = None
@@ -180,7 +210,18 @@ class Route:
 
     def post_event(self, event: RouteEvent) -> None:
         """Log and count an endpoint's event, and hand it to every other endpoint that carries
-        events. Synchronous; an endpoint that fails to take it is logged, never fatal."""
+        events; ``clear`` and ``mark`` act on the route first (module doc), and a ``mark`` goes
+        no further. Synchronous; an endpoint that fails to take it is logged, never fatal."""
+        now = self._record(event)
+        source = next((e for e in self.endpoints if e.name == event.source), None)
+        if source is not None and event.kind == "clear":
+            self._clear(source)
+        elif source is not None and event.kind == "mark":
+            self._mark(source, str(event.data.get("name", "")), now)
+            return  # the route's business: the others have nothing to do with it
+        self._forward(event)
+
+    def _record(self, event: RouteEvent) -> float:
         self.stats.events += 1
         try:
             now = trio.current_time()
@@ -188,12 +229,96 @@ class Route:
             now = 0.0
         self.stats.recent_events.append((now, event))
         self.log.info("event from %s: %s", event.source, event.summary())
+        return now
+
+    def _forward(self, event: RouteEvent) -> None:
         for ep in self.endpoints:
             if ep.accepts_events and ep.name != event.source:
                 try:
                     ep.on_route_event(event)
                 except Exception:  # a bug in one endpoint must not stop the others
                     self.log.exception("endpoint %s failed to take event %s", ep.name, event.kind)
+
+    def clear(self, endpoint: str) -> int:
+        """Barge-in for `endpoint` (module doc): what it said that the route still holds is
+        dropped, and the others get a ``clear`` event (``dropped_ms``). Returns the most audio
+        dropped for any one sink (ms). Raises KeyError for an endpoint not in the route."""
+        source = self._endpoint(endpoint)
+        dropped_ms = self._clear(source)
+        event = RouteEvent(endpoint, "clear", {"dropped_ms": dropped_ms})
+        self._record(event)
+        self._forward(event)
+        return dropped_ms
+
+    def mark(self, endpoint: str, name: str) -> None:
+        """A mark after what `endpoint` has sent so far (module doc): its ``mark-played`` event
+        comes once the sinks have played it (in `recent_events`, and to the endpoint). Raises
+        KeyError for an endpoint not in the route."""
+        self._endpoint(endpoint)
+        self.post_event(RouteEvent(endpoint, "mark", {"name": name}))
+
+    def _endpoint(self, name: str) -> Endpoint:
+        for endpoint in self.endpoints:
+            if endpoint.name == name:
+                return endpoint
+        raise KeyError(name)
+
+    def _clear(self, source: Endpoint) -> int:
+        """Drop what `source` said that the pacers still hold; the most for one sink (ms)."""
+        cleared_ms = 0
+        for pacer_sink, queue, feeding, fmt in self._pacers:
+            clock = self._clocks.get(id(queue))
+            for slot, fed in enumerate(feeding):
+                if fed is source:
+                    dropped_us = queue.drop_slot(slot)
+                    if clock is not None:
+                        dropped_us += clock.clear(slot) * 1_000_000 // fmt.rate
+                    if dropped_us >= 1000:
+                        self.log.info("cleared %d ms of %s's audio queued for %s", dropped_us // 1000, source.name,
+                                      pacer_sink.name)
+                    cleared_ms = max(cleared_ms, dropped_us // 1000)
+        return cleared_ms
+
+    def _mark(self, source: Endpoint, name: str, now: float) -> None:
+        pending = _PendingMark(source, name, now)
+        for _, queue, feeding, _ in self._pacers:
+            for slot, fed in enumerate(feeding):
+                if fed is source:
+                    try:
+                        queue.send_nowait((slot, PlayoutMark(pending)))  # a mark takes no room
+                    except (trio.BrokenResourceError, trio.WouldBlock):
+                        continue  # that pacer has finished: the route is ending
+                    pending.waiting += 1
+        if not pending.waiting:
+            self._mark_played(pending)
+
+    def _marks_sent(self, sink: Endpoint, due: list[PlayoutMark]) -> None:
+        """The packet holding the marks in `due` went to `sink`: each is played once the sink
+        says so (`Endpoint.played_mark`)."""
+        for mark in due:
+            pending = mark.token
+            assert isinstance(pending, _PendingMark)
+            try:
+                sink.played_mark(pending.name, functools.partial(self._mark_played, pending))
+            except Exception:  # a bug in one sink must not lose the mark for the others
+                self.log.exception("endpoint %s failed to take mark %r", sink.name, pending.name)
+                self._mark_played(pending)
+        due.clear()
+
+    def _mark_played(self, pending: _PendingMark) -> None:
+        pending.waiting -= 1
+        if pending.waiting > 0:
+            return
+        now = trio.current_time()
+        after_ms = round((now - pending.posted) * 1000)
+        event = RouteEvent(pending.source.name, "mark-played", {"name": pending.name, "after_ms": after_ms})
+        self.stats.recent_events.append((now, event))
+        self.log.debug("mark %r of %s played after %d ms", pending.name, pending.source.name, after_ms)
+        if pending.source.accepts_events:
+            try:
+                pending.source.on_route_event(event)
+            except Exception:
+                self.log.exception("endpoint %s failed to take event mark-played", pending.source.name)
 
     # ----------------------------------------------------------------------------- plumbing
     def feeding(self, sink: Endpoint) -> list[Endpoint]:
@@ -262,6 +387,7 @@ class Route:
         (ServiceError, RemoteProtocolError, OSError...) after the others said goodbye.
         """
         legs, pacers = self._legs()
+        self._pacers = pacers
         done = trio.Event()
         ended_by: list[str] = []
         failures: list[Exception] = []
@@ -570,7 +696,8 @@ class Route:
         stats = sink.stats
         clock = SinkClock(feeding, pcm_format, sink.ptime_ms, stats=stats, jitter_ms=self.jitter_ms,
                           max_delay_ms=self.max_delay_ms, clocked=len(feeding) == 1 and feeding[0].clocked)
-        playouts, accept = clock.playouts, clock.accept
+        playouts, accept, due = clock.playouts, clock.accept, clock.due
+        self._clocks[id(recv)] = clock
         endpoint = getattr(sink, "sink", sink)  # a lane's sink
         key, muted = id(endpoint), self._muted
         current_time = trio.current_time
@@ -599,6 +726,8 @@ class Route:
                                         raise
                                     stats.dropped_while_down += 1
                                     break
+                        if due:
+                            self._marks_sent(endpoint, due)
                         for i, playout in enumerate(playouts):
                             if playout.drained:
                                 drained[id(feeding[i])].set()
@@ -612,6 +741,10 @@ class Route:
                     step = steps.send(current_time())
             except StopIteration:
                 pass  # every source ended and was played out
+            finally:
+                self._clocks.pop(id(recv), None)
+        if due:
+            self._marks_sent(endpoint, due)  # the last packets went out before the clock ended
         for source in feeding:
             drained[id(source)].set()
 
@@ -631,18 +764,20 @@ class _SinkQueue:
     the queue beyond its bound raises `trio.WouldBlock` (the emitter drops that newest frame and
     counts it); the end-of-stream marker always fits; BrokenResourceError once the pacer has
     finished. Receive side (the pacer): `receive`, `receive_nowait`, and `with queue:` closes it.
+    A `PlayoutMark` goes in a source's place like a frame and takes no room; `drop_slot` is a
+    barge-in's drop of one source's frames.
     """
 
     __slots__ = ("_items", "_waker", "_closed", "_queued_us", "_bound_us")
 
     def __init__(self, bound_ms: int) -> None:
-        self._items: collections.deque[tuple[int, AudioFrame | None]] = collections.deque()
+        self._items: collections.deque[tuple[int, AudioFrame | PlayoutMark | None]] = collections.deque()
         self._waker = Waker()  # the pacer parks on it (gateway.mediaclock: no cancel scope per wait)
         self._closed = False
         self._queued_us = 0
         self._bound_us = bound_ms * 1000
 
-    def send_nowait(self, item: tuple[int, AudioFrame | None]) -> None:
+    def send_nowait(self, item: tuple[int, AudioFrame | PlayoutMark | None]) -> None:
         if self._closed:
             raise trio.BrokenResourceError("the pacer has finished")
         frame = item[1]
@@ -654,18 +789,34 @@ class _SinkQueue:
         self._items.append(item)
         self._waker.wake()
 
-    def _took(self, item: tuple[int, AudioFrame | None]) -> tuple[int, AudioFrame | None]:
+    def drop_slot(self, slot: int) -> int:
+        """Drop the frames of source `slot` waiting here (its marks and end stay); returns
+        their duration in microseconds."""
+        kept: collections.deque[tuple[int, AudioFrame | PlayoutMark | None]] = collections.deque()
+        dropped = 0
+        for item in self._items:
+            frame = item[1]
+            if item[0] == slot and isinstance(frame, AudioFrame):
+                dropped += frame.samples * 1_000_000 // frame.rate
+            else:
+                kept.append(item)
+        self._items.clear()  # in place: a parked receive holds this deque
+        self._items.extend(kept)
+        self._queued_us -= dropped
+        return dropped
+
+    def _took(self, item: tuple[int, AudioFrame | PlayoutMark | None]) -> tuple[int, AudioFrame | PlayoutMark | None]:
         frame = item[1]
         if frame is not _END:
             self._queued_us -= frame.samples * 1_000_000 // frame.rate
         return item
 
-    async def receive(self) -> tuple[int, AudioFrame | None]:
+    async def receive(self) -> tuple[int, AudioFrame | PlayoutMark | None]:
         item = await self.receive_until(math.inf)
         assert item is not None  # no deadline
         return item
 
-    async def receive_until(self, deadline: float) -> tuple[int, AudioFrame | None] | None:
+    async def receive_until(self, deadline: float) -> tuple[int, AudioFrame | PlayoutMark | None] | None:
         """The next item, waiting for one until trio time `deadline`; None from the deadline
         on (then nothing is taken, as a receive under `move_on_at(deadline)` would)."""
         items = self._items
@@ -684,7 +835,7 @@ class _SinkQueue:
             if items:
                 return self._took(items.popleft())
 
-    def receive_nowait(self) -> tuple[int, AudioFrame | None]:
+    def receive_nowait(self) -> tuple[int, AudioFrame | PlayoutMark | None]:
         if not self._items:
             raise trio.WouldBlock
         return self._took(self._items.popleft())

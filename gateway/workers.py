@@ -718,6 +718,8 @@ class Supervisor:
         http.add("GET", "/v1/routes/{name}", guards.reader(self.get_route))
         http.add("POST", "/v1/routes", guards.writer(self.add_route))
         http.add("DELETE", "/v1/routes/{name}", guards.writer(self.delete_route))
+        http.add("POST", "/v1/routes/{name}/clear", guards.writer(self._first))  # the route's worker
+        http.add("POST", "/v1/routes/{name}/mark", guards.writer(self._first))
         http.add("POST", "/v1/reload", guards.writer(self.reload_api))
         http.set_fallback(self.forward, max_body=MAX_FORWARD_BODY)
 

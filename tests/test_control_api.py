@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, connect_websocket_url
@@ -237,3 +238,75 @@ async def test_a_route_that_played_to_its_end_is_ready(tmp_path, speech_clip):
         assert gateway.routes["once"].state == "ended"
         assert ready.status_code == 200, ready.json()
         nursery.cancel_scope.cancel()
+
+
+AGENT_KEY = "agent-SECRET-ctl-5c1d"
+BARGE_IN = """\
+server:
+  http: "127.0.0.1:0"
+  media: "127.0.0.1:0"
+  control: {token: "%s"}
+services:
+  voipbin: {token: "%s", api_url: "http://127.0.0.1:9"}
+  agent: {api_url: "http://127.0.0.1:9", api_key: "%s"}
+routes:
+  - name: call
+    endpoints:
+      - agent: {role: listen, name: agent}
+      - voipbin: {role: listen, name: phone, call_id: c1, encapsulation: sln}
+""" % (CONTROL_TOKEN, VOIPBIN_TOKEN, AGENT_KEY)
+
+
+async def test_clear_and_mark_an_agents_speech_through_the_api(tmp_path, speech_clip):
+    """An agent sends 3 s of speech at once (text to speech); half a second in, a clear through
+    the API drops the rest from the route, so the caller hears about 0.5 s of it, not 3 s; a
+    mark comes back as mark-played in the route's events; bad calls name their fault."""
+    from gateway.adapters.agent import wire as agent_wire
+
+    async with trio.open_nursery() as nursery:
+        gateway, api = await start(nursery, tmp_path, speech_clip, BARGE_IN)
+        media = f"ws://127.0.0.1:{gateway.runtime.media.port}"
+        phone = await connect_websocket_url(nursery, f"{media}/v1.0/calls/c1/media_stream?encapsulation=sln"
+                                                     f"&token={VOIPBIN_TOKEN}", message_queue_size=512)
+        token = await api.post(agent_wire.TOKEN_PATH, headers={"authorization": f"Bearer {AGENT_KEY}"})
+        agent = await connect_websocket_url(nursery, token.json()["ws_url"], message_queue_size=512)
+        await agent.send_message(json.dumps({"token": token.json()["token"]}))
+        with trio.fail_after(5):
+            while gateway.routes["call"].state != "up":
+                await trio.sleep(0.01)
+        speech = (np.arange(16000 * 3) % 200 * 50 + 1000).astype("<i2").tobytes()  # 3 s at 16 kHz, never silent
+        for i in range(0, len(speech), 640):
+            await agent.send_message(speech[i:i + 640])
+        heard = 0
+
+        async def count() -> None:
+            nonlocal heard
+            while True:
+                frame = await phone.get_message()
+                heard += any(frame)
+
+        nursery.start_soon(count)
+        await trio.sleep(0.5)
+        cleared = await api.post("/v1/routes/call/clear", json={"endpoint": "agent"}, headers=AUTH)
+        heard_at_clear = heard  # for the message only: the reader may lag
+        await trio.sleep(0.5)
+        marked = await api.post("/v1/routes/call/mark", json={"endpoint": "agent", "name": "after-clear"}, headers=AUTH)
+        await trio.sleep(0.1)
+        events = (await api.get("/v1/routes/call")).json()["recent_events"]
+        refused = [
+            await api.post("/v1/routes/call/clear", json={"endpoint": "agent"}),  # no token
+            await api.post("/v1/routes/nope/clear", json={"endpoint": "agent"}, headers=AUTH),
+            await api.post("/v1/routes/call/clear", json={"endpoint": "nobody"}, headers=AUTH),
+            await api.post("/v1/routes/call/mark", json={"endpoint": "agent"}, headers=AUTH),
+            await api.post("/v1/routes/call/clear", content=b"[1]", headers=AUTH),
+        ]
+        nursery.cancel_scope.cancel()
+
+    assert cleared.status_code == 200 and cleared.json()["route"] == "call"
+    assert 2000 <= cleared.json()["dropped_ms"] <= 2700, cleared.json()
+    assert 15 <= heard <= 50, (heard, heard_at_clear)  # about half a second of the 3 s (20 ms frames), not 150
+    assert marked.status_code == 202 and marked.json() == {"route": "call", "endpoint": "agent", "name": "after-clear"}
+    kinds = [(e["source"], e["kind"]) for e in events]
+    assert ("agent", "clear") in kinds and ("agent", "mark-played") in kinds, kinds
+    assert [r.status_code for r in refused] == [401, 404, 404, 400, 400]
+    assert "'name'" in refused[3].json()["error"] and "nobody" in refused[2].json()["error"]

@@ -506,6 +506,116 @@ async def test_dial_plays_twilios_part_toward_a_bot(tmp_path, speech_clip, caplo
     assert AUTH_TOKEN not in caplog.text
 
 
+CALLER_AND_BOT = """\
+routes:
+  - name: desk                       # a Twilio call answered by a bot written for Twilio
+    endpoints:
+      - twilio: {name: caller, role: listen, stream: desk, twiml: false}
+      - twilio: {name: bot, url: "ws://127.0.0.1:$bot_port/media-stream"}
+"""
+
+
+async def test_a_bots_mark_waits_for_twilio_to_play_and_its_clear_reaches_twilio(tmp_path):
+    """Twilio (a raw client, playing what it is sent 0.5 s late, as its buffer does) ↔ the
+    gateway ↔ a bot. The bot's 1 s greeting and mark: Twilio gets the audio, then a mark of the
+    gateway's; the bot's mark comes back only once Twilio sent that one back (≥ 1.5 s), not when
+    the gateway sent the audio. The bot's 3 s answer, a mark, and a clear 0.4 s in: Twilio gets
+    ``clear``, the answer stops, and the bot's mark comes back at the clear, not after 3 s."""
+    speech_pcm = speech("or109.wav", 1.9)
+    first = ulaw(speech_pcm)  # 8000 bytes: 1 s
+    got: dict = {"marks": []}
+    at_twilio: dict = {"speech": 0, "marks": [], "clears": []}
+
+    async def bot(request) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # connected
+        sid = json.loads(await ws.get_message())["streamSid"]
+        t0 = trio.current_time()
+        await ws.send_message(json.dumps({"event": "media", "streamSid": sid,
+                                          "media": {"payload": base64.b64encode(first).decode()}}))
+        await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "greeting"}}))
+        while True:
+            message = json.loads(await ws.get_message())
+            if message["event"] == "mark":
+                got["marks"].append((message["mark"]["name"], trio.current_time() - t0))
+                break
+        await ws.send_message(json.dumps({"event": "media", "streamSid": sid,
+                                          "media": {"payload": base64.b64encode(first * 3).decode()}}))
+        await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "answer"}}))
+        t1 = trio.current_time()
+        await trio.sleep(0.4)
+        await ws.send_message(json.dumps({"event": "clear", "streamSid": sid}))
+        while True:
+            message = json.loads(await ws.get_message())
+            if message["event"] == "mark":
+                got["marks"].append((message["mark"]["name"], trio.current_time() - t1))
+                break
+        got["done"] = True
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        bot_server = await nursery.start(serve_websocket, bot, "127.0.0.1", 0, None)
+        gateway = await start(nursery, CALLER_AND_BOT, bot_port=bot_server.port)
+        url = media_url(gateway)
+        from trio_websocket import connect_websocket_url
+
+        ws = await connect_websocket_url(nursery, url, extra_headers=signed_headers(url), message_queue_size=64)
+        twilio = Twilio(ws)
+        await twilio.hello()
+
+        pending: list[str] = []
+
+        async def send_back(name: str) -> None:
+            if name in pending:
+                pending.remove(name)
+                twilio.seq += 1
+                await twilio.send({"event": "mark", "sequenceNumber": str(twilio.seq), "streamSid": twilio.stream_sid,
+                                   "mark": {"name": name}})
+
+        async def echo_later(name: str) -> None:
+            await trio.sleep(0.5)  # Twilio plays what it buffered, then sends the mark back
+            await send_back(name)
+
+        async def listen() -> None:
+            while True:
+                message = json.loads(await ws.get_message())
+                if message["event"] == "media":
+                    at_twilio["speech"] += base64.b64decode(message["media"]["payload"]) != b"\xff" * 160
+                elif message["event"] == "mark":
+                    at_twilio["marks"].append(message["mark"]["name"])
+                    pending.append(message["mark"]["name"])
+                    nursery.start_soon(echo_later, message["mark"]["name"])
+                elif message["event"] == "clear":
+                    at_twilio["clears"].append(trio.current_time())
+                    for name in list(pending):  # Twilio sends back the marks waiting behind the clear
+                        await send_back(name)
+
+        nursery.start_soon(listen)
+        silence = b"\xff" * 160
+        t0 = done_at = trio.current_time()
+        with trio.fail_after(15):
+            k = 0
+            while not got.get("done") or not at_twilio["clears"] or trio.current_time() < done_at + 0.3:
+                await trio.sleep_until(t0 + k * 0.02)
+                await twilio.media(silence)
+                k += 1
+                if not got.get("done"):
+                    done_at = trio.current_time()
+        events = [e for _, e in gateway.routes["desk"].route.stats.recent_events]
+        nursery.cancel_scope.cancel()
+
+    (greeting, after_s), (answer, cleared_s) = got["marks"]
+    assert (greeting, answer) == ("greeting", "answer")
+    assert 1.45 < after_s < 2.3, after_s  # the burst played (1 s), then Twilio's 0.5 s, not at once
+    assert 0.35 < cleared_s < 0.9, cleared_s  # at the clear (0.4 s), not after the 3 s answer
+    assert len(at_twilio["clears"]) == 1 and at_twilio["marks"][:1] == ["gw-1"]
+    # the greeting's mark went through the route; the answer's was still in the bot's own
+    # playout when the clear came, so it went back from there
+    assert [e.kind for e in events if e.kind in ("mark", "mark-played", "clear")] == ["mark", "mark-played", "clear"]
+    # Twilio got the greeting and the answer's first 0.4 s, no more: the rest was cleared
+    assert 50 * 1.3 < at_twilio["speech"] < 50 * (1.0 + 0.4 + 0.3), at_twilio
+
+
 # ====================================================================================== config
 def test_the_twilio_example_config_is_valid(tmp_path):
     from pathlib import Path

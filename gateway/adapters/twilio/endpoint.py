@@ -24,9 +24,10 @@ proxy in front of `server.media`).
   used. ``dtmf`` is a ``dtmf`` route event (``digit``), ``stop`` ends the session normally.
 - What the route sends goes back as ``media`` messages, 20 ms each, at the route's pace.
 - A ``clear`` route event (a `TwilioDial` raises one when its server barges in) sends
-  ``clear`` with the next frame, so Twilio drops what it buffered. The route itself has no
-  notion of barge-in yet: what its own playout holds for this sink (at most `max_delay_ms`) still
-  plays.
+  ``clear`` with the next frame, so Twilio drops what it buffered (the route has dropped what
+  it held: `gateway.route`, "Barge-in and marks").
+- A route mark (`played_mark`): a ``mark`` of ours (``gw-N``) goes after the frame that held
+  its audio, and the route hears it played when Twilio sends it back (played, or cleared).
 - One call at a time per stream (a second upgrade waits up to 1 s, then 409; its webhook is
   answered busy). A stream that sends nothing for `idle_timeout_s` (default 10 s: Twilio sends
   a media message every 20 ms from the start) is closed with 1008 and the session ends.
@@ -38,9 +39,11 @@ set), sends ``connected`` and ``start`` (new ``MZ…`` stream SID per connection
 `parameters` as ``customParameters``), the route's audio as ``media`` (track ``inbound``, chunk,
 timestamp), ``dtmf`` for each ``dtmf`` route event, ``stop`` and close 1000 as goodbye. What the
 server sends is played as Twilio plays it (`playback.Playback`): queued, one 20 ms frame per
-20 ms on the endpoint's own clock (`Endpoint.clocked`), each ``mark`` sent back once the audio
-before it has played, ``clear`` drops what is queued, sends back the waiting marks and raises a
-``clear`` route event. The server closing with 1000 ends the call (as the end of a
+20 ms on the endpoint's own clock (`Endpoint.clocked`). Each ``mark`` becomes a route mark once
+the audio before it has gone to the route, and is sent back on its ``mark-played``: once the
+route's sinks have played that audio (a Twilio listen stream: Twilio has). ``clear`` drops what
+is queued, sends back the waiting marks (those in the route first) and raises a ``clear``
+route event, which drops what the route holds of this endpoint. The server closing with 1000 ends the call (as the end of a
 ``<Connect><Stream>`` does); any other failure reconnects this endpoint alone (README,
 "Reconnect"), with a new stream.
 """
@@ -147,6 +150,9 @@ class TwilioListen(_TwilioEndpoint):
         self._slot: ListenSlot[None] = ListenSlot(f"Twilio stream {stream}")
         self._unregister: list[Callable[[], None]] = []
         self._proto: wire.StreamServer | None = None
+        self._out: list[str] = []  # clear and mark messages to send before the next frame
+        self._played: dict[str, Callable[[], None]] = {}  # our marks at Twilio -> the route's played()
+        self._marks = 0
         self.call_sid: str | None = None
         self._ended: str | None = None
 
@@ -255,6 +261,7 @@ class TwilioListen(_TwilioEndpoint):
             ws = await session.accept()
             proto = wire.StreamServer()
             self._ws, self._proto, self._ended = ws, proto, None
+            self._out, self._played = [], {}
             self._warned_unknown = False
             self.call_sid = None
             self.stats.connects += 1
@@ -312,9 +319,13 @@ class TwilioListen(_TwilioEndpoint):
                 elif isinstance(event, wire.Stop):
                     self.session = None  # no media after Twilio's stop
                     raise CallEnded("Twilio stopped the stream (stop)")
+                elif isinstance(event, wire.Mark):
+                    played = self._played.pop(event.name, None)  # Twilio played (or cleared) up to it
+                    if played is not None:
+                        played()
                 elif isinstance(event, wire.Unknown):
                     self._unknown(event, peer)
-                # Connected and Mark (echoes of our marks: `proto.marks_pending`) need nothing
+                # Connected needs nothing
         await self._close_idle(ws, peer)
 
     async def _close_idle(self, ws: WebSocket, peer: str) -> NoReturn:
@@ -328,22 +339,43 @@ class TwilioListen(_TwilioEndpoint):
 
     def on_route_event(self, event: RouteEvent) -> None:
         if event.kind == "clear":
-            if self.session is not None:
-                self.session.interleave = self._send_clear  # before the next frame: no task, no wait here
+            if self.session is not None and self._proto is not None:
+                self._queue(self._proto.clear())  # Twilio drops what it buffered, echoes our marks
         elif event.kind == "dtmf":
             self.log.info("dtmf %s from %s not played: Twilio Media Streams has no message to play a key",
                           str(event.data.get("digit"))[:8], event.source)
 
-    async def _send_clear(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame | None:
-        """`session.interleave` after a `clear` route event: Twilio's `clear` goes before the frame."""
-        session.interleave = None
+    def played_mark(self, name: str, played: Callable[[], None]) -> None:
+        """Twilio buffers what it is sent: a route mark is played once Twilio sends back a mark
+        of ours sent after that audio (`gateway.route`, "marks")."""
         proto = self._proto
-        if proto is not None:
-            try:
-                await session.ws.send_message(proto.clear())
-            except ConnectionClosed as closed:
-                self.send_failed(session, closed)
-                return None
+        if self.session is None or proto is None:
+            played()  # no stream: nothing of it waits at Twilio
+            return
+        self._marks += 1
+        ours = f"gw-{self._marks}"
+        if self._queue(proto.mark(ours)):
+            self._played[ours] = played
+        else:
+            played()  # a flood of marks: this one is not tracked at Twilio
+
+    def _queue(self, message: str) -> bool:
+        if len(self._out) >= 64 or self.session is None:
+            return False
+        self._out.append(message)
+        self.session.interleave = self._send_out  # before the next frame: no task, no wait here
+        return True
+
+    async def _send_out(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame | None:
+        """`session.interleave` while clear or mark messages wait: they go before the frame."""
+        session.interleave = None
+        out, self._out = self._out, []
+        try:
+            for message in out:
+                await session.ws.send_message(message)
+        except ConnectionClosed as closed:
+            self.send_failed(session, closed)
+            return None
         return frame
 
     async def goodbye(self) -> None:
@@ -385,6 +417,8 @@ class TwilioDial(_TwilioEndpoint):
         self._proto: wire.StreamClient | None = None
         self._pending: list[str] = []  # control messages to send before the next frame (dtmf)
         self.playback: Playback | None = None
+        self._player: _Player | None = None
+        self._route_marks: dict[str, str] = {}  # the session's marks in the route: our name -> the server's
 
     @classmethod
     def from_config(cls, name: str, opts: Options, runtime: Runtime) -> TwilioDial:
@@ -418,12 +452,13 @@ class TwilioDial(_TwilioEndpoint):
             try:
                 await ws.send_message(proto.connected())
                 await ws.send_message(proto.start())
-                self._ws, self._proto, self._pending, self.playback = ws, proto, [], playback
+                player = _Player(playback, emit, self, ws, proto)
+                self._ws, self._proto, self._pending, self.playback, self._player = ws, proto, [], playback, player
+                self._route_marks = {}
                 self.session = WsSession(ws, payload=encoded_payload, wrap=proto.media)
                 self.stats.connects += 1
                 self.log.info("stream %s connected to %s", proto.stream_sid, _safe(self.url))
                 task_status.started()
-                player = _Player(playback, emit, self, ws, proto)
                 nursery.start_soon(player.run)
                 while True:
                     event = proto.receive(await ws.get_message())
@@ -433,11 +468,14 @@ class TwilioDial(_TwilioEndpoint):
                     elif isinstance(event, wire.Mark):
                         player.mark(event.name)
                     elif isinstance(event, wire.Clear):
+                        # what the route holds of ours goes too (its marks first: sent earlier)
                         dropped, names = playback.clear()
+                        names = [*self._route_marks.values(), *names]
+                        self._route_marks.clear()
                         self.log.info("the server cleared %d ms of queued audio (barge-in)", dropped // 8)
+                        self.route_event("clear", dropped_ms=dropped // 8)
                         for name in names if not proto.stopped else ():
                             await ws.send_message(proto.mark(name))
-                        self.route_event("clear", dropped_ms=dropped // 8)
                     elif isinstance(event, wire.Unknown):
                         self._unknown(event, "the server")
             except ConnectionClosed as closed:
@@ -450,12 +488,17 @@ class TwilioDial(_TwilioEndpoint):
                 await refuse(ws, err, self.log, "Twilio media stream")
                 raise
             finally:
-                self._ws = self._proto = self.playback = self.session = None
+                self._ws = self._proto = self.playback = self.session = self._player = None
                 await self._closing.settle()
                 await close(ws, CloseCode.NORMAL)
                 nursery.cancel_scope.cancel()
 
     def on_route_event(self, event: RouteEvent) -> None:
+        if event.kind == "mark-played":
+            name = self._route_marks.pop(str(event.data.get("name")), None)
+            if name is not None and self._player is not None:
+                self._player.echo(name)  # the audio before the server's mark has played: send it back
+            return
         if event.kind != "dtmf":
             return
         proto = self._proto
@@ -494,8 +537,10 @@ class TwilioDial(_TwilioEndpoint):
 
 class _Player:
     """The dial session's playout task: the server's audio (`Playback`) to the route, one frame
-    per ptime, and the marks sent back when due. Parks on a `Waker` between due times (no cancel
-    scope per frame); a push or a mark wakes it only when it brings the next due time forward."""
+    per ptime. A server's mark whose audio has gone to the route becomes a route ``mark``
+    (`gateway.route`, "marks"), and is sent back (`echo`) on its ``mark-played``: once the
+    route's sinks have played that audio. Parks on a `Waker` between due times (no cancel scope
+    per frame); a push or a mark wakes it only when it brings the next due time forward."""
 
     def __init__(self, playback: Playback, emit: Emit, endpoint: TwilioDial, ws: WebSocket,
                  proto: wire.StreamClient) -> None:
@@ -503,6 +548,13 @@ class _Player:
         self._waker = Waker()
         self._sleeping_until = math.inf
         self._timestamp = 0
+        self._echoes: list[str] = []
+        self._marks = 0
+
+    def echo(self, name: str) -> None:
+        """Send the server's mark `name` back (from the player's task: never blocks here)."""
+        self._echoes.append(name)
+        self._waker.wake()
 
     def push(self, payload: bytes) -> None:
         playback = self.playback
@@ -526,6 +578,8 @@ class _Player:
         while True:
             due = playback.next_due()
             self._sleeping_until = math.inf if due is None else due
+            if self._echoes:  # came while it was sending: no waiting
+                self._sleeping_until = -math.inf
             await waker.wait(self._sleeping_until)
             self._sleeping_until = -math.inf  # awake: pushes need not wake it
             frames, marks = playback.pop(trio.current_time())
@@ -535,8 +589,14 @@ class _Player:
                 stats.bytes_in += size
                 emit(EncodedFrame(payload, PCMU_8K, size, self._timestamp))
                 self._timestamp += size
+            for name in marks:  # after the frames they follow, in band through the route
+                self._marks += 1
+                ours = f"{self.proto.stream_sid}/{self._marks}"
+                self.endpoint._route_marks[ours] = name
+                self.endpoint.route_event("mark", name=ours)
+            echoes, self._echoes = self._echoes, []
             try:
-                for name in marks:
+                for name in echoes:
                     if self.proto.stopped:
                         break  # our goodbye (stop) went out: nothing follows it
                     await self.ws.send_message(self.proto.mark(name))
