@@ -164,7 +164,8 @@ def _dbfs(pcm: np.ndarray) -> float:
 
 def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Sum two int16 (samples, channels) blocks with saturation."""
-    return np.clip(a.astype(np.int32) + b, -32768, 32767).astype(np.int16)
+    mixed: np.ndarray = np.clip(a.astype(np.int32) + b, -32768, 32767).astype(np.int16)
+    return mixed
 
 
 class _Pauses:

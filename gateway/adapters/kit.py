@@ -20,7 +20,8 @@ How to use the kit
    `await WsSession.dial(url, service=..., rejected={401: ("token rejected", True)}, ...)`;
    listen: the `ws` a `ListenSlot`'s `PendingSession.accept()` gives). `send()` is then done:
    it drops while there is no session, sends `wrap(payload(frame))`, counts `frames_out` /
-   `bytes_out`, and turns a closed connection into `CallEnded`. Clear `self.session` when the
+   `bytes_out`, and counts a send on a closed connection as a drop (raising nothing: the
+   reader sees the close and names the end, `session.call_ended(closed)`). Clear `self.session` when the
    session ends or a stop frame went out or came in (where it is seen: the route keeps
    sending while the session winds down). In the receive loop, `await session.refuse(err,
    self.log, "media stream")` closes with the `RemoteProtocolError`'s code; `goodbye()` is
@@ -42,10 +43,19 @@ How to use the kit
    same rules; a refusal is a `Refused(status, cause)` it answers in its protocol's way).
    `secret_in(presented, secrets)` checks a presented token in constant time.
 
+5. **Playout, barge-in and marks**: a peer whose audio must be played at real time, with
+   marks and clear (the Twilio dial role's server, a bot's text to speech faster than real
+   time), goes through a `Playback` (pure: bytes in, frames due by `now` out; any fixed-size
+   sample format). Toward the route, `self.route_event("clear")` drops what the route holds of
+   this endpoint, `self.route_event("mark", name=...)` comes back as a ``mark-played`` route
+   event once every sink has played the audio before it, and a sink whose peer buffers what it
+   is sent overrides `played_mark(name, played)` (gateway/route.py, "Barge-in and marks").
+
 The pieces live where they read best, and are re-exported here: the WebSocket session in
 gateway/adapters/ws.py, the listen service and slot in gateway/adapters/listen.py, the pure
 REST helpers in gateway/adapters/rest.py (wire modules import them), the table in
-gateway/adapters/registry.py; `post_with_retry`, `RetryPolicy` and `RateLimiter` are here.
+gateway/adapters/registry.py, the playout queue in gateway/adapters/playback.py;
+`post_with_retry`, `RetryPolicy` and `RateLimiter` are here.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ from gateway.adapters.listen import (
     Refused,
     secret_in,
 )
+from gateway.adapters.playback import Playback
 from gateway.adapters.registry import KINDS, Kind
 from gateway.adapters.rest import body_retry_after, parse_retry_after, status_cause
 from gateway.adapters.ws import (
@@ -90,6 +101,7 @@ __all__ = [
     "ListenService",
     "ListenSlot",
     "PendingSession",
+    "Playback",
     "RateLimiter",
     "Refused",
     "RetryPolicy",

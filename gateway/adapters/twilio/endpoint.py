@@ -60,9 +60,9 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from gateway.adapters.listen import ListenSlot
+from gateway.adapters.playback import Playback
 from gateway.adapters.twilio import wire
 from gateway.adapters.twilio.config import account_sid_option
-from gateway.adapters.twilio.playback import Playback
 from gateway.adapters.ws import (
     Closing,
     WebSocket,

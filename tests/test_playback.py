@@ -1,12 +1,12 @@
-"""What Twilio does with a server's audio (gateway/adapters/twilio/playback.py), driven by
-`now` without an event loop: real-time playout of bursts, marks echoed when their audio has
-played, clear (barge-in), idling and the bound."""
+"""The kit's playout queue (gateway/adapters/playback.py: what Twilio does with a server's
+audio), driven by `now` without an event loop: real-time playout of bursts, marks echoed when
+their audio has played, clear (barge-in), idling, the bound, and a PCM16 format."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.adapters.twilio.playback import FRAME_BYTES, PTIME_S, Playback
+from gateway.adapters.playback import FRAME_BYTES, PTIME_S, Playback
 
 
 def tone(n: int, start: int = 0) -> bytes:
@@ -111,3 +111,18 @@ def test_the_bound_keeps_what_fits_and_counts_the_rest():
     playback.push(tone(10), 0.0)
     assert playback.dropped_bytes == 210
     assert playback.queued_ms == 125
+
+
+def test_pcm16_frames_are_the_formats_size_and_play_at_its_rate():
+    """PCM16 8 kHz: 320 bytes per 20 ms; 1 s of it plays in 1 s, its mark due at the end."""
+    playback = Playback(frame_bytes=320, bytes_per_s=16000)
+    playback.push(tone(16000), 0.0)
+    playback.mark("end", 0.0)
+    got = drain(playback, 2.0)
+    frames = [f for _, fs, _ in got for f in fs]
+    assert {len(f) for f in frames} == {320} and b"".join(frames) == tone(16000)
+    assert [round(t, 6) for t, fs, _ in got if fs] == [round(k * 0.02, 6) for k in range(50)]
+    assert [(round(t, 6), m) for t, _, ms in got for m in ms] == [(1.0, "end")]
+    assert playback.max_bytes == 60 * 16000
+    with pytest.raises(ValueError, match="positive"):
+        Playback(frame_bytes=0)
