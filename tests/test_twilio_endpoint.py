@@ -515,8 +515,8 @@ routes:
 """
 
 
-async def test_a_bots_mark_waits_for_twilio_to_play_and_its_clear_reaches_twilio(tmp_path):
-    """Twilio (a raw client, playing what it is sent 0.5 s late, as its buffer does) ↔ the
+async def test_a_bots_mark_waits_for_twilio_to_play_and_its_clear_reaches_twilio(autojump_clock, tmp_path):
+    """Under the virtual clock: Twilio (a raw client, playing what it is sent 0.5 s late, as its buffer does) ↔ the
     gateway ↔ a bot. The bot's 1 s greeting and mark: Twilio gets the audio, then a mark of the
     gateway's; the bot's mark comes back only once Twilio sent that one back (≥ 1.5 s), not when
     the gateway sent the audio. The bot's 3 s answer, a mark, and a clear 0.4 s in: Twilio gets
@@ -606,14 +606,16 @@ async def test_a_bots_mark_waits_for_twilio_to_play_and_its_clear_reaches_twilio
 
     (greeting, after_s), (answer, cleared_s) = got["marks"]
     assert (greeting, answer) == ("greeting", "answer")
-    assert 1.45 < after_s < 2.3, after_s  # the burst played (1 s), then Twilio's 0.5 s, not at once
-    assert 0.35 < cleared_s < 0.9, cleared_s  # at the clear (0.4 s), not after the 3 s answer
+    # the virtual clock: the greeting played (its last packet at 0.98 s), our mark went with the
+    # next packet, Twilio sent it back 0.5 s later, the bot got its own mark back
+    assert 1.5 <= after_s <= 1.56, after_s  # not at 1.0 (when the gateway had sent the audio)
+    assert 0.4 - 1e-9 <= cleared_s <= 0.42, cleared_s  # at the clear (0.4 s), not after the 3 s answer
     assert len(at_twilio["clears"]) == 1 and at_twilio["marks"][:1] == ["gw-1"]
     # the greeting's mark went through the route; the answer's was still in the bot's own
     # playout when the clear came, so it went back from there
     assert [e.kind for e in events if e.kind in ("mark", "mark-played", "clear")] == ["mark", "mark-played", "clear"]
     # Twilio got the greeting and the answer's first 0.4 s, no more: the rest was cleared
-    assert 50 * 1.3 < at_twilio["speech"] < 50 * (1.0 + 0.4 + 0.3), at_twilio
+    assert 69 <= at_twilio["speech"] <= 71, at_twilio  # 50 + 20 frames of 20 ms
 
 
 # ====================================================================================== config
