@@ -411,6 +411,33 @@ routes:
 """
 
 
+async def greet_then_barge_in(ws, sid: str, first: bytes, got: dict) -> None:
+    """What a voice bot does (the server's side of Media Streams): `first` (u-law) and a mark
+    "greeting" at once, until that mark comes back; then `first` three times and a mark
+    "answer", interrupted 0.4 s in by a clear, until that mark comes back. got["marks"] gets
+    (name, seconds from the audio to the mark's return, the message); got["dtmf"] a dtmf."""
+    async def send_and_mark(payload: bytes, name: str) -> float:
+        await ws.send_message(json.dumps({"event": "media", "streamSid": sid,
+                                          "media": {"payload": base64.b64encode(payload).decode()}}))
+        await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": name}}))
+        return trio.current_time()
+
+    async def mark_back(since: float) -> None:
+        while True:
+            message = json.loads(await ws.get_message())
+            if message["event"] == "dtmf":
+                got["dtmf"] = message
+            if message["event"] == "mark":
+                got["marks"].append((message["mark"]["name"], trio.current_time() - since, message))
+                return
+
+    await mark_back(await send_and_mark(first, "greeting"))
+    t1 = await send_and_mark(first * 3, "answer")  # a second, long utterance, cut after 0.4 s (barge-in)
+    await trio.sleep(0.4)
+    await ws.send_message(json.dumps({"event": "clear", "streamSid": sid}))
+    await mark_back(t1)
+
+
 async def test_dial_plays_twilios_part_toward_a_bot(tmp_path, speech_clip, caplog):
     """The bot: checks the signature and the first messages as the docs give them, answers with
     a 1 s burst of speech and a mark, then (once 0.4 s have played) a second burst, a mark and
@@ -431,30 +458,7 @@ async def test_dial_plays_twilios_part_toward_a_bot(tmp_path, speech_clip, caplo
         sid = start["streamSid"]
         media = json.loads(await ws.get_message())
         got["media"] = media
-        t0 = trio.current_time()
-        await ws.send_message(json.dumps({"event": "media", "streamSid": sid,
-                                          "media": {"payload": base64.b64encode(first).decode()}}))
-        await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "greeting"}}))
-        while True:
-            message = json.loads(await ws.get_message())
-            if message["event"] == "dtmf":
-                got["dtmf"] = message
-            if message["event"] == "mark":
-                got["marks"].append((message["mark"]["name"], trio.current_time() - t0, message))
-                if message["mark"]["name"] == "greeting":
-                    break
-        # a second, long utterance, interrupted after 0.4 s (barge-in)
-        await ws.send_message(json.dumps({"event": "media", "streamSid": sid,
-                                          "media": {"payload": base64.b64encode(first * 3).decode()}}))
-        await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "answer"}}))
-        t1 = trio.current_time()
-        await trio.sleep(0.4)
-        await ws.send_message(json.dumps({"event": "clear", "streamSid": sid}))
-        while True:
-            message = json.loads(await ws.get_message())
-            if message["event"] == "mark":
-                got["marks"].append((message["mark"]["name"], trio.current_time() - t1, message))
-                break
+        await greet_then_barge_in(ws, sid, first, got)
         await trio.sleep(0.3)
         await ws.aclose(1000)  # the bot hangs up: the end of <Connect><Stream>
         got["done"] = True
@@ -530,26 +534,7 @@ async def test_a_bots_mark_waits_for_twilio_to_play_and_its_clear_reaches_twilio
         ws = await request.accept()
         await ws.get_message()  # connected
         sid = json.loads(await ws.get_message())["streamSid"]
-        t0 = trio.current_time()
-        await ws.send_message(json.dumps({"event": "media", "streamSid": sid,
-                                          "media": {"payload": base64.b64encode(first).decode()}}))
-        await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "greeting"}}))
-        while True:
-            message = json.loads(await ws.get_message())
-            if message["event"] == "mark":
-                got["marks"].append((message["mark"]["name"], trio.current_time() - t0))
-                break
-        await ws.send_message(json.dumps({"event": "media", "streamSid": sid,
-                                          "media": {"payload": base64.b64encode(first * 3).decode()}}))
-        await ws.send_message(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": "answer"}}))
-        t1 = trio.current_time()
-        await trio.sleep(0.4)
-        await ws.send_message(json.dumps({"event": "clear", "streamSid": sid}))
-        while True:
-            message = json.loads(await ws.get_message())
-            if message["event"] == "mark":
-                got["marks"].append((message["mark"]["name"], trio.current_time() - t1))
-                break
+        await greet_then_barge_in(ws, sid, first, got)
         got["done"] = True
         await trio.sleep_forever()
 
@@ -604,7 +589,7 @@ async def test_a_bots_mark_waits_for_twilio_to_play_and_its_clear_reaches_twilio
         events = [e for _, e in gateway.routes["desk"].route.stats.recent_events]
         nursery.cancel_scope.cancel()
 
-    (greeting, after_s), (answer, cleared_s) = got["marks"]
+    (greeting, after_s, _), (answer, cleared_s, _) = got["marks"]
     assert (greeting, answer) == ("greeting", "answer")
     # the virtual clock: the greeting played (its last packet at 0.98 s), our mark went with the
     # next packet, Twilio sent it back 0.5 s later, the bot got its own mark back

@@ -112,6 +112,29 @@ class _TwilioEndpoint(WsEndpoint[EncodedFrame]):
         self._ws: WebSocket | None = None
         self._closing = Closing()
         self._warned_unknown = False
+        self._out: list[str] = []  # control messages (clear, mark, dtmf) to send before the next frame
+
+    def _can_queue(self) -> bool:
+        """A control message can wait for the next frame (a session, and room: at most 64)."""
+        return self.session is not None and len(self._out) < 64
+
+    def _queue(self, message: str) -> None:
+        """Send `message` before the next frame (`_can_queue` first): no task, no wait here."""
+        assert self.session is not None
+        self._out.append(message)
+        self.session.interleave = self._send_out
+
+    async def _send_out(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame | None:
+        """`session.interleave` while control messages wait: they go before the frame, in order."""
+        session.interleave = None
+        out, self._out = self._out, []
+        try:
+            for message in out:
+                await session.ws.send_message(message)
+        except ConnectionClosed as closed:
+            self.send_failed(session, closed)
+            return None
+        return frame
 
     def _unknown(self, event: wire.Unknown, peer: str) -> None:
         if not self._warned_unknown:  # once per session: Twilio itself only warns (31951)
@@ -150,7 +173,6 @@ class TwilioListen(_TwilioEndpoint):
         self._slot: ListenSlot[None] = ListenSlot(f"Twilio stream {stream}")
         self._unregister: list[Callable[[], None]] = []
         self._proto: wire.StreamServer | None = None
-        self._out: list[str] = []  # clear and mark messages to send before the next frame
         self._played: dict[str, Callable[[], None]] = {}  # our marks at Twilio -> the route's played()
         self._marks = 0
         self.call_sid: str | None = None
@@ -339,7 +361,7 @@ class TwilioListen(_TwilioEndpoint):
 
     def on_route_event(self, event: RouteEvent) -> None:
         if event.kind == "clear":
-            if self.session is not None and self._proto is not None:
+            if self._can_queue() and self._proto is not None:
                 self._queue(self._proto.clear())  # Twilio drops what it buffered, echoes our marks
         elif event.kind == "dtmf":
             self.log.info("dtmf %s from %s not played: Twilio Media Streams has no message to play a key",
@@ -352,31 +374,13 @@ class TwilioListen(_TwilioEndpoint):
         if self.session is None or proto is None:
             played()  # no stream: nothing of it waits at Twilio
             return
+        if not self._can_queue():
+            played()  # a flood of marks: this one is not tracked at Twilio
+            return
         self._marks += 1
         ours = f"gw-{self._marks}"
-        if self._queue(proto.mark(ours)):
-            self._played[ours] = played
-        else:
-            played()  # a flood of marks: this one is not tracked at Twilio
-
-    def _queue(self, message: str) -> bool:
-        if len(self._out) >= 64 or self.session is None:
-            return False
-        self._out.append(message)
-        self.session.interleave = self._send_out  # before the next frame: no task, no wait here
-        return True
-
-    async def _send_out(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame | None:
-        """`session.interleave` while clear or mark messages wait: they go before the frame."""
-        session.interleave = None
-        out, self._out = self._out, []
-        try:
-            for message in out:
-                await session.ws.send_message(message)
-        except ConnectionClosed as closed:
-            self.send_failed(session, closed)
-            return None
-        return frame
+        self._played[ours] = played
+        self._queue(proto.mark(ours))
 
     async def goodbye(self) -> None:
         ws = self._ws
@@ -415,7 +419,6 @@ class TwilioDial(_TwilioEndpoint):
         self.call_sid = wire.new_sid("CA")  # one call: kept across reconnects (each gets a new stream)
         self.buffer_ms = buffer_ms
         self._proto: wire.StreamClient | None = None
-        self._pending: list[str] = []  # control messages to send before the next frame (dtmf)
         self.playback: Playback | None = None
         self._player: _Player | None = None
         self._route_marks: dict[str, str] = {}  # the session's marks in the route: our name -> the server's
@@ -453,7 +456,7 @@ class TwilioDial(_TwilioEndpoint):
                 await ws.send_message(proto.connected())
                 await ws.send_message(proto.start())
                 player = _Player(playback, emit, self, ws, proto)
-                self._ws, self._proto, self._pending, self.playback, self._player = ws, proto, [], playback, player
+                self._ws, self._proto, self._out, self.playback, self._player = ws, proto, [], playback, player
                 self._route_marks = {}
                 self.session = WsSession(ws, payload=encoded_payload, wrap=proto.media)
                 self.stats.connects += 1
@@ -507,23 +510,12 @@ class TwilioDial(_TwilioEndpoint):
             return
         if proto is None or not proto.started or proto.stopped:
             self.log.info("dtmf %s from %s not sent: no stream connected", key, event.source)
-        elif len(self._pending) < 32:
-            self._pending.append(proto.dtmf(key))
+        elif self._can_queue():
+            self._queue(proto.dtmf(key))
             self.stats.dtmf_out += 1
-            if self.session is not None:
-                self.session.interleave = self._send_pending  # before the next frame
-
-    async def _send_pending(self, session: WsSession[EncodedFrame], frame: EncodedFrame) -> EncodedFrame | None:
-        """`session.interleave` while dtmf messages wait: they go before the frame, in order."""
-        session.interleave = None
-        pending, self._pending = self._pending, []
-        try:
-            for message in pending:
-                await session.ws.send_message(message)
-        except ConnectionClosed as closed:
-            self.send_failed(session, closed)
-            return None
-        return frame
+        else:
+            why = "the stream is ending" if self.session is None else f"{len(self._out)} control messages already wait"
+            self.log.warning("dtmf %s from %s not sent: %s", key, event.source, why)
 
     async def goodbye(self) -> None:
         ws, proto = self._ws, self._proto
