@@ -4,6 +4,7 @@ frames a broken one sends (RFC 6455 §5)."""
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import pytest
@@ -265,6 +266,61 @@ def test_client_frames_are_masked_with_a_fresh_key():
     assert a[2:6] != b[2:6]  # RFC 6455 §5.3: a new unpredictable key per frame
     assert a[6:] == a[2:6] * 2  # zeros XOR key = key
     assert encode_frame(0x2, b"x" * 200, mask=False)[:4] == b"\x82\x7e\x00\xc8"
+
+
+def test_mask_keys_are_all_different_across_a_refill_and_a_forked_worker_draws_its_own():
+    """Keys are cut from a pool of os.urandom: none repeats over 3 pools' worth, and a process
+    forked mid-pool (a worker forked from the zygote) does not go on with the parent's keys."""
+    import os
+
+    keys = [encode_frame(0x2, b"")[2:6] for _ in range(3 * 1024)]
+    assert len(set(keys)) > len(keys) - 3  # 2**32 keys: a repeat in 3,072 is a ~0.1 % event
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next keys
+        os.write(write, b"".join(encode_frame(0x2, b"")[2:6] for _ in range(8)))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64)
+    parent = b"".join(encode_frame(0x2, b"")[2:6] for _ in range(8))
+    os.close(read)
+    os.close(write)
+    assert len(child) == 32 and child != parent  # the same pool would give the same keys
+
+
+async def test_messages_split_across_reads_and_several_in_one_read_all_arrive():
+    """The plain-TCP read path (waits for readable after a read that drained the socket):
+    a frame cut in three writes, then 50 frames in one write, then a close."""
+    frames = [encode_frame(0x2, bytes([i]) * 10, mask=False) for i in range(50)]
+
+    async def server(stream):
+        handshake = H11Handshake(ConnectionType.SERVER)
+        while True:
+            handshake.receive_data(await stream.receive_some(4096))
+            if any(isinstance(e, Request) for e in handshake.events()):
+                break
+        await stream.send_all(handshake.send(AcceptConnection()))
+        first = encode_frame(0x1, b"hello there", mask=False)
+        for piece in (first[:1], first[1:5], first[5:]):
+            await stream.send_all(piece)
+            await trio.sleep(0.01)
+        await stream.send_all(b"".join(frames))
+        await stream.send_all(encode_frame(0x8, struct.pack("!H", 1000), mask=False))
+        await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        ws = await connect(f"ws://127.0.0.1:{port}/")
+        got = []
+        with trio.fail_after(5):
+            try:
+                while True:
+                    got.append(await ws.get_message())
+            except ConnectionClosed as closed:
+                code = closed.reason.code
+        nursery.cancel_scope.cancel()
+    assert got == ["hello there"] + [bytes([i]) * 10 for i in range(50)] and code == 1000
 
 
 

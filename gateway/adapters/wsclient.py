@@ -9,7 +9,13 @@ where the protocol's HTTP subtleties are, and does the framing itself, which for
 (unfragmented, no extensions) is a header and, from the client, a mask:
 
 - receive: the task that calls `get_message` reads the socket and parses every whole frame
-  in what arrived (no reader task, no channel; one scheduler trip per read);
+  in what arrived (no reader task, no channel; one scheduler trip per read). On plain TCP it
+  reads the socket itself: after a read that drained it (less than `RECEIVE_SIZE` came), it
+  waits for the socket to be readable before the next read, so a packet costs one `recvfrom`
+  instead of a failed one, an `epoll_ctl` and a second one (`strace -c`, bench/README.md);
+- the 4-byte mask keys (RFC 6455 §5.3: fresh, unpredictable, per frame) are cut from 4 KiB of
+  `os.urandom` at a time, so a frame costs no `getrandom` call of its own (the pool is
+  dropped in a forked worker: no two processes share keys);
 - send: the frame is written to the socket at once when the kernel takes it (no lock, no
   scheduler trip); only a short write (a full socket buffer, or TLS) waits, and then every
   later send queues behind it in order.
@@ -84,8 +90,31 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool = True) -> bytes:
         header = _PACK_64(b0, m | 127, n)
     if not mask:
         return header + payload
-    key = os.urandom(4)
+    key = _mask_key()
     return header + key + _mask(payload, key)
+
+
+_KEY_POOL = 4096  # bytes of os.urandom drawn at once: 1024 mask keys
+_keys = b""
+_key_at = 0
+
+
+def _mask_key() -> bytes:
+    """A fresh 4-byte masking key from the strong source (RFC 6455 §5.3, §10.3)."""
+    global _keys, _key_at
+    at = _key_at
+    if at >= len(_keys):
+        _keys, at = os.urandom(_KEY_POOL), 0
+    _key_at = at + 4
+    return _keys[at:at + 4]
+
+
+def _forget_keys() -> None:
+    global _keys, _key_at
+    _keys, _key_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_keys)  # a worker forked from the zygote draws its own
 
 
 class _Fail(Exception):
@@ -125,6 +154,7 @@ class ClientWebSocket:
         self._closed = trio.Event()  # the connection is closed (the handshake is over, or lost)
         self._reader: str | None = None  # who is reading the socket now: "app" (get_message), "close" (aclose)
         self._changed = trio.Event()  # set when a read ends or the connection closes
+        self._drained = False  # the last read emptied the socket: wait for readable before the next
 
     @property
     def closed(self) -> CloseReason | None:
@@ -215,8 +245,12 @@ class ClientWebSocket:
     async def _receive(self, reader: str) -> None:
         """Read once and take in every whole frame."""
         self._reader = reader
+        raw = self._raw
         try:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            if raw is None:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            else:
+                data = await self._read_raw(raw)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         finally:
@@ -230,6 +264,22 @@ class ClientWebSocket:
             self._parse()
         except _Fail as fail:
             await self._fail(fail)
+
+    async def _read_raw(self, raw: socket.socket) -> bytes:
+        """One read of the plain TCP socket (module doc): waits for readable after a read that
+        drained it, else reads at once (after a scheduler checkpoint, as a trio read is)."""
+        if self._drained:
+            await trio.lowlevel.wait_readable(raw)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = raw.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+                continue
+            self._drained = len(data) < RECEIVE_SIZE
+            return data
 
     def _parse(self) -> None:
         buf = self._buf
