@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p_worker.add_argument("--count", type=int, required=True)
     p_worker.add_argument("--channel-fd", type=int, required=True)
     p_worker.add_argument("--media-port", type=int)
+    p_worker.add_argument("--audiosocket-port", type=int)
     p_check = sub.add_parser("check", help="validate a YAML config (exit 0 valid, 1 invalid)")
     p_check.add_argument("config")
     p_reload = sub.add_parser("reload", help="ask the running gateway to re-read its config (control API)")
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tag_worker_logs(args.index)
         try:
-            trio.run(run_worker, args.config, args.index, args.count, args.channel_fd, args.media_port)
+            trio.run(run_worker, args.config, args.index, args.count, args.channel_fd, args.media_port,
+                     args.audiosocket_port)
         except ConfigError as err:
             logging.getLogger("gateway").error("worker %d: invalid configuration: %s", args.index, err)
             return 1
@@ -234,11 +236,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--workers: expected a number of at least 1 or `auto`, got {args.workers!r}")
         try:
             config = _load(args.config)
-            if workers > 1 and config.server.audiosocket is not None:
-                # the supervisor hands each WebSocket connection to its worker by the request's
-                # path; an AudioSocket connection would have to be handed over by its UUID frame
-                raise ConfigError(f"{args.config}: server.audiosocket: not served with --workers {workers} yet "
-                                  "(AudioSocket connections are not handed to workers); run with --workers 1")
             if workers > 1:
                 from gateway.daemon import Gateway
                 from gateway.systemd import Notifier

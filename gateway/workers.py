@@ -20,6 +20,11 @@ the process systemd starts is a **supervisor** that runs no route itself:
   from then on the supervisor is not in the media path at all. A path no worker serves goes
   to worker 0, which answers 404 as a single gateway would; a path whose worker is down (it
   is being restarted) gets `503` with `Retry-After: 1` from the supervisor.
+- **AudioSocket (TCP) connections** (`server.audiosocket`) likewise: the supervisor peeks
+  at the first frame (`MSG_PEEK`: the UUID frame, 19 bytes) and hands the connection, tagged
+  `AUDIOSOCKET`, to the worker whose listen endpoints serve that UUID (each worker reports
+  them), else to the catch-all's worker (`uuid: "*"`), else to worker 0, which refuses it
+  as one gateway would (a hangup frame, the cause in its log).
 - **REST** on `server.http`: the control API is the supervisor's (the same paths, guards and
   answers as one gateway's, README "Control API"), built from its workers' answers:
   `/metrics` is the sum of the workers' samples (`sum_metrics`), `/v1/routes` their routes
@@ -173,52 +178,97 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-async def send_connection(channel: trio.socket.SocketType, sock: trio.socket.SocketType) -> None:
-    """Hand the connected socket `sock` to the process at the other end (SCM_RIGHTS, unix(7)).
-    Our copy stays open until the caller closes it; closing it does not end the connection."""
+MEDIA = b"m"  # the tag of a handed-over media (WebSocket) connection
+AUDIOSOCKET = b"a"  # ... of an AudioSocket (TCP) connection
+
+
+async def send_connection(channel: trio.socket.SocketType, sock: trio.socket.SocketType, tag: bytes = MEDIA) -> None:
+    """Hand the connected socket `sock` to the process at the other end (SCM_RIGHTS, unix(7)),
+    tagged with the server it is for (`MEDIA`, `AUDIOSOCKET`). Our copy stays open until the
+    caller closes it; closing it does not end the connection."""
     fds = array.array("i", [sock.fileno()])
-    await channel.sendmsg([b"m"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+    await channel.sendmsg([tag], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
 
 
-class HandedOver(trio.abc.Listener[trio.SocketStream]):
-    """A trio Listener whose connections are the ones the supervisor hands over on `channel`
-    (one fd per message); `accept()` raises trio.ClosedResourceError once the channel closes
-    (the supervisor is gone), and sets `closed`."""
+class HandedOver:
+    """The worker's end of the supervisor's channel: `run()` reads the connections handed
+    over (one fd per message, tagged), and `listener(tag)` is a trio Listener of that tag's
+    connections for its server (`serve_media`, `serve_audiosocket`). When the channel closes
+    (the supervisor is gone) `closed` is set and every listener's `accept()` raises
+    trio.ClosedResourceError."""
 
     def __init__(self, channel: trio.socket.SocketType) -> None:
         self.channel = channel
         self.closed = trio.Event()
+        self._queues: dict[bytes, tuple[trio.MemorySendChannel[trio.SocketStream],
+                                        trio.MemoryReceiveChannel[trio.SocketStream]]] = {}
 
-    async def accept(self) -> trio.SocketStream:
-        while True:
-            try:
-                data, ancdata, _flags, _addr = await self.channel.recvmsg(16, socket.CMSG_SPACE(4 * 16))
-            except OSError as err:
-                self.closed.set()
-                raise trio.ClosedResourceError(f"the supervisor's channel failed: {err}") from None
-            fds: list[int] = []
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                    fds.extend(got)
-            if not data and not fds:
-                self.closed.set()
-                raise trio.ClosedResourceError("the supervisor closed the channel")
-            for extra in fds[1:]:  # one connection per message: anything else is closed, not leaked
-                os.close(extra)
-            if fds:
+    def listener(self, tag: bytes) -> _Handed:
+        if tag not in self._queues:
+            self._queues[tag] = trio.open_memory_channel(64)
+        return _Handed(self, self._queues[tag][1])
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    data, ancdata, _flags, _addr = await self.channel.recvmsg(16, socket.CMSG_SPACE(4 * 16))
+                except OSError as err:
+                    log.info("the supervisor's channel failed: %s", err)
+                    return
+                fds: list[int] = []
+                for level, kind, payload in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got = array.array("i")
+                        got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                        fds.extend(got)
+                if not data and not fds:
+                    return  # the supervisor closed the channel
+                for extra in fds[1:]:  # one connection per message: anything else is closed, not leaked
+                    os.close(extra)
+                if not fds:
+                    continue
                 sock = socket.socket(fileno=fds[0])
+                queue = self._queues.get(data[:1])
+                if queue is None:  # a server this worker does not run: nothing to hand it to
+                    sock.close()
+                    continue
                 sock.setblocking(False)
-                return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                try:
+                    queue[0].send_nowait(stream)
+                except trio.WouldBlock:
+                    log.warning("worker: %d connections wait for their server already; closing this one", 64)
+                    await trio.aclose_forcefully(stream)
+        finally:
+            self.closed.set()
+            for send, _ in self._queues.values():
+                send.close()
 
     async def aclose(self) -> None:
         self.channel.close()
         await trio.lowlevel.checkpoint()
 
 
+class _Handed(trio.abc.Listener[trio.SocketStream]):
+    """One server's share of the handed-over connections (`HandedOver.listener`)."""
+
+    def __init__(self, owner: HandedOver, queue: trio.MemoryReceiveChannel[trio.SocketStream]) -> None:
+        self.owner, self.queue = owner, queue
+
+    async def accept(self) -> trio.SocketStream:
+        try:
+            return await self.queue.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise trio.ClosedResourceError("the supervisor closed the channel") from None
+
+    async def aclose(self) -> None:
+        await self.owner.aclose()
+
+
 # ---------------------------------------------------------------------------------- worker
-async def run_worker(path: str, index: int, count: int, channel_fd: int, media_port: int | None) -> None:
+async def run_worker(path: str, index: int, count: int, channel_fd: int, media_port: int | None,
+                     audiosocket_port: int | None = None) -> None:
     """One worker (`gateway worker`): its share of `path`'s routes, media from the supervisor's
     channel, REST on a loopback port it reports on the channel. Stops on SIGTERM/SIGINT (the
     goodbyes), reloads on SIGHUP, and stops when the channel closes."""
@@ -241,8 +291,18 @@ async def run_worker(path: str, index: int, count: int, channel_fd: int, media_p
         await nursery.start(serve_http, runtime.http, "127.0.0.1", 0)
         media = config.server.media
         if media is not None:
+            media_listener = handed.listener(MEDIA)
             await nursery.start(lambda task_status: serve_media(
-                runtime.media, media.host, media_port or media.port, listeners=[handed], task_status=task_status))
+                runtime.media, media.host, media_port or media.port, listeners=[media_listener], task_status=task_status))
+        if config.server.audiosocket is not None:
+            from gateway.adapters.audiosocket.server import listen_server, serve_audiosocket
+
+            audiosocket = config.server.audiosocket
+            tcp_listener = handed.listener(AUDIOSOCKET)
+            await nursery.start(lambda task_status: serve_audiosocket(
+                listen_server(runtime), audiosocket.host, audiosocket_port or audiosocket.port,
+                listeners=[tcp_listener], task_status=task_status))
+        nursery.start_soon(handed.run)
         await nursery.start(gateway.run)
         await channel.send(json.dumps({"hello": {"index": index, "pid": os.getpid(), "http_port": runtime.http.port,
                                                  "routes": len(gateway.routes)}}).encode())
@@ -255,11 +315,7 @@ async def run_worker(path: str, index: int, count: int, channel_fd: int, media_p
             nursery.cancel_scope.cancel()
 
         async def orphaned() -> None:
-            if config.server.media is None:  # nothing reads the channel: watch it here
-                while await channel.recv(16):
-                    pass
-            else:
-                await handed.closed.wait()
+            await handed.closed.wait()
             await stop("the supervisor is gone")
 
         async def signals() -> None:
@@ -305,7 +361,11 @@ def _install_internal(gateway: Any, secret: str) -> None:
         return guarded
 
     async def paths(request: HttpRequest) -> HttpResponse:
-        return HttpResponse.json(200, {"http": gateway.runtime.http.patterns(), "media": gateway.runtime.media.patterns()})
+        from gateway.adapters.audiosocket.server import listen_server
+
+        uuids = listen_server(gateway.runtime).uuids if gateway.config.server.audiosocket is not None else []
+        return HttpResponse.json(200, {"http": gateway.runtime.http.patterns(), "media": gateway.runtime.media.patterns(),
+                                       "audiosocket": uuids})
 
     async def state(request: HttpRequest) -> HttpResponse:
         return HttpResponse.json(200, {"ready": gateway.ready, "status": gateway.status_line(),
@@ -351,6 +411,8 @@ class Worker:
     """Compiled patterns of the media paths it serves."""
     http: list[tuple[str, Any]] = attrs.Factory(list)
     """(method, compiled pattern) of the REST paths it serves."""
+    audiosocket: set[str] = attrs.Factory(set)
+    """The AudioSocket call UUIDs its listen endpoints serve ("*": the catch-all)."""
     routes: dict[str, str] = attrs.Factory(dict)
     """Its routes' states, as last read (`Supervisor.refresh`)."""
     ready: bool = False
@@ -393,6 +455,7 @@ class Supervisor:
         self.secret = secrets.token_urlsafe(24)
         self.http = HttpServer()
         self.media_port: int | None = None
+        self.audiosocket_port: int | None = None
         self.client: httpx.AsyncClient | None = None
         self.api_routes: dict[str, tuple[int, bytes]] = {}
         """Routes added through the control API: name → (worker, the JSON body), re-added
@@ -417,11 +480,19 @@ class Supervisor:
                     media_listeners = await trio.open_tcp_listeners(server.media.port, host=server.media.host)
                     self.media_port = media_listeners[0].socket.getsockname()[1]
                     log.info("media listening on %s:%d (handed to %d workers)", server.media.host, self.media_port, self.count)
+                tcp_listeners: list[trio.SocketListener] = []
+                if server.audiosocket is not None:
+                    tcp_listeners = await trio.open_tcp_listeners(server.audiosocket.port, host=server.audiosocket.host)
+                    self.audiosocket_port = tcp_listeners[0].socket.getsockname()[1]
+                    log.info("AudioSocket listening on %s:%d (handed to %d workers)", server.audiosocket.host,
+                             self.audiosocket_port, self.count)
                 if server.http is not None:  # bound first: a worker's dial route may call another's service
                     self._install_control()
                     await nursery.start(serve_http, self.http, server.http.host, server.http.port)
                 if media_listeners:
                     await nursery.start(trio.serve_listeners, self._front, media_listeners)
+                if tcp_listeners:
+                    await nursery.start(trio.serve_listeners, self._front_audiosocket, tcp_listeners)
                 for worker in self.workers:
                     nursery.start_soon(self._keep_running, worker)
                 with trio.move_on_after(START_TIMEOUT):
@@ -485,13 +556,15 @@ class Supervisor:
 
     def _spawn_args(self, worker: Worker) -> dict[str, Any]:
         return {"path": self.path, "index": worker.index, "count": self.count, "media_port": self.media_port,
-                "secret": self.secret}
+                "audiosocket_port": self.audiosocket_port, "secret": self.secret}
 
     def _command(self, worker: Worker, fd: int) -> list[str]:
         command = [sys.executable, "-m", "gateway", "--log-level", self.log_level, "--log-format", self.log_format,
                    "worker", self.path, "--index", str(worker.index), "--count", str(self.count), "--channel-fd", str(fd)]
         if self.media_port is not None:
             command += ["--media-port", str(self.media_port)]
+        if self.audiosocket_port is not None:
+            command += ["--audiosocket-port", str(self.audiosocket_port)]
         return command
 
     async def _keep_running(self, worker: Worker) -> None:
@@ -571,6 +644,7 @@ class Supervisor:
         paths = response.json()
         worker.media = [re.compile(p) for p in paths["media"]]
         worker.http = [(m, re.compile(p)) for m, p in paths["http"]]
+        worker.audiosocket = set(paths.get("audiosocket", ()))
 
     async def _internal(self, worker: Worker, method: str, path: str, **kwargs: Any) -> httpx.Response | None:
         """A call to `worker`'s loopback port (None when it is down or does not answer)."""
@@ -699,6 +773,46 @@ class Supervisor:
                 log.warning("media: could not hand a connection for %s to worker %d: %s", path, owner.index, err)
                 await _raw_answer(stream, 503, "the worker serving this path is restarting; retry in a second",
                                   "Retry-After: 1\r\n")
+        except (OSError, trio.BrokenResourceError):
+            pass
+        finally:
+            sock.close()  # our copy: the worker's keeps the connection open
+            await trio.lowlevel.checkpoint()
+
+    async def _front_audiosocket(self, stream: trio.SocketStream) -> None:
+        """Hand one AudioSocket connection to the worker serving the UUID of its first frame
+        (read with MSG_PEEK: the worker reads it again), the catch-all's worker for a UUID no
+        endpoint claims, and worker 0 for anything else (it refuses it, with the cause in its
+        log, as one gateway does: `gateway.adapters.audiosocket.server`)."""
+        from gateway.adapters.audiosocket.server import CATCH_ALL, FIRST_FRAME_TIMEOUT
+        from gateway.adapters.audiosocket.wire import uuid_of_first_frame
+
+        sock = stream.socket
+        try:
+            head = b""
+            with trio.move_on_after(FIRST_FRAME_TIMEOUT):
+                while len(head) < UUID_FRAME_BYTES:
+                    got = await sock.recv(UUID_FRAME_BYTES, socket.MSG_PEEK)
+                    if not got:
+                        return  # the peer left before its first frame
+                    if got == head:
+                        await trio.sleep(0.005)  # nothing new yet: peeking again would spin
+                    head = got
+                    if len(head) >= 3 and head[:3] != UUID_FRAME_HEADER:
+                        break  # not a UUID frame: worker 0 refuses it at once
+            call_uuid = uuid_of_first_frame(head)
+            owner = await self._owner(lambda w: call_uuid is not None and call_uuid in w.audiosocket)
+            if call_uuid is not None and owner is self.workers[0] and call_uuid not in owner.audiosocket:
+                owner = await self._owner(lambda w: CATCH_ALL in w.audiosocket)
+            if owner is None or owner.channel is None:
+                log.warning("audiosocket: the worker serving call %s is down (being restarted): hangup", call_uuid)
+                await _hangup(stream)
+                return
+            try:
+                await send_connection(owner.channel, sock, AUDIOSOCKET)
+            except OSError as err:
+                log.warning("audiosocket: could not hand call %s to worker %d: %s", call_uuid, owner.index, err)
+                await _hangup(stream)
         except (OSError, trio.BrokenResourceError):
             pass
         finally:
@@ -876,6 +990,21 @@ class Supervisor:
                     await upstream.aclose()
 
         return HttpResponse(upstream.status_code, content_type=content_type, headers=kept, stream=chunks)
+
+
+UUID_FRAME_BYTES = 19  # AudioSocket's first frame: kind 0x01, length 16, the UUID
+UUID_FRAME_HEADER = b"\x01\x00\x10"
+
+
+async def _hangup(stream: trio.SocketStream) -> None:
+    """AudioSocket's one refusal Asterisk understands: the hangup frame, then the close."""
+    from gateway.adapters.audiosocket.wire import hangup_frame
+
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_all(hangup_frame())
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 def _relay(response: httpx.Response, worker: int | None = None) -> HttpResponse:
@@ -1147,7 +1276,7 @@ def _become_worker(request: dict[str, Any], channel_fd: int) -> None:
         tag_worker_logs(int(request["index"]))
         os.environ[SECRET_ENV] = request["secret"]
         trio.run(run_worker, request["path"], int(request["index"]), int(request["count"]), channel_fd,
-                 request["media_port"])
+                 request["media_port"], request.get("audiosocket_port"))
     except ConfigError as err:
         logging.getLogger("gateway").error("worker %s: invalid configuration: %s", request.get("index"), err)
         code = 1

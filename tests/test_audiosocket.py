@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import signal
 import string
 import struct
 import uuid
@@ -582,15 +583,73 @@ def test_golden_refusal_bytes_are_what_asterisk_understands():
     assert hangup_frame() == struct.pack("!BH", 0, 0)
 
 
-def test_workers_refuse_server_audiosocket_with_a_clear_error(tmp_path, capsys):
-    """Under `--workers N` the supervisor hands WebSocket connections to workers by path; it
-    cannot hand over AudioSocket connections (by UUID) yet, so it refuses to start, naming why."""
-    from gateway.cli import main
+@pytest.mark.xdist_group("realtime")
+async def test_under_workers_each_call_reaches_the_worker_that_serves_its_uuid(tmp_path):
+    """`gateway run --workers 2`: the supervisor accepts every AudioSocket connection, peeks at
+    its UUID frame and hands the connection to the worker whose listen endpoint has that UUID
+    (a UUID nobody claims: the catch-all's worker; a first frame that is not a UUID frame:
+    worker 0, which refuses it). Each call hears its own route's file, intact."""
+    import os
+    import subprocess
+    import sys
 
+    from gateway.config.schema import GatewayConfig
+    from gateway.workers import worker_of
+    from test_cli import free_port
+
+    http, port = free_port(), free_port()
+    files = {name: noise_wav(tmp_path / f"{name}.wav", 2.0, seed) for seed, name in enumerate(["a", "b", "any"])}
+    text = f"""\
+server: {{http: "127.0.0.1:{http}", audiosocket: "127.0.0.1:{port}"}}
+routes:
+""" + "".join(f"""\
+  - name: {route}
+    endpoints:
+      - audiosocket: {{role: listen, uuid: "{uuid}"}}
+      - file: {{path: "{tmp_path / (file + '.wav')}", rate: 8000, loop: true}}
+""" for route, uuid, file in [("desk-a", CALL, "a"), ("desk-d", OTHER, "b"), ("anyone", "*", "any")])
     config = tmp_path / "gw.yaml"
-    config.write_text((ROOT / "config" / "audiosocket.example.yaml").read_text())
-    assert main(["run", str(config), "--workers", "2"]) == 1
-    assert "server.audiosocket: not served with --workers 2 yet" in capsys.readouterr().err
+    config.write_text(text)
+    placed = {rc.name: worker_of(rc, 2) for rc in GatewayConfig.load(str(config)).routes}
+    assert placed["desk-a"] != placed["desk-d"], placed  # what this test is about: two workers
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", str(config), "--workers", "2"],
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        heard: dict[str, np.ndarray] = {}
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                while True:  # the supervisor and its workers start
+                    try:
+                        await (await trio.open_tcp_stream("127.0.0.1", http)).aclose()
+                        break
+                    except OSError:
+                        await trio.sleep(0.1)
+                for key, call in (("a", CALL), ("b", OTHER), ("any", "0f000000-0000-4000-8000-000000000001")):
+                    while True:
+                        asterisk = await Asterisk.connect(nursery, port, call)
+                        while len(asterisk.audio()) < 8000 and not asterisk.closed.is_set():
+                            await trio.sleep(0.05)
+                        if not asterisk.closed.is_set():
+                            break
+                        await trio.sleep(0.2)  # refused while the workers were still coming up: again
+                    heard[key] = asterisk.audio()
+                    await asterisk.stream.send_all(hangup_frame())
+                bad = await Asterisk.connect(nursery, port, None)
+                await bad.stream.send_all(audio_frame(b"\0" * 320))  # audio before the UUID frame
+                await bad.closed.wait()
+            nursery.cancel_scope.cancel()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=15))
+    finally:
+        proc.kill()
+    for key, pcm in heard.items():
+        start = find(pcm, files[key])
+        assert start >= 0, f"call {key} did not hear its route's file"
+        got = pcm[start:start + 4000]
+        assert np.array_equal(got, files[key][:len(got)]) and len(got) == 4000, key  # intact, in order
+    assert isinstance(bad.events[-1], Hangup) and "not the UUID frame" in output, output
+    assert proc.returncode == 0 and "Traceback" not in output, output
 
 
 async def test_a_call_at_8_khz_talks_to_a_bot_at_16_khz_through_the_codec_graph(autojump_clock, tmp_path):

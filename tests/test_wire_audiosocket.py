@@ -241,3 +241,15 @@ def test_serializers_golden_and_round_trip():
 def test_serializers_refuse_what_is_not_a_frame(call):
     with pytest.raises(LocalProtocolError):
         call()
+
+
+def test_the_uuid_of_a_first_frame_is_read_only_when_the_frame_is_whole():
+    """What the supervisor of `--workers N` peeks at to pick the worker (gateway.workers)."""
+    from gateway.adapters.audiosocket.wire import audio_frame, uuid_frame, uuid_of_first_frame
+
+    call = "40325ec2-5efd-4bd3-805f-53576e581d13"
+    frame = uuid_frame(call)
+    assert uuid_of_first_frame(frame) == call and uuid_of_first_frame(frame + b"\x10\x00") == call
+    assert uuid_of_first_frame(frame[:18]) is None  # not all there yet
+    assert uuid_of_first_frame(audio_frame(b"\0" * 320)) is None  # another kind of frame first
+    assert uuid_of_first_frame(b"\x01\x00\x11" + bytes(17)) is None  # a UUID frame of the wrong length

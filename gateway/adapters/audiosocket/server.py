@@ -33,7 +33,7 @@ Sessions: an admitted connection holds an admission slot and marks a session up
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -196,14 +196,23 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 async def serve_audiosocket(server: AudioSocketServer, host: str, port: int, *,
+                            listeners: Sequence[trio.abc.Listener[trio.SocketStream]] | None = None,
                             task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve AudioSocket on host:port (TCP) until cancelled; reports the bound port (0 binds
-    an ephemeral one). Each connection runs in a task of its own (`AudioSocketServer.handle`)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    an ephemeral one). Each connection runs in a task of its own (`AudioSocketServer.handle`).
+    With `listeners`, serve those instead of binding (a worker serves the connections its
+    supervisor accepted and handed over by UUID: `gateway.workers`; `port` is then only
+    reported)."""
+    bind = listeners is None
+    if listeners is None:
+        tcp = await trio.open_tcp_listeners(port, host=host)
+        port = tcp[0].socket.getsockname()[1]
+        listeners = tcp
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.handle, listeners)
-        server.port = listeners[0].socket.getsockname()[1]
-        log.info("AudioSocket listening on %s:%d", host, server.port)
+        server.port = port
+        if bind:
+            log.info("AudioSocket listening on %s:%d", host, server.port)
         task_status.started(server.port)
 
 

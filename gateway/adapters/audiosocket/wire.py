@@ -73,6 +73,7 @@ import attrs
 from gateway.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "uuid_of_first_frame",
     "AUDIO_RATES",
     "AUDIO_KIND_OF_RATE",
     "Audio",
@@ -245,6 +246,15 @@ def control_event(kind: int, payload: bytes) -> Hangup | CallUuid | Dtmf | PeerE
             )
         return Dtmf(digit)
     return PeerError(payload[0] if payload else None, payload)
+
+
+def uuid_of_first_frame(head: bytes) -> str | None:
+    """The call UUID (canonical form) when `head`, the first bytes of a connection, starts
+    with a whole UUID frame (kind 0x01, length 16); None otherwise: too short yet, or another
+    frame (what a supervisor that routes connections by UUID peeks at, `gateway.workers`)."""
+    if len(head) < 19 or head[0] != KIND_UUID or head[1:3] != b"\x00\x10":
+        return None
+    return str(uuid_module.UUID(bytes=bytes(head[3:19])))
 
 
 def header_truncated(got: int, when: str = "") -> RemoteProtocolError:
