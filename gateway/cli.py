@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the routes of a YAML config until SIGINT/SIGTERM")
     p_run.add_argument("config")
-    p_run.add_argument("--workers", default=os.environ.get("GATEWAY_WORKERS") or "1",
+    p_run.add_argument("--workers", default=os.environ.get("GATEWAY_WORKERS") or "auto",
                        help="worker processes under one supervisor: a number (1: the gateway is one process), or "
-                            "`auto`, one per CPU this process may use (default: $GATEWAY_WORKERS, else 1; "
+                            "`auto`, one per CPU this process may use (default: $GATEWAY_WORKERS, else auto; "
                             "README, \"Workers\")")
     p_worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by `run --workers N`, not by people
     p_worker.add_argument("config")

@@ -364,3 +364,34 @@ async def test_the_demo_call_bridged_across_two_workers(tmp_path):
     to_caller = similarity(str(person), out / "caller-hears.wav")
     assert to_channel >= 0.8 and to_caller >= 0.8, (to_channel, to_caller, stats)
     assert "Traceback" not in output, output
+
+
+@pytest.mark.xdist_group("realtime")
+async def test_by_default_every_cpu_gets_a_worker(tmp_path, speech_clip):
+    """`gateway run CONFIG` with neither --workers nor $GATEWAY_WORKERS: one worker per CPU the
+    process may use (issue 12: "default: the number of CPUs"); the supervisor says so once
+    READY, and /v1/routes lists them."""
+    from gateway.workers import default_workers
+
+    http, media = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(_config(http, media, speech_clip, ["desk-1", "desk-2"]))
+    notify = Notify(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_WORKERS"}
+    env.update(NOTIFY_SOCKET=notify.path, VB_TOKEN=VB_TOKEN, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        await trio.to_thread.run_sync(notify.next, "READY=1")
+        listing = _get(http, "/v1/routes").json()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=15))
+    finally:
+        proc.kill()
+    cpus = default_workers()
+    if cpus > 1:
+        assert len(listing["workers"]) == cpus, listing
+        assert f"gateway running: {cpus} worker(s)" in output, output
+    else:  # one CPU: auto is one process, which has no workers to list
+        assert "workers" not in listing, listing
+    assert proc.returncode == 0, output
