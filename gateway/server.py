@@ -1,7 +1,8 @@
 """The two sockets of the listen roles: REST (`server.http`) and WebSocket media (`server.media`).
 
 Listen endpoints register the paths they serve; the servers only route requests. HTTP is
-served by hypercorn (ASGI, trio worker); media by trio-websocket. Both bind in `serve_*`
+served by hypercorn (ASGI, trio worker); media by `gateway.adapters.wsserver` (wsproto's h11
+handshake, then the gateway's own framing). Both bind in `serve_*`
 and report the bound port through `task_status` (bind port 0 in tests, read it back).
 
 A handler returns an `HttpResponse`: a whole body, or a `stream` of chunks (server-sent
@@ -29,8 +30,9 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import numpy as np
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest
+from trio_websocket import ConnectionClosed
 
+from gateway.adapters.wsserver import UpgradeRequest, read_upgrade
 from gateway.admission import Admission, Refusal as AdmissionRefusal
 
 log = logging.getLogger("gateway.server")
@@ -38,7 +40,6 @@ log = logging.getLogger("gateway.server")
 BODY_TIMEOUT = 10.0  # seconds for a request body to arrive in full once its headers did (408)
 MAX_MEDIA_MESSAGE = 2**16  # 64 KiB: far above one Opus packet (≤ 1275 B × 6) or 120 ms of PCM
 WS_CONNECT_TIMEOUT = 10.0  # seconds for a client to finish the opening handshake
-WS_DISCONNECT_TIMEOUT = 2.0  # seconds a connection may linger once its session is over (then TCP closed)
 MAX_JSON_BODY = 2**16  # 64 KiB: a route config is ~1 KiB, a token call or a webhook well under 4 KiB
 MAX_JSON_DEPTH = 32  # levels of [ and {: a route config needs 5, a VideoSDK participant's metadata a few more
 MAX_DRAINED_BODY = 2**20  # 1 MiB: a too-big body up to this size is read and dropped before the 413, so
@@ -490,7 +491,7 @@ async def serve_http(app: HttpServer, host: str, port: int, *, task_status: trio
 class MediaRequest:
     """A WebSocket upgrade request routed to a listen endpoint."""
 
-    request: WebSocketRequest
+    request: UpgradeRequest
     path: str
     """Path without the query string."""
     query: dict[str, str]
@@ -578,18 +579,15 @@ class MediaServer:
         """The regex source of every path served, in matching order."""
         return [pattern.pattern for pattern, _, _ in self._routes]
 
-    async def handle(self, request: WebSocketRequest) -> None:
+    async def handle(self, request: UpgradeRequest) -> None:
         """Route one upgrade; when it is over (refused, or its session ended and said its
-        goodbye), the TCP connection is closed: trio-websocket would otherwise keep reading a
-        refused client's socket until that client closed it."""
+        goodbye), the TCP connection is closed, a refused client's included."""
         try:
             await self._handle(request)
         finally:
-            stream = getattr(getattr(request, "_connection", None), "_stream", None)  # trio-websocket's
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(request.stream)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: UpgradeRequest) -> None:
         remote = peer_of(request)
         try:
             parts = urlsplit(request.path)
@@ -635,20 +633,20 @@ class MediaServer:
         await MediaRequest(request, path, query, {}, remote).reject(404, f"no listen endpoint at {path}")
 
 
-async def _refuse_admission(request: WebSocketRequest, refusal: AdmissionRefusal, remote: str, path: str) -> None:
+async def _refuse_admission(request: UpgradeRequest, refusal: AdmissionRefusal, remote: str, path: str) -> None:
     """503 + Retry-After for an upgrade admission refused (logged once per spell by Admission)."""
     log.debug("media: refused upgrade from %s on %s (503): %s", remote, path, refusal.detail)
     await _reject_quietly(request, 503, f"{refusal.detail}; retry in {refusal.retry_after} s",
                           (b"retry-after", str(refusal.retry_after).encode()))
 
 
-async def _reject(request: WebSocketRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
+async def _reject(request: UpgradeRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
     """Refuse an upgrade: `status` and {"error": reason} as JSON."""
     body = json.dumps({"error": reason}).encode()
     await request.reject(status, extra_headers=[(b"content-type", b"application/json"), *headers], body=body)
 
 
-async def _reject_quietly(request: WebSocketRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
+async def _reject_quietly(request: UpgradeRequest, status: int, reason: str, *headers: tuple[bytes, bytes]) -> None:
     """`_reject`, when the client may be gone already (then nothing happens)."""
     try:
         await _reject(request, status, reason, *headers)
@@ -656,7 +654,7 @@ async def _reject_quietly(request: WebSocketRequest, status: int, reason: str, *
         pass
 
 
-def peer_of(request: WebSocketRequest) -> str:
+def peer_of(request: UpgradeRequest) -> str:
     """`address:port` of the client, or "?" when its socket is already gone."""
     try:
         peer = request.remote
@@ -673,27 +671,23 @@ async def serve_media(server: MediaServer, host: str, port: int, *,
     `listeners`, serve those instead of binding (a worker serves the connections its
     supervisor accepted and handed over: `gateway.workers`; `port` is then only reported).
 
-    Each connection runs contained: whatever a peer makes trio-websocket or wsproto raise (a
+    Each connection runs contained: whatever a peer makes wsproto, h11 or the framing raise (a
     header that is not ASCII, a frame over the size limit while we are closing, a request
     target urlsplit cannot parse) ends that connection with one log line, never the server,
     and its TCP connection is closed when its handling ends (a refused upgrade included)."""
-    from trio_websocket import WebSocketServer
-
     bind = listeners is None
     if listeners is None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    # disconnect_timeout: how long trio-websocket waits for a close handshake after our handler
-    # returned (ours are done by then, bounded; a refused upgrade has none and would wait it all)
-    # trio-websocket annotates its listeners as trio's socket or TLS listeners, but serves any
-    # trio Listener (its `listeners` property describes the others by repr): a worker's HandedOver
-    ws_server = WebSocketServer(server.handle, listeners, max_message_size=MAX_MEDIA_MESSAGE,  # type: ignore[arg-type]
-                                connect_timeout=WS_CONNECT_TIMEOUT, disconnect_timeout=WS_DISCONNECT_TIMEOUT)
+        tcp = await trio.open_tcp_listeners(port, host=host)
+        port = tcp[0].socket.getsockname()[1]
+        listeners = tcp
 
     async def contained(stream: trio.SocketStream) -> None:
         try:
-            # trio-websocket's per-connection handling (its reader and our handler); a private
-            # method of the pinned version: its public serve_websocket lets these errors escape
-            await ws_server._handle_connection(stream)
+            request = None
+            with trio.move_on_after(WS_CONNECT_TIMEOUT):
+                request = await read_upgrade(stream, max_message_size=MAX_MEDIA_MESSAGE)
+            if request is not None:
+                await server.handle(request)
         except Exception as err:  # noqa: BLE001 - the peer's bytes, not our bug (handlers log theirs)
             log.info("media: connection from %s dropped: %s", _stream_peer(stream), _leaf_name(err))
         finally:
@@ -701,7 +695,7 @@ async def serve_media(server: MediaServer, host: str, port: int, *,
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, contained, listeners)
-        server.port = ws_server.port if bind else port
+        server.port = port
         if bind:
             log.info("media listening on %s:%d", host, server.port)
         task_status.started(server.port)

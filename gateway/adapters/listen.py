@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Generic, Iterable, Protocol, Self, TypeVa
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection
 
+from gateway.adapters.wsclient import FramedWebSocket as WebSocketConnection
 from gateway.config.secret import Secret
 from gateway.server import MediaRequest
 

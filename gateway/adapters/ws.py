@@ -12,7 +12,7 @@ from typing import Any, Generic
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from gateway._util import goodbye_scope
 from gateway.adapters.wsclient import ClientWebSocket, connect
@@ -23,7 +23,7 @@ from gateway.logs import install_redaction
 
 install_redaction()
 
-WebSocket = WebSocketConnection | ClientWebSocket  # a listen role's connection, or a dial role's
+WebSocket = ClientWebSocket  # a listen role's connection (gateway.adapters.wsserver) or a dial role's: one framing
 
 CONNECT_TIMEOUT = 10.0  # seconds for TCP + TLS + the opening handshake
 GOODBYE_SEND_S = 0.5  # seconds for a protocol's farewell frame (stop, hangup) before the close handshake

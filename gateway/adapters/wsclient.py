@@ -49,9 +49,11 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError as Wsproto
 
 from gateway.errors import CloseCode
 
-__all__ = ["ClientWebSocket", "connect"]
+__all__ = ["ClientWebSocket", "FramedWebSocket", "connect"]
 
 RECEIVE_SIZE = 65536  # bytes read per socket receive
+FAIL_LINGER_S = 1.0  # seconds a peer that broke the protocol has to read our close frame...
+FAIL_QUIET_S = 0.05  # ...while it still sends: what it sends after a pause this long is not waited for
 MAX_RESPONSE = 65536  # bytes: the largest handshake response (headers and a refusal's body)
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -125,7 +127,7 @@ class _Fail(Exception):
         self.code, self.reason = code, reason
 
 
-class ClientWebSocket:
+class FramedWebSocket:
     """An open client WebSocket on `stream` (plain TCP or TLS), after the opening handshake.
 
     `get_message()` -> str | bytes (one whole message); `send_message(str | bytes)`;
@@ -136,7 +138,10 @@ class ClientWebSocket:
     """
 
     def __init__(self, stream: trio.abc.Stream, raw: socket.socket | None, *, leftover: bytes = b"",
-                 max_message_size: int = 2**20) -> None:
+                 max_message_size: int = 2**20, client: bool = True) -> None:
+        self._client = client
+        """The client's end (frames sent masked, the peer's must not be) or, False, the
+        server's (`gateway.adapters.wsserver`: the peer's must be masked, ours are not)."""
         self._stream = stream
         self._raw = raw  # the stream's TCP socket, for synchronous writes (None on TLS)
         self._max = max_message_size
@@ -169,9 +174,9 @@ class ClientWebSocket:
         if self._close_reason is not None or self._close_sent:
             raise ConnectionClosed(self._close_reason or CloseReason(CloseCode.NORMAL, None))
         if isinstance(message, str):
-            await self._write(encode_frame(OP_TEXT, message.encode()))
+            await self._write(encode_frame(OP_TEXT, message.encode(), mask=self._client))
         else:
-            await self._write(encode_frame(OP_BINARY, bytes(message)))
+            await self._write(encode_frame(OP_BINARY, bytes(message), mask=self._client))
 
     async def ping(self, payload: bytes | None = None) -> None:
         """Send a ping and wait for its pong (a pong answers its ping and every earlier one,
@@ -183,7 +188,7 @@ class ClientWebSocket:
         if payload in self._pings:
             raise ValueError(f"ping payload {payload!r} is already in flight")
         answered = self._pings[payload] = trio.Event()
-        await self._write(encode_frame(OP_PING, payload))
+        await self._write(encode_frame(OP_PING, payload, mask=self._client))
         await answered.wait()
         if self._close_reason is not None and payload in self._pings:
             raise ConnectionClosed(self._close_reason)
@@ -299,15 +304,23 @@ class ClientWebSocket:
                         break
                     length = int.from_bytes(buf[pos + 2:pos + 10], "big")
                     head = 10
-                if b1 & 0x80:
+                masked = b1 & 0x80
+                if masked and self._client:
                     raise _Fail(CloseCode.PROTOCOL_ERROR, "the server sent a masked frame (RFC 6455 §5.1)")
+                if not masked and not self._client:
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "the client sent an unmasked frame (RFC 6455 §5.1)")
+                if masked:
+                    head += 4  # the masking key
                 if b0 & 0x70:
                     raise _Fail(CloseCode.PROTOCOL_ERROR, "a frame has RSV bits set and no extension was negotiated (RFC 6455 §5.2)")
                 if length > self._max:
-                    raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"a frame of {length} bytes is over the {self._max}-byte message limit")
+                    raise _Fail(CloseCode.MESSAGE_TOO_BIG,
+                                f"a frame of {length} bytes exceeds the maximum message size limit ({self._max} bytes)")
                 if end - pos < head + length:
                     break
                 payload = bytes(buf[pos + head:pos + head + length])
+                if masked:
+                    payload = _mask(payload, bytes(buf[pos + head - 4:pos + head]))
                 pos += head + length
                 self._frame(b0 & 0x80, b0 & 0x0F, payload)
                 if self._close_reason is not None:
@@ -328,7 +341,7 @@ class ClientWebSocket:
                 raise _Fail(CloseCode.PROTOCOL_ERROR, "a continuation frame outside a fragmented message (RFC 6455 §5.4)")
             self._fragment_size += len(payload)
             if self._fragment_size > self._max:
-                raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"a message over the {self._max}-byte limit")
+                raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"a message exceeds the maximum message size limit ({self._max} bytes)")
             self._fragments.append(payload)
             if fin:
                 parts, self._fragments = self._fragments, None
@@ -337,7 +350,7 @@ class ClientWebSocket:
             if not fin or len(payload) > 125:
                 raise _Fail(CloseCode.PROTOCOL_ERROR, "a fragmented or oversized control frame (RFC 6455 §5.5)")
             if opcode == OP_PING:
-                self._reply(encode_frame(OP_PONG, payload))
+                self._reply(encode_frame(OP_PONG, payload, mask=self._client))
             elif opcode == OP_PONG:
                 self._pong(payload)
             else:
@@ -378,7 +391,7 @@ class ClientWebSocket:
                 raise _Fail(CloseCode.INVALID_PAYLOAD, "a close reason that is not UTF-8 (RFC 6455 §5.5.1)") from None
         if not self._close_sent:  # echo its code (RFC 6455 §5.5.1)
             self._close_sent = True
-            self._reply(encode_frame(OP_CLOSE, payload[:2] if code != 1005 else b""))
+            self._reply(encode_frame(OP_CLOSE, payload[:2] if code != 1005 else b"", mask=self._client))
         self._finish(CloseReason(code, reason))
 
     def _reply(self, frame: bytes) -> None:
@@ -402,8 +415,22 @@ class ClientWebSocket:
         """The peer broke the protocol: close with the code, then drop the connection."""
         if not self._close_sent:
             self._close_sent = True
-            self._reply(encode_frame(OP_CLOSE, fail.code.to_bytes(2, "big") + fail.reason.encode()[:123]))
+            self._reply(encode_frame(OP_CLOSE, fail.code.to_bytes(2, "big") + fail.reason.encode()[:123], mask=self._client))
         self._finish(CloseReason(fail.code, fail.reason))
+        # Read what the peer still sends (the rest of an oversize frame, its close) until it
+        # pauses for FAIL_QUIET_S, closes, or FAIL_LINGER_S pass: closing with unread bytes
+        # makes the kernel answer with a reset, which can destroy our close frame before the
+        # peer reads it (it would see 1006, not the code naming its fault).
+        with trio.move_on_after(FAIL_LINGER_S):
+            try:
+                while True:
+                    with trio.move_on_after(FAIL_QUIET_S) as quiet:
+                        if not await self._stream.receive_some(RECEIVE_SIZE):
+                            break
+                    if quiet.cancelled_caught:
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
         await self._close_stream()
 
     # ---------------------------------------------------------------------------- closing
@@ -415,7 +442,7 @@ class ClientWebSocket:
                 self._close_sent = True
                 body = code.to_bytes(2, "big") + (reason or "").encode()[:123]
                 try:
-                    await self._write(encode_frame(OP_CLOSE, body))
+                    await self._write(encode_frame(OP_CLOSE, body, mask=self._client))
                 except ConnectionClosed:
                     return
             while self._close_reason is None:
@@ -448,6 +475,9 @@ class ClientWebSocket:
                 await self._stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+
+
+ClientWebSocket = FramedWebSocket  # the dial roles' name for it
 
 
 def _split(url: str) -> tuple[bool, str, int, str, str]:

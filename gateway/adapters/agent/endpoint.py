@@ -46,7 +46,7 @@ from typing import Any
 import attrs
 import httpx
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from gateway.adapters.agent.wire import (
     TOKEN_PATH,
@@ -82,6 +82,7 @@ from gateway.adapters.ws import (
     refuse,
     send_quietly,
 )
+from gateway.adapters.wsclient import FramedWebSocket as WebSocketConnection
 from gateway.codecs.dtmf import dtmf_key
 from gateway.codecs.formats import PCM16_16K, AudioFrame
 from gateway.config.options import Options

@@ -29,10 +29,11 @@ import secrets
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from gateway.adapters.argon.wire import AudioPath, AudioRequest, RoomGrant, status_message
 from gateway.adapters.ws import close as close_ws, close_description
+from gateway.adapters.wsclient import FramedWebSocket as WebSocketConnection
 from gateway.codecs.ogg import OggOpusDemuxer, looks_like_ogg
 from gateway.codecs.opus import packet_samples
 from gateway.errors import CloseCode, RemoteProtocolError

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from gateway.adapters.listen import ListenService, ListenSlot, secret_in
 from gateway.adapters.videosdk._shared import (
@@ -79,6 +79,7 @@ from gateway.adapters.videosdk.sessions import (
     session_response,
 )
 from gateway.adapters.ws import WsEndpoint, WsSession, close, close_description, pcm_payload, refuse
+from gateway.adapters.wsclient import FramedWebSocket as WebSocketConnection
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.config.options import Options
 from gateway.endpoint import Emit, PcmIngress, RouteEvent
@@ -409,8 +410,8 @@ class VideosdkListen(WsEndpoint[AudioFrame]):
                 session.finished.set()
 
     def _closed_by_size(self, closed: ConnectionClosed) -> RemoteProtocolError | None:
-        """trio-websocket closes a connection whose message is over the media server's
-        limit (64 KiB) itself, with 1009: report it like the wire layer's errors."""
+        """The framing (`gateway.adapters.wsclient`) closes a connection whose message is over
+        the media server's limit (64 KiB) itself, with 1009: report it like the wire layer's errors."""
         reason = closed.reason
         if reason is not None and reason.code == CloseCode.MESSAGE_TOO_BIG:
             err = RemoteProtocolError(reason.reason or "message too big", close_code=CloseCode.MESSAGE_TOO_BIG)

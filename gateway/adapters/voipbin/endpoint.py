@@ -25,7 +25,7 @@ reason "idle timeout: no media for 60 s", with one warning line; the route ends 
 as a normal end (`CallEnded`) and waits for the next client at once. The time counts from
 the upgrade and from each well-formed message: any message the wire accepts, audio or not
 (an RTP packet with an empty payload, the RFC 6263 keepalive; AudioSocket UUID, DTMF, error
-or empty audio frames). WebSocket pings are not media: trio-websocket answers them without
+or empty audio frames). WebSocket pings are not media: the framing answers them without
 telling us, and a silent client must not hold the call by pinging. `idle_timeout_s: 0` turns
 the limit off, for receive-only clients (the spec's recording and analysis tools). The dial
 role has no idle limit (the service streams continuously and ends calls itself).
