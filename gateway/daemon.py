@@ -8,7 +8,10 @@ streaming. Routes with a listen endpoint go back to waiting for the next client 
 session ends, however it ended: a client that broke the protocol or vanished mid-handshake
 ends its own session (the route turns that into a normal end, counted in `peer_errors`),
 never the route, so nobody can hold a call in restart backoff by sending bad bytes. Backoff
-is for what retrying can fix on our side (a dial whose service is unreachable).
+is for what retrying can fix on our side (a dial whose service is unreachable): 1 s doubling
+to 30 s, never shorter than the Retry-After of the service's refusal (a 503 or 429, on the
+upgrade or a REST call), and stretched by a random 0-25 % so that routes refused together
+(a crowd starting at boot against a service that paces set-ups) come back spread out.
 
 Reload (`reload()`, on SIGHUP or POST /v1/reload) re-reads the YAML file and validates all of
 it, off the event loop, before touching anything: an invalid file changes nothing. Then routes
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from typing import Callable
 
@@ -45,7 +49,16 @@ log = logging.getLogger("gateway.daemon")
 
 BACKOFF_FIRST = 1.0  # seconds before the first restart of a failed route
 BACKOFF_MAX = 30.0  # seconds, the longest wait between restarts
+BACKOFF_SPREAD = 0.25  # each wait is stretched by a random fraction up to this (restart_delay)
 REMOVE_DEADLINE = 5.0  # seconds for a removed / changed route to say goodbye and end
+
+
+def restart_delay(backoff: float, retry_after: float | None, draw: float) -> float:
+    """Seconds before a failed route starts again: `backoff` (seconds) or the service's
+    `retry_after` (seconds; None when it sent none), whichever is longer, times 1 + `draw` x
+    BACKOFF_SPREAD (`draw` uniform in [0, 1): `random.random()`), so it is never sooner than
+    the service asked (RFC 9110 §10.2.3) and a crowd refused at once does not return at once."""
+    return max(backoff, retry_after or 0.0) * (1.0 + draw * BACKOFF_SPREAD)
 
 
 class Gateway:
@@ -320,6 +333,7 @@ class Gateway:
             return
         try:
             while True:
+                retry_after: float | None = None  # the service's Retry-After, when it sent one
                 slot: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
                 if not state.has_listen:  # a dial route starts a session now: admission first
                     if not self.runtime.admission.open:
@@ -354,6 +368,7 @@ class Gateway:
                     continue
                 except ServiceError as err:
                     state.last_error = str(err)
+                    retry_after = err.retry_after
                     if err.permanent:
                         rlog.error("route failed: %s (permanent: not retrying)", err)
                         state.enter(RouteStatus.FAILED)
@@ -393,9 +408,11 @@ class Gateway:
                     return
                 state.enter(RouteStatus.RESTARTING)
                 state.restarts += 1
-                rlog.info("restarting in %.0f s", backoff)
+                delay = restart_delay(backoff, retry_after, random.random())
+                rlog.info("restarting in %.1f s%s", delay,
+                          f" (the service asked for {retry_after:g} s)" if retry_after and retry_after > backoff else "")
                 with trio.CancelScope() as state.pause:
-                    await trio.sleep(backoff)
+                    await trio.sleep(delay)
                 state.pause = None
                 if self.stopping or state.removed:
                     state.enter(RouteStatus.STOPPED)

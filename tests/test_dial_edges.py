@@ -152,3 +152,63 @@ def test_redact_hides_tokens_jwts_and_authorization():
     for secret in (jwt, VOIPBIN_TOKEN, BOT_TOKEN, JWT_SECRET):
         assert secret not in cleaned
     assert "stereo=false" in cleaned and "encapsulation=rtp" in cleaned
+
+
+async def test_a_refused_upgrade_waits_for_its_retry_after_then_the_call_streams(autojump_clock, tmp_path, caplog):
+    """A VoIPBIN media server at capacity answers the first two upgrades with 503 and
+    Retry-After: 3 (as the gateway's own listen roles do when set-ups crowd). The route waits
+    at least the 3 s it was asked (longer than its own 1 s, then 2 s, backoff), at most 25 %
+    more, and streams once it is let in. On the virtual clock."""
+    from trio_websocket import serve_websocket
+
+    attempts: list[float] = []
+    tone = (np.sin(2 * np.pi * 440 * np.arange(8000) / 8000) * 8000).astype(np.int16)
+    import audioop
+
+    ulaw = audioop.lin2ulaw(tone.tobytes(), 2)
+
+    async def media(request):
+        attempts.append(trio.current_time())
+        if len(attempts) <= 2:
+            await request.reject(503, extra_headers=[(b"retry-after", b"3")], body=b'{"error": "at capacity"}')
+            return
+        ws = await request.accept()
+        t0 = trio.current_time()
+        for k in range(50):  # 1 s of u-law, then the call ends
+            await trio.sleep_until(t0 + k * 0.02)
+            await ws.send_message(rtp(k, ulaw[k * 160:(k + 1) * 160]))
+        await ws.aclose()
+
+    caplog.set_level("INFO", logger="gateway")
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, media, "127.0.0.1", 0, None)
+        gateway = await start(nursery, """\
+routes:
+  - name: call
+    endpoints:
+      - voipbin: {call_id: c-1, api_url: "http://127.0.0.1:%d"}
+      - record: {path: "$out/call.wav", rate: 8000}
+""" % server.port, out=tmp_path)
+        state = gateway.routes["call"]
+        with trio.fail_after(30):
+            await state.finished.wait()
+        nursery.cancel_scope.cancel()
+    waits = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert len(attempts) == 3 and state.restarts == 2
+    assert all(3.0 <= wait <= 3.0 * 1.25 + 0.1 for wait in waits), waits
+    asked = [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
+    assert len(asked) == 2 and all("the service asked for 3 s" in line for line in asked), asked
+    assert "HTTP 503; at capacity" in state.last_error or "503" in caplog.text
+    pcm, rate = read_wav(tmp_path / "call-3.wav")  # the third run of the route
+    assert abs(len(pcm) / rate - 1.0) < 0.03  # the whole second, once let in
+
+
+def test_a_restart_waits_the_longer_of_backoff_and_retry_after_spread_by_up_to_a_quarter():
+    from gateway.daemon import restart_delay
+
+    assert restart_delay(1.0, None, 0.0) == 1.0
+    assert restart_delay(1.0, 3.0, 0.0) == 3.0  # never sooner than the service asked
+    assert restart_delay(8.0, 3.0, 0.5) == pytest.approx(9.0)
+    assert restart_delay(2.0, None, 0.999) == pytest.approx(2.4995)
+    draws = [restart_delay(1.0, None, k / 100) for k in range(100)]  # a crowd refused at once
+    assert min(draws) == 1.0 and max(draws) < 1.25 and len(set(draws)) == 100

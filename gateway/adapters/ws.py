@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic
 from urllib.parse import urlsplit, urlunsplit
@@ -15,6 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from gateway._util import goodbye_scope
+from gateway.adapters.rest import parse_retry_after
 from gateway.adapters.wsclient import ClientWebSocket, connect
 from gateway.codecs.formats import AudioFrame, EncodedFrame
 from gateway.endpoint import Endpoint, FrameT
@@ -56,8 +58,9 @@ async def dial(
     not used; it stays in the signature for the callers that own the connection's scope).
 
     Raises ServiceError naming the service and the cause: a refused upgrade maps its status
-    through `rejected` ({status: (cause, permanent)}); timeouts and network errors are not
-    permanent. The URL's query (tokens) never appears in the error.
+    through `rejected` ({status: (cause, permanent)}) and carries its Retry-After (seconds, as
+    `retry_after`: the daemon waits at least that before the route's next start); timeouts and
+    network errors are not permanent. The URL's query (tokens) never appears in the error.
     """
     safe = redact_url(url)
     try:
@@ -69,7 +72,9 @@ async def dial(
         cause, permanent = (rejected or {}).get(err.status_code, (f"upgrade refused with HTTP {err.status_code}", False))
         detail = _body_reason(err.body)
         message = f"{service}: {safe} refused the connection: {cause} (HTTP {err.status_code}{'; ' + detail if detail else ''})"
-        raise ServiceError(message, status=err.status_code, permanent=permanent) from None
+        header = next((value for name, value in err.headers or () if name.lower() == b"retry-after"), None)
+        retry_after = parse_retry_after(header.decode("latin-1") if header is not None else None, now=time.time())
+        raise ServiceError(message, status=err.status_code, permanent=permanent, retry_after=retry_after) from None
     except (OSError, HandshakeError) as err:
         raise ServiceError(f"{service}: cannot connect to {safe}: {err.__class__.__name__}: {err}") from None
 
