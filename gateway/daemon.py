@@ -335,7 +335,20 @@ class Gateway:
             while True:
                 retry_after: float | None = None  # the service's Retry-After, when it sent one
                 slot: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-                if not state.has_listen:  # a dial route starts a session now: admission first
+                if not state.has_listen:  # a dial route starts a session now: its turn, then admission
+                    turn = self.runtime.dial_pacer.turn(trio.current_time())
+                    if turn:
+                        task_status.started()  # waiting its turn is started: the gateway runs on meanwhile
+                        task_status = trio.TASK_STATUS_IGNORED
+                        state.reason = (f"waiting its turn: dial routes start at "
+                                        f"{self.config.server.dial_starts_per_second:g} per second")
+                        with trio.CancelScope() as state.pause:
+                            await trio.sleep(turn)
+                        state.pause = None
+                        state.reason = ""
+                        if self.stopping or state.removed:
+                            state.enter(RouteStatus.STOPPED)
+                            return
                     if not self.runtime.admission.open:
                         task_status.started()  # held is started: the gateway runs on meanwhile
                         task_status = trio.TASK_STATUS_IGNORED

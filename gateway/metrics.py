@@ -60,6 +60,7 @@ latency for endpoints that take it.
 | gateway_reloads_total, gateway_reload_failures_total | counter | | Gateway.reloads, .reload_failures |
 | gateway_start_time_seconds | gauge | | Gateway.started_at (Unix seconds) |
 | gateway_session_setups_delayed_total, gateway_session_setups_refused_total | counter | | SetupPacer.delayed, .refused |
+| gateway_dial_starts_delayed_total | counter | | Runtime.dial_pacer.delayed |
 | gateway_admission_open | gauge | | 1 while new sessions are admitted, 0 while refused (gateway.admission) |
 | gateway_media_clock_lag_seconds | gauge | | MediaClock.lag: 90th percentile of the last 1 s of 20 ms tick lags (0: idle) |
 | gateway_media_clock_behind_total | counter | | MediaClock.episodes: times the media clock fell behind |
@@ -196,6 +197,7 @@ class Snapshot(NamedTuple):
     """(reason, count) pairs."""
     routes_held: int = 0
     loop_cpu: float = 0.0
+    dial_starts_delayed: int = 0
 
 
 def snapshot(gateway) -> Snapshot:
@@ -223,7 +225,7 @@ def snapshot(gateway) -> Snapshot:
     return Snapshot(tuple(routes), gateway.reloads, gateway.reload_failures, gateway.started_at,
                     pacer.delayed, pacer.refused, admission.open, admission.clock.lag, admission.clock.episodes,
                     admission.sessions, admission.max_sessions, tuple(admission.refused.items()), admission.held,
-                    admission.clock.busy or 0.0)
+                    admission.clock.busy or 0.0, gateway.runtime.dial_pacer.delayed)
 
 
 # ------------------------------------------------------------------------------- families
@@ -352,6 +354,9 @@ def families(snap: Snapshot) -> Iterator[Metric]:
              value=snap.setups_delayed)
     yield _C("gateway_session_setups_refused", "Listen session set-ups refused with 503: their turn was more "
              "than 2 s away.", value=snap.setups_refused)
+    yield _C("gateway_dial_starts_delayed", "Dial route session starts that waited for their turn "
+             "(server.dial_starts_per_second): a crowd of routes (boot, restarts) spread out.",
+             value=snap.dial_starts_delayed)
     yield _G("gateway_admission_open", "1 while new sessions are admitted; 0 while they are refused (503) and "
              "dial routes wait: the media clock is behind, the CPU budget is spent or server.max_sessions is reached.",
              value=1.0 if snap.admission_open else 0.0)

@@ -3,6 +3,7 @@ shared limiters. One `Runtime` per process; tests build one with ephemeral ports
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -29,6 +30,12 @@ class Runtime:
     """The running gateway's nursery, for tasks shared by routes (an Argon events stream
     serving several routes); set by `Gateway.run`."""
 
+    workers: int = 1
+    """Processes sharing the config's routes (`gateway.workers`): limits that hold for the
+    whole gateway (`server.dial_starts_per_second`) are split among them."""
+    dial_pacer: SetupPacer = attrs.Factory(SetupPacer)
+    """Spreads dial route starts (`server.dial_starts_per_second`; never refuses: a start
+    waits its turn). Set by `apply_server_limits`."""
     admission: Admission = attrs.Factory(Admission)
     """Whether new sessions may start (media clock, `server.max_sessions`): consulted by the
     media server, the session-creating REST paths and the daemon's dial routes."""
@@ -41,6 +48,8 @@ class Runtime:
         (before the gateway runs: sessions in progress keep the slots of the old one)."""
         server = self.config.server
         self.media.pacer = SetupPacer(server.setups_per_second, server.setup_burst)
+        self.dial_pacer = SetupPacer(server.dial_starts_per_second / self.workers,
+                                     max(1, server.dial_start_burst // self.workers), max_wait=math.inf)
         self.admission = Admission(server.admission_lag_ms / 1000, server.max_sessions,
                                    server.admission_cpu_percent / 100)
         self.media.admission = self.http.admission = self.admission

@@ -280,7 +280,7 @@ async def run_worker(path: str, index: int, count: int, channel_fd: int, media_p
 
     secret = os.environ.pop(SECRET_ENV, "")
     config = GatewayConfig.load(path)
-    runtime = Runtime(config)
+    runtime = Runtime(config, workers=count)
     gateway = Gateway(config, runtime, notifier=Notifier({}), config_path=path,
                       placement=lambda rc: worker_of(rc, count) == index)
     gateway.build()

@@ -13,6 +13,7 @@ from wsproto.events import AcceptConnection, BytesMessage, Request
 
 from audio_checks import read_wav
 from gateway.logs import redact
+from gateway.metrics import render
 from harness import BOT_TOKEN, JWT_SECRET, VOIPBIN_TOKEN, start
 from test_argon_errors import CHANNEL, SPACE
 
@@ -212,3 +213,34 @@ def test_a_restart_waits_the_longer_of_backoff_and_retry_after_spread_by_up_to_a
     assert restart_delay(2.0, None, 0.999) == pytest.approx(2.4995)
     draws = [restart_delay(1.0, None, k / 100) for k in range(100)]  # a crowd refused at once
     assert min(draws) == 1.0 and max(draws) < 1.25 and len(set(draws)) == 100
+
+
+async def test_a_crowd_of_dial_routes_starts_at_the_configured_rate(autojump_clock, tmp_path, speech_clip):
+    """12 dial routes at boot with server.dial_starts_per_second 5 and a burst of 2: two start
+    at once, then one every 0.2 s (each session start, on the virtual clock), and a route
+    waiting its turn says so; every route still plays its file whole."""
+    routes = "routes:\n" + "".join(
+        f"""  - name: r{i}
+    endpoints:
+      - file: {{path: "$clip"}}
+      - record: {{path: "$out/r{i}.wav", rate: 8000}}
+""" for i in range(12))
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, routes, clip=speech_clip, out=tmp_path,
+                              server_extra=", dial_starts_per_second: 5, dial_start_burst: 2")
+        boot = trio.current_time()
+        last = gateway.routes["r11"]
+        assert last.reason == "waiting its turn: dial routes start at 5 per second", last.reason
+        with trio.fail_after(30):
+            for state in gateway.routes.values():
+                await state.finished.wait()
+        assert "gateway_dial_starts_delayed_total 10.0" in render(gateway)[0].decode()
+        nursery.cancel_scope.cancel()
+    assert last.reason == ""
+    starts = sorted(state.route.stats.started_at - boot for state in gateway.routes.values())
+    assert starts[1] < 0.05  # the burst
+    for k in range(2, 12):
+        assert (k - 1) * 0.2 - 0.01 <= starts[k] <= (k - 1) * 0.2 + 0.05, starts
+    for i in range(12):
+        pcm, rate = read_wav(tmp_path / f"r{i}.wav")
+        assert abs(len(pcm) / rate - 2.0) < 0.05

@@ -85,6 +85,13 @@ class ServerConfig:
     clients is spread out (each waits its turn, up to 2 s, else 503) so running calls keep
     their pace."""
     setup_burst: int = 10
+    dial_starts_per_second: float = 20.0
+    """Dial route sessions started per second at most (boot, restarts, reload, the control
+    API), after a burst of `dial_start_burst`: a crowd of routes takes its turns instead of
+    opening every token call and WebSocket at once, which a service that paces set-ups (the
+    gateway's own listen roles: `setups_per_second`) would refuse, and which would hold the
+    event loop while calls run. Shared among the workers."""
+    dial_start_burst: int = 10
     admission_lag_ms: int = 20
     """New sessions are refused (dial routes wait) while the media clock is this far behind:
     the 90th percentile of the last second's 20 ms ticks' lateness, ticked while sessions
@@ -106,6 +113,8 @@ class ServerConfig:
         control = ControlConfig.from_options(opts.sub("control"))
         setups = opts.get_float("setups_per_second", 50.0, minimum=1.0)
         burst = opts.get_int("setup_burst", 10, minimum=1)
+        dial_starts = opts.get_float("dial_starts_per_second", 20.0, minimum=0.1)
+        dial_burst = opts.get_int("dial_start_burst", 10, minimum=1)
         lag = opts.get_int("admission_lag_ms", 20, minimum=0, maximum=1000)
         cpu = opts.get_int("admission_cpu_percent", 0, minimum=0, maximum=100)
         max_sessions = opts.get_int("max_sessions", None, minimum=1)
@@ -118,6 +127,8 @@ class ServerConfig:
             control=control,
             setups_per_second=float(setups),
             setup_burst=burst,
+            dial_starts_per_second=float(dial_starts),
+            dial_start_burst=dial_burst,
             admission_lag_ms=lag,
             admission_cpu_percent=cpu,
             max_sessions=max_sessions,
