@@ -498,15 +498,18 @@ def rtp_payload(packet: bytes) -> bytes | None:
 async def _send_rtp(sock, port: int, inp: FfInput, start: int, log: FfStreamLog, first_tick: float,
                     frames: int, ssrc: int) -> None:
     """RTP packet k of this call's input at first_tick + k x 20 ms (absolute deadlines)."""
+    from gateway.mediaclock import Waker  # the scripts put the repository on sys.path first
+
     ratio = inp.samples // FRAME  # stream samples per 8 kHz sample
     step = inp.samples * inp.width
     base = start * ratio * inp.width
     now = trio.current_time()
     t = first_tick + math.ceil(max(0.0, now - first_tick) / PTIME) * PTIME
     sends, lags, payload, pt = log.sends, log.lags, inp.payload, inp.payload_type
+    waker = Waker()  # the gateway's timer heap: no cancel scope per frame (gateway.mediaclock)
     for k in range(frames):
         deadline = t + k * PTIME
-        await trio.sleep_until(deadline)
+        await waker.wait(deadline)
         a = base + k * step
         packet = RTP_HEADER.pack(0x80, pt, k & 0xFFFF, (k * inp.samples) & 0xFFFFFFFF, ssrc) + payload[a : a + step]
         sent = trio.current_time()

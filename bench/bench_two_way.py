@@ -83,6 +83,7 @@ from gateway.codecs import G711Decoder, G711Encoder, plan  # noqa: E402
 from gateway.codecs.formats import PCM16_8K, PCM16_16K, PCMU_8K, AudioFrame, EncodedFrame  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.daemon import Gateway  # noqa: E402
+from gateway.mediaclock import Waker  # noqa: E402
 from gateway.quality import read_wav  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
 from gateway.server import serve_http, serve_media  # noqa: E402
@@ -210,9 +211,10 @@ async def side_task(ep, log: Side, source: np.ndarray, frame: int, rate: int, fi
         frames = (len(source) - log.start) // frame
         sends, lags, stats = log.sends, log.lags, ep.stats
         try:
+            waker = Waker()  # the gateway's timer heap: no cancel scope per frame (gateway.mediaclock)
             for k in range(frames):
                 deadline = start + k * PTIME
-                await trio.sleep_until(deadline)
+                await waker.wait(deadline)
                 a = log.start + k * frame
                 f = AudioFrame(source[a : a + frame].reshape(frame, 1), rate, k * frame)
                 before = stats.frames_out
