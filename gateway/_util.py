@@ -20,6 +20,27 @@ def collapse(exc: BaseException) -> BaseException:
     return exc
 
 
+def peer_address(stream: trio.SocketStream) -> tuple[str, int] | None:
+    """(address, port) of a TCP stream's far end; None once its socket is gone (getpeername
+    raises ENOTCONN after a reset) or is not an IP socket."""
+    try:
+        address, port = stream.socket.getpeername()[:2]
+    except (OSError, AttributeError, ValueError):
+        return None
+    return str(address), int(port)
+
+
+def format_peer(address: str, port: int) -> str:
+    """`address:port`, `[v6 address]:port`, for log lines."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def peer_name(stream: trio.SocketStream) -> str:
+    """`format_peer` of the stream's far end, or "?" once its socket is gone."""
+    peer = peer_address(stream)
+    return "?" if peer is None else format_peer(*peer)
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]

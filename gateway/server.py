@@ -32,6 +32,7 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway._util import peer_name
 from gateway.adapters.wsserver import UpgradeRequest, read_upgrade
 from gateway.admission import Admission, Refusal as AdmissionRefusal
 
@@ -655,13 +656,9 @@ async def _reject_quietly(request: UpgradeRequest, status: int, reason: str, *he
 
 
 def peer_of(request: UpgradeRequest) -> str:
-    """`address:port` of the client, or "?" when its socket is already gone."""
-    try:
-        peer = request.remote
-    except OSError:
-        return "?"
-    address, port = getattr(peer, "address", None), getattr(peer, "port", None)
-    return f"{address}:{port}" if address is not None else str(peer)
+    """`address:port` of the client (read when its connection was accepted), or "?" when its
+    socket was already gone then."""
+    return str(request.remote)
 
 
 async def serve_media(server: MediaServer, host: str, port: int, *,
@@ -689,7 +686,7 @@ async def serve_media(server: MediaServer, host: str, port: int, *,
             if request is not None:
                 await server.handle(request)
         except Exception as err:  # noqa: BLE001 - the peer's bytes, not our bug (handlers log theirs)
-            log.info("media: connection from %s dropped: %s", _stream_peer(stream), _leaf_name(err))
+            log.info("media: connection from %s dropped: %s", peer_name(stream), _leaf_name(err))
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -699,14 +696,6 @@ async def serve_media(server: MediaServer, host: str, port: int, *,
         if bind:
             log.info("media listening on %s:%d", host, server.port)
         task_status.started(server.port)
-
-
-def _stream_peer(stream: trio.SocketStream) -> str:
-    try:
-        address, port = stream.socket.getpeername()[:2]
-    except (OSError, AttributeError, ValueError):
-        return "?"
-    return f"{address}:{port}"
 
 
 def _leaf_name(err: BaseException) -> str:

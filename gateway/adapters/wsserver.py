@@ -30,6 +30,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsprotoRemoteError
 
+from gateway._util import format_peer, peer_address
 from gateway.adapters.wsclient import FramedWebSocket
 
 __all__ = ["Peer", "UpgradeRequest", "read_upgrade"]
@@ -46,7 +47,7 @@ class Peer:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+        return "?" if self.address == "?" else format_peer(self.address, self.port)
 
 
 class UpgradeRequest:
@@ -103,11 +104,8 @@ def _stdlib(sock: trio.socket.SocketType) -> socket.socket | None:
 
 
 def _peer(stream: trio.SocketStream) -> Peer:
-    try:
-        address, port = stream.socket.getpeername()[:2]
-    except (OSError, ValueError):
-        return Peer("?", 0)
-    return Peer(str(address), int(port))
+    peer = peer_address(stream)
+    return Peer("?", 0) if peer is None else Peer(*peer)
 
 
 async def read_upgrade(stream: trio.SocketStream, *, max_message_size: int) -> UpgradeRequest | None:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 import attrs
 import trio
 
+from gateway._util import peer_name
 from gateway.adapters.audiosocket.wire import (
     Audio,
     CallUuid,
@@ -107,7 +108,7 @@ class AudioSocketServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One accepted connection, from accept to close: whatever it does ends it alone."""
-        remote = _peer(stream)
+        remote = peer_name(stream)
         try:
             await self._handle(stream, remote)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
@@ -185,14 +186,6 @@ _FRAMES = {Audio: "an audio frame", Hangup: "a hangup frame", Dtmf: "a DTMF fram
 def _what(event: Event) -> str:
     """'an audio frame (kind 0x10-0x18)', 'a hangup frame', ... for log lines."""
     return _FRAMES.get(type(event), type(event).__name__)
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        address, port = stream.socket.getpeername()[:2]
-    except (OSError, AttributeError, ValueError):
-        return "?"
-    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
 
 
 async def serve_audiosocket(server: AudioSocketServer, host: str, port: int, *,
