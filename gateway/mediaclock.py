@@ -9,11 +9,16 @@ waits.
 
 Here a task parks (`trio.lowlevel.wait_task_rescheduled`) on a `Waker` until its deadline or
 until someone calls `wake()` (a packet arrived, a frame was queued), whichever comes first. The
-deadlines of every waiter in the trio run are kept in one heap, served by one system task that
-sleeps to the earliest and reschedules what is due: one (cheap, shallow) cancellation per
-distinct deadline instead of one per wait, and none for a wait ended by `wake()`. It works with
-any trio clock (MockClock and autojump in the tests): the system task's sleep is an ordinary
-trio deadline.
+deadlines of every waiter in the trio run are kept in one heap. What is due is woken by a trio
+instrument's `after_io_wait` hook, which trio calls in every pass of its run loop after the I/O
+wait and before it expires its own deadlines: the waiter runs in that same pass, with no
+cancellation and no extra pass of the loop (a pass is an `epoll_wait` and a scheduling round;
+the bench's two-way call made ~4 of them per frame). One system task holds a cancel scope
+whose deadline is the heap's earliest, so that trio's I/O wait ends in time (and MockClock's
+autojump jumps to it); the hook moves that deadline on as it serves, so the scope fires only
+when the hook was a hair early (the clock read moved past a deadline between the hook and
+trio's own expiry), and then the task serves what is due. None of this costs a thing for a
+wait ended by `wake()`. It works with any trio clock (MockClock and autojump in the tests).
 
 - `Waker()`: one per waiting task (it is reused across waits).
 - `await waker.wait(deadline)` -> True when woken by `wake()`, False at the deadline (trio
@@ -88,8 +93,9 @@ class Waker:
             _timers().cleared(entry)
 
 
-class _Timers:
-    """The run's timer heap of [deadline, seq, waker] entries and the system task serving it."""
+class _Timers(trio.abc.Instrument):
+    """The run's timer heap of [deadline, seq, waker] entries, served by the `after_io_wait`
+    hook (an instrument of the run) and, as a fallback, by a system task (module doc)."""
 
     def __init__(self) -> None:
         self._heap: list[list] = []
@@ -118,6 +124,25 @@ class _Timers:
             if self._scope is not None:
                 self._scope.deadline = heap[0][0] if heap else math.inf
 
+    def after_io_wait(self, timeout: float) -> None:
+        """trio's hook after each I/O wait: wake what is due in this pass of the run loop and
+        move the server's deadline to the next one (so trio has no cancellation to deliver)."""
+        heap = self._heap
+        if heap and heap[0][0] <= trio.current_time():
+            self._expire_due()
+            if self._scope is not None:
+                self._scope.deadline = heap[0][0] if heap else math.inf
+
+    def _expire_due(self) -> None:
+        heap = self._heap
+        now = trio.current_time()
+        while heap and heap[0][0] <= now:
+            waker = heapq.heappop(heap)[2]
+            if waker is not None:
+                waker._expire()
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+
     async def serve(self) -> None:
         heap = self._heap
         while True:
@@ -130,11 +155,7 @@ class _Timers:
                 self._scope = scope
                 await trio.sleep_forever()
             self._scope = None
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                waker = heapq.heappop(heap)[2]
-                if waker is not None:
-                    waker._expire()
+            self._expire_due()  # the hook did not get there first (or the instrument was removed)
 
 
 _TIMERS: trio.lowlevel.RunVar[_Timers] = trio.lowlevel.RunVar("gateway_media_timers")
@@ -146,5 +167,6 @@ def _timers() -> _Timers:
     except LookupError:
         timers = _Timers()
         _TIMERS.set(timers)
+        trio.lowlevel.add_instrument(timers)
         trio.lowlevel.spawn_system_task(timers.serve, name="gateway media timers")
         return timers

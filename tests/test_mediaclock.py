@@ -81,3 +81,47 @@ async def test_one_waker_serves_one_task():
         with pytest.raises(RuntimeError, match="already has a waiting task"):
             await waker.wait(math.inf)
         waker.wake()
+
+
+class _Passes(trio.abc.Instrument):
+    """Counts the passes of trio's run loop (one I/O wait each)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.n += 1
+
+
+async def _timed_waits(count: int) -> tuple[int, list[float]]:
+    """`count` waits on a 20 ms grid; (run loop passes they took, wake times from the start)."""
+    waker = Waker()
+    passes = _Passes()
+    trio.lowlevel.add_instrument(passes)
+    t0 = trio.current_time()
+    woke = []
+    for k in range(1, count + 1):
+        assert await waker.wait(t0 + 0.020 * k) is False
+        woke.append(trio.current_time() - t0)
+    trio.lowlevel.remove_instrument(passes)
+    return passes.n, woke
+
+
+async def test_a_due_waiter_runs_in_the_pass_that_finds_it_due_with_no_cancellation(autojump_clock):
+    """The heap is served from trio's after_io_wait hook: a timed wake takes the one pass in
+    which the clock reaches it (two under autojump: the jump, then the pass at the new time),
+    where the system task's cancelled sleep took two more (measured: 4 per wait)."""
+    await Waker().wait(trio.current_time() + 0.001)  # the run's timer heap exists
+    passes, woke = await _timed_waits(50)
+    assert woke == pytest.approx([0.020 * k for k in range(1, 51)], abs=1e-9)
+    assert passes <= 2 * 50 + 1, passes
+
+
+async def test_without_the_hook_the_system_task_still_serves_the_heap(autojump_clock):
+    from gateway.mediaclock import _timers
+
+    await Waker().wait(trio.current_time() + 0.001)
+    trio.lowlevel.remove_instrument(_timers())  # as trio does with an instrument that raised
+    passes, woke = await _timed_waits(20)
+    assert woke == pytest.approx([0.020 * k for k in range(1, 21)], abs=1e-9)
+    assert passes > 3 * 20  # the slow path: a cancellation and a pass more per wait
