@@ -43,9 +43,17 @@ WORKERS = "auto"
 """`gateway run --workers` of the benchmarks (their `--workers` option sets it)."""
 
 
+PROFILE_DIR: Path | None = None
+"""`--cprofile DIR` of the benchmarks: the gateway runs under cProfile, one `<config>.prof` per
+gateway started (read with `pstats`; with `--workers 1`, as workers are processes of their own)."""
+
+
 def gateway_command(config: Path | str) -> list[str]:
-    """`python -m gateway run CONFIG --workers WORKERS`."""
-    return [*GATEWAY, str(config), "--workers", WORKERS]
+    """`python -m gateway run CONFIG --workers WORKERS` (under cProfile with `PROFILE_DIR`)."""
+    if PROFILE_DIR is None:
+        return [*GATEWAY, str(config), "--workers", WORKERS]
+    out = PROFILE_DIR / f"{Path(config).stem}.prof"
+    return [GATEWAY[0], "-m", "cProfile", "-o", str(out), *GATEWAY[1:], str(config), "--workers", WORKERS]
 STOP_TIMEOUT = 5.0  # seconds for a process to exit on SIGTERM before SIGKILL
 IDLE_SETTLE_S = 2.0  # seconds an idle gateway runs before its RSS is read
 
