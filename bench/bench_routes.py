@@ -258,12 +258,15 @@ def services_yaml(http_port: int, media_port: int, voipbin_token: str, bot_token
 
 ADMISSION_CPU = 0
 """`--admission-cpu`: the gateway's server.admission_cpu_percent (0: its default, no CPU budget)."""
+ADMISSION_MACHINE_CPU = 0
+"""`--admission-machine-cpu`: the gateway's server.admission_machine_cpu_percent (0: none)."""
 
 
 def gateway_config(n: int, http_port: int, media_port: int, voipbin_token: str, bot_token: str) -> str:
     lines = [services_yaml(http_port, media_port, voipbin_token, bot_token).rstrip("\n")]
-    if ADMISSION_CPU:
-        lines.append(f"server: {{admission_cpu_percent: {ADMISSION_CPU}}}")
+    limits = {"admission_cpu_percent": ADMISSION_CPU, "admission_machine_cpu_percent": ADMISSION_MACHINE_CPU}
+    if any(limits.values()):
+        lines.append("server: {" + ", ".join(f"{k}: {v}" for k, v in limits.items() if v) + "}")
     lines.append("routes:")
     for i in range(n):
         lines += [
@@ -595,13 +598,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admission-cpu", type=int, default=0, metavar="PERCENT",
                         help="the gateway's server.admission_cpu_percent (default 0: none; the admission "
                              "demonstration past capacity, --routes 300, uses 60)")
+    parser.add_argument("--admission-machine-cpu", type=int, default=0, metavar="PERCENT",
+                        help="the gateway's server.admission_machine_cpu_percent (default 0: none): a budget "
+                             "over all the machine's cores, the bench's peer included")
     args = parser.parse_args(argv)
     _common.WORKERS = args.workers
     if args.cprofile is not None:
         args.cprofile.mkdir(parents=True, exist_ok=True)
         _common.PROFILE_DIR = args.cprofile.resolve()
-    global ADMISSION_CPU
+    global ADMISSION_CPU, ADMISSION_MACHINE_CPU
     ADMISSION_CPU = args.admission_cpu
+    ADMISSION_MACHINE_CPU = args.admission_machine_cpu
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")

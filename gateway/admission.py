@@ -34,6 +34,17 @@ Two limits decide whether a new session may start:
   packets were late (p99 60 ms): latency rises well before the loop's core is full, since
   the loop also waits its turn for the cores and serves its wake-ups in bursts.
 
+- **A machine budget** (`server.admission_machine_cpu_percent`, default 0: off): the same
+  projection over the whole machine. The reading is the share of all its cores that was busy
+  over the last second, for every process: the gateway's workers, and the services beside it
+  (`/proc/stat`; `steal`, time the hypervisor gave to others, counts as busy). Each session
+  costs the measured per-session cost above, divided by the number of CPUs. Why: the loop
+  budget judges one worker's thread. It cannot see the other workers or a neighbour that
+  shares the cores. On the bench's 2-core machine, with two workers and the peer, the loop
+  budget admitted calls that then waited for a core (bench/README.md, sixth measurement).
+  The machine budget is the one for a shared machine. `/proc/stat` is read at most every
+  `MACHINE_READ_S`: the kernel renders the whole file for each read.
+
 **When the clock ticks.** Only while something streams: `Admission.streaming` counts the
 sessions that are up (an admitted media upgrade while its handler runs, a dial route once
 `Route.run` reported started, an answered incoming call once its route is up), each held by
@@ -99,6 +110,7 @@ CAPACITY_RETRY_S = 1  # Retry-After at the session cap (a slot frees whenever a 
 SESSION_COST_GUESS = 0.05  # share of a core one session is assumed to cost until one is measured
 # (bench/README.md: 4.7 % per phone -> channel route at 10 routes, one worker)
 STARTING_S = 1.5  # seconds a new session counts as starting: its cost is not (fully) in the last second's reading
+MACHINE_READ_S = 0.1  # seconds between two reads of /proc/stat while the machine budget is on
 
 
 class MediaClock:
@@ -141,6 +153,10 @@ class MediaClock:
         self.busy: float | None = None
         """Share of one core the ticking thread used over the last `window` (its CPU seconds
         per second, from the `cpu` the ticks pass; None until half a window is measured)."""
+        self._machine: collections.deque[tuple[float, float, float]] = collections.deque()  # (now, busy, total)
+        self.machine_busy: float | None = None
+        """Share of all the machine's cores busy over the last `window` (from the `machine`
+        counters the ticks pass; None until half a window is measured)."""
         self._started: float | None = None
         self._measured = 0.0
         self._calm_since: float | None = None
@@ -160,14 +176,19 @@ class MediaClock:
         self.next_deadline = now + self.period
         return self.next_deadline
 
-    def tick(self, now: float, waited: float = 0.0, cpu: float | None = None) -> float:
+    def tick(self, now: float, waited: float = 0.0, cpu: float | None = None,
+             machine: tuple[float, float] | None = None) -> float:
         """The ticker woke at `now` for `next_deadline`: record its lag, update `behind`, and
         return the next deadline (the first slot after `now`: missed slots are not replayed).
         `waited`: seconds since the previous tick the OS kept the thread runnable but gave the
         core to another process; that much of the lag is not the gateway's and is left out.
-        `cpu`: the thread's CPU time now, seconds (`time.thread_time()`), for `busy`."""
+        `cpu`: the thread's CPU time now, seconds (`time.thread_time()`), for `busy`.
+        `machine`: the machine's (busy, total) CPU time counters now, any unit (`MachineCpu`),
+        for `machine_busy`."""
         if cpu is not None:
             self._measure_cpu(now, cpu)
+        if machine is not None:
+            self._measure_machine(now, machine)
         deadline = self.next_deadline
         if deadline is None:
             return self.start(now)
@@ -194,6 +215,16 @@ class MediaClock:
         if now - then >= self.window / 2:
             self.busy = max(0.0, cpu - used) / (now - then)
 
+    def _measure_machine(self, now: float, machine: tuple[float, float]) -> None:
+        samples = self._machine
+        samples.append((now, *machine))
+        horizon = now - self.window
+        while len(samples) > 2 and samples[1][0] <= horizon:
+            samples.popleft()
+        then, busy, total = samples[0]
+        if now - then >= self.window / 2 and machine[1] > total:
+            self.machine_busy = min(1.0, max(0.0, machine[0] - busy) / (machine[1] - total))
+
     def reset(self) -> None:
         """The ticker stopped (nothing streams): forget the readings. Not behind (unless
         forced), no lag, no busy share, no deadline; the next `start` begins with a start-up
@@ -203,6 +234,8 @@ class MediaClock:
         self._wakes.clear()
         self._cpu.clear()
         self.busy = None
+        self._machine.clear()
+        self.machine_busy = None
         self._measured = 0.0
         self._calm_since = None
         if self.forced is None:
@@ -273,12 +306,20 @@ class Admission:
     until `check()` passes; `run()` is the media clock's ticker (started by `Gateway.run`)."""
 
     def __init__(self, lag_threshold: float = ADMISSION_LAG_MS / 1000, max_sessions: int | None = None,
-                 cpu_limit: float = 0.0) -> None:
+                 cpu_limit: float = 0.0, machine_limit: float = 0.0, *, cpus: int | None = None,
+                 workers: int = 1) -> None:
         self.clock = MediaClock(lag_threshold)
         self.max_sessions = max_sessions
         """Sessions at once at most (None: no cap)."""
         self.cpu_limit = cpu_limit
         """Share of one core the loop may use, projected (module doc); 0: no CPU budget."""
+        self.machine_limit = machine_limit
+        """Share of all the machine's cores that may be busy, projected (module doc); 0: no machine budget."""
+        self.cpus = cpus or os.cpu_count() or 1
+        """CPUs of the machine: a session's cost (a share of one core) over all of them."""
+        self.workers = max(1, workers)
+        """Worker processes judging the same machine (`gateway run --workers`): each counts its
+        starting sessions that many times over, as the others may be starting as many."""
         self._starts: collections.deque[float] = collections.deque()  # when recent sessions took their slot
         self.sessions = 0
         """Sessions holding a `slot()` now (a seat counts once, however many connections it has)."""
@@ -312,7 +353,25 @@ class Admission:
                 return Refusal("load", f"gateway at capacity (loop {busy * 100:.0f} % of a core, {starting} session(s) "
                                        f"starting, {projected * 100:.0f} % projected with one more; "
                                        f"server.admission_cpu_percent {self.cpu_limit * 100:.0f})", OVERLOAD_RETRY_S)
+        if self.machine_limit > 0:
+            machine, starting, projected = self.projected_machine_load()
+            if projected > self.machine_limit + 1e-9:
+                return Refusal("load", f"machine at capacity ({self.cpus} CPU(s) {machine * 100:.0f} % busy, {starting} "
+                                       f"session(s) starting, {projected * 100:.0f} % projected with one more; "
+                                       f"server.admission_machine_cpu_percent {self.machine_limit * 100:.0f})",
+                               OVERLOAD_RETRY_S)
         return None
+
+    def projected_machine_load(self, now: float | None = None) -> tuple[float, int, float]:
+        """(busy, starting, projected) over the whole machine: the share of all its cores busy
+        over the last second (0 before it is measured), the sessions starting, and the share
+        projected with those and one more, each at this loop's measured cost per session (as
+        in `projected_load`) spread over `cpus`, and counted once per worker: the workers read
+        the same machine and decide at the same time, and each must leave room for the
+        others' starts."""
+        loop, starting, loop_projected = self.projected_load(now)
+        machine = self.clock.machine_busy or 0.0
+        return machine, starting, machine + (loop_projected - loop) * self.workers / self.cpus
 
     def projected_load(self, now: float | None = None) -> tuple[float, int, float]:
         """(busy, starting, projected): the loop's share of a core over the last second (0
@@ -358,7 +417,7 @@ class Admission:
         self._seats[key] = held + 1
         if not held:
             self.sessions += 1
-            if self.cpu_limit > 0:
+            if self.budgeted:
                 self._starts.append(trio.current_time())  # its cost is not in the reading yet
         try:
             yield
@@ -401,7 +460,12 @@ class Admission:
     def ticking(self) -> bool:
         """Whether the media clock should tick now: a threshold or a CPU budget is set and
         something streams."""
-        return (self.clock.threshold > 0 or self.cpu_limit > 0) and self.streaming > 0
+        return (self.clock.threshold > 0 or self.budgeted) and self.streaming > 0
+
+    @property
+    def budgeted(self) -> bool:
+        """A CPU budget is set (the loop's or the machine's): sessions' costs are measured."""
+        return self.cpu_limit > 0 or self.machine_limit > 0
 
     def _stop_ticking(self) -> None:
         """Stop the ticker (at its next checkpoint) and reset the clock: not behind any more."""
@@ -412,11 +476,13 @@ class Admission:
         if self.clock.behind != was:
             self._notify()
 
-    def configure(self, lag_threshold: float, max_sessions: int | None, cpu_limit: float = 0.0) -> None:
+    def configure(self, lag_threshold: float, max_sessions: int | None, cpu_limit: float = 0.0,
+                  machine_limit: float = 0.0) -> None:
         """New limits (a reload): the sessions in progress keep their slots, the clock its
         readings; a lower cap refuses only new sessions."""
         self.clock.threshold = lag_threshold
         self.cpu_limit = cpu_limit
+        self.machine_limit = machine_limit
         if not self.ticking:
             self._stop_ticking()
         self.max_sessions = max_sessions
@@ -484,18 +550,24 @@ class Admission:
             while not self.ticking:
                 await self._changed.wait()
             waits = _RunQueueWait()
+            machine = MachineCpu()
             try:
                 with trio.CancelScope() as self._ticker:  # cancelled by _stop_ticking
                     deadline = clock.start(trio.current_time())
                     waits.read()
                     timer = Waker()  # gateway.mediaclock: a tick without a cancellation
                     cpu_time = time.thread_time
+                    next_machine_read = -math.inf
                     while True:
                         await timer.wait(deadline)
                         if not self.ticking:  # stopped while this wake-up was already due
                             break
                         was = clock.behind
-                        deadline = clock.tick(trio.current_time(), waits.read(), cpu_time() if self.cpu_limit > 0 else None)
+                        now = trio.current_time()
+                        counters = None
+                        if self.machine_limit > 0 and now >= next_machine_read:
+                            counters, next_machine_read = machine.read(), now + MACHINE_READ_S
+                        deadline = clock.tick(now, waits.read(), cpu_time() if self.budgeted else None, counters)
                         if clock.behind != was:
                             refusal = self.refusal()
                             if clock.behind and refusal is not None:  # logged now, not at the first refusal
@@ -506,6 +578,38 @@ class Admission:
             finally:
                 self._ticker = None
                 waits.close()
+                machine.close()
+
+
+class MachineCpu:
+    """The machine's CPU time counters (Linux `/proc/stat`, its first line, in clock ticks):
+    `read()` -> (busy, total), or None where the file does not exist or cannot be parsed.
+    Busy is everything but `idle` and `iowait` (so `steal` counts: a hypervisor's share is not
+    ours to use). Opened once, read with pread."""
+
+    def __init__(self, path: str = "/proc/stat") -> None:
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def read(self) -> tuple[float, float] | None:
+        if self._fd is None:
+            return None
+        try:
+            fields = os.pread(self._fd, 512, 0).split(b"\n", 1)[0].split()
+            if fields[0] != b"cpu":
+                return None
+            ticks = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        except (OSError, ValueError, IndexError):
+            return None
+        total = sum(ticks)
+        return float(total - ticks[3] - ticks[4]), float(total)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _RunQueueWait:

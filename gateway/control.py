@@ -176,6 +176,7 @@ class ControlApi(AccessGuards):
                     "reason": refusal.detail if refusal is not None else None,
                     "media_clock_lag_ms": round(admission.clock.lag * 1000, 1),
                     "loop_cpu_percent": round((admission.clock.busy or 0.0) * 100, 1),
+                    "machine_cpu_percent": round((admission.clock.machine_busy or 0.0) * 100, 1),
                     "sessions": admission.sessions,
                     "max_sessions": admission.max_sessions,
                 }}

@@ -240,14 +240,18 @@ class Gateway:
         new = attrs.evolve(new, server=attrs.evolve(old.server, control=new.server.control,
                                                     admission_lag_ms=new.server.admission_lag_ms,
                                                     admission_cpu_percent=new.server.admission_cpu_percent,
+                                                    admission_machine_cpu_percent=new.server.admission_machine_cpu_percent,
                                                     max_sessions=new.server.max_sessions))
-        limits = lambda server: (server.admission_lag_ms, server.admission_cpu_percent, server.max_sessions)  # noqa: E731
+        limits = lambda server: (server.admission_lag_ms, server.admission_cpu_percent,  # noqa: E731
+                                 server.admission_machine_cpu_percent, server.max_sessions)
         if limits(new.server) != limits(old.server):
             self.runtime.admission.configure(new.server.admission_lag_ms / 1000, new.server.max_sessions,
-                                             new.server.admission_cpu_percent / 100)
-            log.info("reload: server.admission_lag_ms %d, server.admission_cpu_percent %s, server.max_sessions %s",
+                                             new.server.admission_cpu_percent / 100,
+                                             new.server.admission_machine_cpu_percent / 100)
+            log.info("reload: server.admission_lag_ms %d, server.admission_cpu_percent %s, "
+                     "server.admission_machine_cpu_percent %s, server.max_sessions %s",
                      new.server.admission_lag_ms, new.server.admission_cpu_percent or "off",
-                     new.server.max_sessions or "none")
+                     new.server.admission_machine_cpu_percent or "off", new.server.max_sessions or "none")
         wanted = {rc.name: rc for rc in new.routes if self.placement is None or self.placement(rc)}
         unchanged, restarted, removed = [], [], []
         for name, state in self.routes.items():

@@ -51,7 +51,8 @@ class Runtime:
         self.dial_pacer = SetupPacer(server.dial_starts_per_second / self.workers,
                                      max(1, server.dial_start_burst // self.workers), max_wait=math.inf)
         self.admission = Admission(server.admission_lag_ms / 1000, server.max_sessions,
-                                   server.admission_cpu_percent / 100)
+                                   server.admission_cpu_percent / 100, server.admission_machine_cpu_percent / 100,
+                                   workers=self.workers)
         self.media.admission = self.http.admission = self.admission
 
     def singleton(self, key: Any, factory) -> Any:

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 
 import httpx
@@ -33,7 +34,14 @@ from trio_websocket import ConnectionRejected, connect_websocket_url
 
 from audio_checks import loop_score, mono, read_wav
 from gateway.adapters.voipbin.wire import Audio, Encapsulation, MediaStreamProtocol
-from gateway.admission import CALM_S, SESSION_COST_GUESS, STARTING_S, Admission, MediaClock
+from gateway.admission import (
+    CALM_S,
+    SESSION_COST_GUESS,
+    STARTING_S,
+    Admission,
+    MachineCpu,
+    MediaClock,
+)
 from gateway.config import GatewayConfig
 from gateway.demo import DEFAULT_AUDIO
 from gateway.errors import ConfigError
@@ -533,7 +541,8 @@ async def test_a_dial_route_waits_while_behind_and_readyz_says_why(tmp_path, cap
             assert body["not_ready"] == {"dialer": "held"}
             assert body["held"] == {"dialer": "waiting: gateway at capacity (media clock 45 ms behind)"}
             assert body["admission"] == {"open": False, "reason": "gateway at capacity (media clock 45 ms behind)",
-                                         "media_clock_lag_ms": 45.0, "loop_cpu_percent": 0.0, "sessions": 0,
+                                         "media_clock_lag_ms": 45.0, "loop_cpu_percent": 0.0,
+                                         "machine_cpu_percent": 0.0, "sessions": 0,
                                          "max_sessions": None}
             assert "admission closed" in body["status"]
             route = (await http.get("/v1/routes/dialer")).json()
@@ -671,6 +680,103 @@ async def test_dial_routes_starting_together_wait_for_the_cpu_budget_and_readyz_
         nursery.cancel_scope.cancel()
 
 
+# ------------------------------------------------------------------------------ machine budget
+def test_the_machine_counters_are_read_from_proc_stat(tmp_path):
+    """The first line of /proc/stat, in clock ticks: busy is all but idle and iowait (steal,
+    the hypervisor's share, counts as busy); no file or a line that is not `cpu` gives None."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 800 20 3 2 10 0 0\ncpu0 50 2 25 400 10 1 1 5 0 0\nintr 12345 0 0\n")
+    reader = MachineCpu(str(stat))
+    assert reader.read() == (170.0, 990.0)  # 100+5+50+3+2+10 busy of 990
+    reader.close()
+    stat.write_text("intr 1 2 3\n")
+    assert MachineCpu(str(stat)).read() is None
+    assert MachineCpu(str(tmp_path / "none")).read() is None
+    real = MachineCpu().read()  # this machine's, where it is Linux
+    assert real is None or 0 <= real[0] <= real[1]
+
+
+def test_the_clock_reads_the_machines_share_of_its_cores():
+    clock = MediaClock(0.020)
+    deadline, busy, total = clock.start(50.0), 1000.0, 4000.0
+    while deadline < 51.5:  # 2 CPUs at 100 ticks a second: 200 ticks a second, 130 of them busy (65 %)
+        busy, total = busy + 130 * TICK, total + 200 * TICK
+        deadline = clock.tick(deadline, machine=(busy, total))
+    assert clock.machine_busy == pytest.approx(0.65, abs=0.01)
+    assert clock.busy is None  # the loop's own share is another reading
+    clock.reset()
+    assert clock.machine_busy is None
+
+
+@pytest.mark.parametrize("workers, fits", [(1, 3), (2, 1)])
+async def test_a_machine_budget_counts_every_process_on_the_cores(autojump_clock, workers, fits):
+    """2 CPUs, an 80 % machine budget. The gateway's loop uses 20 % of a core for 4 sessions
+    (5 % each: 2.5 % of the machine), and with a neighbour the machine is 71 % busy in all:
+    three more fit (71 + 3 x 2.5 = 78.5 %), a fourth would make 81 % with the three still
+    starting: refused, reason `load`, the text names the machine; the loop's own budget had
+    room. With 2 workers each counts its starts twice (the other reads the same machine and
+    may be starting as many): one fits (71 + 2 x 2.5 = 76 %), a second would make 81 %."""
+    admission = Admission(0.020, cpu_limit=0.9, machine_limit=0.80, cpus=2, workers=workers)
+    clock = admission.clock
+    with contextlib.ExitStack() as sessions:
+        for _ in range(4):
+            sessions.enter_context(admission.slot())
+            sessions.enter_context(admission.stream())
+        await trio.sleep(STARTING_S)
+        deadline, cpu, busy, total = clock.start(trio.current_time()), 0.0, 0.0, 0.0
+        while deadline < trio.current_time() + 1.0:
+            cpu += 0.20 * TICK
+            busy, total = busy + 142 * TICK, total + 200 * TICK  # 71 % of 2 CPUs
+            deadline = clock.tick(deadline, cpu=cpu, machine=(busy, total))
+        await trio.sleep_until(deadline)
+        assert clock.busy == pytest.approx(0.20, abs=0.005) and clock.machine_busy == pytest.approx(0.71, abs=0.005)
+        more = 0
+        while (refusal := admission.check("dial route start")) is None:
+            sessions.enter_context(admission.slot())
+            more += 1
+        assert more == fits
+        assert refusal.reason == "load" and admission.refused["load"] == 1
+        assert refusal.detail == (f"machine at capacity (2 CPU(s) 71 % busy, {fits} session(s) starting, 81 % "
+                                  "projected with one more; server.admission_machine_cpu_percent 80)")
+        assert admission.projected_load()[2] <= 0.40 + 0.01  # the loop's budget (90 %) had room
+        admission.configure(0.020, None, 0.9, 0.0)  # a reload to admission_machine_cpu_percent: 0
+        assert admission.check() is None
+
+
+async def test_dial_routes_at_boot_wait_for_the_machine_budget_and_readyz_says_why(tmp_path, mock_clock, caplog):
+    """`server.admission_machine_cpu_percent: 5` on this machine's N CPUs, N + 2 dial routes at
+    boot: nothing measured, each start is taken to cost 5 % of a core (5/N % of the machine),
+    so N start and 2 are held, with the machine in their reason and in /readyz's."""
+    caplog.set_level(logging.INFO)
+    mock_clock.autojump_threshold = math.inf
+    cpus = os.cpu_count() or 1
+    routes = "routes:\n" + "".join(f"""\
+  - name: bot-{n}
+    endpoints:
+      - file: {{path: "$audio", rate: 8000, loop: true}}
+      - record: {{path: "$out/bot-{n}.wav"}}
+""" for n in range(cpus + 2))
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, routes, audio=DEFAULT_AUDIO, out=tmp_path,
+                              server_extra=", admission_machine_cpu_percent: 5")
+        admission = gateway.runtime.admission
+        assert admission.machine_limit == 0.05 and admission.cpus == cpus
+        held = sorted(name for name, state in gateway.routes.items() if state.state == "held")
+        assert len(held) == 2 and admission.sessions == cpus, {n: s.state for n, s in gateway.routes.items()}
+        reason = (f"machine at capacity ({cpus} CPU(s) 0 % busy, {cpus} session(s) starting, "
+                  f"{5 * (cpus + 1) / cpus:.0f} % projected with one more; server.admission_machine_cpu_percent 5)")
+        assert {gateway.routes[name].reason for name in held} == {f"waiting: {reason}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.runtime.http.port}") as http:
+            ready = await http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["admission"]["reason"] == reason
+        assert "admission closed: " + reason in caplog.text
+        admission.configure(0.020, None, 0.0, 0.0)
+        for _ in range(50):
+            await trio.testing.wait_all_tasks_blocked()
+        assert admission.sessions == cpus + 2 and not [s for s in gateway.routes.values() if s.state == "held"]
+        nursery.cancel_scope.cancel()
+
+
 # ------------------------------------------------------------------------------ config
 SERVER = "server: {media: '127.0.0.1:0'%s}\nroutes: []\n"
 
@@ -678,10 +784,11 @@ SERVER = "server: {media: '127.0.0.1:0'%s}\nroutes: []\n"
 def test_admission_config_defaults_and_values():
     server = GatewayConfig.from_text(SERVER % "", "g.yaml").server
     assert server.admission_lag_ms == 20 and server.max_sessions is None
-    assert server.admission_cpu_percent == 0
-    server = GatewayConfig.from_text(SERVER % ", admission_lag_ms: 0, max_sessions: 40, admission_cpu_percent: 80",
-                                     "g.yaml").server
+    assert server.admission_cpu_percent == 0 and server.admission_machine_cpu_percent == 0
+    server = GatewayConfig.from_text(SERVER % ", admission_lag_ms: 0, max_sessions: 40, admission_cpu_percent: 80, "
+                                              "admission_machine_cpu_percent: 85", "g.yaml").server
     assert server.admission_lag_ms == 0 and server.max_sessions == 40 and server.admission_cpu_percent == 80
+    assert server.admission_machine_cpu_percent == 85
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -690,6 +797,8 @@ def test_admission_config_defaults_and_values():
     (", admission_lag_ms: fast", "g.yaml:1: server.admission_lag_ms: expected an integer, got 'fast'"),
     (", max_sessions: 0", "g.yaml:1: server.max_sessions: expected at least 1, got 0"),
     (", admission_cpu_percent: 150", "g.yaml:1: server.admission_cpu_percent: expected at most 100, got 150"),
+    (", admission_machine_cpu_percent: -1",
+     "g.yaml:1: server.admission_machine_cpu_percent: expected at least 0, got -1"),
     (", max_sessions: many", "g.yaml:1: server.max_sessions: expected an integer, got 'many'"),
 ])
 def test_admission_config_errors_name_the_key(extra, message):
@@ -727,11 +836,12 @@ async def test_a_reload_applies_new_limits_to_new_sessions_only(tmp_path):
         await nursery.start(caller.run, nursery, media_url(gateway, "call-a"))
         await caller.packets(10)
 
-        path.write_text(text(", max_sessions: 1, admission_lag_ms: 50"))
+        path.write_text(text(", max_sessions: 1, admission_lag_ms: 50, admission_machine_cpu_percent: 95"))
         report = await gateway.reload()
         assert report.unchanged == ("call-a", "call-b") and not report.kept_server
         admission = gateway.runtime.admission
         assert admission.max_sessions == 1 and admission.clock.threshold == 0.050
+        assert admission.machine_limit == 0.95
         assert gateway.config.server.max_sessions == 1
         rejected = await refused(media_url(gateway, "call-b"), nursery)
         assert rejected.status_code == 503

@@ -100,6 +100,10 @@ class ServerConfig:
     """New sessions are refused (dial routes wait) while the event loop's share of one core,
     projected with the sessions still starting and one more, would pass this percentage
     (gateway.admission: a CPU budget that stops a ramp before calls lose audio); 0: no budget."""
+    admission_machine_cpu_percent: int = 0
+    """New sessions are refused (dial routes wait) while the machine's cores, all processes
+    counted, projected with the sessions still starting and one more, would be busier than
+    this percentage (gateway.admission: the budget for a machine the gateway shares); 0: none."""
     max_sessions: int | None = None
     """Sessions at once at most (listen media connections, an Argon bot's connections in one
     room counting once, running dial routes, answered calls); None: no cap."""
@@ -117,6 +121,7 @@ class ServerConfig:
         dial_burst = opts.get_int("dial_start_burst", 10, minimum=1)
         lag = opts.get_int("admission_lag_ms", 20, minimum=0, maximum=1000)
         cpu = opts.get_int("admission_cpu_percent", 0, minimum=0, maximum=100)
+        machine = opts.get_int("admission_machine_cpu_percent", 0, minimum=0, maximum=100)
         max_sessions = opts.get_int("max_sessions", None, minimum=1)
         opts.finish()
         return cls(
@@ -131,6 +136,7 @@ class ServerConfig:
             dial_start_burst=dial_burst,
             admission_lag_ms=lag,
             admission_cpu_percent=cpu,
+            admission_machine_cpu_percent=machine,
             max_sessions=max_sessions,
         )
 
