@@ -585,17 +585,25 @@ class MachineCpu:
     """The machine's CPU time counters (Linux `/proc/stat`, its first line, in clock ticks):
     `read()` -> (busy, total), or None where the file does not exist or cannot be parsed.
     Busy is everything but `idle` and `iowait` (so `steal` counts: a hypervisor's share is not
-    ours to use). Opened once, read with pread."""
+    ours to use). Opened at the first read, then read with pread."""
 
     def __init__(self, path: str = "/proc/stat") -> None:
-        try:
-            self._fd: int | None = os.open(path, os.O_RDONLY)
-        except OSError:
-            self._fd = None
+        self._path = path
+        self._fd: int | None = None
+        self.missing = False
+        """The file could not be opened (not Linux, no /proc): every read is None."""
 
     def read(self) -> tuple[float, float] | None:
         if self._fd is None:
-            return None
+            if self.missing:
+                return None
+            try:
+                self._fd = os.open(self._path, os.O_RDONLY)
+            except OSError:
+                self.missing = True
+                log.warning("server.admission_machine_cpu_percent: cannot read %s: the machine budget counts "
+                            "only the gateway's own sessions", self._path)
+                return None
         try:
             fields = os.pread(self._fd, 512, 0).split(b"\n", 1)[0].split()
             if fields[0] != b"cpu":

@@ -864,12 +864,16 @@ class _SinkQueue:
         early, with what it has, once `wake_ms` of audio waits (a burst goes on into the
         playouts, whose bounds and counters see it, as before) or a mark or an end is queued:
         the caller collects again until the deadline."""
-        self._wake_at_us = max(1, wake_ms * 1000)
-        try:
-            await self._waker.wait(deadline)
-        finally:
-            self._wake_at_us = 0
         items = self._items
+        wake_at = max(1, wake_ms * 1000)
+        if items and (self._queued_us >= wake_at or any(type(item[1]) is not AudioFrame for item in items)):
+            await trio.lowlevel.checkpoint()  # what would have woken it is here already
+        else:
+            self._wake_at_us = wake_at
+            try:
+                await self._waker.wait(deadline)
+            finally:
+                self._wake_at_us = 0
         taken = []
         while items and items[0][2] < deadline:
             item = items.popleft()

@@ -681,7 +681,7 @@ async def test_dial_routes_starting_together_wait_for_the_cpu_budget_and_readyz_
 
 
 # ------------------------------------------------------------------------------ machine budget
-def test_the_machine_counters_are_read_from_proc_stat(tmp_path):
+def test_the_machine_counters_are_read_from_proc_stat(tmp_path, caplog):
     """The first line of /proc/stat, in clock ticks: busy is all but idle and iowait (steal,
     the hypervisor's share, counts as busy); no file or a line that is not `cpu` gives None."""
     stat = tmp_path / "stat"
@@ -691,7 +691,11 @@ def test_the_machine_counters_are_read_from_proc_stat(tmp_path):
     reader.close()
     stat.write_text("intr 1 2 3\n")
     assert MachineCpu(str(stat)).read() is None
-    assert MachineCpu(str(tmp_path / "none")).read() is None
+    missing = MachineCpu(str(tmp_path / "none"))
+    assert missing.read() is None and missing.read() is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"server.admission_machine_cpu_percent: cannot read {tmp_path / 'none'}: the machine "
+                        "budget counts only the gateway's own sessions"]  # once, not per read
     real = MachineCpu().read()  # this machine's, where it is Linux
     assert real is None or 0 <= real[0] <= real[1]
 

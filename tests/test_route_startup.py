@@ -359,6 +359,14 @@ async def test_a_pacer_collecting_until_its_deadline_is_woken_only_by_a_burst_a_
             nursery.start_soon(at, 0.003, item)
         assert woke == [(pytest.approx(0.003), [(0, item[1], 0.003)])]
 
+    for items in [[(0, ten_ms)] * 4, [(0, ten_ms), (0, PlayoutMark("m"))]]:  # already there: no wait at all
+        woke.clear()
+        t0 = trio.current_time()
+        for item in items:
+            send.send_nowait(item)
+        await pacer(t0 + 1.0)
+        assert woke == [(0.0, [(slot, frame, 0.0) for slot, frame in items])]
+
 
 # ---------------------------------------------------------------------------------------
 # the pause detector on its own
