@@ -40,8 +40,8 @@ protocol; Twilio Media Streams' ``clear`` and ``mark`` are the model):
   S sent before it (and, for a sink that plays out beyond the route, once that has played:
   `Endpoint.played_mark`), S gets a ``mark-played`` event (``name``, ``after_ms``: from the mark
   to its playout) on `on_route_event`; a sink that never takes it (nobody hears S) reports at
-  once. A clear passes every mark in what it dropped. What the decode chain holds (a resampler's
-  few samples) is not waited for.
+  once. A clear passes every mark in what it dropped, at once (no packet of that audio is left
+  to send). What the decode chain holds (a resampler's few samples) is not waited for.
 """
 
 from __future__ import annotations
@@ -274,6 +274,8 @@ class Route:
                     dropped_us = queue.drop_slot(slot)
                     if clock is not None:
                         dropped_us += clock.clear(slot) * 1_000_000 // fmt.rate
+                        if clock.due:  # the marks in what it dropped: no packet of it is left to send
+                            self._marks_sent(getattr(pacer_sink, "sink", pacer_sink), clock.due)
                     if dropped_us >= 1000:
                         self.log.info("cleared %d ms of %s's audio queued for %s", dropped_us // 1000, source.name,
                                       pacer_sink.name)
