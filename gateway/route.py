@@ -275,7 +275,7 @@ class Route:
                     if clock is not None:
                         dropped_us += clock.clear(slot) * 1_000_000 // fmt.rate
                         if clock.due:  # the marks in what it dropped: no packet of it is left to send
-                            self._marks_sent(getattr(pacer_sink, "sink", pacer_sink), clock.due)
+                            self._marks_sent(pacer_sink.sink if isinstance(pacer_sink, _Lane) else pacer_sink, clock.due)
                     if dropped_us >= 1000:
                         self.log.info("cleared %d ms of %s's audio queued for %s", dropped_us // 1000, source.name,
                                       pacer_sink.name)
