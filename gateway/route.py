@@ -75,7 +75,6 @@ from gateway.pacer import (  # noqa: F401  # _dbfs, _mix, _Pauses, MIN_PAUSE_MS:
     Wait,
     _dbfs,
     _mix,
-    _never,
     _Pauses,
 )
 
@@ -705,7 +704,6 @@ class Route:
         key, muted = id(endpoint), self._muted
         current_time = trio.current_time
         steps = clock.steps()
-        wake_ms = 2 * sink.ptime_ms  # a live source's frame or two wait for the deadline; a burst does not
         with recv:
             try:
                 step = next(steps)
@@ -713,18 +711,11 @@ class Route:
                     kind = type(step)
                     if kind is Wait:
                         until, done = step.until, step.done  # type: ignore[union-attr]
-                        if done is _never:  # nothing to decide before the deadline: no wake per frame
-                            while True:
-                                for slot, frame, at in await recv.collect_until(until, wake_ms):
-                                    accept(slot, frame, at)
-                                if current_time() >= until:
-                                    break
-                        else:
-                            while not done():
-                                item = await recv.receive_until(until)
-                                if item is None:
-                                    break
-                                accept(item[0], item[1], current_time())
+                        while not done():
+                            item = await recv.receive_until(until)
+                            if item is None:
+                                break
+                            accept(item[0], item[1], current_time())
                     elif kind is Send:
                         if key in muted:  # away (reconnecting): dropped, never queued into latency
                             stats.dropped_while_down += 1
@@ -774,42 +765,36 @@ class _SinkQueue:
     Send side (the emitters): `send_nowait((slot, frame))` never blocks; a frame that would take
     the queue beyond its bound raises `trio.WouldBlock` (the emitter drops that newest frame and
     counts it); the end-of-stream marker always fits; BrokenResourceError once the pacer has
-    finished. Receive side (the pacer): `receive`, `receive_until`, `receive_nowait`,
-    `collect_until`, and `with queue:` closes it. A `PlayoutMark` goes in a source's place like a
-    frame and takes no room; `drop_slot` is a barge-in's drop of one source's frames.
+    finished. Receive side (the pacer): `receive`, `receive_nowait`, and `with queue:` closes it.
+    A `PlayoutMark` goes in a source's place like a frame and takes no room; `drop_slot` is a
+    barge-in's drop of one source's frames.
     """
 
-    __slots__ = ("_items", "_waker", "_closed", "_queued_us", "_bound_us", "_wake_at_us")
+    __slots__ = ("_items", "_waker", "_closed", "_queued_us", "_bound_us")
 
     def __init__(self, bound_ms: int) -> None:
-        # (slot, frame, trio time it was queued)
-        self._items: collections.deque[tuple[int, AudioFrame | PlayoutMark | None, float]] = collections.deque()
+        self._items: collections.deque[tuple[int, AudioFrame | PlayoutMark | None]] = collections.deque()
         self._waker = Waker()  # the pacer parks on it (gateway.mediaclock: no cancel scope per wait)
         self._closed = False
         self._queued_us = 0
         self._bound_us = bound_ms * 1000
-        self._wake_at_us = 0  # a parked pacer is woken by a frame: at once (0), or past this much audio
 
     def send_nowait(self, item: tuple[int, AudioFrame | PlayoutMark | None]) -> None:
         if self._closed:
             raise trio.BrokenResourceError("the pacer has finished")
-        slot, frame = item
-        if type(frame) is AudioFrame:
+        frame = item[1]
+        if frame is not _END:
             cost = frame.samples * 1_000_000 // frame.rate
             if self._queued_us + cost > self._bound_us:
                 raise trio.WouldBlock
             self._queued_us += cost
-            self._items.append((slot, frame, trio.current_time()))
-            if self._queued_us >= self._wake_at_us:
-                self._waker.wake()
-        else:  # the end or a mark: at once, as a clear or the route's end may need it
-            self._items.append((slot, frame, trio.current_time()))
-            self._waker.wake()
+        self._items.append(item)
+        self._waker.wake()
 
     def drop_slot(self, slot: int) -> int:
         """Drop the frames of source `slot` waiting here (its marks and end stay); returns
         their duration in microseconds."""
-        kept: collections.deque[tuple[int, AudioFrame | PlayoutMark | None, float]] = collections.deque()
+        kept: collections.deque[tuple[int, AudioFrame | PlayoutMark | None]] = collections.deque()
         dropped = 0
         for item in self._items:
             frame = item[1]
@@ -822,11 +807,11 @@ class _SinkQueue:
         self._queued_us -= dropped
         return dropped
 
-    def _took(self, item: tuple[int, AudioFrame | PlayoutMark | None, float]) -> tuple[int, AudioFrame | PlayoutMark | None]:
-        slot, frame, _ = item
+    def _took(self, item: tuple[int, AudioFrame | PlayoutMark | None]) -> tuple[int, AudioFrame | PlayoutMark | None]:
+        frame = item[1]
         if frame is not _END:
             self._queued_us -= frame.samples * 1_000_000 // frame.rate
-        return slot, frame
+        return item
 
     async def receive(self) -> tuple[int, AudioFrame | PlayoutMark | None]:
         item = await self.receive_until(math.inf)
@@ -856,34 +841,6 @@ class _SinkQueue:
         if not self._items:
             raise trio.WouldBlock
         return self._took(self._items.popleft())
-
-    async def collect_until(self, deadline: float, wake_ms: int) -> list[tuple[int, AudioFrame | PlayoutMark | None, float]]:
-        """For a pacer with nothing to decide before trio time `deadline` (`Wait(until,
-        _never)`): park until then, not woken by each frame (a pass of the run loop and a task
-        switch saved per frame), and return what was queued before `deadline` as (slot, frame,
-        trio time it was queued), oldest first, which is what `receive_until` would have handed
-        over one by one; what is queued at `deadline` or later stays (the next step's). Returns
-        early, with what it has, once `wake_ms` of audio waits (a burst goes on into the
-        playouts, whose bounds and counters see it, as before) or a mark or an end is queued:
-        the caller collects again until the deadline."""
-        items = self._items
-        wake_at = max(1, wake_ms * 1000)
-        if items and (self._queued_us >= wake_at or any(type(item[1]) is not AudioFrame for item in items)):
-            await trio.lowlevel.checkpoint()  # what would have woken it is here already
-        else:
-            self._wake_at_us = wake_at
-            try:
-                await self._waker.wait(deadline)
-            finally:
-                self._wake_at_us = 0
-        taken = []
-        while items and items[0][2] < deadline:
-            item = items.popleft()
-            frame = item[1]
-            if frame is not _END:
-                self._queued_us -= frame.samples * 1_000_000 // frame.rate
-            taken.append(item)
-        return taken
 
     def close(self) -> None:
         self._closed = True  # nothing queues any more: senders get BrokenResourceError

@@ -83,46 +83,13 @@ async def test_one_waker_serves_one_task():
         waker.wake()
 
 
-async def _timed_waits(count: int) -> list[float]:
-    """`count` waits on a 20 ms grid; their wake times from the start."""
-    waker = Waker()
-    t0 = trio.current_time()
-    woke = []
-    for k in range(1, count + 1):
-        assert await waker.wait(t0 + 0.020 * k) is False
-        woke.append(trio.current_time() - t0)
-    return woke
-
-
-async def test_due_waiters_are_woken_by_the_hook_without_a_cancellation(autojump_clock):
-    """The heap's server is rescheduled from trio's after_io_wait hook, its scope's deadline
-    lifted first: trio delivers no cancellation for a timed wake (the cost the hook removes)."""
-    from gateway.mediaclock import _timers
-
-    await Waker().wait(trio.current_time() + 0.001)  # the run's timer heap exists
-    timers = _timers()
-    before = timers.fallbacks
-    woke = await _timed_waits(50)
-    assert woke == pytest.approx([0.020 * k for k in range(1, 51)], abs=1e-9)
-    assert timers.fallbacks == before
-
-
-async def test_without_the_hook_the_servers_deadline_still_serves_the_heap(autojump_clock):
-    from gateway.mediaclock import _timers
-
-    await Waker().wait(trio.current_time() + 0.001)
-    timers = _timers()
-    trio.lowlevel.remove_instrument(timers)  # as trio does with an instrument that raised
-    before = timers.fallbacks
-    woke = await _timed_waits(20)
-    assert woke == pytest.approx([0.020 * k for k in range(1, 21)], abs=1e-9)
-    assert timers.fallbacks - before == 20  # each wake a cancellation of the server's scope
-
-
 async def test_a_waiter_runs_after_a_trio_timer_due_at_the_same_instant(autojump_clock):
     """A pacer on the heap and a source on trio.sleep_until (a file, a test's caller), both
     due at t: the source's frame is there when the pacer looks, whichever way trio orders its
-    batch (it reverses half of them), in every one of 200 instants."""
+    batch (it reverses half of them), in every one of 200 instants. The heap's waiters run one
+    pass after its server, which trio wakes with the source: a heap served from trio's
+    after_io_wait hook, waiters woken in that same pass, failed this (bench/README.md, seventh
+    measurement: a silence slot after a stall, in CI)."""
     t0 = trio.current_time()
     order: list[str] = []
 

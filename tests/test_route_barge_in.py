@@ -196,6 +196,25 @@ async def test_a_clear_passes_the_marks_in_what_it_dropped(autojump_clock):
     assert twilio.clears == [pytest.approx(t0 + 0.5)]
 
 
+async def test_a_clear_between_two_packets_passes_its_marks_at_the_clear(autojump_clock):
+    """A clear 5 ms after a packet went out: the marks in what it dropped come back at the
+    clear itself, not with the next packet, which is a grace period away (the source has
+    nothing left: its slot waits jitter_ms for it), 0.54 s."""
+    speech = [ramp_frame(k) for k in range(100)]
+    agent = Agent("agent", [(0.0, f) for f in speech] + [(0.0, "answer")])
+    twilio, record = BufferingSink("twilio", lag=0.0), Sink("record")
+    route = Route("t", [agent, twilio, record])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(route.run)
+        t0 = trio.current_time()
+        await trio.sleep(0.505)
+        route.clear("agent")
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    ((at, name, _),) = played(agent)
+    assert name == "answer" and at - t0 == pytest.approx(0.505, abs=1e-6), at - t0
+
+
 async def test_a_mark_nobody_hears_comes_back_at_once_and_an_unknown_endpoint_is_refused(autojump_clock):
     speech = [ramp_frame(k) for k in range(50)]
     agent = Agent("agent", [(0.0, f) for f in speech] + [(0.0, "m")])

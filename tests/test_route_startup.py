@@ -23,15 +23,7 @@ from audio_checks import read_wav
 from gateway.codecs import plan
 from gateway.codecs.formats import OPUS_48K, PCM16_8K, PCM16_48K, AudioFrame
 from gateway.endpoint import LATENCY_BUCKETS, Endpoint
-from gateway.route import (
-    MIN_PAUSE_MS,
-    STARTUP_BUFFER_MS,
-    PlayoutMark,
-    Route,
-    _dbfs,
-    _open_sink_queue,
-    _Pauses,
-)
+from gateway.route import MIN_PAUSE_MS, STARTUP_BUFFER_MS, Route, _dbfs, _open_sink_queue, _Pauses
 
 ASSETS = Path(gateway.__file__).parent / "assets"
 RATE = 8000
@@ -300,7 +292,7 @@ async def test_10ms_frames_fill_the_queue_by_duration(autojump_clock):
     check_call(source, sink, counts)
 
 
-async def test_sink_queue_is_bounded_by_duration():
+def test_sink_queue_is_bounded_by_duration():
     send, recv = _open_sink_queue(STARTUP_BUFFER_MS)
     ten_ms = AudioFrame(np.zeros((80, 1), np.int16), RATE, 0)
     for _ in range(STARTUP_BUFFER_MS // 10):  # 500 frames of 10 ms fit...
@@ -316,56 +308,6 @@ async def test_sink_queue_is_bounded_by_duration():
     recv.close()
     with pytest.raises(trio.BrokenResourceError):
         send.send_nowait((0, ten_ms))
-
-
-async def test_a_pacer_collecting_until_its_deadline_is_woken_only_by_a_burst_a_mark_or_an_end(autojump_clock):
-    """`collect_until`: frames queued before the deadline come back with the time each was
-    queued, in one wake at the deadline; a frame queued at the deadline is the next step's; 40
-    ms of audio waiting, a mark or the end wake the pacer at once."""
-    send, recv = _open_sink_queue(STARTUP_BUFFER_MS)
-    ten_ms = AudioFrame(np.zeros((80, 1), np.int16), RATE, 0)
-    t0 = trio.current_time()
-    woke: list[tuple[float, list]] = []
-
-    async def pacer(deadline):
-        taken = await recv.collect_until(deadline, 40)
-        woke.append((trio.current_time() - t0, [(slot, frame, round(at - t0, 6)) for slot, frame, at in taken]))
-
-    async def at(t, item):
-        await trio.sleep_until(t0 + t)
-        send.send_nowait(item)
-
-    async with trio.open_nursery() as nursery:  # two frames (20 ms) before the deadline, one at it
-        nursery.start_soon(pacer, t0 + 0.020)
-        nursery.start_soon(at, 0.005, (0, ten_ms))
-        nursery.start_soon(at, 0.012, (1, ten_ms))
-        nursery.start_soon(at, 0.020, (0, ten_ms))
-    assert woke == [(pytest.approx(0.020), [(0, ten_ms, 0.005), (1, ten_ms, 0.012)])]
-    assert recv.receive_nowait() == (0, ten_ms)  # the one queued at the deadline stayed
-
-    woke.clear()
-    t0 = trio.current_time()
-    async with trio.open_nursery() as nursery:  # a burst: the fourth 10 ms frame makes 40 ms
-        nursery.start_soon(pacer, t0 + 1.0)
-        for k in range(4):
-            nursery.start_soon(at, 0.001 * (k + 1), (0, ten_ms))
-    assert woke == [(pytest.approx(0.004), [(0, ten_ms, 0.001 * (k + 1)) for k in range(4)])]
-
-    for item in [(0, PlayoutMark("m")), (0, None)]:
-        woke.clear()
-        t0 = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pacer, t0 + 1.0)
-            nursery.start_soon(at, 0.003, item)
-        assert woke == [(pytest.approx(0.003), [(0, item[1], 0.003)])]
-
-    for items in [[(0, ten_ms)] * 4, [(0, ten_ms), (0, PlayoutMark("m"))]]:  # already there: no wait at all
-        woke.clear()
-        t0 = trio.current_time()
-        for item in items:
-            send.send_nowait(item)
-        await pacer(t0 + 1.0)
-        assert woke == [(0.0, [(slot, frame, 0.0) for slot, frame in items])]
 
 
 # ---------------------------------------------------------------------------------------
