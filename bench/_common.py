@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
@@ -46,6 +47,20 @@ WORKERS = "auto"
 PROFILE_DIR: Path | None = None
 """`--cprofile DIR` of the benchmarks: the gateway runs under cProfile, one `<config>.prof` per
 gateway started (read with `pstats`; with `--workers 1`, as workers are processes of their own)."""
+
+
+def add_profile_option(parser: argparse.ArgumentParser) -> None:
+    """`--cprofile DIR` on a route benchmark's parser; `use_profile(args)` applies it."""
+    parser.add_argument("--cprofile", metavar="DIR", type=Path,
+                        help="run the gateway under cProfile, DIR/<config>.prof per gateway (use with --workers 1)")
+
+
+def use_profile(args: argparse.Namespace) -> None:
+    """Set `PROFILE_DIR` from `--cprofile` (creating the directory)."""
+    global PROFILE_DIR
+    if args.cprofile is not None:
+        args.cprofile.mkdir(parents=True, exist_ok=True)
+        PROFILE_DIR = args.cprofile.resolve()
 
 
 def gateway_command(config: Path | str) -> list[str]:

@@ -591,8 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default {_common.WARMUP_S:g}: the jitter buffer's convergence, _common.WARMUP_S)")
     parser.add_argument("--keep", metavar="DIR", help="keep the gateway configs and logs in DIR")
     parser.add_argument("--workers", default="auto", help="gateway run --workers (default auto: one per CPU; 1: one process)")
-    parser.add_argument("--cprofile", metavar="DIR", type=Path,
-                        help="run the gateway under cProfile, DIR/<config>.prof per gateway (use with --workers 1)")
+    _common.add_profile_option(parser)
     parser.add_argument("--compare-ffmpeg", action="store_true",
                         help="after the gateway at each N, N ffmpeg processes doing the same transcoding per call")
     parser.add_argument("--admission-cpu", type=int, default=0, metavar="PERCENT",
@@ -603,9 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                              "over all the machine's cores, the bench's peer included")
     args = parser.parse_args(argv)
     _common.WORKERS = args.workers
-    if args.cprofile is not None:
-        args.cprofile.mkdir(parents=True, exist_ok=True)
-        _common.PROFILE_DIR = args.cprofile.resolve()
+    _common.use_profile(args)
     global ADMISSION_CPU, ADMISSION_MACHINE_CPU
     ADMISSION_CPU = args.admission_cpu
     ADMISSION_MACHINE_CPU = args.admission_machine_cpu

@@ -449,15 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-agent", action="store_true", help="agent dial with bursty: false (default: the endpoint's bursty: true)")
     parser.add_argument("--keep", metavar="DIR", help="keep the gateway configs and logs in DIR")
     parser.add_argument("--workers", default="auto", help="gateway run --workers (default auto: one per CPU; 1: one process)")
-    parser.add_argument("--cprofile", metavar="DIR", type=Path,
-                        help="run the gateway under cProfile, DIR/<config>.prof per gateway (use with --workers 1)")
+    _common.add_profile_option(parser)
     parser.add_argument("--compare-ffmpeg", action="store_true",
                         help="after the gateway at each N, N ffmpeg processes (one per call, two streams)")
     args = parser.parse_args(argv)
     _common.WORKERS = args.workers
-    if args.cprofile is not None:
-        args.cprofile.mkdir(parents=True, exist_ok=True)
-        _common.PROFILE_DIR = args.cprofile.resolve()
+    _common.use_profile(args)
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")
