@@ -10,6 +10,8 @@
   a busy endpoint) and bad input mid-call (truncated at EOF, unknown kind, oversize length, odd
   audio, another rate): that connection gets the hangup frame and the close, one warning names
   the cause, and every other call keeps running; the route serves the next call.
+- A listen call that sends no frame for `idle_timeout_s` (60 s) is hung up and the endpoint
+  takes the next call; any frame moves the deadline; `idle_timeout_s: 0` has none.
 - A server that sends faster than real time is found out (bursty); DTMF route events go to a
   bot as DTMF frames; the config's errors name the key.
 
@@ -33,7 +35,7 @@ import trio
 
 from audio_checks import read_wav, write_wav
 from gateway import metrics
-from gateway.adapters.audiosocket import server as as_server
+from gateway.adapters.audiosocket import endpoint as as_endpoint, server as as_server
 from gateway.adapters.audiosocket.endpoint import (
     UNPACED_AHEAD_S,
     AudioSocketDial,
@@ -452,6 +454,74 @@ async def test_a_catch_all_endpoint_takes_the_calls_no_other_claims(autojump_clo
         nursery.cancel_scope.cancel()
 
 
+
+# --- idle calls (listen) ---------------------------------------------------------------------
+
+
+async def test_a_call_that_goes_silent_is_hung_up_after_the_idle_timeout_and_the_next_is_served(
+        autojump_clock, tmp_path, caplog):
+    """Asterisk gone without a FIN (a crash, a partition): the connection stays open and sends
+    nothing. `IDLE_TIMEOUT_S` (60 s) after its last frame it gets the hangup frame and the
+    close, one warning names the cause, the call ends normally (no restart, no error) and the
+    endpoint, which serves one call at a time, takes the next call at once."""
+    noise_wav(tmp_path / "reply.wav", 1.0, 12)
+    says = noise_wav(tmp_path / "says.wav", 1.0, 13)[:, None]
+    async with trio.open_nursery() as nursery:
+        gateway = await start_gateway(nursery, LISTEN_ROUTES, call=CALL, reply=tmp_path / "reply.wav")
+        state = gateway.routes["ivr"]
+        port = listen_server(gateway.runtime).port
+        gone = await Asterisk.connect(nursery, port)
+        await gone.stream_audio(says)  # 1 s of audio, then nothing, the connection left open
+        last = trio.current_time()
+        heard_before = len(gone.events)
+        with trio.fail_after(as_server.FIRST_FRAME_TIMEOUT + 2 * as_endpoint.IDLE_TIMEOUT_S):
+            await gone.closed.wait()
+        silent_for = trio.current_time() - last
+        await wait_for(lambda: state.state == "waiting")
+        assert state.restarts == 0 and state.last_error == "", (state.restarts, state.last_error)
+        assert state.route.stats.ended_by == "call: idle timeout: no frame for 60 s"
+        nxt = await Asterisk.connect(nursery, port)  # the next call is served, not refused as busy
+        await wait_for(lambda: len(nxt.events) >= 5)
+        assert not nxt.closed.is_set()
+        nursery.cancel_scope.cancel()
+    assert silent_for == pytest.approx(as_endpoint.IDLE_TIMEOUT_S, abs=0.05), silent_for
+    assert as_endpoint.IDLE_TIMEOUT_S == 60.0
+    assert isinstance(gone.events[-1], Hangup) and gone.raw.endswith(hangup_frame())
+    # the route played to the call the whole minute: about 50 frames a second until the hangup
+    assert len(gone.events) - heard_before >= 50 * 55
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("closing the AudioSocket connection: idle timeout: Asterisk 127.0.0.1:")
+    assert warnings[0].endswith("sent no frame for 60 s (idle_timeout_s: 0 turns the limit off)")
+
+
+@pytest.mark.parametrize("option, presses", [("", True), (", idle_timeout_s: 0", False)],
+                         ids=["dtmf-frames-count", "idle_timeout_s-0"])
+async def test_a_call_that_sends_frames_or_has_no_limit_is_not_hung_up(autojump_clock, tmp_path, monkeypatch,
+                                                                       option, presses):
+    """A frame of any kind moves the deadline (a caller pressing a key every 8 s, no audio,
+    with the default shrunk to 10 s); `idle_timeout_s: 0` keeps a call that sends nothing at
+    all. Over three times the timeout each."""
+    monkeypatch.setattr(as_endpoint, "IDLE_TIMEOUT_S", 10.0)
+    noise_wav(tmp_path / "reply.wav", 1.0, 14)
+    routes = LISTEN_ROUTES.replace('name: call}', 'name: call' + option + '}')
+    async with trio.open_nursery() as nursery:
+        gateway = await start_gateway(nursery, routes, call=CALL, reply=tmp_path / "reply.wav")
+        endpoint = gateway.routes["ivr"].route.endpoints[0]
+        assert endpoint.idle_timeout == (10.0 if presses else 0.0)
+        asterisk = await Asterisk.connect(nursery, listen_server(gateway.runtime).port)
+        for _ in range(4):
+            await trio.sleep(8)
+            if presses:
+                await asterisk.stream.send_all(dtmf_frame("7"))
+        heard = len(asterisk.events)
+        await trio.sleep(1)
+        assert len(asterisk.events) >= heard + 40  # still streaming to it
+        assert not asterisk.closed.is_set() and gateway.routes["ivr"].state == "up"
+        assert endpoint.stats.dtmf_in == (4 if presses else 0)
+        nursery.cancel_scope.cancel()
+
+
 # --- pacing, DTMF, the daemon, the config ---------------------------------------------------
 
 
@@ -547,6 +617,8 @@ def test_example_config_loads_and_builds():
         ("{address: nowhere}", "endpoints[0].audiosocket.address: expected HOST:PORT, got 'nowhere'"),
         ("{address: '127.0.0.1:9092', uuid: '*'}", "endpoints[0].audiosocket.uuid: expected a UUID"),
         ("{address: '127.0.0.1:9092', speed: 2}", "speed"),
+        ("{role: listen, uuid: \"%s\", idle_timeout_s: -1}" % CALL, "endpoints[0].audiosocket.idle_timeout_s: expected at least 0"),
+        ("{address: '127.0.0.1:9092', idle_timeout_s: 60}", "idle_timeout_s"),  # listen only
     ],
 )
 def test_config_errors_name_the_key(endpoint, message):

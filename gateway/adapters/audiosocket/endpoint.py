@@ -31,6 +31,18 @@ runs `UNPACED_AHEAD_S` ahead of the wall clock: the endpoint is then `bursty` fo
 (one log line), so the route queues the burst and plays it at real time instead of dropping it
 as excess latency. ``bursty: true`` says so from the start.
 
+Idle calls (listen): each endpoint serves one call at a time, so a connection that stays open
+and sends nothing (Asterisk gone without a FIN or reset: a crash, a partition) would hold the
+endpoint, and every later call for its UUID would be refused as busy, for as long as TCP
+keeps the dead connection. Asterisk sends the channel's audio every 20 ms for the whole call,
+so a listen connection that sends no frame for ``idle_timeout_s`` (default `IDLE_TIMEOUT_S`,
+60 s, as the VoIPBIN listen role) gets our hangup frame and FIN, with one warning line; the
+call ends normally (`CallEnded`, "idle timeout: no frame for 60 s") and the route waits for
+the next call at once. The time counts from the hand-over and from each read that completes a
+well-formed frame of any kind (audio, DTMF, error, a repeated UUID). ``idle_timeout_s: 0``
+turns the limit off (a channel whose peer sends no frames in silence). The dial role has no
+idle limit: an AudioSocket server (a bot) may stay silent while it listens.
+
 Ending: a hangup frame or the peer closing the connection ends the call (`CallEnded`); our
 goodbye is the hangup frame, then the write side's shutdown (FIN), waiting up to
 `LINGER_S` for the peer to close so that unread audio in our receive buffer never turns the
@@ -51,6 +63,7 @@ An error frame from the peer (kind 0xff) is logged with its code and the call go
 from __future__ import annotations
 
 import collections
+import math
 import uuid as uuid_module
 from collections.abc import Callable
 
@@ -91,6 +104,7 @@ from gateway.errors import CallEnded, CloseCode, RemoteProtocolError, ServiceErr
 from gateway.runtime import Runtime
 
 CONNECT_TIMEOUT = 10.0  # seconds for the dial role's TCP connect
+IDLE_TIMEOUT_S = 60.0  # seconds a listen connection may send no frame (default of idle_timeout_s)
 LINGER_S = 1.0  # seconds our goodbye waits for the peer to close after our hangup and FIN
 UNPACED_AHEAD_S = 0.3  # a peer this far ahead of real time sends unpaced: the session is bursty
 MAX_QUEUED_DTMF = 16  # key presses waiting for the next audio frame, at most
@@ -101,6 +115,8 @@ _ERROR_NAMES = {ERROR_HANGUP: "hangup of the calling party", ERROR_FRAME_FORWARD
 
 class _AudioSocketEndpoint(Endpoint[AudioFrame]):
     kind = "audiosocket"
+    idle_timeout = 0.0
+    """Seconds the peer may send no frame before the call is ended (module doc); 0: no limit."""
 
     def __init__(self, name: str, *, rate: int = 8000, ptime_ms: int = 20, call_uuid: str | None = None,
                  bursty: bool = False) -> None:
@@ -131,8 +147,9 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
     # ------------------------------------------------------------------------- session
     async def _session(self, stream: trio.SocketStream, parser: FrameParser, emit: Emit,
                        pending: list[Event], peer: str) -> None:
-        """Stream until the call ends: raises CallEnded (hangup, close) or RemoteProtocolError
-        (after a warning and our hangup frame). `peer` names the other side in log lines."""
+        """Stream until the call ends: raises CallEnded (hangup, close, or after our hangup
+        frame the idle timeout, module doc) or RemoteProtocolError (after a warning and our
+        hangup frame). `peer` names the other side in log lines."""
         self._out = stream
         self._sent = None
         self._peer_closed = trio.Event()
@@ -142,19 +159,31 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
         self.stats.connects += 1
         ingress = PcmIngress(emit, self.rate, self.stats)
         start = trio.current_time()
+        idle = self.idle_timeout
+        # one scope for the session, its deadline moved by each read that completes a frame
+        waiting = trio.CancelScope(deadline=start + idle if idle > 0 else math.inf)
         try:
             try:
                 self._dispatch(pending, ingress, peer)
-                while True:
-                    data = await stream.receive_some(RECEIVE_BYTES)
-                    events = parser.receive_data(data)
-                    if events:
-                        self._dispatch(events, ingress, peer)
-                        if not self.bursty and (ingress.timestamp / self.rate
-                                                > trio.current_time() - start + UNPACED_AHEAD_S):
-                            self._found_unpaced(peer)
-                    if not data:
-                        raise CallEnded("closed")
+                with waiting:
+                    while True:
+                        data = await stream.receive_some(RECEIVE_BYTES)
+                        events = parser.receive_data(data)
+                        if events:
+                            now = trio.current_time()
+                            if idle > 0:
+                                waiting.deadline = now + idle
+                            self._dispatch(events, ingress, peer)
+                            if not self.bursty and ingress.timestamp / self.rate > now - start + UNPACED_AHEAD_S:
+                                self._found_unpaced(peer)
+                        if not data:
+                            raise CallEnded("closed")
+                # only the idle deadline ends the loop without raising
+                self.log.warning("closing the AudioSocket connection: idle timeout: %s sent no frame for %g s "
+                                 "(idle_timeout_s: 0 turns the limit off)", peer, idle)
+                await self._stop_sending()
+                await self._hangup(stream)
+                raise CallEnded(f"idle timeout: no frame for {idle:g} s")
             except RemoteProtocolError as err:
                 self.log.warning("closing the AudioSocket connection: %s broke the protocol: %s", peer, err)
                 await self._stop_sending()
@@ -341,12 +370,14 @@ class AudioSocketDial(_AudioSocketEndpoint):
 
 class AudioSocketListen(_AudioSocketEndpoint):
     """The gateway as the AudioSocket server for the calls with ``uuid:`` (or, with
-    ``uuid: "*"``, every call no other listen endpoint takes), on `server.audiosocket`."""
+    ``uuid: "*"``, every call no other listen endpoint takes), on `server.audiosocket`. A call
+    that sends no frame for `idle_timeout` seconds (0: no limit) is hung up (module doc)."""
 
     role = "listen"
 
-    def __init__(self, name: str, **kw) -> None:
+    def __init__(self, name: str, *, idle_timeout: float = IDLE_TIMEOUT_S, **kw) -> None:
         super().__init__(name, **kw)
+        self.idle_timeout = idle_timeout
         self.uuid_option = self.call_uuid or CATCH_ALL
         self._slot: Handoff[Connection] = Handoff(f"AudioSocket listen endpoint {name} ({self._where()})", noun="call")
         self._unregister: Callable[[], None] | None = None
@@ -361,7 +392,8 @@ class AudioSocketListen(_AudioSocketEndpoint):
             raise opts.error("uuid", 'a listen endpoint needs the uuid: of its calls (the first argument of '
                                      'AudioSocket(uuid,host:port)), or "*" for any call')
         endpoint = cls(name, rate=_rate(opts), ptime_ms=_ptime(opts), call_uuid=None if call_uuid == CATCH_ALL
-                       else call_uuid, bursty=opts.get_bool("bursty", False))
+                       else call_uuid, bursty=opts.get_bool("bursty", False),
+                       idle_timeout=opts.get_float("idle_timeout_s", IDLE_TIMEOUT_S, minimum=0.0))
         opts.finish()
         try:
             endpoint.attach(runtime)
