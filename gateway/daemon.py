@@ -18,7 +18,8 @@ it, off the event loop, before touching anything: an invalid file changes nothin
 whose config did not change keep running untouched (not a frame lost); changed routes stop
 (goodbyes, close codes) and start again with the new config; removed routes stop; new routes
 start. Routes added through the control API (`add_route`) are kept by a reload unless the
-file now has a route of the same name.
+file now has a route of the same name. Of `server:`, the control settings, the admission
+limits and the set-up pacing apply at once; the sockets stay as they are until a restart.
 """
 
 from __future__ import annotations
@@ -236,12 +237,23 @@ class Gateway:
             log.warning("reload: server.http/media/media_url/audiosocket changed in %s; the running sockets stay as they "
                         "are until the next restart", new.filename)
         # server.control (token, open_reads) applies at once: a token can be rotated by a reload;
-        # so do the admission limits (sessions in progress are never touched by them)
+        # so do the admission limits (sessions in progress are never touched by them) and the
+        # set-up pacing (set-ups already waiting keep their turns)
         new = attrs.evolve(new, server=attrs.evolve(old.server, control=new.server.control,
                                                     admission_lag_ms=new.server.admission_lag_ms,
                                                     admission_cpu_percent=new.server.admission_cpu_percent,
                                                     admission_machine_cpu_percent=new.server.admission_machine_cpu_percent,
-                                                    max_sessions=new.server.max_sessions))
+                                                    max_sessions=new.server.max_sessions,
+                                                    setups_per_second=new.server.setups_per_second,
+                                                    setup_burst=new.server.setup_burst,
+                                                    dial_starts_per_second=new.server.dial_starts_per_second,
+                                                    dial_start_burst=new.server.dial_start_burst))
+        pacing = lambda server: (server.setups_per_second, server.setup_burst,  # noqa: E731
+                                 server.dial_starts_per_second, server.dial_start_burst)
+        if pacing(new.server) != pacing(old.server):
+            self.runtime.apply_setup_limits(new.server)
+            log.info("reload: server.setups_per_second %g, server.setup_burst %d, server.dial_starts_per_second %g, "
+                     "server.dial_start_burst %d", *pacing(new.server))
         limits = lambda server: (server.admission_lag_ms, server.admission_cpu_percent,  # noqa: E731
                                  server.admission_machine_cpu_percent, server.max_sessions)
         if limits(new.server) != limits(old.server):

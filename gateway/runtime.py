@@ -11,7 +11,7 @@ import httpx
 import trio
 
 from gateway.admission import Admission
-from gateway.config.schema import GatewayConfig
+from gateway.config.schema import GatewayConfig, ServerConfig
 from gateway.server import HttpServer, MediaServer, SetupPacer
 
 
@@ -47,13 +47,21 @@ class Runtime:
         """(Re)build what `server:` limits: the media server's set-up pacer and admission
         (before the gateway runs: sessions in progress keep the slots of the old one)."""
         server = self.config.server
-        self.media.pacer = SetupPacer(server.setups_per_second, server.setup_burst)
-        self.dial_pacer = SetupPacer(server.dial_starts_per_second / self.workers,
-                                     max(1, server.dial_start_burst // self.workers), max_wait=math.inf)
+        self.media.pacer = SetupPacer()
+        self.dial_pacer = SetupPacer(max_wait=math.inf)
+        self.apply_setup_limits(server)
         self.admission = Admission(server.admission_lag_ms / 1000, server.max_sessions,
                                    server.admission_cpu_percent / 100, server.admission_machine_cpu_percent / 100,
                                    workers=self.workers)
         self.media.admission = self.http.admission = self.admission
+
+    def apply_setup_limits(self, server: ServerConfig) -> None:
+        """A reload's new set-up pacing (`server.setups_per_second`, `setup_burst`,
+        `dial_starts_per_second`, `dial_start_burst`), applied to the running pacers: set-ups
+        already waiting keep their turns, the counters go on."""
+        self.media.pacer.configure(server.setups_per_second, server.setup_burst)
+        self.dial_pacer.configure(server.dial_starts_per_second / self.workers,
+                                  max(1, server.dial_start_burst // self.workers))
 
     def singleton(self, key: Any, factory) -> Any:
         if key not in self.shared:

@@ -526,16 +526,21 @@ class SetupPacer:
     than `max_wait` seconds away is refused instead."""
 
     def __init__(self, rate: float = SETUPS_PER_SECOND, burst: int = SETUP_BURST, max_wait: float = SETUP_MAX_WAIT) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a set-up pacer needs rate > 0 and burst >= 1")
-        self.interval = 1.0 / rate
-        self.tolerance = (burst - 1) * self.interval
+        self.configure(rate, burst)
         self.max_wait = max_wait
         self._tat = -math.inf  # theoretical arrival time of the next set-up
         self.delayed = 0
         """Set-ups that waited for their turn."""
         self.refused = 0
         """Set-ups refused (503) because their turn was more than `max_wait` away."""
+
+    def configure(self, rate: float, burst: int) -> None:
+        """Set the rate (set-ups per second) and the burst; turns already given stand, and
+        the counters go on (a reload). Raises ValueError for rate <= 0 or burst < 1."""
+        if rate <= 0 or burst < 1:
+            raise ValueError("a set-up pacer needs rate > 0 and burst >= 1")
+        self.interval = 1.0 / rate
+        self.tolerance = (burst - 1) * self.interval
 
     def turn(self, now: float) -> float | None:
         """Seconds the set-up arriving `now` waits (0: at once), or None: refuse it."""

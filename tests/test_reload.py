@@ -247,3 +247,61 @@ async def test_reload_without_a_file_is_refused():
     gateway = Gateway(config)
     with pytest.raises(ConfigError, match="not started from a configuration file"):
         await gateway.reload()
+
+
+async def test_reload_applies_the_set_up_pacing_at_once_and_leaves_the_routes_running(tmp_path, clip3, caplog):
+    """`server.setups_per_second` / `setup_burst` (listen upgrades) and
+    `dial_starts_per_second` / `dial_start_burst` apply on reload, as the admission limits do:
+    no route restarts, the counters go on. Two upgrades at once: neither waits at the default
+    (50 per second after a burst of 10); after a reload to 1 per second with no burst, one of
+    them waits its turn, a second after the other."""
+    caplog.set_level(logging.INFO)
+    config = tmp_path / "gateway.yaml"
+    values = dict(clip=clip3, out=tmp_path, jitter=20)
+    write(config, KEEP, CHANGE, **values)
+
+    async def two_upgrades_at_once(gateway: Gateway) -> tuple[float, list[float]]:
+        clients = (Client(gateway, "keep-call", "rtp"), Client(gateway, "change-call", "sln"))
+        t0 = trio.current_time()
+        upgraded: list[float] = []
+
+        async def connect(client: Client) -> None:
+            await nursery.start(client.run)
+            upgraded.append(trio.current_time())
+
+        async with trio.open_nursery() as both:
+            for client in clients:
+                both.start_soon(connect, client)
+        return t0, upgraded
+
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, config)
+        pacer = gateway.runtime.media.pacer
+        await two_upgrades_at_once(gateway)
+        assert pacer.delayed == 0
+        states = dict(gateway.routes)
+
+        head_paced = HEAD.replace('media: "127.0.0.1:0"}', 'media: "127.0.0.1:0", setups_per_second: 1, setup_burst: 1, '
+                                                          'dial_starts_per_second: 4, dial_start_burst: 1}')
+        from string import Template
+        config.write_text(Template(head_paced + KEEP + CHANGE).substitute(**values))
+        report = await gateway.reload()
+        assert report.unchanged == ("keep", "change") and report.restarted == report.added == ()
+        assert dict(gateway.routes) == states  # the same routes, still running
+        assert gateway.runtime.media.pacer is pacer  # configured in place: its counters go on
+
+        for state in states.values():  # each route's next client (the first ones leave)
+            await state.route.endpoints[1].session.ws.aclose()
+        with trio.fail_after(10):
+            while any(state.state != "waiting" for state in states.values()):
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)  # the turns given before the reload (2 x 20 ms from the first round) are spent
+        t0, upgraded = await two_upgrades_at_once(gateway)
+        assert pacer.delayed == 1
+        assert max(upgraded) - t0 >= 1.0  # the later one's turn came a second after the earlier one's
+        dial = gateway.runtime.dial_pacer
+        now = trio.current_time() + 100
+        assert [dial.turn(now), dial.turn(now)] == [0.0, 0.25]  # 4 per second, no burst
+        nursery.cancel_scope.cancel()
+    assert ("reload: server.setups_per_second 1, server.setup_burst 1, server.dial_starts_per_second 4, "
+            "server.dial_start_burst 1") in caplog.text
