@@ -202,7 +202,8 @@ routes:
     asked = [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
     assert len(asked) == 2 and all("the service asked for 3 s" in line for line in asked), asked
     assert caplog.text.count("refused the connection: upgrade refused with HTTP 503 (HTTP 503; at capacity)") == 2
-    pcm, rate = read_wav(tmp_path / "call-3.wav")  # the third run of the route
+    pcm, rate = read_wav(tmp_path / "call.wav")  # the third run of the route: the two refused recorded nothing
+    assert not (tmp_path / "call-2.wav").exists() and not (tmp_path / "call-3.wav").exists()
     assert abs(len(pcm) / rate - 1.0) < 0.03  # the whole second, once let in
 
 

@@ -419,6 +419,32 @@ async def test_recorder_cancelled_before_any_audio_leaves_a_valid_file(autojump_
     assert head.startswith(b"OggS") and b"OpusHead" in head and b"OpusTags" in head
 
 
+@pytest.mark.parametrize("suffix", [".wav", ".ogg"])
+async def test_a_session_that_recorded_nothing_leaves_its_name_to_the_next(autojump_clock, tmp_path, suffix):
+    """A route's sessions record to NAME, NAME-2, ...; one that recorded nothing (a dial
+    refused before any audio, restarted) leaves no file and the next session takes its name,
+    so an hour of failed restarts leaves no trail of empty files and the names stay
+    consecutive. The first session's file stays even when empty (a valid, playable file)."""
+    path = tmp_path / f"call{suffix}"
+    recorder = Recorder("rec", path, rate=8000)
+    first, _ = tone_frames(8000, 1, 0.2)
+    third, _ = tone_frames(8000, 1, 0.4)
+    await record(recorder, [])  # refused: nothing
+    await record(recorder, first)  # the first call: call.*, over the empty one
+    await record(recorder, [])  # refused again
+    await record(recorder, [])
+    await record(recorder, third)  # the second call: call-2.*
+    await record(recorder, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"call-2{suffix}", f"call{suffix}"]
+    assert recorder.sessions == 2
+    durations = []
+    for name in (f"call{suffix}", f"call-2{suffix}"):
+        with av.open(str(tmp_path / name)) as container:
+            samples = sum(f.samples for f in container.decode(audio=0))
+            durations.append(samples / container.streams.audio[0].rate)
+    assert durations == [pytest.approx(0.2, abs=0.03), pytest.approx(0.4, abs=0.03)], durations
+
+
 async def test_recorder_drops_frames_when_not_open_and_rejects_wrong_frames(autojump_clock, tmp_path):
     path = tmp_path / "call.wav"
     recorder = Recorder("rec", path, rate=8000)

@@ -25,6 +25,7 @@ Errors:
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 from collections.abc import Generator, Iterator, Mapping
@@ -487,7 +488,11 @@ class Recorder(Endpoint[Frame]):
         self._container: av.container.OutputContainer | None = None
         self._stream: av.AudioStream | None = None
         self._samples = 0  # per channel, written so far
-        self.sessions = 0  # runs of the route; session N > 1 records to {stem}-N{suffix}
+        self.sessions = 0
+        """Runs of the route that recorded audio, and the one recording now: session N > 1
+        records to {stem}-N{suffix}. A session that recorded nothing leaves its name (and
+        for N > 1 no file) to the next one: a route that fails and restarts for an hour
+        leaves no trail of empty files, and its recordings keep consecutive names."""
         self.current_path = self.path
 
     @classmethod
@@ -518,10 +523,12 @@ class Recorder(Endpoint[Frame]):
         """Create parent directories, open the output, call `task_status.started()`, then wait
         until cancelled. The file is finalized on the way out whatever the reason (encoder
         flushed, trailer written, WAV sizes patched), so a cancelled route leaves a playable
-        file. Raises OSError naming the path when the file cannot be created."""
+        file; an empty one only for the first session (`sessions`). Raises OSError naming the
+        path when the file cannot be created."""
         self.sessions += 1
-        if self.sessions > 1:  # a route's next session must not overwrite the last recording
-            self.current_path = self.path.with_name(f"{self.path.stem}-{self.sessions}{self.path.suffix}")
+        # a route's next session must not overwrite the last recording
+        self.current_path = (self.path if self.sessions == 1
+                             else self.path.with_name(f"{self.path.stem}-{self.sessions}{self.path.suffix}"))
         self._open()
         try:
             task_status.started()
@@ -597,3 +604,8 @@ class Recorder(Endpoint[Frame]):
                 container.mux(packet)
         finally:
             container.close()  # writes the trailer (Ogg last page, WAV RIFF/data sizes)
+            if self._samples == 0:  # nothing recorded: the next session takes this name
+                self.sessions -= 1
+                if self.sessions > 0:
+                    with contextlib.suppress(OSError):
+                        self.current_path.unlink()
