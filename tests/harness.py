@@ -60,3 +60,29 @@ def run_queue_wait() -> float:
             return int(f.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+class Starvation:
+    """While `run` runs: the `period`-long slices of real time in which this thread waited at
+    least `threshold` s for a core (`run_queue_wait`: another process had it), and what a
+    counter (`probe()`, e.g. packets sent late) grew by in those slices and the slice after
+    each (`excused`). A real-time check of the gateway's timing excuses what happened while
+    the machine kept it off the cores, and nothing else: calm, `excused` is 0."""
+
+    def __init__(self, probe=lambda: 0, period: float = 0.020, threshold: float = 0.005) -> None:
+        self.probe, self.period, self.threshold = probe, period, threshold
+        self.slices = 0
+        """Slices starved."""
+        self.excused = 0
+        """What `probe()` grew by in a starved slice or the slice after one."""
+
+    async def run(self) -> None:
+        waited_before, seen, starved_before = run_queue_wait(), self.probe(), False
+        while True:
+            await trio.sleep(self.period)
+            waited_now, count = run_queue_wait(), self.probe()
+            starved = waited_now - waited_before >= self.threshold
+            self.slices += starved
+            if starved or starved_before:
+                self.excused += count - seen
+            waited_before, seen, starved_before = waited_now, count, starved
