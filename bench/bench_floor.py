@@ -67,17 +67,41 @@ class _Source:
     burst_buffer_ms = 60_000
 
 
+class _Call:
+    """One two-way call's per-frame steps, without the pacers: RTP parse, G.711 decode, the
+    jitter buffer, PLC, 8 -> 16 kHz one way; 16 -> 8 kHz + G.711 encode, RTP build the other."""
+
+    def __init__(self, pcm8: np.ndarray, pcm16: np.ndarray) -> None:
+        self.pcm8, self.pcm16 = pcm8, pcm16
+        self.up, self.down, self.decode = plan(PCM16_8K, PCM16_16K), plan(PCM16_16K, PCMU_8K), plan(PCMU_8K, PCM16_8K)
+        self.ulaw = self.down.process(AudioFrame(pcm16, 16000, 0))[0].payload
+        self.plc = G711Plc()
+        self.jitter = JitterBuffer(60, ptime_ms=20, rate=8000)
+        self.tx = MediaStreamProtocol(Encapsulation.RTP, Codec.ULAW, ssrc=1, sequence=0, timestamp=0)
+        self.rx = MediaStreamProtocol(Encapsulation.RTP, Codec.ULAW)
+        self.k = 0
+
+    def frame_pair(self) -> None:
+        self.k += 1
+        k, now = self.k, self.k * 0.02
+        self.rx.receive(self.tx.send_audio(self.ulaw))
+        self.decode.process(EncodedFrame(self.ulaw, PCMU_8K, 160, 0))
+        self.jitter.push(k % 65536, k * 160 % 2**32, self.pcm8, now)
+        self.jitter.pop(now + 0.06)
+        self.plc.good(self.pcm8)
+        self.up.process(AudioFrame(self.pcm8, 8000, 0))
+        self.down.process(AudioFrame(self.pcm16, 16000, 0))
+        self.tx.send_audio(self.ulaw)
+
+
 def stages() -> float:
     """Print each stage's µs per 20 ms frame; return their sum for one frame each way."""
     rng = np.random.default_rng(1)
     pcm8 = (rng.standard_normal((160, 1)) * 3000).astype(np.int16)
     pcm16 = (rng.standard_normal((320, 1)) * 3000).astype(np.int16)
-    up, down, decode = plan(PCM16_8K, PCM16_16K), plan(PCM16_16K, PCMU_8K), plan(PCMU_8K, PCM16_8K)
-    ulaw = down.process(AudioFrame(pcm16, 16000, 0))[0].payload
-    plc = G711Plc()
-    jitter = JitterBuffer(60, ptime_ms=20, rate=8000)
-    tx = MediaStreamProtocol(Encapsulation.RTP, Codec.ULAW, ssrc=1, sequence=0, timestamp=0)
-    rx = MediaStreamProtocol(Encapsulation.RTP, Codec.ULAW)
+    call = _Call(pcm8, pcm16)  # the steps' objects, each step timed alone here
+    up, down, decode, ulaw = call.up, call.down, call.decode, call.ulaw
+    plc, jitter, tx, rx = call.plc, call.jitter, call.tx, call.rx
     k = [0]
 
     def jitter_step() -> None:
@@ -110,33 +134,6 @@ def stages() -> float:
     total = sum(cost for _, _, cost in rows)
     print(f"  {total:7.1f}  sum: one frame each way")
     return total
-
-
-class _Call:
-    """One two-way call's per-frame steps, without the pacers: RTP parse, G.711 decode, the
-    jitter buffer, PLC, 8 -> 16 kHz one way; 16 -> 8 kHz + G.711 encode, RTP build the other."""
-
-    def __init__(self, pcm8: np.ndarray, pcm16: np.ndarray) -> None:
-        self.pcm8, self.pcm16 = pcm8, pcm16
-        self.up, self.down, self.decode = plan(PCM16_8K, PCM16_16K), plan(PCM16_16K, PCMU_8K), plan(PCMU_8K, PCM16_8K)
-        self.ulaw = self.down.process(AudioFrame(pcm16, 16000, 0))[0].payload
-        self.plc = G711Plc()
-        self.jitter = JitterBuffer(60, ptime_ms=20, rate=8000)
-        self.tx = MediaStreamProtocol(Encapsulation.RTP, Codec.ULAW, ssrc=1, sequence=0, timestamp=0)
-        self.rx = MediaStreamProtocol(Encapsulation.RTP, Codec.ULAW)
-        self.k = 0
-
-    def frame_pair(self) -> None:
-        self.k += 1
-        k, now = self.k, self.k * 0.02
-        self.rx.receive(self.tx.send_audio(self.ulaw))
-        self.decode.process(EncodedFrame(self.ulaw, PCMU_8K, 160, 0))
-        self.jitter.push(k % 65536, k * 160 % 2**32, self.pcm8, now)
-        self.jitter.pop(now + 0.06)
-        self.plc.good(self.pcm8)
-        self.up.process(AudioFrame(self.pcm8, 8000, 0))
-        self.down.process(AudioFrame(self.pcm16, 16000, 0))
-        self.tx.send_audio(self.ulaw)
 
 
 def passes(counts: list[int], rounds: int = 150) -> None:

@@ -32,7 +32,7 @@ import pytest
 import trio
 
 from gateway.demo import DEFAULT_AUDIO
-from harness import SECRETS, VOIPBIN_TOKEN, start, ws_client
+from harness import SECRETS, VOIPBIN_TOKEN, run_queue_wait, start, ws_client
 from test_argon_errors import CHANNEL, SPACE
 
 # CPU-heavy and real time: run on one xdist worker, one such file after another (dev.sh --dist loadgroup)
@@ -68,11 +68,6 @@ routes:
     return text
 
 
-def runqueue_wait() -> float:
-    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat)."""
-    return int(SCHEDSTAT.read_text().split()[1]) / 1e9
-
-
 @pytest.mark.skipif(not SCHEDSTAT.exists(), reason="needs Linux /proc/thread-self/schedstat")
 async def test_a_burst_of_50_sessions_leaves_a_running_call_unstalled(tmp_path, caplog):
     tokens = ", ".join(f'"{BOT_PREFIX}{i}"' for i in range(SESSIONS // 2))
@@ -90,7 +85,7 @@ async def test_a_burst_of_50_sessions_leaves_a_running_call_unstalled(tmp_path, 
         send = steady.send
 
         async def timed_send(frame) -> None:
-            sends.append((time.perf_counter(), runqueue_wait()))
+            sends.append((time.perf_counter(), run_queue_wait()))
             await send(frame)
 
         steady.send = timed_send
