@@ -360,7 +360,11 @@ async def test_the_demo_call_bridged_across_two_workers(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, output
-    to_channel = similarity(str(caller), out / "channel.wav")
+    # as the demo's own report measures them: the call reaches the channel through the bridge's
+    # Opus at 8 kHz input (narrowband SILK, which keeps the spectrum, not the waveform: its
+    # waveform score was 0.93 calm, one block from the edge), the person reaches the call
+    # through u-law (the waveform)
+    to_channel = similarity(str(caller), out / "channel.wav", waveform=False)
     to_caller = similarity(str(person), out / "caller-hears.wav")
     assert to_channel >= 0.8 and to_caller >= 0.8, (to_channel, to_caller, stats)
     assert "Traceback" not in output, output
