@@ -67,10 +67,10 @@ def clip3(tmp_path_factory) -> Path:
     return path
 
 
-def write(path: Path, *parts: str, **values) -> None:
+def write(path: Path, *parts: str, head: str = HEAD, **values) -> None:
     from string import Template
 
-    path.write_text(Template(HEAD + "".join(parts)).substitute(**values))
+    path.write_text(Template(head + "".join(parts)).substitute(**values))
 
 
 class Client:
@@ -283,8 +283,7 @@ async def test_reload_applies_the_set_up_pacing_at_once_and_leaves_the_routes_ru
 
         head_paced = HEAD.replace('media: "127.0.0.1:0"}', 'media: "127.0.0.1:0", setups_per_second: 1, setup_burst: 1, '
                                                           'dial_starts_per_second: 4, dial_start_burst: 1}')
-        from string import Template
-        config.write_text(Template(head_paced + KEEP + CHANGE).substitute(**values))
+        write(config, KEEP, CHANGE, head=head_paced, **values)
         report = await gateway.reload()
         assert report.unchanged == ("keep", "change") and report.restarted == report.added == ()
         assert dict(gateway.routes) == states  # the same routes, still running
