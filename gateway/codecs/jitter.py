@@ -468,6 +468,7 @@ class JitterBuffer:
         self._steer(now)
         stats = self.stats
         ptime = self._ptime
+        grew = False  # the depth gauge moves here only when the depth grows (push and _steer keep it)
         while True:
             if self._offset + self._next * ptime > now + _EPS:
                 break
@@ -485,9 +486,11 @@ class JitterBuffer:
                     self._offset += ptime
                     self._run += 1
                     self._emitted = True
+                    grew = True
                     continue
                 if room > _EPS:  # the last fraction of a slot up to max_ms
                     self._offset += room
+                    grew = True
                     continue
             if present:
                 out.append(Slot(self._next, self._held.pop(self._next)))
@@ -500,7 +503,8 @@ class JitterBuffer:
                 self._run += 1
             self._next += 1
             self._emitted = True
-        self._gauges()
+        if grew:
+            self._gauges()
         return out
 
     def next_due(self, now: float) -> float | None:
