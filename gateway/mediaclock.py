@@ -21,10 +21,6 @@ trio deadline.
   trio wait when the task's scope is cancelled.
 - `waker.wake()`: ends a wait in progress (no effect otherwise); never blocks; callable from
   any task of the run (not from other threads).
-- `clock_now()`: the run's clock's `current_time`, bound: `trio.current_time` without its two
-  layers of wrapper calls, for a task's per-frame reads of the time (bind it once per task).
-
-A Waker belongs to the trio run of its first wait (it keeps that run's timer heap).
 """
 
 from __future__ import annotations
@@ -32,28 +28,22 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from typing import Callable
 
 import outcome
 import trio
 
-__all__ = ["Waker", "clock_now"]
-
-
-def clock_now() -> Callable[[], float]:
-    """The current run's clock's `current_time` (trio time, seconds), bound (module doc)."""
-    return trio.lowlevel.current_clock().current_time
+__all__ = ["Waker"]
 
 
 class Waker:
     """A task's parking place for `wait(deadline)`; see the module doc."""
 
-    __slots__ = ("_task", "_entry", "_timers")
+    __slots__ = ("_task", "_deadline", "_entry")
 
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
+        self._deadline = math.inf
         self._entry: list | None = None  # its entry in the timer heap while it waits with a deadline
-        self._timers: _Timers | None = None  # the heap of the run of its first wait
 
     @property
     def waiting(self) -> bool:
@@ -63,15 +53,12 @@ class Waker:
         """Park until `wake()` (True) or trio time `deadline` (False)."""
         if self._task is not None:
             raise RuntimeError("this Waker already has a waiting task")
-        timers = self._timers
-        if timers is None:
-            timers = self._timers = _timers()
-        if deadline <= timers.now():
+        if deadline <= trio.current_time():
             await trio.lowlevel.checkpoint()
             return False
         self._task = trio.lowlevel.current_task()
         if deadline < math.inf:
-            self._entry = timers.add(deadline, self)
+            self._entry = _timers().add(deadline, self)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self._clear()
@@ -98,14 +85,13 @@ class Waker:
         entry, self._entry = self._entry, None
         if entry is not None:
             entry[2] = None  # lazily removed: the heap skips it
-            self._timers.cleared(entry)  # type: ignore[union-attr]  # set by the wait that made the entry
+            _timers().cleared(entry)
 
 
 class _Timers:
     """The run's timer heap of [deadline, seq, waker] entries and the system task serving it."""
 
     def __init__(self) -> None:
-        self.now = clock_now()
         self._heap: list[list] = []
         self._seq = itertools.count()
         self._scope: trio.CancelScope | None = None
@@ -144,7 +130,7 @@ class _Timers:
                 self._scope = scope
                 await trio.sleep_forever()
             self._scope = None
-            now = self.now()
+            now = trio.current_time()
             while heap and heap[0][0] <= now:
                 waker = heapq.heappop(heap)[2]
                 if waker is not None:

@@ -317,12 +317,11 @@ class SourcePlayout:
             self.limit = self._limit()
         buf = self.buffer
         buf.push(frame)
-        samples = frame.pcm.shape[0]
         if self.live:  # bursty sources are queued by design: their latency is not observed
-            self.pushed += samples
+            self.pushed += frame.samples
             self.arrivals.append((self.pushed, now))
-        if samples > self.largest:
-            self.largest = samples
+        if frame.samples > self.largest:
+            self.largest = frame.samples
         if self.complete_at is None and buf.buffered >= self.n:
             self.complete_at = now
         bound = self.limit + self.extra if self.live else self.limit

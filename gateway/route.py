@@ -65,7 +65,7 @@ from gateway.codecs.opus import OPUS_RATE
 from gateway.codecs.planner import opus_input_rate_for
 from gateway.endpoint import Endpoint, RouteEvent, Tagged
 from gateway.errors import CallEnded, GatewayError, RemoteProtocolError
-from gateway.mediaclock import Waker, clock_now
+from gateway.mediaclock import Waker
 from gateway.pacer import (  # noqa: F401  # _dbfs, _mix, _Pauses, MIN_PAUSE_MS: for the tests
     MIN_PAUSE_MS,
     STARTUP_BUFFER_MS,
@@ -702,7 +702,7 @@ class Route:
         self._clocks[id(recv)] = clock
         endpoint = getattr(sink, "sink", sink)  # a lane's sink
         key, muted = id(endpoint), self._muted
-        current_time = clock_now()
+        current_time = trio.current_time
         steps = clock.steps()
         with recv:
             try:
@@ -770,12 +770,11 @@ class _SinkQueue:
     barge-in's drop of one source's frames.
     """
 
-    __slots__ = ("_items", "_waker", "_now", "_closed", "_queued_us", "_bound_us")
+    __slots__ = ("_items", "_waker", "_closed", "_queued_us", "_bound_us")
 
     def __init__(self, bound_ms: int) -> None:
         self._items: collections.deque[tuple[int, AudioFrame | PlayoutMark | None]] = collections.deque()
         self._waker = Waker()  # the pacer parks on it (gateway.mediaclock: no cancel scope per wait)
-        self._now = clock_now()  # trio.current_time, bound (made inside the route's trio run)
         self._closed = False
         self._queued_us = 0
         self._bound_us = bound_ms * 1000
@@ -822,8 +821,8 @@ class _SinkQueue:
     async def receive_until(self, deadline: float) -> tuple[int, AudioFrame | PlayoutMark | None] | None:
         """The next item, waiting for one until trio time `deadline`; None from the deadline
         on (then nothing is taken, as a receive under `move_on_at(deadline)` would)."""
-        items, now = self._items, self._now
-        if now() >= deadline:
+        items = self._items
+        if trio.current_time() >= deadline:
             # a checkpoint, as an expired move_on_at's receive is: tasks woken with the pacer
             # (an endpoint announcing the route is up) keep their turn before its next send
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -833,7 +832,7 @@ class _SinkQueue:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return item
         while True:
-            if not await self._waker.wait(deadline) or now() >= deadline:
+            if not await self._waker.wait(deadline) or trio.current_time() >= deadline:
                 return None  # what comes at the deadline is the next wait's, as under move_on_at
             if items:
                 return self._took(items.popleft())

@@ -7,7 +7,7 @@ import math
 import pytest
 import trio
 
-from gateway.mediaclock import Waker, clock_now
+from gateway.mediaclock import Waker
 
 
 async def test_a_wait_ends_at_its_deadline_or_at_wake_whichever_is_first(autojump_clock):
@@ -108,16 +108,3 @@ async def test_a_waiter_runs_after_a_trio_timer_due_at_the_same_instant(autojump
         nursery.start_soon(pacer)
         nursery.start_soon(source)
     assert order == ["source", "pacer"] * 200
-
-
-async def test_clock_now_reads_the_runs_own_clock_as_trio_current_time_does(autojump_clock):
-    """The bound reader the media tasks use follows the run's clock (a MockClock here: the
-    autojump moves it), not the wall clock, and it agrees with trio.current_time."""
-    now = clock_now()
-    t0 = now()
-    assert t0 == trio.current_time()
-    await trio.sleep(3600.0)  # an hour of mock time, at once
-    assert now() == pytest.approx(t0 + 3600.0, abs=1e-9)
-    assert now() == trio.current_time()
-    assert await Waker().wait(now() + 0.020) is False  # a waker's deadline is on the same clock
-    assert now() == pytest.approx(t0 + 3600.020, abs=1e-9)

@@ -292,7 +292,7 @@ async def test_10ms_frames_fill_the_queue_by_duration(autojump_clock):
     check_call(source, sink, counts)
 
 
-async def test_sink_queue_is_bounded_by_duration():
+def test_sink_queue_is_bounded_by_duration():
     send, recv = _open_sink_queue(STARTUP_BUFFER_MS)
     ten_ms = AudioFrame(np.zeros((80, 1), np.int16), RATE, 0)
     for _ in range(STARTUP_BUFFER_MS // 10):  # 500 frames of 10 ms fit...

@@ -212,7 +212,6 @@ class JitterBuffer:
     _transits: collections.deque[float] = attrs.field(init=False)
     _zmin: float = attrs.field(default=0.0, init=False)
     _zmax: float = attrs.field(default=0.0, init=False)
-    _target_s: float = attrs.field(default=0.0, init=False)  # `_target()`, kept as its inputs change
     # timeline
     _held: dict[int, Any] = attrs.field(factory=dict, init=False)
     _ready: list[Slot] = attrs.field(factory=list, init=False)
@@ -332,7 +331,7 @@ class JitterBuffer:
         if any(k > ext for k in self._held):
             return False  # packets after it are waiting: they would wait beyond max_ms for it
         held = list(self._held)
-        self._anchor(ext, arrival, self._target_s)
+        self._anchor(ext, arrival, self._target())
         self._highest = max([ext, *held])
         self.stats.restarts += 1
         return True
@@ -367,7 +366,6 @@ class JitterBuffer:
         self._last_arrival, self._last_ext, self._last_ts = arrival, ext, timestamp
         self._transits.append(arrival - ext * self._ptime)
         self._zmin, self._zmax = min(self._transits), max(self._transits)
-        self._target_s = self._target()
 
     # ----------------------------------------------------------------------------- timeline
     def _anchor(self, ext: int, arrival: float, depth: float) -> None:
@@ -377,7 +375,6 @@ class JitterBuffer:
         self._transits.clear()
         self._transits.append(arrival - ext * self._ptime)
         self._zmin = self._zmax = self._transits[0]
-        self._target_s = self._target()
         self._emitted = False
         self._run = 0
         self._idle = False
@@ -388,24 +385,22 @@ class JitterBuffer:
         return self._offset - self._zmin
 
     def _target(self) -> float:
-        """The depth the buffer steers to, s (module doc); computed where its inputs change
-        (`_measure`, `_anchor`) and read per packet as `_target_s`."""
         spread = self._zmax - self._zmin
         return min(self._max, max(JITTER_FACTOR * self._jitter, spread) + MARGIN_MS / 1000)
 
     def _gauges(self) -> None:
-        self.stats.depth_ms = round((self._offset - self._zmin) * 1000, 3)
-        self.stats.target_ms = round(self._target_s * 1000, 3)
+        self.stats.depth_ms = round(self._depth() * 1000, 3)
+        self.stats.target_ms = round(self._target() * 1000, 3)
 
     def _steer(self, now: float) -> None:
         """Shrink: the depth falls towards the target by at most SHRINK_MS_PER_S."""
         last, self._steered_at = self._steered_at, now
         if last is None or now <= last:
             return
-        excess = self._offset - self._zmin - self._target_s  # depth - target
+        excess = self._depth() - self._target()
         if excess > 0:
             self._offset -= min(excess, SHRINK_MS_PER_S / 1000 * (now - last))
-            self.stats.depth_ms = round((self._offset - self._zmin) * 1000, 3)
+            self.stats.depth_ms = round(self._depth() * 1000, 3)
 
     def _cap(self, ext: int, arrival: float) -> None:
         """Never more than max_ms: a packet that would wait longer moves the timeline earlier
@@ -415,7 +410,7 @@ class JitterBuffer:
             return
         if shift > IDLE_AFTER * self._ptime:  # the sender skipped numbers: skip with it
             self._ready.extend(self._drain(upto=ext))
-            self._anchor(ext, arrival, min(self._target_s, self._max))
+            self._anchor(ext, arrival, min(self._target(), self._max))
             self._emitted = True  # what is behind it was output (or skipped): late now
             self.stats.restarts += 1
         else:
@@ -468,7 +463,6 @@ class JitterBuffer:
         self._steer(now)
         stats = self.stats
         ptime = self._ptime
-        grew = False  # the depth gauge moves here only when the depth grows (push and _steer keep it)
         while True:
             if self._offset + self._next * ptime > now + _EPS:
                 break
@@ -477,8 +471,8 @@ class JitterBuffer:
                 self._idle = True  # nothing came for IDLE_AFTER slots: stop until the next packet
                 self._idle_depth = min(max(self._depth(), self._start), self._max)
                 break
-            depth = self._offset - self._zmin
-            if self._target_s - depth > GROW_HYST_MS / 1000:
+            depth = self._depth()
+            if self._target() - depth > GROW_HYST_MS / 1000:
                 room = self._max - depth
                 if room >= ptime - _EPS:  # grow by one slot: the sequence waits one ptime
                     out.append(Slot(None, None))
@@ -486,11 +480,9 @@ class JitterBuffer:
                     self._offset += ptime
                     self._run += 1
                     self._emitted = True
-                    grew = True
                     continue
                 if room > _EPS:  # the last fraction of a slot up to max_ms
                     self._offset += room
-                    grew = True
                     continue
             if present:
                 out.append(Slot(self._next, self._held.pop(self._next)))
@@ -503,8 +495,7 @@ class JitterBuffer:
                 self._run += 1
             self._next += 1
             self._emitted = True
-        if grew:
-            self._gauges()
+        self._gauges()
         return out
 
     def next_due(self, now: float) -> float | None:

@@ -49,8 +49,7 @@ class Reframer:
     """Samples discarded because of `max_buffered`."""
     _ring: np.ndarray = attrs.field(init=False)
     _start: int = attrs.field(default=0, init=False)
-    buffered: int = attrs.field(default=0, init=False)
-    """Samples (per channel) waiting, not yet popped (read it; the methods keep it)."""
+    _count: int = attrs.field(default=0, init=False)
     _head_ts: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -64,6 +63,11 @@ class Reframer:
         self.input = self.output = self.fmt
         self._ring = np.zeros((INITIAL_CAPACITY_FRAMES * self.frame_samples, self.fmt.channels), dtype=np.int16)
 
+    @property
+    def buffered(self) -> int:
+        """Samples (per channel) waiting, not yet popped."""
+        return self._count
+
     def push(self, frame: Frame) -> None:
         """Append the samples of `frame`. Raises LocalProtocolError for a frame not of `fmt`."""
         frame = check_pcm(frame, self.fmt, "Reframer")
@@ -71,20 +75,20 @@ class Reframer:
         n = pcm.shape[0]
         if n == 0:
             return
-        if self.buffered == 0:
+        if self._count == 0:
             self._start = 0
             self._head_ts = frame.timestamp
-        if self.buffered + n > self._ring.shape[0]:
-            self._grow(self.buffered + n)
+        if self._count + n > self._ring.shape[0]:
+            self._grow(self._count + n)
         ring, cap = self._ring, self._ring.shape[0]
-        end = (self._start + self.buffered) % cap
+        end = (self._start + self._count) % cap
         first = min(n, cap - end)
         ring[end : end + first] = pcm[:first]
         if first < n:
             ring[: n - first] = pcm[first:]
-        self.buffered += n
-        if self.max_buffered is not None and self.buffered > self.max_buffered:
-            self.overflowed += self.drop(self.buffered - self.max_buffered)
+        self._count += n
+        if self.max_buffered is not None and self._count > self.max_buffered:
+            self.overflowed += self.drop(self._count - self.max_buffered)
 
     def _grow(self, needed: int) -> None:
         cap = self._ring.shape[0]
@@ -94,7 +98,7 @@ class Reframer:
         else:
             new_cap = max(needed, 2 * cap)
         ring = np.zeros((new_cap, self._ring.shape[1]), dtype=np.int16)
-        self._read(ring[: self.buffered])
+        self._read(ring[: self._count])
         self._ring, self._start = ring, 0
 
     def _read(self, out: np.ndarray) -> None:
@@ -109,7 +113,7 @@ class Reframer:
     def pop(self) -> AudioFrame | None:
         """One whole frame of the oldest samples, or None when fewer than `frame_samples` wait."""
         n = self.frame_samples
-        if self.buffered < n:
+        if self._count < n:
             return None
         out = np.empty((n, self._ring.shape[1]), dtype=np.int16)
         self._read(out)
@@ -120,7 +124,7 @@ class Reframer:
     def peek(self, samples: int) -> np.ndarray | None:
         """A copy of the oldest `samples` buffered samples, not consumed (the next `pop` returns
         them); None when fewer wait."""
-        if samples < 0 or self.buffered < samples:
+        if samples < 0 or self._count < samples:
             return None
         out = np.empty((samples, self._ring.shape[1]), dtype=np.int16)
         self._read(out)
@@ -133,13 +137,13 @@ class Reframer:
         """
         if samples < 0:
             raise LocalProtocolError(f"cannot drop {samples} samples")
-        n = min(samples, self.buffered)
+        n = min(samples, self._count)
         self._consume(n)
         return n
 
     def _consume(self, n: int) -> None:
         self._start = (self._start + n) % self._ring.shape[0]
-        self.buffered -= n
+        self._count -= n
         self._head_ts += n
 
     def process(self, frame: Frame) -> list[AudioFrame]:
@@ -154,10 +158,10 @@ class Reframer:
         frames: list[AudioFrame] = []
         while (whole := self.pop()) is not None:
             frames.append(whole)
-        if self.buffered:
+        if self._count:
             out = np.zeros((self.frame_samples, self._ring.shape[1]), dtype=np.int16)
-            self._read(out[: self.buffered])
+            self._read(out[: self._count])
             frames.append(AudioFrame(out, self.fmt.rate, self._head_ts))
-            self._consume(self.buffered)
+            self._consume(self._count)
         self._start = 0
         return frames

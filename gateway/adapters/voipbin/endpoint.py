@@ -92,7 +92,7 @@ from gateway.codecs.plc import G711Plc
 from gateway.config.options import Options
 from gateway.endpoint import Emit, EndpointStats, RouteEvent, route_dtmf_key
 from gateway.errors import CallEnded, CloseCode, RemoteProtocolError
-from gateway.mediaclock import Waker, clock_now
+from gateway.mediaclock import Waker
 from gateway.runtime import Runtime
 from gateway.server import MediaRequest
 
@@ -243,7 +243,7 @@ class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
                 if playout is not None:  # rtp: in sequence order, concealed (module doc)
                     stats.frames_in += 1
                     stats.bytes_in += len(event.payload)
-                    playout.push(event, playout.now())
+                    playout.push(event, trio.current_time())
                     continue
                 if event.lost:
                     stats.concealed += min(event.lost, MAX_CONCEALED)
@@ -269,7 +269,7 @@ class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
                     "client" if self.role == "listen" else "the service", event.reason,
                 )
             elif isinstance(event, TelephoneEvent) and playout is not None:
-                playout.silent_slot(event.sequence, playout.now())  # its slot is not audio loss
+                playout.silent_slot(event.sequence, trio.current_time())  # its slot is not audio loss
             elif isinstance(event, KeyPress):  # RFC 4733 (its packets are `TelephoneEvent`s: ignored)
                 self._key_pressed(event.digit, duration_ms=event.duration_ms)
             elif isinstance(event, Dtmf):
@@ -364,7 +364,6 @@ class _RtpPlayout:
         self._emit, self._stats, self._decoder = emit, stats, decoder
         self._timestamp = 0
         self._waker = Waker()  # `run` parks on it (gateway.mediaclock: no cancel scope per slot)
-        self.now = clock_now()  # trio.current_time, bound (made inside the session's trio run)
         self._sleeping_until = math.inf  # when `run` wakes on its own (-inf while it is awake)
         self._counted = (0, 0, 0)  # buffer's reordered, duplicates, late already in stats
 
@@ -413,13 +412,13 @@ class _RtpPlayout:
 
     async def run(self) -> None:
         """Play each slot at its due time, until cancelled."""
-        waker, buffer, now = self._waker, self.buffer, self.now
+        waker = self._waker
         while True:
-            due = buffer.next_due(now())
+            due = self.buffer.next_due(trio.current_time())
             self._sleeping_until = math.inf if due is None else due
             await waker.wait(self._sleeping_until)  # or a push brings the next due time forward
             self._sleeping_until = -math.inf  # awake: pushes need not wake it
-            self._play(buffer.pop(now()))
+            self._play(self.buffer.pop(trio.current_time()))
 
     def finish(self) -> None:
         """The session ended: what the buffer holds, and what the concealer held back."""
