@@ -21,8 +21,9 @@ Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back la
   one wake-up per packet). A source frame longer than the sink's ptime (20 ms frames into a
   10 ms sink) goes out whole as it arrives: every packet cut from it at once, none waits for
   a deadline when its samples are there; the deadlines keep the frames' pace. A backlog it
-  hands over at once (several frames), or a packet whole within half a ptime of the last from
-  a later frame, still waits for its deadline: never a burst of frames.
+  hands over at once (several frames) still waits for its deadline, and a packet whole within
+  half a ptime of the last from a later frame waits until half a ptime after it (the clock
+  then follows it: a late packet does not leave the clock late): never a burst of frames.
 - A source short for `IDLE_AFTER` packets in a row is idle: no more waiting for it; silence
   flows. When every source was idle, the clock re-anchors on the next audio, and what has
   queued by then (a stalled source's backlog, sent at once) is excess.
@@ -487,6 +488,7 @@ class SinkClock:
         timestamp = 0
         earliest = _NEVER_S  # the least time a whole packet waited for its deadline this window
         window = 0
+        last_sent = -_NEVER_S  # when the last packet was sent
 
         def rebase() -> None:
             nonlocal earliest, window
@@ -518,13 +520,23 @@ class SinkClock:
             if self.clocked and first is not None and first.active and not first.ready:
                 # One clocked source: its packet goes out as soon as it is whole, up to
                 # `jitter_ms` after the deadline, and the clock follows it. Never a burst: a
-                # backlog goes one packet per deadline, and a packet whole within half a ptime
-                # of the last waits for the deadline.
+                # backlog (audio that was there when the last packet went) goes one packet
+                # per deadline, and a packet that came after it but within half a ptime of it
+                # waits until half a ptime after it. The clock follows that one too: it is the
+                # source's clock back after a late packet (which moved this clock later), or
+                # a source running ahead. Held to the deadline instead, it would keep this
+                # clock on the late packet's phase, every packet after it waiting up to a
+                # ptime, for as long as one packet a window was late.
                 now = yield Wait(deadline + grace, lambda: first.ready)
                 if first.whole:
                     now = yield DRAIN
                     if now < deadline - ptime / 2:
-                        now = yield Wait(deadline, _never)
+                        whole_at = first.complete_at
+                        if whole_at is _CARRIED or whole_at is None or whole_at <= last_sent:  # type: ignore[operator]
+                            now = yield Wait(deadline, _never)  # a backlog: one per deadline
+                        else:
+                            now = yield Wait(deadline - ptime / 2, _never)
+                            deadline, anchor = now, now - k * ptime
                     else:
                         deadline, anchor = now, now - k * ptime
             elif self.clocked and first is not None and first.active and first.next_in_same_frame():
@@ -558,6 +570,7 @@ class SinkClock:
                 stats.level_dbfs = single  # already measured (the pause detector's level)
             else:
                 stats.level_dbfs = _dbfs(mixed) if contributors else -120.0
+            last_sent = now
             now = yield Send(AudioFrame(mixed, fmt.rate, timestamp))
             timestamp += n
             k += 1

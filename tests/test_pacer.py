@@ -82,6 +82,27 @@ def test_a_clocked_backlog_of_long_frames_still_plays_at_real_time():
     assert np.array_equal(audio(sent), np.concatenate([ramp(k).pcm[:, 0] for k in range(10)]))
 
 
+def test_a_late_packet_from_a_clocked_source_does_not_leave_the_clock_late():
+    """One packet 15 ms late every 60 (a stall of the source's jitter buffer playout, say):
+    that packet goes when it comes, and the packets after it go as they come again, the next
+    one half a ptime after it at the most. Before, the clock stayed on the late packet's phase
+    and every packet waited ~15 ms for its deadline, for as long as a packet a window was
+    late (test_argon_startup's latency check, failing in full-suite runs: 88-184 packets of
+    275 waiting 10-20 ms)."""
+    n, late = 1500, {k for k in range(30, 1500, 60)}
+    times = [1.0 + k * 0.02 + (0.015 if k in late else 0.0) for k in range(n)]
+    sent = simulate(c := clock(clocked=True), stream(times, [ramp(k) for k in range(n)]))
+    assert np.array_equal(audio(sent)[: n * 160], np.concatenate([ramp(k).pcm[:, 0] for k in range(n)]))
+    waits = np.array([t - arrived for (t, _), arrived in zip(sent, times)])
+    after_late = np.array([k - 1 in late for k in range(n)])
+    assert waits.min() >= -1e-12  # nothing before it is there
+    assert waits[~after_late].max() == pytest.approx(0.0, abs=1e-9)  # the late one, and every other, at once
+    assert waits[after_late].max() == pytest.approx(0.005, abs=1e-9)  # half a ptime after the late one
+    sends = np.array([t for t, _ in sent])
+    assert np.diff(sends).min() == pytest.approx(0.010, abs=1e-9)  # never closer: no burst
+    assert c.stats.late == 0
+
+
 def test_jitter_within_the_allowance_is_waited_for():
     times = [k * 0.02 + (0.012 if k % 3 == 1 else 0) for k in range(30)]
     sent = simulate(c := clock(jitter_ms=20), stream(times, [ramp(k) for k in range(30)]))
