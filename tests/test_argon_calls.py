@@ -42,7 +42,7 @@ routes:
 
 
 def check_heard(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int, what: str,
-                waveform: bool = True) -> None:
+                waveform: bool = True, context: object = "") -> None:
     """`received` (at `rate`) holds the reference speech, block by block: by waveform
     correlation, or (`waveform` False) by short-time spectra (`spectral_alignment`), for what
     an Argon bot codes from an 8 kHz phone at 8 kHz input: narrowband SILK, which keeps the
@@ -51,7 +51,7 @@ def check_heard(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate
         blocks, found = blockwise_alignment(reference, ref_rate, received, rate), 0.85
     else:
         blocks, found = spectral_alignment(reference, ref_rate, received, rate), SPECTRAL_FOUND
-    assert len(blocks) >= 3 and sum(b > found for b in blocks) >= 0.8 * len(blocks), f"{what}: {np.round(blocks, 2)}"
+    assert len(blocks) >= 3 and sum(b > found for b in blocks) >= 0.8 * len(blocks), f"{what}: {np.round(blocks, 2)} {context}"
 
 
 async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, caplog):
@@ -161,6 +161,9 @@ routes:
     # what the bot heard: the caller's speech, as 20 ms Opus packets
     decoder = OpusDecoder(1)
     pcm = np.concatenate([decoder.process(EncodedFrame(p, OPUS_48K, 960))[0].pcm[:, 0] for p in bot.received])
-    check_heard(caller_pcm[: int(1.5 * rate)], rate, pcm, 48000, "caller → bot")
-    check_heard(bot_pcm[: int(2.0 * rate)], rate, caller.recording(), 8000, "bot → caller")
+    route = gateway.routes["call-the-bot"].route
+    counters = ("frames_in", "frames_out", "late", "dropped", "skipped", "concealed", "late_packets", "jitter_depth_ms")
+    context = {ep.name: {k: v for k, v in ep.stats.as_dict().items() if k in counters} for ep in route.endpoints}
+    check_heard(caller_pcm[: int(1.5 * rate)], rate, pcm, 48000, "caller → bot", context=context)
+    check_heard(bot_pcm[: int(2.0 * rate)], rate, caller.recording(), 8000, "bot → caller", context=context)
     assert gateway.routes["call-the-bot"].route.stats.ended_by == "argon: bot hung up (desk_bot closed (1000 bye))"
