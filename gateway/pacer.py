@@ -532,7 +532,7 @@ class SinkClock:
                     now = yield DRAIN
                     if now < deadline - ptime / 2:
                         whole_at = first.complete_at
-                        if whole_at is _CARRIED or whole_at is None or whole_at <= last_sent:  # type: ignore[operator]
+                        if not isinstance(whole_at, float) or whole_at <= last_sent:  # or _CARRIED
                             now = yield Wait(deadline, _never)  # a backlog: one per deadline
                         else:
                             now = yield Wait(deadline - ptime / 2, _never)
