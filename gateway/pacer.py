@@ -28,7 +28,15 @@ Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back la
   flows. When every source was idle, the clock re-anchors on the next audio, and what has
   queued by then (a stalled source's backlog, sent at once) is excess.
 - A stalled loop (more than two ptimes behind) re-anchors rather than bursting; what queued
-  meanwhile is excess (up to `max_delay_ms`: an overloaded gateway gets no allowance).
+  meanwhile is excess (up to `max_delay_ms`: an overloaded gateway gets no allowance). A stall
+  that hits while the clock waits for a deadline counts the same: it re-anchors and takes in
+  what queued before it fills a slot. A shorter one, or a late wake, that leaves a source
+  short past its allowance lets the tasks woken with the pacer run once and takes in what is
+  queued before it conceals: audio that was there is not replaced by silence.
+  In the window after a stall, a packet of excess held as a phase (each packet arrives just
+  after the one before it went, then waits for its deadline: a source that stalled with the
+  sink) is won back at once: after STEP_AFTER packets in a row each waited half a ptime or
+  more, the clock moves earlier by their least wait, at most half a ptime.
 - Latency control, per live source. Excess is also measured every `ADJUST_EVERY` packets: the
   least audio left buffered after a pop over the window (audio that waited through all of it).
   Excess is won back only in pauses: a packet is skipped (counted `skipped`) when it is a pause
@@ -91,6 +99,7 @@ SPEECH_FALL_DB_PER_S = 0.5  # how fast the speech level estimate decays between 
 SPEECH_START_DBFS = -20.0  # speech level assumed before any speech was heard (a 20 ms peak)
 IDLE_AFTER = 5  # consecutive short packets after which a source counts as idle
 ADJUST_EVERY = 50  # packets per latency-control window (1 s at 20 ms)
+STEP_AFTER = 5  # after a stall: packets in a row, each whole half a ptime or more before its deadline, move the clock
 _NEVER = 1 << 62
 _NEVER_S = float("inf")
 _CARRIED = object()  # the next packet was already whole at the last pop
@@ -489,13 +498,16 @@ class SinkClock:
         earliest = _NEVER_S  # the least time a whole packet waited for its deadline this window
         window = 0
         last_sent = -_NEVER_S  # when the last packet was sent
+        run, run_least = 0, _NEVER_S  # packets in a row that waited half a ptime or more; their least wait
+        after_stall = 0  # packets left in which the phase step applies (a window after a stall)
 
         def rebase() -> None:
-            nonlocal earliest, window
+            nonlocal earliest, window, run, run_least, after_stall
             for p in playouts:
                 p.rebase()
             earliest = _NEVER_S
             window = 0
+            run, run_least, after_stall = 0, _NEVER_S, 0
 
         now = 0.0
         while True:
@@ -517,6 +529,7 @@ class SinkClock:
                 deadline = now
                 now = yield DRAIN
                 rebase()
+                after_stall = ADJUST_EVERY
             if self.clocked and first is not None and first.active and not first.ready:
                 # One clocked source: its packet goes out as soon as it is whole, up to
                 # `jitter_ms` after the deadline, and the clock follows it. Never a burst: a
@@ -528,6 +541,11 @@ class SinkClock:
                 # clock on the late packet's phase, every packet after it waiting up to a
                 # ptime, for as long as one packet a window was late.
                 now = yield Wait(deadline + grace, lambda: first.ready)
+                if not first.ready:
+                    if now > deadline + 2 * ptime:
+                        continue  # stalled in the wait: what queued meanwhile is not taken in yet
+                    if now > deadline + grace:
+                        now = yield from _catch_up(now)
                 if first.whole:
                     now = yield DRAIN
                     if now < deadline - ptime / 2:
@@ -546,21 +564,34 @@ class SinkClock:
                 pass
             else:
                 now = yield Wait(deadline, _never)
+                if now > deadline + 2 * ptime:
+                    continue  # stalled in the wait: re-anchor and take in what queued first
                 waiting = [p for p in playouts if p.active and not p.ready]
                 if waiting:
                     now = yield Wait(deadline + grace, lambda: all(p.ready for p in waiting))
+                    if not all(p.ready for p in waiting):
+                        if now > deadline + 2 * ptime:
+                            continue
+                        if now > deadline + grace:
+                            now = yield from _catch_up(now)
             # Take one ptime from each source; mix-minus (the sink is never among them).
             mixed: np.ndarray | None = None
             contributors = 0
             single: float | None = None  # the level of the packet, when it is one live source's
+            least: float | None = _NEVER_S  # the least wait of its sources' packets (None: one was not whole before)
             for p in playouts:
                 frame, level, waited = p.take(now, deadline)
                 if frame is None:
                     continue
                 contributors += 1
                 single = level
-                if waited is not None and waited < earliest:
-                    earliest = waited
+                if waited is None:
+                    least = None
+                else:
+                    if waited < earliest:
+                        earliest = waited
+                    if least is not None and waited < least:
+                        least = waited
                 mixed = frame.pcm if mixed is None else _mix(mixed, frame.pcm)
             if mixed is None and all(p.ended for p in playouts):
                 return  # every source ended and was played out
@@ -575,12 +606,34 @@ class SinkClock:
             timestamp += n
             k += 1
             stats.buffered_ms = sum(p.buffer.buffered for p in playouts) * 1000 // fmt.rate
+            if after_stall:
+                after_stall -= 1
+            if after_stall and contributors and least is not None and least >= ptime / 2:
+                # The phase step, in the window after a stall: STEP_AFTER packets in a row
+                # each waited half a ptime or more for its deadline. That is a packet of excess
+                # held as a phase, not as buffered audio (each packet comes just after the pop
+                # of the one before: a source that stalled with this sink, such as another
+                # route of this process, handed over one packet too many). The excess is the
+                # stall's, not a cushion the source's jitter calls for, so the clock moves
+                # earlier at once by their least wait, at most half a ptime (never a burst),
+                # instead of at the end of a window, which the packet before the shift spoils
+                # (it did not wait): up to 2 s of a ptime's added latency.
+                run += 1
+                run_least = min(run_least, least)
+                if run == STEP_AFTER:
+                    shift = min(run_least, ptime / 2)
+                    anchor -= shift
+                    earliest -= shift  # the window's waits, against the new deadlines
+                    run, run_least = 0, _NEVER_S
+            else:
+                run, run_least = 0, _NEVER_S
             window += 1
             if window == ADJUST_EVERY:
                 for p in playouts:
                     p.end_window()
                 if contributors and 0.001 < earliest < _NEVER_S:
                     anchor -= earliest
+                    run, run_least = 0, _NEVER_S
                 earliest = _NEVER_S
                 window = 0
             if all(p.drained for p in playouts):
@@ -595,37 +648,55 @@ class SinkClock:
                     rebase()
 
 
+def _catch_up(now: float) -> Generator[Step, float, float]:
+    """The clock's wait for a short source ended after its time (the pacer ran late: a busy
+    host, a stall shorter than a re-anchor's): let the tasks woken with it run once, then take
+    in what they and the stall queued, before the slot is filled with silence."""
+    now = yield Wait(now, _never)  # a checkpoint (its time has come)
+    return (yield DRAIN)
+
+
 def simulate(clock: SinkClock, arrivals: Sequence[tuple[float, int, AudioFrame | PlayoutMark | None]],
              start: float = 0.0, *, send_time: float = 0.0,
-             marks: list[tuple[float, object]] | None = None) -> list[tuple[float, AudioFrame]]:
+             marks: list[tuple[float, object]] | None = None,
+             stalls: Sequence[tuple[float, float]] = ()) -> list[tuple[float, AudioFrame]]:
     """Run `clock` without an event loop over `arrivals` ((time s, slot, frame, a mark or None
     for the end), in time order, each handed over at its time as the route's queue would), from
     time `start`; `send_time`: seconds each send takes. Returns (send time, packet) in order;
-    `marks` gets (send time, token) for each mark due, as the driver would report it."""
+    `marks` gets (send time, token) for each mark due, as the driver would report it.
+    `stalls`: (from s, seconds) in which the driver is off the CPU (a busy host, a long GC): a
+    step that would end inside one ends at its end, and a wait whose `until` passed meanwhile
+    ends without taking in what queued, as `Route._pace`'s queue does."""
     pending = collections.deque(sorted(arrivals, key=lambda a: a[0]))
     sent: list[tuple[float, AudioFrame]] = []
     now = start
+
+    def resumed(t: float) -> float:
+        for at, seconds in stalls:
+            if at <= t < at + seconds:
+                return at + seconds
+        return t
     steps = clock.steps()
     try:
         step = next(steps)
         while True:
             if isinstance(step, Wait):
                 while not step.done():
-                    if pending and pending[0][0] < step.until:
+                    if pending and pending[0][0] < step.until and resumed(max(now, pending[0][0])) < step.until:
                         at, slot, frame = pending.popleft()
-                        now = max(now, at)
+                        now = resumed(max(now, at))
                         clock.accept(slot, frame, now)
                     else:
                         if step.until == _NEVER_S:
                             return sent  # nothing more will come
-                        now = max(now, step.until)
+                        now = resumed(max(now, step.until))
                         break
             elif isinstance(step, Send):
                 sent.append((now, step.frame))
                 if marks is not None:
                     marks.extend((now, mark.token) for mark in clock.due)
                     clock.due.clear()
-                now += send_time
+                now = resumed(now + send_time)
             else:  # DRAIN
                 while pending and pending[0][0] <= now:
                     _, slot, frame = pending.popleft()

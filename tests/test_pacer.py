@@ -14,7 +14,7 @@ import trio
 
 from gateway.codecs.formats import PCM16_8K, AudioFrame
 from gateway.endpoint import Endpoint, EndpointStats
-from gateway.pacer import DRAIN, IDLE_AFTER, Send, SinkClock, Wait, simulate
+from gateway.pacer import DRAIN, IDLE_AFTER, STEP_AFTER, Send, SinkClock, Wait, simulate
 from gateway.route import Route
 
 RATE = 8000
@@ -100,6 +100,74 @@ def test_a_late_packet_from_a_clocked_source_does_not_leave_the_clock_late():
     sends = np.array([t for t, _ in sent])
     assert np.diff(sends).min() == pytest.approx(0.010, abs=1e-9)  # never closer: no burst
     assert c.stats.late == 0
+
+
+def test_a_sink_stalled_in_its_wait_takes_in_what_queued_instead_of_sending_silence():
+    """The sink's driver is off the CPU for 100 ms (a busy host, a long GC) while it waits for
+    a deadline; the source's frames queue meanwhile. When it runs again it re-anchors and
+    plays them: no silence slot, nothing counted late, every sample in order, and never two
+    packets closer than a ptime. Before, it finished the stale slot first, found the source
+    short (what queued was not taken in yet), sent silence and counted it late, and played the
+    audio a packet later (bench/README.md, eleventh measurement)."""
+    n = 300
+    times = [1.0 + k * 0.02 for k in range(n)]
+    sent = simulate(c := clock(), stream(times, [ramp(k) for k in range(n)]), stalls=[(3.0005, 0.1)])
+    assert np.array_equal(audio(sent), np.concatenate([ramp(k).pcm[:, 0] for k in range(n)]))
+    assert c.stats.late == 0
+    sends = np.array([t for t, _ in sent])
+    assert sends[101] == pytest.approx(3.1005)  # the first packet after the stall goes at once
+    assert np.diff(sends).min() >= 0.02 - 1e-9  # the frames that queued are excess: no burst
+
+
+def test_a_sink_stalled_in_its_allowance_plays_the_audio_that_came_meanwhile():
+    """A shorter stall (30 ms, less than a re-anchor's two ptimes) hits while the sink waits
+    its allowance for a frame 5 ms late; the frame comes during the stall. When the sink runs
+    again, past the allowance, it takes in what queued before it conceals: the frame plays in
+    its slot, nothing is counted late. Before, that slot went out as silence (one way for a
+    silence slot such as the one test_reload's unchanged route sent in a full-suite run)."""
+    n = 100
+    times = [1.0 + k * 0.02 for k in range(n)]
+    times[50] += 0.005
+    sent = simulate(c := clock(), stream(times, [ramp(k) for k in range(n)]), stalls=[(2.001, 0.03)])
+    assert np.array_equal(audio(sent), np.concatenate([ramp(k).pcm[:, 0] for k in range(n)]))
+    assert c.stats.late == 0
+    assert sent[50][0] == pytest.approx(2.031)  # when the sink ran again
+
+
+def test_after_a_stall_a_packet_of_excess_held_as_phase_is_won_back_at_once():
+    """Two sinks of one process stall together, the second fed by the first (a route into
+    another route over loopback, as in test_argon_startup). The second comes back with one
+    packet of excess that shows as a phase: each packet arrives just after the pop of the one
+    before and waits ~18 ms for its deadline. The phase step moves its clock back half a ptime
+    after STEP_AFTER such packets; before, every packet waited ~18 ms until a window's end,
+    which the packet before the shift spoiled: 99 packets (2 s). Nothing is lost or late."""
+    n = 300
+    times = [1.0 + k * 0.02 for k in range(n)]
+    first = simulate(clock(), stream(times, [ramp(k) for k in range(n)]), stalls=[(3.0005, 0.1)])
+    hop = 0.0015  # the loopback hop between the two
+    arrived = [t + hop for t, _ in first]
+    sent = simulate(c := clock(), stream(arrived, [f for _, f in first]), stalls=[(3.0005, 0.1)])
+    assert np.array_equal(audio(sent), np.concatenate([ramp(k).pcm[:, 0] for k in range(n)]))
+    assert c.stats.late == 0
+    waits = np.array([t for t, _ in sent]) - np.array(arrived)
+    after = np.array(arrived) > 3.1
+    assert (waits[after] > 0.010).sum() == STEP_AFTER  # then half a ptime less
+    assert (waits[after] > 0.010 - 1e-9).sum() <= STEP_AFTER
+    assert np.diff([t for t, _ in sent]).min() >= 0.010 - 1e-9  # never a burst
+
+
+def test_a_packet_late_from_the_source_keeps_its_excess_until_a_pause():
+    """No stall: one packet comes 35 ms late (beyond the allowance). Its slot is silence, and
+    the packet of excess it leaves stays a cushion against the source's jitter (won back in
+    a pause, or by a window, never by the phase step)."""
+    n = 40
+    times = [k * 0.02 for k in range(n)]
+    times[10] += 0.035
+    times[11] = times[10]
+    sent = simulate(c := clock(jitter_ms=20), stream(times, [ramp(k) for k in range(n)]))
+    assert c.stats.late == 1
+    sends = [t for t, _ in sent]
+    assert np.allclose(np.diff(sends[12:30]), 0.02)  # on the grid: no step
 
 
 def test_jitter_within_the_allowance_is_waited_for():
