@@ -30,9 +30,8 @@ Playout rules, per sink (DESIGN.md, "Route"). Speech is never cut to win back la
 - A stalled loop (more than two ptimes behind) re-anchors rather than bursting; what queued
   meanwhile is excess (up to `max_delay_ms`: an overloaded gateway gets no allowance). A stall
   that hits while the clock waits for a deadline counts the same: it re-anchors and takes in
-  what queued before it fills a slot. A shorter one, or a late wake, that leaves a source
-  short past its allowance lets the tasks woken with the pacer run once and takes in what is
-  queued before it conceals: audio that was there is not replaced by silence.
+  what queued before it fills a slot (audio that was there is not replaced by silence), and a
+  short source gets its allowance again from the new anchor.
   In the window after a stall, a packet of excess held as a phase (each packet arrives just
   after the one before it went, then waits for its deadline: a source that stalled with the
   sink) is won back at once: after STEP_AFTER packets in a row each waited half a ptime or
@@ -541,11 +540,8 @@ class SinkClock:
                 # clock on the late packet's phase, every packet after it waiting up to a
                 # ptime, for as long as one packet a window was late.
                 now = yield Wait(deadline + grace, lambda: first.ready)
-                if not first.ready:
-                    if now > deadline + 2 * ptime:
-                        continue  # stalled in the wait: what queued meanwhile is not taken in yet
-                    if now > deadline + grace:
-                        now = yield from _catch_up(now)
+                if now > deadline + 2 * ptime and not first.ready:
+                    continue  # stalled in the wait: what queued meanwhile is not taken in yet
                 if first.whole:
                     now = yield DRAIN
                     if now < deadline - ptime / 2:
@@ -569,11 +565,8 @@ class SinkClock:
                 waiting = [p for p in playouts if p.active and not p.ready]
                 if waiting:
                     now = yield Wait(deadline + grace, lambda: all(p.ready for p in waiting))
-                    if not all(p.ready for p in waiting):
-                        if now > deadline + 2 * ptime:
-                            continue
-                        if now > deadline + grace:
-                            now = yield from _catch_up(now)
+                    if now > deadline + 2 * ptime and not all(p.ready for p in waiting):
+                        continue
             # Take one ptime from each source; mix-minus (the sink is never among them).
             mixed: np.ndarray | None = None
             contributors = 0
@@ -648,14 +641,6 @@ class SinkClock:
                     rebase()
 
 
-def _catch_up(now: float) -> Generator[Step, float, float]:
-    """The clock's wait for a short source ended after its time (the pacer ran late: a busy
-    host, a stall shorter than a re-anchor's): let the tasks woken with it run once, then take
-    in what they and the stall queued, before the slot is filled with silence."""
-    now = yield Wait(now, _never)  # a checkpoint (its time has come)
-    return (yield DRAIN)
-
-
 def simulate(clock: SinkClock, arrivals: Sequence[tuple[float, int, AudioFrame | PlayoutMark | None]],
              start: float = 0.0, *, send_time: float = 0.0,
              marks: list[tuple[float, object]] | None = None,
@@ -676,6 +661,7 @@ def simulate(clock: SinkClock, arrivals: Sequence[tuple[float, int, AudioFrame |
             if at <= t < at + seconds:
                 return at + seconds
         return t
+
     steps = clock.steps()
     try:
         step = next(steps)
