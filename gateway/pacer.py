@@ -540,8 +540,6 @@ class SinkClock:
                 # clock on the late packet's phase, every packet after it waiting up to a
                 # ptime, for as long as one packet a window was late.
                 now = yield Wait(deadline + grace, lambda: first.ready)
-                if now > deadline + 2 * ptime and not first.ready:
-                    continue  # stalled in the wait: what queued meanwhile is not taken in yet
                 if first.whole:
                     now = yield DRAIN
                     if now < deadline - ptime / 2:
@@ -560,13 +558,11 @@ class SinkClock:
                 pass
             else:
                 now = yield Wait(deadline, _never)
-                if now > deadline + 2 * ptime:
-                    continue  # stalled in the wait: re-anchor and take in what queued first
                 waiting = [p for p in playouts if p.active and not p.ready]
                 if waiting:
                     now = yield Wait(deadline + grace, lambda: all(p.ready for p in waiting))
-                    if now > deadline + 2 * ptime and not all(p.ready for p in waiting):
-                        continue
+            if now > deadline + 2 * ptime and any(p.active and not p.ready for p in playouts):
+                continue  # stalled in a wait: re-anchor and take in what queued before any silence
             # Take one ptime from each source; mix-minus (the sink is never among them).
             mixed: np.ndarray | None = None
             contributors = 0
