@@ -614,7 +614,7 @@ class SinkClock:
                     anchor -= shift
                     earliest -= shift  # the window's waits, against the new deadlines
                     run, run_least = 0, _NEVER_S
-            else:
+            elif run:
                 run, run_least = 0, _NEVER_S
             window += 1
             if window == ADJUST_EVERY:
