@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import soxr
 import trio
 
 from conftest import ASSETS
@@ -22,6 +23,7 @@ from gateway.codecs import (
     PCMU_8K,
     AudioFormat,
     AudioFrame,
+    EncodedFrame,
     Encoding,
     OpusDecoder,
     OpusEncoder,
@@ -202,8 +204,9 @@ def test_encoder_at_8k_keeps_silence_packets_and_flush_in_48k_units():
         [120, 240, 480, 960, 2880]
 
 
-def test_no_bitrate_set_asks_for_at_least_24_kbps_below_24k():
-    assert OpusEncoder(1, 20, input_rate=8000).target_bitrate == 24000
+def test_no_bitrate_set_asks_for_at_least_32_kbps_at_8k_and_24_kbps_at_12_and_16k():
+    assert OpusEncoder(1, 20, input_rate=8000).target_bitrate == 32000
+    assert OpusEncoder(1, 20, input_rate=12000).target_bitrate == 24000
     assert OpusEncoder(2, 20, input_rate=16000).target_bitrate == 48000
     assert OpusEncoder(1, 20, input_rate=24000).target_bitrate is None  # libopus's own (27 kb/s)
     assert OpusEncoder(1, 20, input_rate=48000).target_bitrate is None
@@ -271,6 +274,8 @@ async def test_route_from_8k_source_to_argon_encodes_at_8k(tmp_path, monkeypatch
     encoder = route.encoders["bot"]
     assert [type(s) for s in encoder.stages] == [OpusEncoder]  # no resampler after the mix
     assert encoder.input == PCM16_8K and encoder.stages[0].input_rate == 8000
+    assert encoder.stages[0].complexity == 1  # `complexity: auto` at 8 kHz (auto_complexity)
+    assert encoder.stages[0].target_bitrate == 32000
     assert len(published) >= 100
     speech = [p for p in published if len(p) > 3]  # not the silence packets of the start and end
     assert speech and {packet_bandwidth(p) for p in speech} == {NB}
@@ -281,6 +286,7 @@ async def test_route_override_encodes_at_48k(tmp_path, monkeypatch):
     route, published = await run_bridge(tmp_path, monkeypatch, ", opus_input_rate: 48000", waveform=True)
     encoder = route.encoders["bot"]
     assert encoder.input == PCM16_48K and encoder.stages[0].input_rate == 48000
+    assert encoder.stages[0].complexity == 5  # `complexity: auto` above 8 kHz
     speech = [p for p in published if len(p) > 3]
     assert speech and {packet_bandwidth(p) for p in speech} == {FB}
 
@@ -314,3 +320,67 @@ def test_argon_option_opus_input_rate():
         with pytest.raises(ConfigError, match=r"gw\.yaml:8: routes\[0\]\.endpoints\[1\]\.argon\.opus_input_rate: "
                                               r"expected one of auto, 8000, 12000, 16000, 24000, 48000, got"):
             build(f", opus_input_rate: {bad}")
+
+
+def test_argon_option_complexity():
+    assert build().encoder_options["opus_complexity"] == "auto"  # the default
+    assert build(", complexity: auto").encoder_options["opus_complexity"] == "auto"
+    assert build(", complexity: 3").encoder_options["opus_complexity"] == 3
+    assert build(", complexity: '0'").encoder_options["opus_complexity"] == 0
+    with pytest.raises(ConfigError, match=r"argon\.complexity: expected auto or an integer 0-10, got 'fast'"):
+        build(", complexity: fast")
+    with pytest.raises(ConfigError, match=r"argon\.complexity: expected at most 10, got 11"):
+        build(", complexity: 11")
+
+
+# --- complexity auto ---------------------------------------------------------------------------
+
+def pesq_nb(pcm8k: np.ndarray, *, loss: float, fec: bool, **options) -> float:
+    """PESQ NB (ITU-T P.862) of 8 kHz speech through an 8 kHz-input Opus encoder and back:
+    `loss` of the packets dropped (a fixed seed), each lost one rebuilt from the next
+    packet's FEC when there is one (OpusDecoder.conceal), the decoded 48 kHz brought to 8 kHz
+    and aligned on the encoder's lookahead."""
+    from pesq import pesq  # a dev dependency (pyproject.toml)
+
+    encoder = OpusEncoder(1, 20, input_rate=8000, fec=fec, **options)
+    packets = [encoder.process(AudioFrame(np.ascontiguousarray(pcm8k[i : i + 160, None]), 8000, i))[0].payload
+               for i in range(0, len(pcm8k) - 159, 160)]
+    lost = np.random.default_rng(7).random(len(packets)) < loss
+    decoder, out = OpusDecoder(1), []
+    for i, packet in enumerate(packets):
+        if not lost[i]:
+            out += [f.pcm for f in decoder.process(EncodedFrame(packet, OPUS_48K, 960, 960 * i))]
+        else:
+            after = packets[i + 1] if i + 1 < len(packets) and not lost[i + 1] else None
+            out.append(decoder.conceal(960, after).pcm)
+    heard = soxr.resample(np.concatenate(out)[:, 0].astype(np.float64), 48000, 8000)  # zero phase
+    heard = heard[encoder.delay // 6 :]  # the lookahead, 6.5 ms
+    n = min(len(heard), len(pcm8k))
+    return pesq(8000, pcm8k[:n].astype(np.float64), heard[:n], "nb")
+
+
+def test_auto_complexity_is_1_at_8k_and_5_above_and_an_explicit_one_stays():
+    assert OpusEncoder(1, 20, input_rate=8000, complexity="auto").complexity == 1
+    for rate in (12000, 16000, 24000, 48000):
+        assert OpusEncoder(1, 20, input_rate=rate, complexity="auto").complexity == 5
+    assert OpusEncoder(1, 20, input_rate=8000, complexity=5).complexity == 5
+    assert plan(PCMU_8K, OPUS_48K, ptime_ms=20, opus_complexity="auto").stages[-1].complexity == 1
+    with pytest.raises(ValueError, match="complexity must be 0-10 or 'auto', got 'fast'"):
+        OpusEncoder(1, 20, input_rate=8000, complexity="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fec", "loss"), [(True, 0.0), (True, 0.1), (False, 0.0)],
+                         ids=["silk-fec", "silk-fec-10%-loss", "celt"])
+def test_auto_complexity_at_8k_codes_speech_as_well_as_complexity_5_at_24_kbps(fec, loss):
+    # complexity 1 costs half the CPU of 5 (bench/README.md, twelfth measurement); its 32 kb/s
+    # floor is what buys the quality back: at 24 kb/s complexity 1 scores ~0.1 lower. With
+    # FEC (the Argon dial's default) under loss; CELT (no FEC: an Argon listen channel, whose
+    # bots hear it over TCP) without: under loss with no FEC at all it scores 0.03 lower.
+    for name in ("or105.wav", "or109.wav"):
+        pcm, rate = read_wav(ASSETS / name)
+        assert rate == 8000
+        before = pesq_nb(pcm[:, 0], loss=loss, fec=fec, complexity=5, bitrate=24000)
+        now = pesq_nb(pcm[:, 0], loss=loss, fec=fec, complexity="auto")
+        cheap = pesq_nb(pcm[:, 0], loss=loss, fec=fec, complexity=1, bitrate=24000)
+        assert now >= before - 0.02, (name, now, before)
+        assert cheap < now - 0.05, (name, cheap, now)  # the floor matters

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import Literal
 
 import attrs
 import numpy as np
@@ -54,11 +55,22 @@ MAX_PACKET_BYTES = 4000  # output buffer; libopus's recommended maximum packet s
 #: Frame durations (ms) the encoder takes: 2.5 ms is not a whole ms; 80-120 ms need libopus >= 1.2.
 OPUS_PTIMES_MS = (5, 10, 20, 40, 60, 80, 100, 120)
 OPUS_FRAME_SAMPLES = frozenset([PLC_GRANULE] + [ms * SAMPLES_PER_MS for ms in OPUS_PTIMES_MS])
-#: bit/s per channel asked for when no bitrate is set and the input is 8, 12 or 16 kHz, where
-#: libopus's automatic choice (11, 15, 19 kb/s) is lower. Measured here (or105/or109 speech
-#: at 8 kHz, complexity 5, FEC for 10 %, PESQ NB): automatic (8.5 kb/s) scores 4.15, 24 kb/s
-#: (20 kb/s VBR) 4.32, the old 48 kHz path (38 kb/s) 4.45.
-AUTO_MIN_BITRATE = 24000
+#: bit/s per channel asked for when no bitrate is set, by input rate (8, 12 and 16 kHz, where
+#: libopus's automatic choice, 11, 15 and 19 kb/s, is lower). Measured here (or105/or109
+#: speech at 8 kHz, FEC for 10 %, PESQ NB): at complexity 5, automatic (8.5 kb/s) scores
+#: 4.15, 24 kb/s (20 kb/s VBR) 4.25-4.39, the old 48 kHz path (38 kb/s) 4.45. At 8 kHz the
+#: floor is 32 kb/s (26-27 kb/s VBR): with it complexity 1 (AUTO_COMPLEXITY) scores 4.28-4.41,
+#: no worse than complexity 5 at 24 kb/s, for half the encoder's CPU (bench/README.md,
+#: "twelfth measurement").
+AUTO_MIN_BITRATE = {8000: 32000, 12000: 24000, 16000: 24000}
+#: OPUS_SET_COMPLEXITY of an encoder configured `auto` (the Argon endpoints' default), by input
+#: rate; AUTO_COMPLEXITY_DEFAULT at the rates not listed. At 8 kHz input (a phone call),
+#: complexity 1 with AUTO_MIN_BITRATE's 32 kb/s codes speech as well as complexity 5 at 24
+#: kb/s did, SILK with FEC or CELT alike, at every loss rate measured (0-20 %), in 38 µs per
+#: 20 ms frame against 82 µs (SILK with FEC; CELT: 37 against 57). At 16 kHz complexity 1
+#: lost 0.25 PESQ WB even at 32 kb/s, so wider input keeps 5.
+AUTO_COMPLEXITY = {8000: 1}
+AUTO_COMPLEXITY_DEFAULT = 5
 FEC_PACKET_LOSS_PERC = 10  # default expected loss (%) told to the encoder when FEC is on
 SILENCE_FRAME = b"\xff\xfe"  # a CELT frame that decodes to digital silence (the "F8 FF FE" packet's payload)
 APPLICATIONS = {
@@ -91,6 +103,12 @@ _packet_get_bandwidth.restype = ctypes.c_int
 _strerror = _lib["opus_strerror"]
 _strerror.argtypes = (ctypes.c_int,)
 _strerror.restype = ctypes.c_char_p
+
+
+def auto_complexity(input_rate: int) -> int:
+    """The OPUS_SET_COMPLEXITY (0-10) of an encoder configured `auto` at `input_rate` Hz:
+    AUTO_COMPLEXITY, or AUTO_COMPLEXITY_DEFAULT at a rate it does not list."""
+    return AUTO_COMPLEXITY.get(input_rate, AUTO_COMPLEXITY_DEFAULT)
 
 
 def opus_strerror(code: int) -> str:
@@ -262,7 +280,8 @@ class OpusEncoder:
     """Target bits per second (500-512000); None keeps libopus's automatic choice, which
     scales with the input rate (60 x packets per second + input_rate x channels: ~51 kb/s
     for 48 kHz mono in 20 ms, ~11 kb/s for 8 kHz), except that at 8, 12 and 16 kHz input it
-    is raised to AUTO_MIN_BITRATE per channel (`target_bitrate`)."""
+    is raised to AUTO_MIN_BITRATE per channel (32 kb/s at 8 kHz, 24 at 12 and 16;
+    `target_bitrate`)."""
     dtx: bool = attrs.field(default=False, kw_only=True)
     """Discontinuous transmission (OPUS_SET_DTX)."""
     fec: bool = attrs.field(default=False, kw_only=True)
@@ -278,9 +297,11 @@ class OpusEncoder:
     """Packets replaced because of `min_packet_bytes`."""
     input_rate: int = attrs.field(default=OPUS_RATE, kw_only=True)
     """Sample rate of the PCM input, Hz: one of OPUS_INPUT_RATES (opuslib.Encoder(fs, ...))."""
-    complexity: int | None = attrs.field(default=None, kw_only=True)
-    """0-10 (OPUS_SET_COMPLEXITY); None keeps libopus's default (10). Measured here on speech:
-    ~250 µs per 20 ms mono frame at 10, ~56 µs at 5, for a small loss of quality."""
+    complexity: int | Literal["auto"] | None = attrs.field(default=None, kw_only=True)
+    """0-10 (OPUS_SET_COMPLEXITY); None keeps libopus's default (10); "auto" is
+    `auto_complexity(input_rate)` (1 at 8 kHz, 5 above), and reads as that number once the
+    encoder is made. Measured here on speech: ~250 µs per 20 ms mono frame at 10, ~56 µs at 5,
+    for a small loss of quality."""
     input: AudioFormat = attrs.field(init=False)
     output: AudioFormat = attrs.field(init=False)
     delay: int = attrs.field(init=False)
@@ -302,6 +323,8 @@ class OpusEncoder:
             raise ValueError(f"Opus input rate must be one of {', '.join(map(str, OPUS_INPUT_RATES))} Hz, "
                              f"got {self.input_rate}")
         self.input = AudioFormat(Encoding.PCM16, self.input_rate, self.channels)
+        if self.complexity == "auto":
+            self.complexity = auto_complexity(self.input_rate)
         self._scale = OPUS_RATE // self.input_rate
         self._frame_sizes = frozenset(n // self._scale for n in OPUS_FRAME_SAMPLES)
         if self.ptime_ms is not None and self.ptime_ms not in OPUS_PTIMES_MS:
@@ -322,10 +345,11 @@ class OpusEncoder:
         try:
             if self.target_bitrate is not None:
                 set_(state, ctl.set_bitrate, self.target_bitrate)
-            if self.complexity is not None:
-                if not 0 <= self.complexity <= 10:
-                    raise ValueError(f"Opus complexity must be 0-10, got {self.complexity}")
-                set_(state, ctl.set_complexity, self.complexity)
+            complexity = self.complexity  # "auto" was resolved in __attrs_post_init__
+            if complexity is not None:
+                if not isinstance(complexity, int) or not 0 <= complexity <= 10:
+                    raise ValueError(f"Opus complexity must be 0-10 or 'auto', got {complexity!r}")
+                set_(state, ctl.set_complexity, complexity)
             set_(state, ctl.set_max_bandwidth, OPUS_MAX_BANDWIDTH[self.input_rate])
             set_(state, ctl.set_dtx, int(self.dtx))
             set_(state, ctl.set_inband_fec, int(self.fec))
@@ -338,9 +362,10 @@ class OpusEncoder:
     @property
     def target_bitrate(self) -> int | None:
         """The bitrate asked of libopus (OPUS_SET_BITRATE): `bitrate`, or for None at an
-        input rate of 16 kHz or less AUTO_MIN_BITRATE per channel; None: libopus's own."""
-        if self.bitrate is None and self.input_rate <= 16000:
-            return AUTO_MIN_BITRATE * self.channels
+        input rate of 16 kHz or less AUTO_MIN_BITRATE[input_rate] per channel; None:
+        libopus's own."""
+        if self.bitrate is None and self.input_rate in AUTO_MIN_BITRATE:
+            return AUTO_MIN_BITRATE[self.input_rate] * self.channels
         return self.bitrate
 
     @property

@@ -8,7 +8,7 @@ OpusEncoder). One chain per stream direction: every stage holds that stream's st
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import attrs
 
@@ -123,7 +123,7 @@ def plan(
     *,
     ptime_ms: int | None = None,
     opus_bitrate: int | None = None,
-    opus_complexity: int | None = None,
+    opus_complexity: int | Literal["auto"] | None = None,
     opus_fec: bool = False,
     opus_expected_loss_pct: int = FEC_PACKET_LOSS_PERC,
     opus_min_packet_bytes: int = 0,
@@ -134,8 +134,9 @@ def plan(
     `ptime_ms`: when given, the output comes in frames of exactly that duration (a Reframer
     before the encoder, or last for PCM); when None, output frames follow the input's (for an
     Opus `dst` the caller then promises frames of a valid Opus size). `opus_bitrate` (bit/s),
-    `opus_complexity`, `opus_fec` with `opus_expected_loss_pct` (in-band FEC and the loss it
-    is tuned for) and `opus_min_packet_bytes` (shorter packets become silence packets)
+    `opus_complexity` (0-10, or "auto": by the input rate, `auto_complexity`), `opus_fec`
+    with `opus_expected_loss_pct` (in-band FEC and the loss it is tuned for) and
+    `opus_min_packet_bytes` (shorter packets become silence packets)
     configure an Opus encoder (`OpusEncoder`). `opus_input_rate` is the rate (Hz) the Opus
     encoder takes its PCM at: None (auto) picks `opus_input_rate_for(src)`, the lowest Opus
     input rate at or above the source's (u-law 8 kHz -> 8000: no Resampler, narrowband

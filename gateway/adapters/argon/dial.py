@@ -33,7 +33,7 @@ import collections
 import logging
 import random
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import httpx
 import jwt
@@ -95,7 +95,9 @@ from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.endpoint.argon")
 
-DEFAULT_COMPLEXITY = 5  # libopus 0-10: 5 costs ~1/4 of the CPU of 10 at nearly the same speech quality
+#: libopus 0-10, or "auto": by the encoder's input rate (gateway.codecs.opus.auto_complexity: 1 for a
+#: phone call's 8 kHz, with a 32 kb/s floor, 5 above; 5 costs ~1/4 of the CPU of 10 at nearly the same quality)
+DEFAULT_COMPLEXITY: Literal["auto"] = "auto"
 # opus_input_rate: auto (None) by default: what is published is encoded at the rate of the audio
 # it is made of (`opus_input_rate_for`), so an 8 kHz call is fed to libopus as it is, with no 8 ->
 # 48 kHz resampler, and coded narrowband (SILK) at about half the encoder CPU. Judged by PESQ
@@ -404,7 +406,7 @@ class ArgonDial(WsEndpoint[EncodedFrame]):
         ingress_path: str = "/audio/connect",
         ready_wait: float = READY_WAIT,
         bitrate: int | None = None,
-        complexity: int = DEFAULT_COMPLEXITY,
+        complexity: int | Literal["auto"] = DEFAULT_COMPLEXITY,
         opus_fec: bool = True,
         expected_loss_pct: int = DEFAULT_EXPECTED_LOSS_PCT,
         opus_input_rate: int | None = DEFAULT_OPUS_INPUT_RATE,
@@ -518,7 +520,7 @@ class ArgonDial(WsEndpoint[EncodedFrame]):
             ingress_path=opts.get_str("ingress_path", service.ingress_path),
             ready_wait=opts.get_int("ready_wait_ms", int(READY_WAIT * 1000), minimum=0) / 1000,
             bitrate=opts.get_int("bitrate", None, minimum=6000, maximum=510000),
-            complexity=opts.get_int("complexity", DEFAULT_COMPLEXITY, minimum=0, maximum=10),
+            complexity=_complexity(opts),
             opus_fec=opts.get_bool("opus_fec", True),
             expected_loss_pct=opts.get_int("expected_loss_pct", DEFAULT_EXPECTED_LOSS_PCT, minimum=0, maximum=100),
             opus_input_rate=_opus_input_rate(opts),
@@ -838,6 +840,17 @@ class ArgonDial(WsEndpoint[EncodedFrame]):
         for session in list(self.sessions):
             session.closing = True
         await self._close_all()
+
+
+def _complexity(opts: Options) -> int | Literal["auto"]:
+    """Option `complexity`: `auto` by default (DEFAULT_COMPLEXITY: by the encoder's input rate,
+    `gateway.codecs.opus.auto_complexity`), or 0-10 (OPUS_SET_COMPLEXITY) at every rate."""
+    value = opts.raw("complexity", "auto")
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and not value.strip().isdigit() and "${" not in value:
+        raise opts.error("complexity", f"expected auto or an integer 0-10, got {value!r}")
+    return opts.get_int("complexity", minimum=0, maximum=10)
 
 
 def _opus_input_rate(opts: Options) -> int | None:

@@ -498,10 +498,10 @@ class ArgonListen(Endpoint[Frame]):
             self.ingress = OPUS_48K_STEREO if stereo else OPUS_48K
         self.egress = OPUS_48K_STEREO if stereo else OPUS_48K
         self.ptime_ms = frame_duration_ms
-        # complexity 5 as ArgonDial: a quarter of the CPU of 10. FEC is off by default here: the
+        # complexity "auto" as ArgonDial (1 at 8 kHz input, 5 above: opus.auto_complexity). FEC is off by default here: the
         # bots hear us over our own TCP socket, where nothing is lost, and it doubles the
         # encoder's cost (OpusEncoder); a relay onward may want it (`opus_fec: true`).
-        self.encoder_options = {"opus_complexity": 5, "opus_fec": opus_fec, "opus_expected_loss_pct": expected_loss_pct}
+        self.encoder_options = {"opus_complexity": "auto", "opus_fec": opus_fec, "opus_expected_loss_pct": expected_loss_pct}
         self.playout: OpusPlayout | None = None
         """This session's playout of the publishing bot (None with `concealment=False`)."""
         self._packets: trio.MemorySendChannel[tuple[bytes, float]] | None = None
