@@ -68,7 +68,7 @@ routes, measured once before the first N) ÷ N.
 
 `--compare-ffmpeg`: after the gateway at each N (never at the same time), N ffmpeg processes,
 one per call, doing the route's transcoding in real time: RTP u-law 8 kHz in over UDP from this
-script (the same audio and pacing as the calls), decode, resample to 48 kHz, libopus 20 ms mono
+script (the same audio and pacing as the calls), decode, libopus 20 ms mono at the call's 8 kHz
 with the argon dial's encoder settings (`FFMPEG_OPUS`), RTP out over UDP back to this script,
 which analyses the packets like the channels' (bench/_common.py `run_ffmpeg`). Measured: CPU
 of all the processes, Σ RSS and Σ PSS ÷ N, and whether they keep real time (behind, late).
@@ -127,6 +127,7 @@ from _common import (  # noqa: E402, F401 - names other scripts and notebooks im
     run_ffmpeg,
     stop_process,
 )
+from gateway.adapters.argon.dial import DEFAULT_COMPLEXITY, DEFAULT_EXPECTED_LOSS_PCT  # noqa: E402
 from gateway.codecs import G711Encoder, OpusDecoder, plan  # noqa: E402
 from gateway.codecs.formats import OPUS_48K, PCM16_8K, AudioFrame, EncodedFrame  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
@@ -145,11 +146,13 @@ CONNECT_TIMEOUT = 30.0  # seconds for every route to deliver its first packet (p
 CONNECT_PER_ROUTE = 0.2  # seconds added to CONNECT_TIMEOUT per route
 SEND_MARGIN = 60.0  # seconds of source audio beyond warm-up + window (bounds the send loops)
 
-# --compare-ffmpeg: the argon dial's Opus encoder (gateway/adapters/argon/dial.py defaults:
-# application audio, bitrate libopus auto = 60 x 48000 / 960 + 48000 = 51 kb/s for mono 20 ms,
-# VBR, complexity 5, in-band FEC tuned for 10 % loss), the same job as ffmpeg arguments.
-FFMPEG_OPUS = ("-ac", "1", "-af", "aresample=48000", "-c:a", "libopus", "-application", "audio",
-               "-b:a", "51k", "-vbr", "on", "-compression_level", "5", "-frame_duration", "20",
+# --compare-ffmpeg: the argon dial's Opus encoder (gateway/adapters/argon/dial.py defaults,
+# for a phone call: input at the call's 8 kHz, no resampler; application audio, complexity
+# auto = 1 at 8 kHz, bitrate floor 32 kb/s, VBR, in-band FEC tuned for 10 % loss), the same
+# job as ffmpeg arguments. Until the twelfth measurement (bench/README.md) both used the
+# 48 kHz path at complexity 5 and 51 kb/s.
+FFMPEG_OPUS = ("-ac", "1", "-c:a", "libopus", "-application", "audio",
+               "-b:a", "32k", "-vbr", "on", "-compression_level", "1", "-frame_duration", "20",
                "-fec", "1", "-packet_loss", "10")
 
 
@@ -442,19 +445,20 @@ def decimate(y48: np.ndarray) -> np.ndarray:
 
 
 def chain_delay_ms() -> tuple[float, float]:
-    """The route's codec chain (voipbin PCM 8 kHz → PCM 48 kHz → Opus 20 ms, as Route plans
-    it) run offline on the speech, measured with the latency method: (measured, declared) ms."""
-    decode = plan(PCM16_8K, OPUS_48K.as_pcm())
-    encode = plan(OPUS_48K.as_pcm(), OPUS_48K)
+    """The route's codec chain (voipbin PCM 8 kHz → Opus 20 ms at 8 kHz input with the argon
+    dial's defaults, as Route plans it: no resampler) run offline on the speech, measured
+    with the latency method: (measured, declared) ms."""
+    encode = plan(PCM16_8K, OPUS_48K, opus_input_rate=RATE, opus_complexity=DEFAULT_COMPLEXITY, opus_fec=True,
+                  opus_expected_loss_pct=DEFAULT_EXPECTED_LOSS_PCT)
     decoder = OpusDecoder(1)
     x = load_speech()
     out = []
     for k in range(len(x) // FRAME):
-        for pcm in decode.process(AudioFrame(x[k * FRAME : (k + 1) * FRAME].reshape(FRAME, 1), RATE, k * FRAME)):
-            out += [decoder.process(packet)[0].pcm[:, 0] for packet in encode.process(pcm)]
+        frame = AudioFrame(x[k * FRAME : (k + 1) * FRAME].reshape(FRAME, 1), RATE, k * FRAME)
+        out += [decoder.process(packet)[0].pcm[:, 0] for packet in encode.process(frame)]
     y = decimate(np.concatenate(out))
     off, _ = best_offset(y, RATE, len(y) - RATE, x.astype(np.float64), -FRAME, FRAME)
-    return off / RATE * 1000, decode.delay_ms + encode.delay_ms
+    return off / RATE * 1000, encode.delay_ms
 
 
 def decode_channel(packets: list[bytes]) -> np.ndarray:
@@ -551,7 +555,7 @@ def details(r: Result) -> str:
 # ------------------------------------------------------------------------ --compare-ffmpeg
 def ffmpeg_job(n: int, seconds: float, warmup: float) -> tuple[list[FfInput], list[FfOutput], int]:
     """What one ffmpeg per call does: RTP u-law 8 kHz in (call i's audio, as the gateway's
-    calls send it), decode, resample to 48 kHz, Opus 20 ms mono (FFMPEG_OPUS), RTP out."""
+    calls send it), decode, Opus 20 ms mono from 8 kHz input (FFMPEG_OPUS), RTP out."""
     connect_timeout = CONNECT_TIMEOUT + CONNECT_PER_ROUTE * n
     source = load_source(connect_timeout + warmup + seconds + SEND_MARGIN)
     speech_frames = len(load_speech()) // FRAME
@@ -621,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
           "(cross-correlation, see the docstring)")
     measured, declared = chain_delay_ms()
     print(f"algorithmic delay of the chain, offline, same method: {measured:.2f} ms "
-          f"(its stages declare {declared:.2f} ms: resampler group delay + Opus lookahead)\n")
+          f"(its stages declare {declared:.2f} ms: the Opus lookahead; no resampler at 8 kHz input)\n")
     results = []
     sides: list[_common.Side] = []
     with tempfile.TemporaryDirectory(prefix="bench_routes_") as tmp:
