@@ -50,7 +50,7 @@ RATE = 48000
 N = 960  # samples of one 20 ms packet
 SPACE = "550e8400-e29b-41d4-a716-446655440000"
 CHANNEL = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
-#: What the Argon dial publishes with (its defaults: complexity 5, FEC tuned for 10 % loss, no
+#: What the Argon dial publishes with (its defaults: complexity auto, 5 at 48 kHz input; FEC tuned for 10 % loss, no
 #: packet under 3 bytes), read from the endpoint itself.
 ARGON = ArgonDial("probe", api_url="http://127.0.0.1:9", bot_token="t", space_id=SPACE, channel_id=CHANNEL).encoder_options
 
@@ -344,7 +344,7 @@ def test_silence_packets_decode_to_digital_silence_of_their_duration(channels):
 
 def test_expected_loss_decides_whether_libopus_codes_fec(speech):
     """OPUS_SET_PACKET_LOSS_PERC is what switches libopus 1.3 to hybrid (the only mode with
-    LBRR): at the Argon dial's complexity 5 ('audio', no signal analysis) from 6 % on; at 5 %
+    LBRR): at the Argon dial's complexity at 48 kHz, 5 ('audio', no signal analysis below 7) from 6 % on; at 5 %
     or less it stays CELT and no packet carries FEC, whatever `fec` says."""
     pcm = speech[: 4 * RATE]
     share = {}

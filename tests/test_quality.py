@@ -24,8 +24,8 @@ NB = 4000  # Hz: the audio band a narrowband TOC names
 
 def argon_opus(pcm: np.ndarray, rate: int) -> tuple[np.ndarray, list[bytes]]:
     """int16 (samples,) at `rate` Hz (8 or 16 kHz) through the Opus encoder of what an Argon
-    bot publishes (its defaults: complexity 5, FEC for 10 % loss, input at the source's rate),
-    decoded at 48 kHz: (int16 (samples, 1) at 48 kHz, the packets)."""
+    bot publishes (its defaults: complexity auto, so 1 at 8 kHz and 5 at 16; FEC for 10 % loss;
+    input at the source's rate), decoded at 48 kHz: (int16 (samples, 1) at 48 kHz, the packets)."""
     src = AudioFormat(Encoding.PCM16, rate, 1)
     chain = plan(src, OPUS_48K, ptime_ms=20, opus_complexity=DEFAULT_COMPLEXITY, opus_fec=True,
                  opus_expected_loss_pct=DEFAULT_EXPECTED_LOSS_PCT, opus_min_packet_bytes=PUBLISH_MIN_PACKET)
