@@ -677,6 +677,37 @@ async def test_a_silent_stream_is_closed_after_the_idle_timeout(tmp_path, speech
         nursery.cancel_scope.cancel()
 
 
+async def test_the_idle_timeout_counts_from_the_last_message_not_from_a_refresh(tmp_path, speech_clip):
+    """A stream that sends media for a while and then nothing is closed no sooner than
+    `idle_timeout_s` after its last message. (The deadline used to move only every half idle
+    period, so a stream quiet from just before a refresh was closed after half the timeout.)"""
+    routes = CALL.replace("parameters: {greeting: \"hi & <welcome>\"}", "idle_timeout_s: 0.6")
+    async with trio.open_nursery() as nursery:
+        gateway = await start(nursery, routes, out=tmp_path, voice=speech_clip)
+        url = media_url(gateway)
+        from gateway.adapters.wsclient import connect
+
+        ws = await connect(url, extra_headers=signed_headers(url))
+        t0 = trio.current_time()
+        twilio = Twilio(ws)
+        await twilio.hello()
+        last = trio.current_time()
+        while last - t0 < 0.27:  # media up to just before half the idle period
+            await twilio.media(b"\xff" * 160)
+            last = trio.current_time()  # the last message went out by then
+            await trio.sleep(0.02)
+        with trio.fail_after(5):
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed as closed:
+                reason = closed.reason
+        quiet = trio.current_time() - last
+        assert (reason.code, reason.reason) == (1008, "idle timeout: no message for 0.6 s")
+        assert quiet >= 0.6, f"closed {quiet:.3f} s after the last message, before the 0.6 s idle timeout"
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_dropped_bot_connection_reconnects_with_a_new_stream(tmp_path, speech_clip):
     starts: list[dict] = []
 

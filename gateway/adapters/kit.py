@@ -41,7 +41,9 @@ How to use the kit
    `ListenSlot` (one client at a time, 409 for a second, 503 while its route is down). A
    listen role on plain TCP (AudioSocket) holds a `Handoff` of its own connection type (the
    same rules; a refusal is a `Refused(status, cause)` it answers in its protocol's way).
-   `secret_in(presented, secrets)` checks a presented token in constant time.
+   `secret_in(presented, secrets)` checks a presented token in constant time. A session's
+   `idle_timeout_s` is an `IdleLimit`: `with limit.scope:` around the receive loop,
+   `limit.activity()` for each well-formed message, `limit.hold()` before a refusal's close.
 
 5. **Playout, barge-in and marks**: a peer whose audio must be played at real time, with
    marks and clear (the Twilio dial role's server, a bot's text to speech faster than real
@@ -72,6 +74,7 @@ import trio
 
 from gateway.adapters.listen import (
     Handoff,
+    IdleLimit,
     ListenService,
     ListenSlot,
     PendingSession,
@@ -97,6 +100,7 @@ __all__ = [
     "GOODBYE_SEND_S",
     "KINDS",
     "Handoff",
+    "IdleLimit",
     "Kind",
     "ListenService",
     "ListenSlot",

@@ -1,7 +1,7 @@
 """The listen roles' kit: `ListenService` (one per kind and process: the paths it serves and
 its endpoints), `Handoff` (the hand-off of accepted sessions from a server's task to a listen
-endpoint; `ListenSlot` for WebSocket upgrades) and `secret_in` (a presented token checked in
-constant time).
+endpoint; `ListenSlot` for WebSocket upgrades), `secret_in` (a presented token checked in
+constant time) and `IdleLimit` (a session's `idle_timeout_s`).
 
 The media server runs each upgrade in a handler task that must live as long as the
 connection; the endpoint's `run()` runs in its route's nursery. A `ListenSlot` joins the two:
@@ -12,6 +12,7 @@ takes it, accepts the upgrade and streams; when the session ends the handler ret
 from __future__ import annotations
 
 import hmac
+import math
 from typing import TYPE_CHECKING, Any, Generic, Iterable, Protocol, Self, TypeVar
 
 import attrs
@@ -163,3 +164,36 @@ class ListenService:
     def settings(self) -> Any:
         """`services.<kind>` of the running config."""
         return getattr(self.runtime.config.services, self.kind)
+
+
+class IdleLimit:
+    """The idle limit of one session's receive loop: `scope` (a `trio.CancelScope`, entered
+    around the loop) expires `idle` seconds (trio time) after the limit was made or after the
+    last `activity()`, whichever is later; `idle` <= 0: no limit.
+
+    After the `with limit.scope:` block, `expired` says that the limit ended it. `hold()` lifts
+    the limit while the loop awaits something other than its peer, such as closing the
+    connection over a protocol error. It is one scope per session, and its deadline is moved
+    exactly by each activity: the limit never ends a session before `idle` seconds of silence
+    (the listen endpoints' `idle_timeout_s`)."""
+
+    __slots__ = ("idle", "scope")
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.scope = trio.CancelScope(deadline=trio.current_time() + idle if idle > 0 else math.inf)
+
+    def activity(self, now: float | None = None) -> None:
+        """A well-formed message (or frame) came at trio time `now` (default: the current
+        time, read only when there is a limit): the limit is `idle` s from then."""
+        if self.idle > 0:
+            self.scope.deadline = (trio.current_time() if now is None else now) + self.idle
+
+    def hold(self) -> None:
+        """No limit from now on (this session)."""
+        self.scope.deadline = math.inf
+
+    @property
+    def expired(self) -> bool:
+        return self.scope.cancelled_caught
+

@@ -63,7 +63,6 @@ An error frame from the peer (kind 0xff) is logged with its code and the call go
 from __future__ import annotations
 
 import collections
-import math
 import uuid as uuid_module
 from collections.abc import Callable
 
@@ -95,7 +94,7 @@ from gateway.adapters.audiosocket.wire import (
     hangup_frame,
     uuid_frame,
 )
-from gateway.adapters.listen import Handoff
+from gateway.adapters.listen import Handoff, IdleLimit
 from gateway.codecs.formats import VALID_PTIMES_MS, AudioFormat, AudioFrame, Encoding
 from gateway.config.options import Options
 from gateway.config.schema import HostPort
@@ -159,20 +158,17 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
         self.stats.connects += 1
         ingress = PcmIngress(emit, self.rate, self.stats)
         start = trio.current_time()
-        idle = self.idle_timeout
-        # one scope for the session, its deadline moved by each read that completes a frame
-        waiting = trio.CancelScope(deadline=start + idle if idle > 0 else math.inf)
+        idle = IdleLimit(self.idle_timeout)  # moved by each read that completes a frame
         try:
             try:
                 self._dispatch(pending, ingress, peer)
-                with waiting:
+                with idle.scope:
                     while True:
                         data = await stream.receive_some(RECEIVE_BYTES)
                         events = parser.receive_data(data)
                         if events:
                             now = trio.current_time()
-                            if idle > 0:
-                                waiting.deadline = now + idle
+                            idle.activity(now)
                             self._dispatch(events, ingress, peer)
                             if not self.bursty and ingress.timestamp / self.rate > now - start + UNPACED_AHEAD_S:
                                 self._found_unpaced(peer)
@@ -180,10 +176,10 @@ class _AudioSocketEndpoint(Endpoint[AudioFrame]):
                             raise CallEnded("closed")
                 # only the idle deadline ends the loop without raising
                 self.log.warning("closing the AudioSocket connection: idle timeout: %s sent no frame for %g s "
-                                 "(idle_timeout_s: 0 turns the limit off)", peer, idle)
+                                 "(idle_timeout_s: 0 turns the limit off)", peer, idle.idle)
                 await self._stop_sending()
                 await self._hangup(stream)
-                raise CallEnded(f"idle timeout: no frame for {idle:g} s")
+                raise CallEnded(f"idle timeout: no frame for {idle.idle:g} s")
             except RemoteProtocolError as err:
                 self.log.warning("closing the AudioSocket connection: %s broke the protocol: %s", peer, err)
                 await self._stop_sending()

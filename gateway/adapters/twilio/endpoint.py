@@ -59,7 +59,7 @@ from typing import NoReturn
 import trio
 from trio_websocket import ConnectionClosed
 
-from gateway.adapters.listen import ListenSlot
+from gateway.adapters.listen import IdleLimit, ListenSlot
 from gateway.adapters.playback import Playback
 from gateway.adapters.twilio import wire
 from gateway.adapters.twilio.config import account_sid_option
@@ -299,27 +299,21 @@ class TwilioListen(_TwilioEndpoint):
     async def _receive(self, ws: WebSocket, proto: wire.StreamServer, emit: Emit, peer: str) -> None:
         """Receive until the stream ends: raises CallEnded (stop, close, idle) or RemoteProtocolError."""
         stats = self.stats
-        idle = self.idle_timeout
-        # one scope for the whole session; its deadline is moved forward at most twice per idle
-        # period (not per message: a deadline change re-sorts trio's deadline heap)
-        now = trio.current_time()
-        waiting = trio.CancelScope(deadline=now + idle if idle > 0 else math.inf)
-        refresh = now + idle / 2
+        # from the upgrade, moved by every message (the limit never ends a stream before
+        # `idle_timeout` s without one); `refuse` runs with it held
+        idle = IdleLimit(self.idle_timeout)
         timestamp = 0
-        with waiting:
+        with idle.scope:
             while True:
                 try:
                     message = await ws.get_message()
                 except ConnectionClosed as closed:
                     raise CallEnded(f"Twilio {close_description(closed)}") from None
-                if idle > 0:
-                    now = trio.current_time()
-                    if now >= refresh:
-                        waiting.deadline, refresh = now + idle, now + idle / 2
+                idle.activity()
                 try:
                     event = proto.receive(message)
                 except RemoteProtocolError as err:
-                    waiting.deadline = math.inf
+                    idle.hold()
                     await refuse(ws, err, self.log, "Twilio media stream")
                     raise
                 if type(event) is wire.Media:

@@ -68,7 +68,7 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed
 
-from gateway.adapters.listen import ListenSlot, secret_in
+from gateway.adapters.listen import IdleLimit, ListenSlot, secret_in
 from gateway.adapters.voipbin.dtmf import PT_TELEPHONE_EVENT, DtmfSender
 from gateway.adapters.voipbin.wire import (
     Audio,
@@ -208,13 +208,10 @@ class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
         self.bursty = False  # until this session's peer shows it sends unpaced (Headerless)
         self._rx_timestamp = 0  # of the frames emitted without a jitter buffer (not rtp)
         playout = self._playout  # rtp: audio goes to the jitter buffer
-        idle = self.idle_timeout
-        # one scope for the whole session, its deadline moved per message (a scope per message
-        # costs more than the rest of the loop's bookkeeping); only `refuse` awaits besides
-        # get_message, and it runs with the deadline lifted
-        waiting = trio.CancelScope(deadline=trio.current_time() + idle if idle > 0 else math.inf)  # from the upgrade
+        # from the upgrade; only `refuse` awaits besides get_message, and it runs with the limit held
+        idle = IdleLimit(self.idle_timeout)
         try:
-            with waiting:
+            with idle.scope:
                 while True:
                     try:
                         message = await ws.get_message()
@@ -223,11 +220,10 @@ class _VoipbinEndpoint(WsEndpoint[AudioFrame]):
                     try:
                         events = proto.receive(message)
                     except RemoteProtocolError as err:
-                        waiting.deadline = math.inf
+                        idle.hold()
                         await session.refuse(err, self.log, "media stream")
                         raise
-                    if idle > 0:
-                        waiting.deadline = trio.current_time() + idle  # any well-formed message, audio or not
+                    idle.activity()  # any well-formed message, audio or not
                     self._dispatch(events, emit, playout)
             await self._close_idle(session, peer)  # only an idle deadline ends the loop without raising
         finally:
