@@ -10,10 +10,20 @@ waits.
 Here a task parks (`trio.lowlevel.wait_task_rescheduled`) on a `Waker` until its deadline or
 until someone calls `wake()` (a packet arrived, a frame was queued), whichever comes first. The
 deadlines of every waiter in the trio run are kept in one heap, served by one system task that
-sleeps to the earliest and reschedules what is due: one (cheap, shallow) cancellation per
-distinct deadline instead of one per wait, and none for a wait ended by `wake()`. It works with
-any trio clock (MockClock and autojump in the tests): the system task's sleep is an ordinary
-trio deadline.
+reschedules what is due: one wake-up of that task per distinct deadline instead of a
+cancellation per wait, and nothing for a wait ended by `wake()`.
+
+The server parks in a cancel scope whose deadline is the heap's earliest, so that trio's I/O
+wait ends in time (and MockClock's autojump stops there). It is woken without a cancellation:
+a trio instrument's `after_io_wait` hook, which trio calls after each I/O wait and before it
+expires its own deadlines, reschedules the server when the earliest deadline is due and lifts
+the scope's deadline. So the server runs in the same batch as the tasks that trio's timers and
+I/O woke in that pass, and the waiters it reschedules run in the next one: a waiter due at the
+same instant as a trio timer runs after that timer's task (`tests/test_mediaclock.py`). Waking
+the waiters from the hook itself would put them in that batch, in random order (bench/README,
+the fourteenth measurement). Should trio's clock pass the deadline between the hook and the
+expiry, the scope expires as an ordinary trio deadline and the server serves the heap the
+same way.
 
 - `Waker()`: one per waiting task (it is reused across waits).
 - `await waker.wait(deadline)` -> True when woken by `wake()`, False at the deadline (trio
@@ -89,23 +99,21 @@ class Waker:
 
 
 class _Timers:
-    """The run's timer heap of [deadline, seq, waker] entries and the system task serving it."""
+    """The run's timer heap of [deadline, seq, waker] entries and the system task serving it
+    (module doc)."""
 
     def __init__(self) -> None:
         self._heap: list[list] = []
         self._seq = itertools.count()
-        self._scope: trio.CancelScope | None = None
-        self._idle = trio.lowlevel.ParkingLot()
+        self._scope: trio.CancelScope | None = None  # the server's, while it is parked in it
+        self._task: trio.lowlevel.Task | None = None  # the server, while parked
 
     def add(self, deadline: float, waker: Waker) -> list:
         entry = [deadline, next(self._seq), waker]
         heap = self._heap
         heapq.heappush(heap, entry)
-        if heap[0] is entry:  # a new earliest deadline: the server sleeps to it
-            if self._scope is not None:
-                self._scope.deadline = deadline
-            else:
-                self._idle.unpark()
+        if heap[0] is entry and self._scope is not None:  # a new earliest: the I/O wait ends by it
+            self._scope.deadline = deadline
         return entry
 
     def cleared(self, entry: list) -> None:
@@ -118,23 +126,53 @@ class _Timers:
             if self._scope is not None:
                 self._scope.deadline = heap[0][0] if heap else math.inf
 
-    async def serve(self) -> None:
+    def poke(self, now: float) -> None:
+        """After an I/O wait (`_Poke`): when the earliest deadline is due by trio time `now`,
+        reschedule the parked server at once, and lift its scope's deadline so that trio does
+        not also cancel it in this pass."""
+        heap, task = self._heap, self._task
+        if task is not None and heap and heap[0][0] <= now:
+            self._task = None
+            assert self._scope is not None
+            self._scope.deadline = math.inf
+            trio.lowlevel.reschedule(task)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _fire(self, now: float) -> None:
         heap = self._heap
+        while heap and heap[0][0] <= now:
+            waker = heapq.heappop(heap)[2]
+            if waker is not None:
+                waker._expire()
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+
+    async def serve(self) -> None:
+        heap, me = self._heap, trio.lowlevel.current_task()
         while True:
-            while heap and heap[0][2] is None:
-                heapq.heappop(heap)
-            if not heap:
-                await self._idle.park()
-                continue
-            with trio.CancelScope(deadline=heap[0][0]) as scope:
+            with trio.CancelScope() as scope:  # one per expiry: a cancelled scope stays cancelled
                 self._scope = scope
-                await trio.sleep_forever()
+                while True:
+                    scope.deadline = heap[0][0] if heap else math.inf
+                    self._task = me
+                    await trio.lowlevel.wait_task_rescheduled(self._abort)  # poke(), or Cancelled
+                    self._fire(trio.current_time())
             self._scope = None
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                waker = heapq.heappop(heap)[2]
-                if waker is not None:
-                    waker._expire()
+            self._fire(trio.current_time())
+
+
+class _Poke(trio.abc.Instrument):
+    """Serves the timer heap after each of trio's I/O waits (module doc)."""
+
+    def __init__(self, timers: _Timers) -> None:
+        self._poke = timers.poke
+        self._clock = trio.lowlevel.current_clock()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._poke(self._clock.current_time())
 
 
 _TIMERS: trio.lowlevel.RunVar[_Timers] = trio.lowlevel.RunVar("gateway_media_timers")
@@ -147,4 +185,5 @@ def _timers() -> _Timers:
         timers = _Timers()
         _TIMERS.set(timers)
         trio.lowlevel.spawn_system_task(timers.serve, name="gateway media timers")
+        trio.lowlevel.add_instrument(_Poke(timers))
         return timers
