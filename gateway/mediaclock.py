@@ -165,7 +165,7 @@ class _Timers:
 
 
 class _Poke(trio.abc.Instrument):
-    """Serves the timer heap after each of trio's I/O waits (module doc)."""
+    """After each of trio's I/O waits, wakes the timer server when its deadline is due (module doc)."""
 
     def __init__(self, timers: _Timers) -> None:
         self._poke = timers.poke
