@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -61,6 +62,51 @@ def use_profile(args: argparse.Namespace) -> None:
     if args.cprofile is not None:
         args.cprofile.mkdir(parents=True, exist_ok=True)
         PROFILE_DIR = args.cprofile.resolve()
+
+
+ADMISSION: dict[str, int] = {"admission_cpu_percent": 0, "admission_machine_cpu_percent": 0}
+"""The gateway's `server:` admission budgets in the benchmarks' configs (0: the gateway's
+default, none), from `--admission-cpu` / `--admission-machine-cpu` (`use_admission`)."""
+
+
+def add_admission_options(parser: argparse.ArgumentParser) -> None:
+    """`--admission-cpu` and `--admission-machine-cpu` on a route benchmark's parser."""
+    parser.add_argument("--admission-cpu", type=int, default=0, metavar="PERCENT",
+                        help="the gateway's server.admission_cpu_percent (default 0: none; the admission "
+                             "demonstration past capacity, --routes 300, uses 60)")
+    parser.add_argument("--admission-machine-cpu", type=int, default=0, metavar="PERCENT",
+                        help="the gateway's server.admission_machine_cpu_percent (default 0: none): a budget "
+                             "over all the machine's cores, the bench's peer included")
+
+
+def use_admission(args: argparse.Namespace) -> None:
+    """Set `ADMISSION` from the options `add_admission_options` added."""
+    ADMISSION["admission_cpu_percent"] = args.admission_cpu
+    ADMISSION["admission_machine_cpu_percent"] = args.admission_machine_cpu
+
+
+def server_yaml() -> list[str]:
+    """The config's `server:` line for the `ADMISSION` budgets that are set (none: [])."""
+    set_ = {k: v for k, v in ADMISSION.items() if v}
+    return ["server: {" + ", ".join(f"{k}: {v}" for k, v in set_.items()) + "}"] if set_ else []
+
+
+_HELD = re.compile(r"\[([^\[\]]+)\] not starting yet:")
+
+
+def admission_seen(log_lines: list[str]) -> tuple[int, int]:
+    """(held, closed) from a gateway's log: the dial routes its admission held back at least
+    once ("not starting yet", one per route name), and the times admission closed."""
+    held = {m.group(1) for line in log_lines if (m := _HELD.search(line))}  # "...route[w0]: [bridge-3] not starting yet: ..."
+    return len(held), sum("admission closed" in line for line in log_lines)
+
+
+def admission_note(n: int, up: int, held: int, closed: int) -> str | None:
+    """The benchmarks' details line for admission, or None when it never closed nor held."""
+    if not (held or closed):
+        return None
+    return (f"admission closed {closed} time(s) and held {held} route start(s) back; "
+            f"{n - up} routes never came up (held: dial routes wait for admission)")
 
 
 def gateway_command(config: Path | str) -> list[str]:

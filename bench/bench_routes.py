@@ -259,17 +259,9 @@ def services_yaml(http_port: int, media_port: int, voipbin_token: str, bot_token
     )
 
 
-ADMISSION_CPU = 0
-"""`--admission-cpu`: the gateway's server.admission_cpu_percent (0: its default, no CPU budget)."""
-ADMISSION_MACHINE_CPU = 0
-"""`--admission-machine-cpu`: the gateway's server.admission_machine_cpu_percent (0: none)."""
-
-
 def gateway_config(n: int, http_port: int, media_port: int, voipbin_token: str, bot_token: str) -> str:
     lines = [services_yaml(http_port, media_port, voipbin_token, bot_token).rstrip("\n")]
-    limits = {"admission_cpu_percent": ADMISSION_CPU, "admission_machine_cpu_percent": ADMISSION_MACHINE_CPU}
-    if any(limits.values()):
-        lines.append("server: {" + ", ".join(f"{k}: {v}" for k, v in limits.items() if v) + "}")
+    lines += _common.server_yaml()
     lines.append("routes:")
     for i in range(n):
         lines += [
@@ -482,8 +474,7 @@ def analyze(run: Run) -> Result:
     totals = Totals.of(stats)
     lags = totals.lags
     warnings = [line for line in run.log_lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
-    held = len({line.split("[", 1)[-1].split("]", 1)[0] for line in run.log_lines if "not starting yet:" in line})
-    closed = sum("admission closed" in line for line in run.log_lines)
+    held, closed = _common.admission_seen(run.log_lines)
     cpu = run.cpu_s
     return Result(
         n=run.n,
@@ -545,9 +536,8 @@ def details(r: Result) -> str:
                      f"{r.unaligned} blocks of {BLOCK} packets without a clear match (pauses, or a backlog > {SEARCH:g} s)")
     if r.silent_routes:
         parts.append(f"{r.silent_routes} routes' channels silent for the whole window (no latency to measure)")
-    if r.held or r.admission_closed:
-        parts.append(f"admission closed {r.admission_closed} time(s) and held {r.held} route start(s) back; "
-                     f"{r.n - r.up} routes never came up (held: dial routes wait for admission)")
+    if (note := _common.admission_note(r.n, r.up, r.held, r.admission_closed)) is not None:
+        parts.append(note)
     parts.append(f"{len(r.warnings)} gateway log warnings/errors")
     return "; ".join(parts)
 
@@ -598,18 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     _common.add_profile_option(parser)
     parser.add_argument("--compare-ffmpeg", action="store_true",
                         help="after the gateway at each N, N ffmpeg processes doing the same transcoding per call")
-    parser.add_argument("--admission-cpu", type=int, default=0, metavar="PERCENT",
-                        help="the gateway's server.admission_cpu_percent (default 0: none; the admission "
-                             "demonstration past capacity, --routes 300, uses 60)")
-    parser.add_argument("--admission-machine-cpu", type=int, default=0, metavar="PERCENT",
-                        help="the gateway's server.admission_machine_cpu_percent (default 0: none): a budget "
-                             "over all the machine's cores, the bench's peer included")
+    _common.add_admission_options(parser)
     args = parser.parse_args(argv)
     _common.WORKERS = args.workers
     _common.use_profile(args)
-    global ADMISSION_CPU, ADMISSION_MACHINE_CPU
-    ADMISSION_CPU = args.admission_cpu
-    ADMISSION_MACHINE_CPU = args.admission_machine_cpu
+    _common.use_admission(args)
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")

@@ -144,7 +144,7 @@ def services_yaml(media_port: int, voipbin_token: str) -> str:
 
 
 def gateway_config(n: int, http_port: int, media_port: int, voipbin_token: str, salt: str, live: bool) -> str:
-    lines = [services_yaml(media_port, voipbin_token).rstrip("\n"), "routes:"]
+    lines = [services_yaml(media_port, voipbin_token).rstrip("\n"), *_common.server_yaml(), "routes:"]
     extra = ", bursty: false" if live else ""
     for i in range(n):
         lines += [
@@ -388,6 +388,8 @@ def details(r: Result) -> str:
             bits.append(f"{t.silent} streams silent all window")
         if bits:
             parts.append(f"{name}: " + ", ".join(bits))
+    if (note := _common.admission_note(run.n, run.up, *_common.admission_seen(run.log_lines))) is not None:
+        parts.append(note)
     ended = [s.ended for s in run.calls + run.agents if s.ended_at < run.window[1]]
     if ended:
         parts.append(f"{len(ended)} peer streams ended before the end of the window (first: {ended[0][:120]})")
@@ -452,9 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     _common.add_profile_option(parser)
     parser.add_argument("--compare-ffmpeg", action="store_true",
                         help="after the gateway at each N, N ffmpeg processes (one per call, two streams)")
+    _common.add_admission_options(parser)
     args = parser.parse_args(argv)
     _common.WORKERS = args.workers
     _common.use_profile(args)
+    _common.use_admission(args)
     counts = [int(c) for c in args.routes.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.seconds <= 0:
         parser.error("--routes needs positive counts and --seconds a positive duration")

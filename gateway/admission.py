@@ -26,7 +26,14 @@ Two limits decide whether a new session may start:
   12, 30 routes on one core: the clock closed admission with 3 speech frames lost and p99
   97 ms). The CPU share rises in proportion to the calls, so it can stop a ramp *before*
   the loop is full; the projection lets a crowd of dial routes starting at boot (when
-  nothing has been measured yet) in by batches of what fits, one reading apart. It is off
+  nothing has been measured yet) in by batches of what fits, one reading apart. Until the
+  first reading only half the budget (`BLIND_SHARE`) may be filled, like TCP's slow start:
+  the cost per session is a guess then, and the machine budget cannot see yet what the
+  neighbours (the services the calls talk to among them) add per call. Measured with
+  `bench/bench_two_way.py --routes 100 --admission-machine-cpu 60` (two workers and the
+  bench's peer on 2 cores): filling the whole budget blind let in 24 calls, after which the
+  machine was 88 % busy (the peer's share had grown with them) and 734-2,734 of their
+  packets were late; see bench/README.md, fifteenth measurement. It is off
   by default because the right share depends on what else the machine runs. Measured with
   `bench/bench_routes.py --routes 300 --admission-cpu N --workers 1` on 2 cores shared with
   the bench's peer: at 60 the 46 admitted calls kept every packet on time (p99 26.5 ms beyond
@@ -110,6 +117,7 @@ CAPACITY_RETRY_S = 1  # Retry-After at the session cap (a slot frees whenever a 
 SESSION_COST_GUESS = 0.05  # share of a core one session is assumed to cost until one is measured
 # (bench/README.md: 4.7 % per phone -> channel route at 10 routes, one worker)
 STARTING_S = 1.5  # seconds a new session counts as starting: its cost is not (fully) in the last second's reading
+BLIND_SHARE = 0.5  # share of a CPU budget that may be filled before its reading exists (slow start)
 MACHINE_READ_S = 0.1  # seconds between two reads of /proc/stat while the machine budget is on
 
 
@@ -331,6 +339,9 @@ class Admission:
         """Sessions refused, by `Refusal.reason`."""
         self.held = 0
         """Dial route starts that had to wait (counted once per wait)."""
+        self.machine_unreadable = False
+        """/proc/stat could not be read (`MachineCpu.missing`): the machine budget is judged
+        on the loop's own reading."""
         self._changed = trio.Event()
         self._closed: Refusal | None = None  # the current closed spell, once logged
         self._closed_at = 0.0
@@ -349,18 +360,34 @@ class Admission:
                                        f"{self.max_sessions} sessions)", CAPACITY_RETRY_S)
         if self.cpu_limit > 0:
             busy, starting, projected = self.projected_load()
-            if projected > self.cpu_limit + 1e-9:  # 12 x 5 % is 60 %, not a hair over it
+            limit, blind = self._limit(self.cpu_limit, clock.busy, starting)
+            if projected > limit + 1e-9:  # 12 x 5 % is 60 %, not a hair over it
                 return Refusal("load", f"gateway at capacity (loop {busy * 100:.0f} % of a core, {starting} session(s) "
                                        f"starting, {projected * 100:.0f} % projected with one more; "
-                                       f"server.admission_cpu_percent {self.cpu_limit * 100:.0f})", OVERLOAD_RETRY_S)
+                                       f"server.admission_cpu_percent {self.cpu_limit * 100:.0f}{blind})",
+                               OVERLOAD_RETRY_S)
         if self.machine_limit > 0:
             machine, starting, projected = self.projected_machine_load()
-            if projected > self.machine_limit + 1e-9:
+            reading = clock.busy if self.machine_unreadable else clock.machine_busy
+            limit, blind = self._limit(self.machine_limit, reading, starting)
+            if projected > limit + 1e-9:
                 return Refusal("load", f"machine at capacity ({self.cpus} CPU(s) {machine * 100:.0f} % busy, {starting} "
                                        f"session(s) starting, {projected * 100:.0f} % projected with one more; "
-                                       f"server.admission_machine_cpu_percent {self.machine_limit * 100:.0f})",
+                                       f"server.admission_machine_cpu_percent {self.machine_limit * 100:.0f}{blind})",
                                OVERLOAD_RETRY_S)
         return None
+
+    def _limit(self, budget: float, reading: float | None, starting: int) -> tuple[float, str]:
+        """(the share a projection may reach now, what the refusal adds about it). Before the
+        budget's `reading` exists (None: nothing has streamed for half a second), only
+        `BLIND_SHARE` of it: the session cost is a guess and the neighbours' load unseen (slow
+        start). With no session starting, the next one always fits: a budget below one guess
+        still admits one at a time, and only streaming sessions produce the reading."""
+        if reading is not None:
+            return budget, ""
+        if not starting:
+            return math.inf, ""
+        return budget * BLIND_SHARE, f", {BLIND_SHARE * 100:.0f} % of it until it is measured"
 
     def projected_machine_load(self, now: float | None = None) -> tuple[float, int, float]:
         """(busy, starting, projected) over the whole machine: the share of all its cores busy
@@ -567,6 +594,7 @@ class Admission:
                         counters = None
                         if self.machine_limit > 0 and now >= next_machine_read:
                             counters, next_machine_read = machine.read(), now + MACHINE_READ_S
+                            self.machine_unreadable = machine.missing
                         deadline = clock.tick(now, waits.read(), cpu_time() if self.budgeted else None, counters)
                         if clock.behind != was:
                             refusal = self.refusal()

@@ -35,6 +35,7 @@ from trio_websocket import ConnectionRejected, connect_websocket_url
 from audio_checks import loop_score, mono, read_wav
 from gateway.adapters.voipbin.wire import Audio, Encapsulation, MediaStreamProtocol
 from gateway.admission import (
+    BLIND_SHARE,
     CALM_S,
     SESSION_COST_GUESS,
     STARTING_S,
@@ -598,9 +599,10 @@ def test_the_clock_reads_the_loops_share_of_a_core():
 
 
 async def test_a_cpu_budget_admits_a_crowd_by_batches_of_what_fits(autojump_clock):
-    """Nothing measured yet: each start counts SESSION_COST_GUESS (5 % of a core). Once the
-    loop's share is read, each new start counts what one settled session costs."""
-    assert SESSION_COST_GUESS == 0.05
+    """Nothing measured yet: each start counts SESSION_COST_GUESS (5 % of a core), and only
+    half the budget (BLIND_SHARE) may be filled. Once the loop's share is read, the whole
+    budget is open and each new start counts what one settled session costs."""
+    assert SESSION_COST_GUESS == 0.05 and BLIND_SHARE == 0.5
     admission = Admission(0.020, cpu_limit=0.33)
     with contextlib.ExitStack() as sessions:
         admitted = 0
@@ -608,36 +610,42 @@ async def test_a_cpu_budget_admits_a_crowd_by_batches_of_what_fits(autojump_cloc
             sessions.enter_context(admission.slot())
             sessions.enter_context(admission.stream())
             admitted += 1
-        assert admitted == 6  # 6 x 5 % = 30 %; a 7th would make 35 % > 33 %
+        assert admitted == 3  # 3 x 5 % = 15 %; a 4th would make 20 % > half of 33 %
         assert refusal.reason == "load" and admission.refused["load"] == 1
-        assert refusal.detail == ("gateway at capacity (loop 0 % of a core, 6 session(s) starting, 35 % projected "
-                                  "with one more; server.admission_cpu_percent 33)")
+        assert refusal.detail == ("gateway at capacity (loop 0 % of a core, 3 session(s) starting, 20 % projected "
+                                  "with one more; server.admission_cpu_percent 33, 50 % of it until it is measured)")
         await trio.sleep(STARTING_S)  # they have started: their cost is in the reading from now on
         clock, cpu = admission.clock, 0.0
         deadline = clock.start(trio.current_time())
-        while deadline < trio.current_time() + 1.0:  # the 6 sessions cost 12 % of a core: 2 % each
-            cpu += 0.12 * TICK
+        while deadline < trio.current_time() + 1.0:  # the 3 sessions cost 6 % of a core: 2 % each
+            cpu += 0.06 * TICK
             deadline = clock.tick(deadline, cpu=cpu)
         await trio.sleep_until(deadline)
-        assert clock.busy == pytest.approx(0.12, abs=0.005)
+        assert clock.busy == pytest.approx(0.06, abs=0.005)
         more = 0
-        while admission.check("dial route start") is None:
+        while (refusal := admission.check("dial route start")) is None:
             sessions.enter_context(admission.slot())
             more += 1
-        assert more == 10  # 12 % + 10 x 2 % = 32 %; an 11th would make 34 %
+        assert more == 13  # the whole budget now: 6 % + 13 x 2 % = 32 %; a 14th would make 34 %
+        assert refusal.detail.endswith("server.admission_cpu_percent 33)")
         assert admission.sessions == 16
     assert admission.sessions == 0 and admission.open  # all ended: nothing starting, nothing measured
 
 
-@pytest.mark.parametrize("percent, fits", [(60, 12), (30, 6), (10, 2)])
-async def test_a_budget_that_is_a_whole_number_of_guesses_admits_that_many(autojump_clock, percent, fits):
+@pytest.mark.parametrize("percent, fits", [(60, 6), (30, 3), (10, 1), (4, 1)])
+async def test_a_budget_admits_half_its_whole_number_of_guesses_before_it_is_measured(autojump_clock, percent, fits):
+    """60 % is 12 guesses of 5 %: 6 fit in its blind half, not a hair fewer (rounding). A
+    budget below one guess still lets one session start (and then one more once it has
+    settled, STARTING_S later): only streaming sessions produce the reading."""
     admission = Admission(0.020, cpu_limit=percent / 100)  # as the config gives it
     with contextlib.ExitStack() as sessions:
         admitted = 0
         while admission.check() is None:
             sessions.enter_context(admission.slot())
             admitted += 1
-        assert admitted == fits  # fits x 5 % is the budget itself, not a rounding error over it
+        assert admitted == fits  # fits x 5 % is half the budget itself, not a rounding error over it
+        await trio.sleep(STARTING_S + 0.1)  # settled: no reading yet (nothing streams), a next one may start
+        assert admission.check() is None
 
 
 MANY_DIAL_ROUTES = "routes:\n" + "".join(f"""\
@@ -651,8 +659,8 @@ MANY_DIAL_ROUTES = "routes:\n" + "".join(f"""\
 async def test_dial_routes_starting_together_wait_for_the_cpu_budget_and_readyz_says_why(tmp_path, mock_clock,
                                                                                          caplog):
     """Six dial routes at boot with a 10 % budget: nothing is measured yet, so each start is
-    taken to cost 5 %: two start, four are held (state, reason, /readyz), and a reload that
-    lifts the budget starts them. The clock stands still (virtual time), so no reading or
+    taken to cost 5 % and half the budget is open: one starts, five are held (state, reason,
+    /readyz), and a reload that lifts the budget starts them. The clock stands still (virtual time), so no reading or
     ageing changes the count while it is checked."""
     caplog.set_level(logging.INFO)
     mock_clock.autojump_threshold = math.inf
@@ -662,9 +670,9 @@ async def test_dial_routes_starting_together_wait_for_the_cpu_budget_and_readyz_
         admission = gateway.runtime.admission
         assert admission.cpu_limit == 0.10
         held = sorted(name for name, state in gateway.routes.items() if state.state == "held")
-        assert len(held) == 4 and admission.sessions == 2, {n: s.state for n, s in gateway.routes.items()}
-        reason = ("gateway at capacity (loop 0 % of a core, 2 session(s) starting, 15 % projected with one more; "
-                  "server.admission_cpu_percent 10)")
+        assert len(held) == 5 and admission.sessions == 1, {n: s.state for n, s in gateway.routes.items()}
+        reason = ("gateway at capacity (loop 0 % of a core, 1 session(s) starting, 10 % projected with one more; "
+                  "server.admission_cpu_percent 10, 50 % of it until it is measured)")
         assert {gateway.routes[name].reason for name in held} == {f"waiting: {reason}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.runtime.http.port}") as http:
             ready = await http.get("/readyz")
@@ -747,10 +755,45 @@ async def test_a_machine_budget_counts_every_process_on_the_cores(autojump_clock
         assert admission.check() is None
 
 
+async def test_a_machine_budget_without_proc_stat_is_judged_on_the_loops_reading(autojump_clock):
+    """Where /proc/stat cannot be read, the machine's share is never measured: once the loop's
+    own share is, the whole budget opens (it is not blind for ever). 2 CPUs, one worker, 4
+    settled sessions at 5 % of a core each (2.5 % of the machine each), a 30 % budget: with
+    the machine unmeasured, 6 starts of 2.5 % fit its blind half; judged on the loop's reading,
+    6 more (12 x 2.5 % = 30 %)."""
+    admission = Admission(0.020, machine_limit=0.30, cpus=2)
+    clock = admission.clock
+    with contextlib.ExitStack() as sessions:
+        for _ in range(4):
+            sessions.enter_context(admission.slot())
+            sessions.enter_context(admission.stream())
+        await trio.sleep(STARTING_S + 0.1)
+        deadline, cpu = clock.start(trio.current_time()), 0.0
+        while deadline < trio.current_time() + 1.0:
+            cpu += 0.20 * TICK
+            deadline = clock.tick(deadline, cpu=cpu)  # no machine counters: none could be read
+        await trio.sleep_until(deadline)
+        assert clock.busy == pytest.approx(0.20, abs=0.005) and clock.machine_busy is None
+
+        def admit():
+            n = 0
+            while (refusal := admission.check()) is None:
+                sessions.enter_context(admission.slot())
+                n += 1
+            return n, refusal
+
+        blind, refusal = admit()
+        assert blind == 6 and refusal.detail.endswith("50 % of it until it is measured)")
+        admission.machine_unreadable = True  # what the ticker sets from MachineCpu.missing
+        more, refusal = admit()
+        assert more == 6 and refusal.detail.endswith("server.admission_machine_cpu_percent 30)")
+
+
 async def test_dial_routes_at_boot_wait_for_the_machine_budget_and_readyz_says_why(tmp_path, mock_clock, caplog):
     """`server.admission_machine_cpu_percent: 5` on this machine's N CPUs, N + 2 dial routes at
-    boot: nothing measured, each start is taken to cost 5 % of a core (5/N % of the machine),
-    so N start and 2 are held, with the machine in their reason and in /readyz's."""
+    boot: nothing measured, each start is taken to cost 5 % of a core (5/N % of the machine)
+    and half the budget is open, so N // 2 start (at least one) and the others are held, with
+    the machine in their reason and in /readyz's."""
     caplog.set_level(logging.INFO)
     mock_clock.autojump_threshold = math.inf
     cpus = os.cpu_count() or 1
@@ -766,9 +809,11 @@ async def test_dial_routes_at_boot_wait_for_the_machine_budget_and_readyz_says_w
         admission = gateway.runtime.admission
         assert admission.machine_limit == 0.05 and admission.cpus == cpus
         held = sorted(name for name, state in gateway.routes.items() if state.state == "held")
-        assert len(held) == 2 and admission.sessions == cpus, {n: s.state for n, s in gateway.routes.items()}
-        reason = (f"machine at capacity ({cpus} CPU(s) 0 % busy, {cpus} session(s) starting, "
-                  f"{5 * (cpus + 1) / cpus:.0f} % projected with one more; server.admission_machine_cpu_percent 5)")
+        fits = max(1, cpus // 2)
+        assert len(held) == cpus + 2 - fits and admission.sessions == fits, {n: s.state for n, s in gateway.routes.items()}
+        reason = (f"machine at capacity ({cpus} CPU(s) 0 % busy, {fits} session(s) starting, "
+                  f"{5 * (fits + 1) / cpus:.0f} % projected with one more; server.admission_machine_cpu_percent 5, "
+                  "50 % of it until it is measured)")
         assert {gateway.routes[name].reason for name in held} == {f"waiting: {reason}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.runtime.http.port}") as http:
             ready = await http.get("/readyz")
