@@ -660,8 +660,8 @@ async def test_dial_routes_starting_together_wait_for_the_cpu_budget_and_readyz_
                                                                                          caplog):
     """Six dial routes at boot with a 10 % budget: nothing is measured yet, so each start is
     taken to cost 5 % and half the budget is open: one starts, five are held (state, reason,
-    /readyz), and a reload that lifts the budget starts them. The clock stands still (virtual time), so no reading or
-    ageing changes the count while it is checked."""
+    /readyz), and a reload that lifts the budget starts them. The clock stands still (virtual
+    time), so no reading or ageing changes the count while it is checked."""
     caplog.set_level(logging.INFO)
     mock_clock.autojump_threshold = math.inf
     async with trio.open_nursery() as nursery:
