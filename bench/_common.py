@@ -16,12 +16,14 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -227,6 +229,65 @@ async def stop_process(proc: trio.Process, timeout: float = STOP_TIMEOUT) -> int
             proc.kill()
             await proc.wait()
     return proc.returncode
+
+
+WAKE_ROUNDS = 400  # round trips per wake_probe variant
+WAKE_GAP_S = 0.002  # pause before each round trip of the idle variant: long enough for the CPU to go idle
+
+
+def wake_probe(rounds: int = WAKE_ROUNDS) -> tuple[float, float]:
+    """The host's cost of a wake-up, in µs of CPU per message: (idle, hot). A forked child
+    echoes 64-byte messages on a socketpair with blocking recv and send; its CPU time per
+    echo is read with getrusage (user + system). Idle: the parent pauses `WAKE_GAP_S` before
+    each message, so the child's CPU goes idle between them and every message wakes it, as a
+    call's 20 ms packets wake a lightly loaded gateway. Hot: back to back, the CPUs never
+    idle. On the bench's 2-core KVM guest (Firecracker, no guest halt-polling) the idle figure
+    read 27-33 µs and the hot one 8-13 µs on 2026-12-07 (bench/README.md, fifteenth
+    measurement): what one wake-up of an idle CPU costs the woken process there, beside the
+    Python it runs."""
+    return _echo_cost(rounds, WAKE_GAP_S), _echo_cost(rounds, 0.0)
+
+
+def _echo_cost(rounds: int, gap: float) -> float:
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo: its own CPU per message, sent back as the last message
+        code = 0
+        try:
+            parent.close()
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            echoed = 0
+            while (data := child.recv(64)) != b"end":
+                child.send(data)
+                echoed += 1
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            child.send(struct.pack("<d", used / max(echoed, 1) * 1e6))
+        except BaseException:  # noqa: BLE001 - a forked child never returns into the bench
+            code = 1
+        finally:
+            os._exit(code)
+    child.close()
+    try:
+        message = bytes(64)
+        for _ in range(rounds):
+            if gap:
+                time.sleep(gap)
+            parent.send(message)
+            parent.recv(64)
+        parent.send(b"end")
+        reply = parent.recv(8)
+        return struct.unpack("<d", reply)[0] if len(reply) == 8 else math.nan
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+
+
+def wake_line() -> str:
+    """`wake_probe`'s figures for the benchmarks' heading: the host's phase, beside the table."""
+    idle, hot = wake_probe()
+    return (f"host wake-up cost (bench/_common.py wake_probe): {idle:.1f} µs CPU per message after an idle "
+            f"pause, {hot:.1f} µs back to back")
 
 
 async def idle_gateway_rss(services_yaml: str, workdir: Path, settle: float = IDLE_SETTLE_S) -> float:

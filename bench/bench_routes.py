@@ -615,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.keep).resolve() if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         idle = trio.run(idle_gateway_rss, services_yaml(9, 9, "idle", "idle"), workdir)
-        print(f"idle gateway (same services, no routes): VmRSS {idle:.1f} MiB\n")
+        print(f"idle gateway (same services, no routes): VmRSS {idle:.1f} MiB")
+        print(_common.wake_line() + "\n")
         print(HEADER, flush=True)
         for n in counts:
             # The peer's own garbage collector must not stall its clock: what exists now is
