@@ -241,10 +241,10 @@ def wake_probe(rounds: int = WAKE_ROUNDS) -> tuple[float, float]:
     echo is read with getrusage (user + system). Idle: the parent pauses `WAKE_GAP_S` before
     each message, so the child's CPU goes idle between them and every message wakes it, as a
     call's 20 ms packets wake a lightly loaded gateway. Hot: back to back, the CPUs never
-    idle. On the bench's 2-core KVM guest (Firecracker, no guest halt-polling) the idle figure
-    read 27-33 µs and the hot one 8-13 µs on 2026-12-07 (bench/README.md, fifteenth
-    measurement): what one wake-up of an idle CPU costs the woken process there, beside the
-    Python it runs."""
+    idle. On the bench's 2-core KVM guest the idle figure read 27-51 µs (it moves with the
+    host's phase) and the hot one 8-13 µs on 2026-12-07 (bench/README.md, fifteenth
+    measurement): what one wake-up after an idle pause costs the woken process there, beside
+    the Python it runs."""
     return _echo_cost(rounds, WAKE_GAP_S), _echo_cost(rounds, 0.0)
 
 
