@@ -242,9 +242,9 @@ def wake_probe(rounds: int = WAKE_ROUNDS) -> tuple[float, float]:
     each message, so the child's CPU goes idle between them and every message wakes it, as a
     call's 20 ms packets wake a lightly loaded gateway. Hot: back to back, the CPUs never
     idle. On the bench's 2-core KVM guest the idle figure read 27-51 µs (it moves with the
-    host's phase) and the hot one 8-13 µs on 2026-12-07 (bench/README.md, fifteenth
-    measurement): what one wake-up after an idle pause costs the woken process there, beside
-    the Python it runs."""
+    host's phase) and the hot one 8-13 µs on 2026-12-07. The same echo in C costs only 3-7 µs
+    more after a pause (bench/README.md, fifteenth measurement): the difference is the
+    interpreter running cold, the cost a lightly loaded gateway pays per packet."""
     return _echo_cost(rounds, WAKE_GAP_S), _echo_cost(rounds, 0.0)
 
 
