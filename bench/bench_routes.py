@@ -56,9 +56,10 @@ seconds after the last channel received its first packet:
   and pacing. p50/p95/p99/max are over every packet of every route in the window.
 
 Also reported: the host's phase in the heading (`_common.wake_probe`: the CPU an echo in
-Python costs after an idle pause and back to back; it moves from hour to hour on this VM, and
-per-call figures with it), the peer's own CPU (% of one core) and how late its sends left
-against their deadlines (p99, and the max in the notes): when the peer itself stalls or is saturated, its
+Python costs after an idle pause and back to back; it moves from hour to hour on this VM:
+compare per-call figures only between runs with similar readings), the peer's own CPU (% of
+one core) and how late its sends left against their deadlines (p99, and the max in the
+notes): when the peer itself stalls or is saturated, its
 timestamps, not only the gateway, move. The machine has 2 cores: one per process; the peer
 freezes its existing objects out of the garbage collector before each run.
 
