@@ -33,7 +33,8 @@ Two limits decide whether a new session may start:
   `bench/bench_two_way.py --routes 100 --admission-machine-cpu 60` (two workers and the
   bench's peer on 2 cores): filling the whole budget blind let in 24 calls, after which the
   machine was 88 % busy (the peer's share had grown with them) and 734-2,734 of their
-  packets were late; see bench/README.md, fifteenth measurement. It is off
+  packets were late; with the slow start 15-16 got in, with no speech frame lost and 20-42
+  packets of 7,500-8,000 late (bench/README.md, fifteenth measurement). It is off
   by default because the right share depends on what else the machine runs. Measured with
   `bench/bench_routes.py --routes 300 --admission-cpu N --workers 1` on 2 cores shared with
   the bench's peer: at 60 the 46 admitted calls kept every packet on time (p99 26.5 ms beyond
