@@ -59,9 +59,9 @@ Also reported: the host's phase in the heading (`_common.wake_probe`: the CPU an
 Python costs after an idle pause and back to back; it moves from hour to hour on this VM:
 compare per-call figures only between runs with similar readings), the peer's own CPU (% of
 one core) and how late its sends left against their deadlines (p99, and the max in the
-notes): when the peer itself stalls or is saturated, its
-timestamps, not only the gateway, move. The machine has 2 cores: one per process; the peer
-freezes its existing objects out of the garbage collector before each run.
+notes): when the peer itself stalls or is saturated, its timestamps, not only the gateway,
+move. The machine has 2 cores: one per process; the peer freezes its existing objects out of
+the garbage collector before each run.
 
 After the table, the issue-12 figures **per call** (bench/_common.py `compare_row`): lost,
 late, latency p50/p99 and p99 beyond the chain's algorithmic delay, "behind" (packets sent in
