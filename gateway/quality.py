@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import wave
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soxr
@@ -93,10 +94,26 @@ def _speech_blocks(ref: np.ndarray, block: int) -> list[int]:
             if np.sqrt(np.mean(ref[start : start + block] ** 2)) >= threshold]
 
 
+class BlockScore(NamedTuple):
+    """One speech block of the reference, as `blockwise_blocks` and `spectral_blocks` found it."""
+
+    score: float
+    """Similarity, in [-1, 1] (0.0 for a block the received audio does not reach)."""
+    at_s: float
+    """Where in the received audio the block starts, in seconds from its first sample: at its
+    best lag, or for a block it does not reach, at the overall lag."""
+
+
 def blockwise_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int,
                         block_s: float = 0.25, search_s: float = 0.1) -> list[float]:
+    """The scores of `blockwise_blocks`."""
+    return [b.score for b in blockwise_blocks(reference, ref_rate, received, rate, block_s, search_s)]
+
+
+def blockwise_blocks(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int,
+                     block_s: float = 0.25, search_s: float = 0.1) -> list[BlockScore]:
     """Correlation of each speech block of the reference with the received audio, each at its
-    own best lag within ±`search_s` of the overall lag.
+    own best lag within ±`search_s` of the overall lag, and where the block was found.
 
     A live path may conceal a late packet or shorten a pause to win back latency (a shift of a
     few ms mid-stream); per block such a shift costs one block, while noise, wrong byte order or
@@ -114,18 +131,20 @@ def blockwise_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarr
     scores = []
     for start in _speech_blocks(ref, block):
         a = ref[start : start + block]
+        expected = (start + base) / rate
         if start + base + search < 0 or start + base - search + block > len(got):
-            scores.append(0.0)  # before or after what was received: that speech is missing
+            scores.append(BlockScore(0.0, expected))  # before or after what was received: that speech is missing
             continue
         lo = max(0, start + base - search)
         window = got[lo : start + base + search + block]
         if len(window) < block:
-            scores.append(0.0)
+            scores.append(BlockScore(0.0, expected))
             continue
         frames = np.lib.stride_tricks.sliding_window_view(window, block)
         dots = frames @ a
         norms = np.sqrt(np.einsum("ij,ij->i", frames, frames) * np.dot(a, a)) + 1e-9
-        scores.append(float(np.max(dots / norms)))
+        best = int(np.argmax(dots / norms))
+        scores.append(BlockScore(float(dots[best] / norms[best]), (lo + best) / rate))
     return scores
 
 
@@ -163,6 +182,12 @@ def log_spectrogram(pcm: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]
 
 def spectral_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int,
                        block_s: float = 0.25, search_s: float = 0.1, max_lag_s: float = 1.0) -> list[float]:
+    """The scores of `spectral_blocks`."""
+    return [b.score for b in spectral_blocks(reference, ref_rate, received, rate, block_s, search_s, max_lag_s)]
+
+
+def spectral_blocks(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int,
+                    block_s: float = 0.25, search_s: float = 0.1, max_lag_s: float = 1.0) -> list[BlockScore]:
     """Phase-insensitive speech similarity of each speech block of the reference with the
     received audio: per `block_s` block, the correlation (Pearson, in [-1, 1]) of the two
     short-time log-magnitude spectra (`log_spectrogram`: 32 ms frames every 4 ms, 200-3400
@@ -171,7 +196,8 @@ def spectral_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarra
 
     `reference` and `received`: int16 or float arrays of shape (samples,) or (samples,
     channels) (averaged to mono) at `ref_rate` and `rate` Hz; any rates (both are resampled
-    to 8 kHz). Returns one score per speech block of the reference, in order; the blocks are
+    to 8 kHz). Returns one `BlockScore` per speech block of the reference, in order (where it
+    was found: to SPECTRAL_HOP_S); the blocks are
     those `blockwise_alignment` scores (pauses, RMS under 0.3 times the reference's, are
     left out; a block the received audio does not reach scores 0).
 
@@ -208,8 +234,9 @@ def spectral_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarra
         first = start // hop
         pattern = ref_spec[first : first + block]
         lo, hi = max(0, first + base - search), min(len(got_spec), first + base + search + block)
+        expected = (first + base) * SPECTRAL_HOP_S
         if len(pattern) < block or hi - lo < block:
-            scores.append(0.0)  # before or after what was received: that speech is missing
+            scores.append(BlockScore(0.0, expected))  # before or after what was received: that speech is missing
             continue
         pattern = (pattern - pattern.mean()).ravel()
         # every candidate block of the window, flattened: (lags, block * bins)
@@ -218,5 +245,7 @@ def spectral_alignment(reference: np.ndarray, ref_rate: int, received: np.ndarra
         windows = windows - windows.mean(axis=1, keepdims=True)
         norms = np.sqrt(np.einsum("ij,ij->i", windows, windows) * np.dot(pattern, pattern))
         dots = windows @ pattern
-        scores.append(float(np.max(np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 0.0))))
+        similarity = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 0.0)
+        best = int(np.argmax(similarity))
+        scores.append(BlockScore(float(similarity[best]), (lo + best) * SPECTRAL_HOP_S))
     return scores

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import string
 
 import trio
@@ -75,14 +76,70 @@ class Starvation:
         """Slices starved."""
         self.excused = 0
         """What `probe()` grew by in a starved slice or the slice after one."""
+        self.stretches: list[tuple[float, float]] = []
+        """The starved slices, consecutive ones merged: (start, end) in trio time, s."""
+
+    def overlaps(self, start: float, end: float, after: float = 0.0) -> bool:
+        """Whether [`start`, `end`] (trio time, s) meets a starved stretch or the `after`
+        seconds that follow it (what the machine's stall did to audio still on its way)."""
+        return any(start <= e + after and s <= end for s, e in self.stretches)
 
     async def run(self) -> None:
         waited_before, seen, starved_before = run_queue_wait(), self.probe(), False
+        then = trio.current_time()
         while True:
             await trio.sleep(self.period)
-            waited_now, count = run_queue_wait(), self.probe()
+            waited_now, count, now = run_queue_wait(), self.probe(), trio.current_time()
             starved = waited_now - waited_before >= self.threshold
             self.slices += starved
             if starved or starved_before:
                 self.excused += count - seen
-            waited_before, seen, starved_before = waited_now, count, starved
+            if starved:
+                if starved_before:
+                    self.stretches[-1] = (self.stretches[-1][0], now)
+                else:
+                    self.stretches.append((then, now))
+            waited_before, seen, starved_before, then = waited_now, count, starved, now
+
+
+class Timeline:
+    """When a received signal arrived: its frames in order as (trio time, samples), at `rate`
+    Hz, so that a place in the recording (seconds from its first sample) maps to the trio time
+    its frame arrived."""
+
+    def __init__(self, rate: int, frames=()) -> None:
+        self.rate = rate
+        self.times: list[float] = []
+        self.ends: list[int] = []  # samples received up to and including each frame
+        for at, samples in frames:
+            self.add(at, samples)
+
+    def add(self, at: float, samples: int) -> None:
+        self.times.append(at)
+        self.ends.append((self.ends[-1] if self.ends else 0) + samples)
+
+    def time_at(self, seconds: float) -> float:
+        """The arrival time of the frame holding the sample `seconds` into the recording (the
+        first or last frame's before or after it); raises ValueError when empty."""
+        if not self.times:
+            raise ValueError("nothing was received")
+        index = bisect.bisect_right(self.ends, max(0, int(seconds * self.rate)))
+        return self.times[min(index, len(self.times) - 1)]
+
+
+def record_timelines(monkeypatch) -> dict[str, Timeline]:
+    """Timelines of what each `record` endpoint writes from now on, by its file's path (str):
+    each frame written, when the route sent it (the file's timeline is its frames back to
+    back: gateway.adapters.local.Recorder)."""
+    from gateway.adapters.local import Recorder
+
+    timelines: dict[str, Timeline] = {}
+    send = Recorder.send
+
+    async def timed_send(self, frame):
+        if self._container is not None:
+            timelines.setdefault(str(self.current_path), Timeline(self.rate)).add(trio.current_time(), len(frame.pcm))
+        await send(self, frame)
+
+    monkeypatch.setattr(Recorder, "send", timed_send)
+    return timelines

@@ -47,6 +47,7 @@ class ReferenceBot:
         self.api_url, self.token = api_url.rstrip("/"), token
         self.packets = ogg_packets(ogg)
         self.received: list[bytes] = []
+        self.received_at: list[float] = []  # trio time each of `received` arrived
         self.statuses: list[dict] = []
         self.close_code: int | None = None
         self.accepted: dict | None = None
@@ -129,5 +130,6 @@ class ReferenceBot:
                         self._target_left.set()
                 elif len(message) > 2:  # drops packets of 2 bytes or less
                     self.received.append(message)
+                    self.received_at.append(trio.current_time())
         except ConnectionClosed:
             pass

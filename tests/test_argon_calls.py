@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from audio_checks import SPECTRAL_FOUND, blockwise_alignment, spectral_alignment
+from audio_checks import SPECTRAL_FOUND, assert_blocks_found, blockwise_blocks, spectral_blocks
 from gateway.codecs import OpusDecoder
 from gateway.codecs.formats import OPUS_48K, EncodedFrame
-from harness import BOT_TOKEN, SECRETS, start
+from harness import BOT_TOKEN, SECRETS, Starvation, Timeline, record_timelines, start
 from reference_bot import ReferenceBot
 from test_agent_routes import check_speech, clip
 from voice_clients import Caller
@@ -42,23 +42,27 @@ routes:
 
 
 def check_heard(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int, what: str,
-                waveform: bool = True, context: object = "") -> None:
+                waveform: bool = True, context: object = "", starvation=None, timeline=None) -> None:
     """`received` (at `rate`) holds the reference speech, block by block: by waveform
     correlation, or (`waveform` False) by short-time spectra (`spectral_alignment`), for what
     an Argon bot codes from an 8 kHz phone at 8 kHz input: narrowband SILK, which keeps the
-    spectrum but not the waveform."""
+    spectrum but not the waveform. `starvation`, `timeline`: blocks the machine's stalls
+    reached are not judged (audio_checks.assert_blocks_found)."""
     if waveform:
-        blocks, found = blockwise_alignment(reference, ref_rate, received, rate), 0.85
+        blocks, found = blockwise_blocks(reference, ref_rate, received, rate), 0.85
     else:
-        blocks, found = spectral_alignment(reference, ref_rate, received, rate), SPECTRAL_FOUND
-    assert len(blocks) >= 3 and sum(b > found for b in blocks) >= 0.8 * len(blocks), f"{what}: {np.round(blocks, 2)} {context}"
+        blocks, found = spectral_blocks(reference, ref_rate, received, rate), SPECTRAL_FOUND
+    assert_blocks_found(blocks, found, what, starvation=starvation, timeline=timeline, context=context)
 
 
-async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, caplog):
+async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO")
+    recorded = record_timelines(monkeypatch)
+    starvation = Starvation()  # a loaded machine: the speech blocks its stalls reached are not judged
     agent, agent_pcm, rate = clip(tmp_path, "agent.wav", "or109.wav", 0.2, 3.0)
     user_pcm = clip(tmp_path, "user.wav", "or105.wav", 0.3, 2.0)[1]
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(starvation.run)
         gateway = await start(nursery, CALLS, argon_extra=BOTS, agent=agent, out=str(tmp_path), callers="")
         answer = gateway.routes["answer"]
         assert answer.state == "waiting"
@@ -91,9 +95,13 @@ async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, capl
                 await trio.sleep(0.05)
         assert answer.state == "waiting"  # ready for the next call
         nursery.cancel_scope.cancel()
-    check_speech(user_pcm, rate, tmp_path / "phone-hears.wav", min_seconds=1.8, what="Argon user → phone")
-    # the answering bot codes the phone's 8 kHz at 8 kHz input (opus_input_rate: auto)
-    check_heard(agent_pcm[: int(1.5 * rate)], rate, user.recording(), 8000, "phone → Argon user", waveform=False)
+    check_speech(user_pcm, rate, tmp_path / "phone-hears.wav", min_seconds=1.8, what="Argon user → phone",
+                 starvation=starvation, timeline=recorded[str(tmp_path / "phone-hears.wav")])
+    # the answering bot codes the phone's 8 kHz at 8 kHz input (opus_input_rate: auto); the
+    # user hears the phone's file from the call's answer (~0.8 s into its recording) to its
+    # hang-up (~2.6 s): 1.75 s of it, 7 speech blocks
+    check_heard(agent_pcm[: int(1.75 * rate)], rate, user.recording(), 8000, "phone → Argon user", waveform=False,
+                starvation=starvation, timeline=user.timeline())
     session_events = [e.kind for _, e in answer.route.stats.recent_events]
     assert "ready" in session_events and "subscribed" in session_events
     assert "the caller hung up (callEnded)" in answer.route.stats.ended_by
@@ -145,7 +153,9 @@ routes:
       - voipbin: {role: listen, name: caller, identity: caller-2, call_id: caller-2}
       - argon: {role: listen, call: %s}
 """ % BOT_USER
+    starvation = Starvation()  # a loaded machine: the speech blocks its stalls reached are not judged
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(starvation.run)
         gateway = await start(nursery, routes, argon_extra=BOTS)
         bot = ReferenceBot(f"http://127.0.0.1:{gateway.runtime.http.port}", BOT_TOKEN, str(ogg))
         await nursery.start(bot.run)
@@ -164,6 +174,9 @@ routes:
     route = gateway.routes["call-the-bot"].route
     counters = ("frames_in", "frames_out", "late", "dropped", "skipped", "concealed", "late_packets", "jitter_depth_ms")
     context = {ep.name: {k: v for k, v in ep.stats.as_dict().items() if k in counters} for ep in route.endpoints}
-    check_heard(caller_pcm[: int(1.5 * rate)], rate, pcm, 48000, "caller → bot", context=context)
-    check_heard(bot_pcm[: int(2.0 * rate)], rate, caller.recording(), 8000, "bot → caller", context=context)
+    bot_heard = Timeline(48000, ((at, 960) for at in bot.received_at))
+    check_heard(caller_pcm[: int(1.5 * rate)], rate, pcm, 48000, "caller → bot", context=context,
+                starvation=starvation, timeline=bot_heard)
+    check_heard(bot_pcm[: int(2.0 * rate)], rate, caller.recording(), 8000, "bot → caller", context=context,
+                starvation=starvation, timeline=caller.timeline())
     assert gateway.routes["call-the-bot"].route.stats.ended_by == "argon: bot hung up (desk_bot closed (1000 bye))"

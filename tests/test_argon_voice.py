@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 import trio
 
-from audio_checks import blockwise_alignment, read_wav, write_wav
+from audio_checks import (
+    assert_blocks_found,
+    blockwise_alignment,
+    blockwise_blocks,
+    read_wav,
+    write_wav,
+)
 from conftest import ASSETS
 from gateway.adapters.argon import room as room_module
 from gateway.demo import start_demo
-from harness import SECRETS, start
+from harness import SECRETS, Starvation, record_timelines, start
 from test_agent_routes import check_speech, clip
 from voice_clients import Caller
 
@@ -108,7 +114,10 @@ async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch,
         return real_publish(self, session, packet, samples)
 
     monkeypatch.setattr(room_module.Room, "publish", publish)
+    recorded = record_timelines(monkeypatch)
+    starvation = Starvation()  # a loaded machine: the speech blocks and gaps its stalls reached are not judged
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(starvation.run)
         gateway = await start(nursery, FOLLOW, caller=caller, out=str(tmp_path))
         bridge = gateway.routes["bridge"]
         with trio.fail_after(10):
@@ -133,15 +142,19 @@ async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch,
     assert 0 < alice_at < bob_at - 2.5, (alice_at, bob_at)  # alice's words, then bob's
     for pcm, at in ((alice_pcm, alice_at), (bob_pcm, bob_at)):
         part = heard[int(at * rate): int(at * rate) + len(pcm)]
-        blocks = blockwise_alignment(pcm, rate, part, rate)
-        assert blocks and sum(b > 0.85 for b in blocks) >= 0.8 * len(blocks), np.round(blocks, 2)
+        assert_blocks_found(blockwise_blocks(pcm, rate, part, rate), 0.85, f"phone hears {at:.2f} s in",
+                            starvation=starvation, timeline=recorded[str(tmp_path / "phone-hears.wav")],
+                            offset_s=int(at * rate) / rate)
     follows = [e.data["target"] for e in events_of(bridge.route) if e.kind == "follow"]
     assert follows == ["alice", "bob"], follows
     assert "target_left" in [e.kind for e in events_of(bridge.route)]
     bot = bridge.route.endpoints[1]
     assert bot.stats.connects == 3  # connect, then duplex with alice, then duplex with bob
     gaps = np.diff(np.array(published))
-    assert len(gaps) > 200 and gaps.max() <= 0.1, f"publish gap {gaps.max() * 1000:.0f} ms"
+    # but for the gaps that met a stretch in which another process kept this one off the cores
+    judged = [gap for at, gap in zip(published, gaps) if not starvation.overlaps(at, at + gap)]
+    assert len(judged) > 200 and max(judged) <= 0.1, (
+        f"publish gap {max(judged) * 1000:.0f} ms of {len(judged)} judged (starved: {starvation.stretches})")
     assert not any(secret in caplog.text for secret in SECRETS)
 
 

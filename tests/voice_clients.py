@@ -8,7 +8,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from gateway.adapters.voipbin.wire import Audio, Codec, Encapsulation, MediaStreamProtocol
-from harness import VOIPBIN_TOKEN, ws_client
+from harness import VOIPBIN_TOKEN, Timeline, ws_client
 
 
 class Caller:
@@ -51,3 +51,7 @@ class Caller:
 
     def recording(self) -> np.ndarray:
         return np.concatenate([pcm for _, pcm in self.heard]) if self.heard else np.zeros(0, dtype=np.int16)
+
+    def timeline(self) -> Timeline:
+        """When each part of `recording()` arrived (8 kHz)."""
+        return Timeline(8000, ((at, len(pcm)) for at, pcm in self.heard))

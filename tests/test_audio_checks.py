@@ -1,0 +1,118 @@
+"""The tests' own judge of real-time audio: `audio_checks.assert_blocks_found` excuses a bad
+speech block only where a stretch in which another process kept the test off the cores
+(`harness.Starvation`) reached its audio, and nothing else; `gateway.quality`'s blocks say where
+they were found. Recorded speech (gateway/assets); the starved stretches scripted on trio's mock
+clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+import harness
+from audio_checks import (
+    STALL_REACH_S,
+    BlockScore,
+    assert_blocks_found,
+    blockwise_blocks,
+    read_wav,
+    spectral_blocks,
+)
+from conftest import ASSETS
+from harness import Starvation, Timeline
+
+
+def speech() -> tuple[np.ndarray, int]:
+    pcm, rate = read_wav(ASSETS / "or105.wav")
+    return pcm[int(0.3 * rate) : int(2.3 * rate), 0], rate
+
+
+@pytest.mark.parametrize("blocks_of", [blockwise_blocks, spectral_blocks])
+def test_blocks_say_where_in_the_recording_they_were_found(blocks_of):
+    pcm, rate = speech()
+    delay = 0.5
+    received = np.concatenate([np.zeros(int(delay * rate), np.int16), pcm])
+    blocks = blocks_of(pcm, rate, received, rate)
+    assert len(blocks) >= 5 and min(b.score for b in blocks) > 0.9
+    # each block at its own place in the reference (multiples of 250 ms), shifted by the delay
+    offsets = [b.at_s - delay for b in blocks]
+    assert all(abs(o / 0.25 - round(o / 0.25)) * 0.25 <= 0.004 for o in offsets), np.round(offsets, 3)
+    assert offsets == sorted(offsets) and offsets[0] >= 0
+
+
+def blocks(*scores: float) -> list[BlockScore]:
+    return [BlockScore(s, 0.25 * i) for i, s in enumerate(scores)]
+
+
+def starved(*stretches: tuple[float, float]) -> Starvation:
+    starvation = Starvation()
+    starvation.stretches = list(stretches)
+    return starvation
+
+
+# a recording that arrived in 20 ms frames from trio time 100.0 on: second s of it at 100 + s
+ARRIVED = Timeline(8000, ((100.0 + 0.02 * k, 160) for k in range(200)))
+
+
+def test_calm_every_block_is_judged():
+    assert_blocks_found(blocks(0.99, 0.97, 0.98, 0.95, 0.96), 0.85, "calm")
+    with pytest.raises(AssertionError, match=r"calm: blocks \[0.99 0.4  0.5  0.95 0.96\], 3 of 5 judged above 0.85"):
+        assert_blocks_found(blocks(0.99, 0.4, 0.5, 0.95, 0.96), 0.85, "calm", starvation=starved(), timeline=ARRIVED)
+
+
+def test_a_bad_block_is_excused_only_where_a_starved_stretch_reached_its_audio():
+    # blocks 1 and 2 bad: their audio arrived at 100.24-100.50 and 100.50-100.74; `share` 1.0,
+    # so any bad block judged fails
+    scores = blocks(0.99, 0.4, 0.5, 0.95, 0.96, 0.97)
+
+    def check(what: str, *stretches: tuple[float, float], offset_s: float = 0.0) -> None:
+        assert_blocks_found(scores, 0.85, what, starvation=starved(*stretches), timeline=ARRIVED,
+                            offset_s=offset_s, share=1.0)
+
+    # a stall at 100.30-100.38 and what it leaves on its way for STALL_REACH_S: blocks 1 and 2
+    check("stalled", (100.30, 100.38))
+    # the same stall 1 s later reaches block 5, not 1 and 2
+    with pytest.raises(AssertionError, match=r"stalled later: .*, 4 of 6 judged above 0.85$"):
+        check("stalled later", (101.30, 101.38))
+    # a stall just after block 2's audio: neither is excused
+    with pytest.raises(AssertionError, match=r"4 of 6 judged above 0.85$"):
+        check("after", (100.76, 100.78))
+    # a stall that ended just within STALL_REACH_S before block 1's audio reaches it, not 2;
+    # just beyond, neither
+    with pytest.raises(AssertionError, match=r"4 of 5 judged above 0.85 \(blocks \[1\] excused"):
+        check("within reach", (99.5, 100.24 - STALL_REACH_S + 0.005))
+    with pytest.raises(AssertionError, match=r"4 of 6 judged above 0.85$"):
+        check("beyond reach", (99.5, 100.24 - STALL_REACH_S - 0.005))
+    # `offset_s`: the blocks were scored on a part of the recording starting 1 s in
+    with pytest.raises(AssertionError, match=r"4 of 6 judged above 0.85$"):
+        check("part", (100.30, 100.38), offset_s=1.0)
+
+
+def test_a_broken_path_fails_however_starved_the_machine():
+    noise = blocks(0.1, 0.2, 0.05, 0.9, 0.1, 0.15)  # one block above by chance
+    with pytest.raises(AssertionError, match=r"1 of 1 judged"):
+        assert_blocks_found(noise, 0.85, "noise", starvation=starved((99.0, 110.0)), timeline=ARRIVED)
+
+
+def test_starvation_merges_consecutive_starved_slices_into_stretches(monkeypatch):
+    # run-queue wait (s) as the thread's schedstat would read it, one reading per 20 ms slice:
+    # slices 3-4 starved (8 ms each), slice 7 (6 ms), slice 9 under the 5 ms threshold
+    waits = iter(np.cumsum([0, 0, 0, 0.008, 0.008, 0, 0, 0.006, 0, 0.004, 0, 0]))
+    monkeypatch.setattr(harness, "run_queue_wait", lambda: float(next(waits)))
+    late = iter(range(100))
+
+    async def main() -> Starvation:
+        starvation = Starvation(probe=lambda: next(late))
+        start = trio.current_time()
+        with trio.move_on_after(0.2 + 0.001):
+            await starvation.run()
+        starvation.stretches = [(round(s - start, 3), round(e - start, 3)) for s, e in starvation.stretches]
+        return starvation
+
+    starvation = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert starvation.stretches == [(0.04, 0.08), (0.12, 0.14)]
+    assert starvation.slices == 3
+    assert starvation.excused == 5  # the probe grew by 1 a slice: slices 3, 4, 5 and 7, 8
+    assert starvation.overlaps(0.09, 0.1, after=0.01) and not starvation.overlaps(0.09, 0.1)
