@@ -17,7 +17,8 @@ from gateway.quality import (
     write_wav,
 )
 
-__all__ = ["SPECTRAL_FOUND", "STALL_REACH_S", "BlockScore", "active_duration", "assert_blocks_found", "best_alignment",
+__all__ = ["SPECTRAL_FOUND", "STALL_REACH_S", "BlockScore", "active_duration", "assert_blocks_found",
+           "assert_correlated", "best_alignment", "reached_samples",
            "blockwise_alignment", "blockwise_blocks", "loop_score", "mono", "read_wav", "spectral_alignment",
            "spectral_blocks", "write_wav"]
 
@@ -77,3 +78,65 @@ def loop_score(clip: np.ndarray, clip_rate: int, received: np.ndarray, rate: int
     corr, _ = best_alignment(aligned, rate, received, rate, max_lag_s=0.1)
     per_block = spectral_alignment if spectral else blockwise_alignment
     return corr, per_block(aligned, rate, received, rate, search_s=search_s)
+
+
+def reached_samples(received_len: int, rate: int, starvation, timeline, offset_s: float = 0.0) -> np.ndarray:
+    """bool (received_len,): which samples of a received signal (at `rate`, starting `offset_s`
+    into the recording `timeline` describes) arrived during a starved stretch of `starvation`
+    or within STALL_REACH_S after one. All False without a starvation or a timeline."""
+    reached = np.zeros(received_len, dtype=bool)
+    if starvation is None or timeline is None or not timeline.times or not starvation.stretches:
+        return reached
+    ends = np.asarray(timeline.ends) / timeline.rate - offset_s  # s into the received signal
+    starts = np.concatenate([[-offset_s], ends[:-1]])
+    for at, first, last in zip(timeline.times, starts, ends):
+        if starvation.overlaps(at, at, STALL_REACH_S):
+            reached[max(0, int(first * rate)) : max(0, int(last * rate))] = True
+    return reached
+
+
+def assert_correlated(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int, minimum: float,
+                      what: str, *, starvation=None, timeline=None, offset_s: float = 0.0,
+                      max_lag_s: float = 1.0, search_s: float = 0.1, min_segment_s: float = 0.25,
+                      context: object = "") -> tuple[float, float]:
+    """`received` is the reference, correlated above `minimum` (`best_alignment`, within
+    ±`max_lag_s`): but for the parts the machine's stalls reached. Calm (no starved stretch
+    reached the audio) that is the whole signal at one lag, exactly `best_alignment`. Else the
+    received signal is cut where a stretch of `starvation` reached it (`reached_samples`:
+    arrived during the stretch or within STALL_REACH_S after), and each part of at least
+    `min_segment_s` between such cuts is judged on its own, at its own lag within ±`search_s`
+    of the overall one (a stall costs a concealed packet or a skipped one: a shift). At
+    least one part must be long enough to judge. Returns (the whole signal's correlation, its
+    lag in s); raises AssertionError naming `what`, the scores and the stretches."""
+    corr, lag = best_alignment(reference, ref_rate, received, rate, max_lag_s=max_lag_s)
+    reached = reached_samples(len(received), rate, starvation, timeline, offset_s)
+    if corr > minimum or not reached.any():
+        assert corr > minimum, f"{what}: correlation {corr:.3f} at lag {lag:.3f} s, not above {minimum} {context}"
+        return corr, lag
+    ref = mono(reference)
+    if ref_rate != rate:
+        ref = soxr.resample(ref, ref_rate, rate, quality="VHQ")
+    got = mono(received)
+    base, search, shortest = round(lag * rate), round(search_s * rate), round(min_segment_s * rate)
+    free = np.concatenate([[False], ~reached, [False]])  # runs of samples no stretch reached
+    change = np.flatnonzero(free[1:] != free[:-1])
+    parts = [(a, b) for a, b in zip(change[::2], change[1::2]) if b - a >= shortest]
+    scores = []
+    for a, b in parts:
+        segment = got[a:b]
+        lo, hi = max(0, a - base - search), min(len(ref), b - base + search)
+        window = ref[lo:hi]
+        if len(window) < len(segment):
+            scores.append(0.0)  # the reference does not reach this far: not its speech
+            continue
+        size = 1 << (len(window) + len(segment)).bit_length()
+        dots = np.fft.irfft(np.fft.rfft(window, size) * np.conj(np.fft.rfft(segment, size)), size)
+        dots = dots[: len(window) - len(segment) + 1]
+        energy = np.convolve(window * window, np.ones(len(segment)), "valid") * np.dot(segment, segment)
+        scores.append(float(np.max(dots / np.sqrt(energy + 1e-9))))
+    stretches = [round(e - s, 3) for s, e in starvation.stretches]
+    assert scores and min(scores) > minimum, (
+        f"{what}: correlation {corr:.3f} at lag {lag:.3f} s; outside the audio starved stretches reached "
+        f"({reached.mean():.0%} of it; stretches {stretches} s), parts of "
+        f"{[round(float(b - a) / rate, 2) for a, b in parts]} s score {np.round(scores, 3)}, not all above {minimum} {context}")
+    return corr, lag

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import glob
 import string
 
 import trio
@@ -52,15 +53,21 @@ async def ws_client(nursery: trio.Nursery, url: str):
     return await connect_websocket_url(nursery, url, message_queue_size=64)
 
 
-def run_queue_wait() -> float:
-    """Seconds this thread has spent runnable but waiting for a core (Linux
-    /proc/thread-self/schedstat, field 2, ns): time another process (Chromium starting, a worker importing) had the
-    cores, which the gateway's pacing cannot be judged on. 0 where the file does not exist."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
+def run_queue_wait(pid: int | None = None) -> float:
+    """Seconds this thread (or with `pid`, all threads of that process together) has spent
+    runnable but waiting for a core (Linux /proc/thread-self/schedstat, /proc/PID/task/*/schedstat,
+    field 2, ns): time another process (Chromium starting, a worker importing) had the cores,
+    which the gateway's pacing cannot be judged on. 0 where the files do not exist (a process
+    that ended)."""
+    paths = ["/proc/thread-self/schedstat"] if pid is None else glob.glob(f"/proc/{pid}/task/*/schedstat")
+    waited = 0
+    for path in paths:
+        try:
+            with open(path) as f:
+                waited += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return waited / 1e9
 
 
 class Starvation:
@@ -70,8 +77,10 @@ class Starvation:
     each (`excused`). A real-time check of the gateway's timing excuses what happened while
     the machine kept it off the cores, and nothing else: calm, `excused` is 0."""
 
-    def __init__(self, probe=lambda: 0, period: float = 0.020, threshold: float = 0.005) -> None:
-        self.probe, self.period, self.threshold = probe, period, threshold
+    def __init__(self, probe=lambda: 0, period: float = 0.020, threshold: float = 0.005, pids=lambda: ()) -> None:
+        """`pids()`: the other processes whose waits count too (a gateway run as a subprocess,
+        its workers), read each slice; each is judged on its own, as this thread is."""
+        self.probe, self.period, self.threshold, self.pids = probe, period, threshold, pids
         self.slices = 0
         """Slices starved."""
         self.excused = 0
@@ -84,13 +93,16 @@ class Starvation:
         seconds that follow it (what the machine's stall did to audio still on its way)."""
         return any(start <= e + after and s <= end for s, e in self.stretches)
 
+    def _waits(self) -> dict[int | None, float]:
+        return {pid: run_queue_wait(pid) for pid in (None, *self.pids())}
+
     async def run(self) -> None:
-        waited_before, seen, starved_before = run_queue_wait(), self.probe(), False
+        waited_before, seen, starved_before = self._waits(), self.probe(), False
         then = trio.current_time()
         while True:
             await trio.sleep(self.period)
-            waited_now, count, now = run_queue_wait(), self.probe(), trio.current_time()
-            starved = waited_now - waited_before >= self.threshold
+            waited_now, count, now = self._waits(), self.probe(), trio.current_time()
+            starved = any(waited - waited_before.get(pid, waited) >= self.threshold for pid, waited in waited_now.items())
             self.slices += starved
             if starved or starved_before:
                 self.excused += count - seen

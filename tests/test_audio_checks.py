@@ -16,7 +16,9 @@ from audio_checks import (
     STALL_REACH_S,
     BlockScore,
     assert_blocks_found,
+    assert_correlated,
     blockwise_blocks,
+    reached_samples,
     read_wav,
     spectral_blocks,
 )
@@ -100,7 +102,7 @@ def test_starvation_merges_consecutive_starved_slices_into_stretches(monkeypatch
     # run-queue wait (s) as the thread's schedstat would read it, one reading per 20 ms slice:
     # slices 3-4 starved (8 ms each), slice 7 (6 ms), slice 9 under the 5 ms threshold
     waits = iter(np.cumsum([0, 0, 0, 0.008, 0.008, 0, 0, 0.006, 0, 0.004, 0, 0]))
-    monkeypatch.setattr(harness, "run_queue_wait", lambda: float(next(waits)))
+    monkeypatch.setattr(harness, "run_queue_wait", lambda pid=None: float(next(waits)))
     late = iter(range(100))
 
     async def main() -> Starvation:
@@ -116,3 +118,56 @@ def test_starvation_merges_consecutive_starved_slices_into_stretches(monkeypatch
     assert starvation.slices == 3
     assert starvation.excused == 5  # the probe grew by 1 a slice: slices 3, 4, 5 and 7, 8
     assert starvation.overlaps(0.09, 0.1, after=0.01) and not starvation.overlaps(0.09, 0.1)
+
+
+def stalled_speech() -> tuple[np.ndarray, np.ndarray, int]:
+    """(speech, what a stalled path delivered: 40 ms late from 1.0 s on, the gap filled
+    with silence as a late slot is, arriving in 20 ms frames from trio time 100.0 on)."""
+    pcm, rate = speech()
+    cut = int(1.0 * rate)
+    return pcm, np.concatenate([pcm[:cut], np.zeros(int(0.04 * rate), np.int16), pcm[cut:]]), rate
+
+
+def test_correlation_is_judged_around_the_audio_a_stall_reached():
+    pcm, received, rate = stalled_speech()
+    # calm it is the whole signal's correlation: the shift mid-stream fails it
+    with pytest.raises(AssertionError, match=r"calm: correlation 0\.[0-8]\d* at lag"):
+        assert_correlated(pcm, rate, received, rate, 0.9, "calm", starvation=starved(), timeline=ARRIVED)
+    # a stall at 100.95-101.0 reached it: the parts before and after score on their own
+    corr, lag = assert_correlated(pcm, rate, received, rate, 0.9, "stalled", starvation=starved((100.95, 101.0)),
+                                  timeline=ARRIVED)
+    assert corr < 0.9 and lag in (0.0, 0.04)
+    # a stall elsewhere does not excuse it: the part holding the shift fails
+    with pytest.raises(AssertionError, match=r"elsewhere: .*parts of \[[\d., ]+\] s score"):
+        assert_correlated(pcm, rate, received, rate, 0.9, "elsewhere", starvation=starved((100.2, 100.25)),
+                          timeline=ARRIVED)
+    # noise fails however much a stall reached
+    noise = np.random.default_rng(7).normal(0, 3000, len(received)).astype(np.int16)
+    with pytest.raises(AssertionError, match="noise"):
+        assert_correlated(pcm, rate, noise, rate, 0.9, "noise", starvation=starved((100.95, 101.0)), timeline=ARRIVED)
+
+
+def test_reached_samples_maps_arrival_times_onto_the_signal():
+    reached = reached_samples(8000 * 2, 8000, starved((100.40, 100.42)), ARRIVED)
+    # the frames that arrived from 100.40 to 100.42 + STALL_REACH_S (the last at 100.66):
+    # 0.40-0.68 s of the signal
+    span = np.flatnonzero(reached) / 8000
+    assert span[0] == pytest.approx(0.40) and span[-1] == pytest.approx(0.68 - 1 / 8000)
+    # the same, for a part of the recording starting 0.3 s in, at 48 kHz
+    part = np.flatnonzero(reached_samples(48000, 48000, starved((100.40, 100.42)), ARRIVED, offset_s=0.3)) / 48000
+    assert part[0] == pytest.approx(0.10) and len(part) == len(span) * 6
+    assert not reached_samples(100, 8000, None, ARRIVED).any() and not reached_samples(100, 8000, starved(), ARRIVED).any()
+
+
+def test_run_queue_wait_of_another_process_sums_its_threads():
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    mine = harness.run_queue_wait()
+    assert harness.run_queue_wait(os.getpid()) >= mine  # this thread is one of this process's
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    assert glob.glob(f"/proc/{child.pid}/task/*/schedstat")  # what it reads, while the child runs
+    child.communicate(b"")
+    assert harness.run_queue_wait(child.pid) == 0.0  # ended: nothing to read
