@@ -18,7 +18,7 @@ from gateway.quality import (
 )
 
 __all__ = ["SPECTRAL_FOUND", "STALL_REACH_S", "BlockScore", "active_duration", "assert_blocks_found",
-           "assert_correlated", "best_alignment", "reached_samples",
+           "assert_correlated", "assert_loop_heard", "best_alignment", "loop_aligned", "reached_samples",
            "blockwise_alignment", "blockwise_blocks", "loop_score", "mono", "read_wav", "spectral_alignment",
            "spectral_blocks", "write_wav"]
 
@@ -31,14 +31,16 @@ STALL_REACH_S = 0.25
 def assert_blocks_found(blocks: list[BlockScore], found: float, what: str, *, block_s: float = 0.25,
                         starvation=None, timeline=None, offset_s: float = 0.0, share: float = 0.8,
                         min_blocks: int = 3, context: object = "") -> None:
-    """At least `share` (and `min_blocks`) of the speech `blocks` (`blockwise_blocks`,
-    `spectral_blocks`) score above `found`: but for the ones the machine's stalls could
+    """There are at least `min_blocks` speech `blocks` (`blockwise_blocks`, `spectral_blocks`)
+    and `share` of them score above `found`: but for the ones the machine's stalls could
     reach, which are not judged. A block below `found` whose audio arrived (`timeline`:
     harness.Timeline of the recording, the blocks' received audio starting `offset_s` into
     it) during a stretch in which another process kept the test off the cores
     (`starvation`: harness.Starvation, run beside the test) or within STALL_REACH_S after one
-    is excused. Calm (no stretch) every block is judged. Raises AssertionError naming `what`,
-    the scores, the excused blocks and the stretches."""
+    is excused; at least half of the blocks must be judged (else the machine was too starved
+    for the check to say anything, and it fails saying so). Calm (no stretch) every block is
+    judged. Raises AssertionError naming `what`, the scores, the excused blocks and the
+    stretches."""
     def reached(block: BlockScore) -> bool:
         if starvation is None or timeline is None or not timeline.times:
             return False
@@ -49,7 +51,7 @@ def assert_blocks_found(blocks: list[BlockScore], found: float, what: str, *, bl
     judged = [b.score for i, b in enumerate(blocks) if i not in excused]
     good = sum(score > found for score in judged)
     stretches = [] if starvation is None else [round(e - s, 3) for s, e in starvation.stretches]
-    assert len(judged) >= min_blocks and good >= share * len(judged), (
+    assert len(blocks) >= min_blocks and 2 * len(judged) >= len(blocks) and good >= share * len(judged), (
         f"{what}: blocks {np.round([b.score for b in blocks], 2)}, {good} of {len(judged)} judged above {found}"
         + (f" (blocks {excused} excused: audio of a starved stretch; stretches {stretches} s)" if excused else "")
         + (f" {context}" if context else ""))
@@ -67,6 +69,15 @@ def loop_score(clip: np.ndarray, clip_rate: int, received: np.ndarray, rate: int
     `blockwise_alignment`, or with `spectral` of `spectral_alignment` (for audio that went
     through a parametric codec: SILK), each block searched within ±`search_s` of the overall
     lag)."""
+    aligned = loop_aligned(clip, clip_rate, received, rate)
+    corr, _ = best_alignment(aligned, rate, received, rate, max_lag_s=0.1)
+    per_block = spectral_alignment if spectral else blockwise_alignment
+    return corr, per_block(aligned, rate, received, rate, search_s=search_s)
+
+
+def loop_aligned(clip: np.ndarray, clip_rate: int, received: np.ndarray, rate: int) -> np.ndarray:
+    """`clip` played in a loop (mono float64, at `rate`), as long as `received` and from the
+    place in the loop where `received` starts."""
     ref = mono(clip)
     if clip_rate != rate:
         ref = soxr.resample(ref, clip_rate, rate, quality="VHQ")
@@ -74,10 +85,20 @@ def loop_score(clip: np.ndarray, clip_rate: int, received: np.ndarray, rate: int
     loops = int(np.ceil(len(received) / period)) + 2
     corr, lag = best_alignment(np.tile(ref, loops), rate, received, rate, max_lag_s=1.05 * period / rate)
     phase = round(-lag * rate) % period
-    aligned = np.tile(ref, loops + 1)[phase : phase + len(received)]
-    corr, _ = best_alignment(aligned, rate, received, rate, max_lag_s=0.1)
-    per_block = spectral_alignment if spectral else blockwise_alignment
-    return corr, per_block(aligned, rate, received, rate, search_s=search_s)
+    return np.tile(ref, loops + 1)[phase : phase + len(received)]
+
+
+def assert_loop_heard(clip: np.ndarray, clip_rate: int, received: np.ndarray, rate: int, what: str, *,
+                      correlation: float = 0.9, block: float = 0.8, starvation=None, timeline=None) -> None:
+    """`received` is `clip` played in a loop from wherever in it: the whole correlated above
+    `correlation` and every speech block above `block` (`loop_score`), but for the audio a
+    starved stretch reached (`assert_correlated`, `assert_blocks_found`); calm, exactly
+    `loop_score`'s figures."""
+    aligned = loop_aligned(clip, clip_rate, received, rate)
+    assert_correlated(aligned, rate, received, rate, correlation, what, max_lag_s=0.1, starvation=starvation,
+                      timeline=timeline)
+    assert_blocks_found(blockwise_blocks(aligned, rate, received, rate), block, what, share=1.0,
+                        starvation=starvation, timeline=timeline)
 
 
 def reached_samples(received_len: int, rate: int, starvation, timeline, offset_s: float = 0.0) -> np.ndarray:

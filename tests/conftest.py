@@ -46,3 +46,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.nodeid in item.config.stash.get(UNGROUPED, set()):
         pytest.fail(UNGROUPED_MESSAGE, pytrace=False)
+
+
+@pytest.fixture
+async def stalls(nursery, monkeypatch):
+    """harness.Stalls of this test: the stretches in which another process kept it off the
+    cores (harness.Starvation, run in the test's nursery) and when each record endpoint wrote
+    its frames, for the real-time checks to leave the audio the stalls reached unjudged
+    (audio_checks.assert_blocks_found, assert_correlated). Async tests only."""
+    from harness import Stalls
+
+    stalls = Stalls(monkeypatch)
+    nursery.start_soon(stalls.starvation.run)
+    return stalls

@@ -155,3 +155,17 @@ def record_timelines(monkeypatch) -> dict[str, Timeline]:
 
     monkeypatch.setattr(Recorder, "send", timed_send)
     return timelines
+
+
+class Stalls:
+    """What a real-time test's checks need to excuse the machine's stalls and nothing else: a
+    `Starvation` run beside the test and the `record_timelines` of its record endpoints (the
+    `stalls` fixture of conftest.py starts both)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.starvation = Starvation()
+        self.recorded = record_timelines(monkeypatch)
+
+    def timeline(self, path) -> Timeline | None:
+        """When the frames of the recording at `path` were written (None: nothing was)."""
+        return self.recorded.get(str(path))

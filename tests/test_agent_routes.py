@@ -14,6 +14,7 @@ import trio
 from audio_checks import (
     SPECTRAL_FOUND,
     assert_blocks_found,
+    assert_correlated,
     best_alignment,
     blockwise_blocks,
     read_wav,
@@ -69,14 +70,17 @@ def clip(tmp_path, name: str, source: str, start_s: float, seconds: float) -> tu
 
 
 def check_speech(reference, ref_rate, path, *, min_seconds: float, what: str, waveform: bool = True,
-                 starvation=None, timeline=None) -> None:
+                 starvation=None, timeline=None, stalls=None) -> None:
     """The recording holds the reference speech, block by block, with little delay; a broken
     path (noise, silence, wrong rate or byte order) fails every block. `waveform`: the path
     keeps the waveform (G.711, PCM, Opus at 48 kHz input), judged by waveform correlation;
     False: it went through a parametric codec (an Argon bot publishing an 8 or 16 kHz source:
     SILK), judged by short-time spectra (`spectral_alignment`). `starvation` and `timeline`
     (harness.Starvation run beside the test, harness.Timeline of the recording): blocks the
-    machine's stalls reached are not judged (audio_checks.assert_blocks_found)."""
+    machine's stalls reached are not judged (audio_checks.assert_blocks_found); or `stalls`
+    (the fixture: both, the timeline that of the record endpoint writing `path`)."""
+    if stalls is not None:
+        starvation, timeline = stalls.starvation, stalls.timeline(path)
     received, rate = read_wav(path)
     assert len(received) / rate >= min_seconds, f"{what}: only {len(received) / rate:.2f} s recorded"
     corr, lag = best_alignment(reference, ref_rate, received, rate)
@@ -106,7 +110,7 @@ routes:
 """
 
 
-async def test_call_and_agent_hear_each_other(tmp_path, caplog):
+async def test_call_and_agent_hear_each_other(tmp_path, caplog, stalls):
     caller, caller_pcm, caller_rate = clip(tmp_path, "caller.wav", "or105.wav", 0.3, 2.5)
     tts, tts_pcm, tts_rate = clip(tmp_path, "tts.wav", "speech16k.wav", 0.2, 2.0)
     arrivals = {"call": Arrivals(), "agent": Arrivals()}
@@ -127,8 +131,8 @@ async def test_call_and_agent_hear_each_other(tmp_path, caplog):
     bridge = gateway.routes["bridge"].route
     phone, agent = bridge.endpoints
     # the agent's TTS reached the caller; the caller's speech reached the agent
-    check_speech(tts_pcm, tts_rate, tmp_path / "call.wav", min_seconds=1.5, what="agent → call")
-    check_speech(caller_pcm, caller_rate, tmp_path / "agent.wav", min_seconds=1.5, what="call → agent")
+    check_speech(tts_pcm, tts_rate, tmp_path / "call.wav", min_seconds=1.5, what="agent → call", stalls=stalls)
+    check_speech(caller_pcm, caller_rate, tmp_path / "agent.wav", min_seconds=1.5, what="call → agent", stalls=stalls)
     # on the wire: 640-byte PCM16 frames to the agent, 20 ms u-law packets to the call, paced
     assert agent.stats.frames_out > 70 and agent.stats.bytes_out == 640 * agent.stats.frames_out
     assert phone.stats.frames_out > 70 and phone.stats.bytes_out == 160 * phone.stats.frames_out
@@ -202,7 +206,7 @@ class FakeAgent:
             pass
 
 
-async def test_bursty_agent_is_played_to_the_call_at_real_time_without_drops(tmp_path, caplog):
+async def test_bursty_agent_is_played_to_the_call_at_real_time_without_drops(tmp_path, caplog, stalls):
     _, tts_pcm, tts_rate = clip(tmp_path, "tts.wav", "speech16k.wav", 0.2, 2.0)
     fake = FakeAgent(tts_pcm[:, 0] if tts_pcm.ndim > 1 else tts_pcm)
     arrivals = Arrivals()
@@ -231,8 +235,8 @@ async def test_bursty_agent_is_played_to_the_call_at_real_time_without_drops(tmp
     # the whole answer reached the call, intact (sample-aligned across odd messages), at
     # real time: every packet paced, none dropped, the queue depth visible while it played
     received, rate = read_wav(tmp_path / "call.wav")
-    corr, lag = best_alignment(tts_pcm, tts_rate, received, rate)
-    assert corr > 0.9, (corr, lag)
+    assert_correlated(tts_pcm, tts_rate, received, rate, 0.9, "agent → call", starvation=stalls.starvation,
+                      timeline=stalls.timeline(tmp_path / "call.wav"))
     assert phone.stats.dropped == 0 and phone.stats.late <= 2
     assert abs(arrivals.samples / 8000 - 2.0) < 0.1, arrivals.samples / 8000
     arrivals.check_paced()

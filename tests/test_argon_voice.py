@@ -44,7 +44,7 @@ def events_of(route) -> list:
     return [event for _, event in route.stats.recent_events]
 
 
-async def test_phone_and_channel_hear_each_other_with_hear_user_id(tmp_path):
+async def test_phone_and_channel_hear_each_other_with_hear_user_id(tmp_path, stalls):
     """The demo's conversation, short: the caller's speech reaches the channel, the person's
     speech in the channel reaches the caller, each intact."""
     caller, caller_pcm, rate = clip(tmp_path, "caller.wav", "or105.wav", 0.3, 2.5)
@@ -56,8 +56,10 @@ async def test_phone_and_channel_hear_each_other_with_hear_user_id(tmp_path):
             await gateway.routes["phone-call"].sessions_done.wait()
         nursery.cancel_scope.cancel()
     # the bot codes the 8 kHz call at 8 kHz input (narrowband SILK: the spectrum, not the waveform)
-    check_speech(caller_pcm, rate, tmp_path / "channel.wav", min_seconds=2.0, what="caller → channel", waveform=False)
-    check_speech(person_pcm, rate, tmp_path / "caller-hears.wav", min_seconds=1.8, what="channel → caller")
+    check_speech(caller_pcm, rate, tmp_path / "channel.wav", min_seconds=2.0, what="caller → channel", waveform=False,
+                 stalls=stalls)
+    check_speech(person_pcm, rate, tmp_path / "caller-hears.wav", min_seconds=1.8, what="channel → caller",
+                 stalls=stalls)
     bridge = gateway.routes["support-line"].route
     call, bot = bridge.endpoints
     # the bot heard the person as Opus packets on its duplex session and played them out

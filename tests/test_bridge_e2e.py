@@ -11,13 +11,18 @@ the configured duration and channel count.
 
 from __future__ import annotations
 
-import numpy as np
 import opuslib
 import pytest
 import trio
 
 import gateway.adapters.argon.room as argon_room
-from audio_checks import SPECTRAL_FOUND, best_alignment, read_wav, spectral_alignment
+from audio_checks import (
+    SPECTRAL_FOUND,
+    assert_blocks_found,
+    best_alignment,
+    read_wav,
+    spectral_blocks,
+)
 from gateway.adapters.argon.wire import validate_opus_packet
 from gateway.demo import start_demo
 
@@ -38,21 +43,22 @@ def stats(gateway):
     return {f"{name}/{e.name}": e.stats.as_dict() for name, st in gateway.routes.items() for e in st.route.endpoints}
 
 
-def check_speech_arrived(tmp_path, clip, gateway):
+def check_speech_arrived(tmp_path, clip, gateway, stalls):
     """The speech is in the channel's recording: quarter second by quarter second, in order,
     with little delay. Audio that queued while the bridge was still connecting is kept (the
     latency it added is won back in pauses, so later speech may come a little early in the
     recording: tests/test_argon_startup.py checks the start-up case itself, with an ingress
     that takes 1 s); a packet concealed under load costs one block. Noise, a wrong byte order
     or a wrong rate fail every block. The call is coded at 8 kHz input (narrowband SILK), so
-    the blocks are judged by short-time spectra (`spectral_alignment`), not the waveform."""
+    the blocks are judged by short-time spectra (`spectral_alignment`), not the waveform; but
+    for the blocks a stall of the machine reached (`stalls`: the fixture)."""
     source, source_rate = read_wav(clip)
     received, rate = read_wav(tmp_path / "channel.wav")
     corr, lag = best_alignment(source, source_rate, received, rate)
     assert -0.5 < lag < 0.3, f"speech arrived {lag * 1000:.0f} ms off in the recording: {stats(gateway)}"
-    blocks = spectral_alignment(source, source_rate, received, rate)
-    good = sum(b > SPECTRAL_FOUND for b in blocks)
-    assert len(blocks) >= 4 and good >= 0.8 * len(blocks), f"speech blocks {np.round(blocks, 2)}: {stats(gateway)}"
+    assert_blocks_found(spectral_blocks(source, source_rate, received, rate), SPECTRAL_FOUND, "speech", min_blocks=4,
+                        starvation=stalls.starvation, timeline=stalls.timeline(tmp_path / "channel.wav"),
+                        context=stats(gateway))
     # nothing lost once the bridge was up: the recording runs to the end of the speech. It
     # may run longer by the slots the path filled in under load (a jitter buffer growing, a
     # pacer's late slot: each plays its audio 20 ms later) and shorter by the pause packets
@@ -67,7 +73,8 @@ def check_speech_arrived(tmp_path, clip, gateway):
 
 @pytest.mark.parametrize("encapsulation", ["rtp", "sln", "audiosocket"])
 @pytest.mark.parametrize("codec", ["ulaw", "slin"])
-async def test_call_reaches_channel_each_encapsulation_and_codec(tmp_path, speech_clip, encapsulation, codec):
+async def test_call_reaches_channel_each_encapsulation_and_codec(tmp_path, speech_clip, encapsulation, codec,
+                                                                 stalls):
     gateway = await bridge(tmp_path, speech_clip, encapsulation=encapsulation, listen_codec=codec)
     call_side, channel_side = gateway.routes["support-line"].route.endpoints
     # the dial adapter detected the call's codec from the payload size and answered in it
@@ -76,13 +83,13 @@ async def test_call_reaches_channel_each_encapsulation_and_codec(tmp_path, speec
     # the call's end ends the bridge: AudioSocket says hangup, rtp/sln close the socket
     ended_by = gateway.routes["support-line"].route.stats.ended_by
     assert ended_by == "voipbin: hangup" if encapsulation == "audiosocket" else ended_by.startswith("voipbin: closed")
-    check_speech_arrived(tmp_path, speech_clip, gateway)
+    check_speech_arrived(tmp_path, speech_clip, gateway, stalls)
     assert channel_side.stats.late <= 5  # a loaded 2-core CI machine may conceal a packet or two
 
 
 @pytest.mark.parametrize("stereo", [False, True], ids=["mono", "stereo"])
 @pytest.mark.parametrize("frame_ms", [10, 20, 40, 60])
-async def test_every_opus_message_is_one_valid_packet(tmp_path, speech_clip, monkeypatch, stereo, frame_ms):
+async def test_every_opus_message_is_one_valid_packet(tmp_path, speech_clip, monkeypatch, stereo, frame_ms, stalls):
     packets = []
 
     real_check = argon_room.BotSession._check
@@ -112,7 +119,7 @@ async def test_every_opus_message_is_one_valid_packet(tmp_path, speech_clip, mon
         assert len(pcm) == 48 * frame_ms * channels * 2  # one packet of exactly frame_ms
     channel = gateway.routes["voice-channel"].route.endpoints[0]
     assert channel.params.frame_duration_ms == frame_ms and channel.params.stereo == stereo
-    check_speech_arrived(tmp_path, speech_clip, gateway)
+    check_speech_arrived(tmp_path, speech_clip, gateway, stalls)
     if stereo:
         pcm, _ = read_wav(tmp_path / "channel.wav")
         assert pcm.shape[1] == 2
