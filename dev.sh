@@ -4,6 +4,7 @@
 #   ./dev.sh test   set up if needed, then lint (ruff, mypy) and run the whole test suite
 #   ./dev.sh lint   set up if needed, then only ruff and mypy (configs in pyproject.toml)
 #   ./dev.sh bench  set up if needed, then run the concurrency benchmark
+#   ./dev.sh stalled [pytest args]  the tests beside tests/noisy_machine.py (both cores taken 50 ms every 0.5 s)
 #   ./dev.sh setup  only the set-up: system packages (libopus0, chromium, nodejs, node-ws, ffmpeg), .venv, the project and its test extras
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -77,5 +78,11 @@ case "$cmd" in
            # session burst, the fuzz) run one after another on one worker, never against each other
            exec "$VENV/bin/python" -m pytest -n 2 --dist loadgroup -q "$@" ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_routes.py "$@" ;;
-    *) sed -n '2,7p' "$0"; exit 2 ;;
+    stalled) setup browser
+           # a loaded CI host on demand: the real-time checks must excuse only what the stalls reach
+           "$VENV/bin/python" tests/noisy_machine.py --busy "${STALL_BUSY:-0.05}" --every "${STALL_EVERY:-0.5}" &
+           noisy=$!
+           trap 'kill $noisy 2>/dev/null' EXIT
+           GATEWAY_REQUIRE_BROWSER=${GATEWAY_REQUIRE_BROWSER:-1} "$VENV/bin/python" -m pytest -n 2 --dist loadgroup -q "${@:-tests}" ;;
+    *) sed -n '2,8p' "$0"; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ from gateway.quality import (
 )
 
 __all__ = ["SPECTRAL_FOUND", "STALL_REACH_S", "BlockScore", "active_duration", "assert_blocks_found",
-           "assert_correlated", "assert_loop_heard", "best_alignment", "loop_aligned", "reached_samples",
+           "assert_correlated", "assert_loop_heard", "best_alignment", "excused_blocks", "found_share", "loop_aligned", "reached_samples",
            "blockwise_alignment", "blockwise_blocks", "loop_score", "mono", "read_wav", "spectral_alignment",
            "spectral_blocks", "write_wav"]
 
@@ -26,6 +26,31 @@ __all__ = ["SPECTRAL_FOUND", "STALL_REACH_S", "BlockScore", "active_duration", "
 #: audio arriving: the pacers and jitter buffers the speech crosses (20-60 ms each, three or
 #: four in a bridge run in one test process) catch up within it.
 STALL_REACH_S = 0.25
+
+
+def excused_blocks(blocks: list[BlockScore], found: float, starvation, timeline, *, offset_s: float = 0.0,
+                   block_s: float = 0.25) -> list[int]:
+    """Indices of the `blocks` at or below `found` whose audio (`timeline`: harness.Timeline of
+    the recording, the blocks' received audio starting `offset_s` into it) arrived during a
+    stretch of `starvation` or within STALL_REACH_S after one: none without either."""
+    if starvation is None or timeline is None or not timeline.times:
+        return []
+
+    def reached(block: BlockScore) -> bool:
+        start, end = offset_s + block.at_s, offset_s + block.at_s + block_s
+        return starvation.overlaps(timeline.time_at(start), timeline.time_at(end), STALL_REACH_S)
+
+    return [i for i, b in enumerate(blocks) if b.score <= found and reached(b)]
+
+
+def found_share(blocks: list[BlockScore], found: float, starvation=None, timeline=None, **where) -> float:
+    """The share of the judged `blocks` above `found` (the bad ones a starved stretch reached,
+    `excused_blocks`, are not judged); 0.0 when not even half of them could be judged."""
+    excused = excused_blocks(blocks, found, starvation, timeline, **where)
+    judged = [b.score for i, b in enumerate(blocks) if i not in excused]
+    if not judged or 2 * len(judged) < len(blocks):
+        return 0.0
+    return sum(score > found for score in judged) / len(judged)
 
 
 def assert_blocks_found(blocks: list[BlockScore], found: float, what: str, *, block_s: float = 0.25,
@@ -41,13 +66,7 @@ def assert_blocks_found(blocks: list[BlockScore], found: float, what: str, *, bl
     for the check to say anything, and it fails saying so). Calm (no stretch) every block is
     judged. Raises AssertionError naming `what`, the scores, the excused blocks and the
     stretches."""
-    def reached(block: BlockScore) -> bool:
-        if starvation is None or timeline is None or not timeline.times:
-            return False
-        start, end = offset_s + block.at_s, offset_s + block.at_s + block_s
-        return starvation.overlaps(timeline.time_at(start), timeline.time_at(end), STALL_REACH_S)
-
-    excused = [i for i, b in enumerate(blocks) if b.score <= found and reached(b)]
+    excused = excused_blocks(blocks, found, starvation, timeline, offset_s=offset_s, block_s=block_s)
     judged = [b.score for i, b in enumerate(blocks) if i not in excused]
     good = sum(score > found for score in judged)
     stretches = [] if starvation is None else [round(e - s, 3) for s, e in starvation.stretches]
@@ -101,6 +120,10 @@ def assert_loop_heard(clip: np.ndarray, clip_rate: int, received: np.ndarray, ra
                         starvation=starvation, timeline=timeline)
 
 
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x * x))) if len(x) else 0.0
+
+
 def reached_samples(received_len: int, rate: int, starvation, timeline, offset_s: float = 0.0) -> np.ndarray:
     """bool (received_len,): which samples of a received signal (at `rate`, starting `offset_s`
     into the recording `timeline` describes) arrived during a starved stretch of `starvation`
@@ -127,7 +150,8 @@ def assert_correlated(reference: np.ndarray, ref_rate: int, received: np.ndarray
     arrived during the stretch or within STALL_REACH_S after), and each part of at least
     `min_segment_s` between such cuts is judged on its own, at its own lag within ±`search_s`
     of the overall one (a stall costs a concealed packet or a skipped one: a shift). At
-    least one part must be long enough to judge. Returns (the whole signal's correlation, its
+    least one part of the reference's speech must be long enough to judge (else the machine
+    was too starved for the check to say anything, and it fails saying so). Returns (the whole signal's correlation, its
     lag in s); raises AssertionError naming `what`, the scores and the stretches."""
     corr, lag = best_alignment(reference, ref_rate, received, rate, max_lag_s=max_lag_s)
     reached = reached_samples(len(received), rate, starvation, timeline, offset_s)
@@ -142,6 +166,10 @@ def assert_correlated(reference: np.ndarray, ref_rate: int, received: np.ndarray
     free = np.concatenate([[False], ~reached, [False]])  # runs of samples no stretch reached
     change = np.flatnonzero(free[1:] != free[:-1])
     parts = [(a, b) for a, b in zip(change[::2], change[1::2]) if b - a >= shortest]
+    # a part that is a pause of the reference (RMS under 0.3 times the whole's, as
+    # `gateway.quality`'s speech blocks) says nothing: noise against noise
+    loud = 0.3 * np.sqrt(np.mean(ref**2))
+    parts = [(a, b) for a, b in parts if _rms(ref[max(0, a - base) : max(0, b - base)]) >= loud]
     scores = []
     for a, b in parts:
         segment = got[a:b]

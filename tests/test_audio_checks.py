@@ -18,6 +18,7 @@ from audio_checks import (
     assert_blocks_found,
     assert_correlated,
     blockwise_blocks,
+    found_share,
     reached_samples,
     read_wav,
     spectral_blocks,
@@ -171,3 +172,13 @@ def test_run_queue_wait_of_another_process_sums_its_threads():
     assert glob.glob(f"/proc/{child.pid}/task/*/schedstat")  # what it reads, while the child runs
     child.communicate(b"")
     assert harness.run_queue_wait(child.pid) == 0.0  # ended: nothing to read
+
+
+def test_found_share_leaves_out_the_bad_blocks_a_stall_reached_and_no_others():
+    scores = blocks(0.99, 0.4, 0.5, 0.95, 0.96, 0.3)  # blocks 1, 2 (100.24-100.74) and 5 bad
+    assert found_share(scores, 0.85) == pytest.approx(3 / 6)
+    assert found_share(scores, 0.85, starved((100.30, 100.38)), ARRIVED) == pytest.approx(3 / 4)  # 1, 2 left out
+    assert found_share(scores, 0.85, starved((101.30, 101.38)), ARRIVED) == pytest.approx(3 / 5)  # 5 left out
+    # a stall over it all: half judged at least, or nothing to say
+    assert found_share(scores, 0.85, starved((99.0, 110.0)), ARRIVED) == 1.0
+    assert found_share(blocks(0.99, 0.4, 0.5, 0.2, 0.96, 0.3), 0.85, starved((99.0, 110.0)), ARRIVED) == 0.0

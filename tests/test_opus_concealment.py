@@ -541,13 +541,14 @@ async def test_packets_a_bot_withholds_are_concealed_in_what_the_channel_records
         placed = [base for base in (0, len(GAP) * N) if -earlier - 48 <= shift - base <= later + 48]
         assert corr > 0.9 and placed, (corr, shift, earlier, later, a, b, ra, rb)
     else:
-        # one run of digital silence; where a stall of the machine reached the gap's audio (a
-        # late packet played inside it), the runs around it together
+        # a run of digital silence of 40 ms or more; where a stall of the machine reached the
+        # gap's audio (the bot's late packets played into the gap), of one slot or more: still
+        # the silence fill, never PLC (which leaves not even 5 ms of exact zeros, above)
         recorded = stalls.timeline(tmp_path / "heard.wav")
         stalled = recorded is not None and stalls.starvation.overlaps(
             recorded.time_at(gap_start / RATE), recorded.time_at(gap_end / RATE), STALL_REACH_S)
-        silent = sum(n for _, n in holes) if stalled else max((n for _, n in holes), default=0)
-        assert silent >= 40 * 48, (holes, stalls.starvation.stretches)
+        longest = max((n for _, n in holes), default=0)
+        assert longest >= (20 if stalled else 40) * 48, (holes, stalled, stalls.starvation.stretches)
         assert channel.stats.concealed == 0 and channel.ingress == OPUS_48K
 
 
