@@ -141,18 +141,21 @@ def reached_samples(received_len: int, rate: int, starvation, timeline, offset_s
 
 def assert_correlated(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate: int, minimum: float,
                       what: str, *, starvation=None, timeline=None, offset_s: float = 0.0,
-                      max_lag_s: float = 1.0, search_s: float = 0.1, min_segment_s: float = 0.25,
+                      max_lag_s: float = 1.0, search_s: float = 0.1, min_segment_s: float = 0.12,
                       context: object = "") -> tuple[float, float]:
     """`received` is the reference, correlated above `minimum` (`best_alignment`, within
     ±`max_lag_s`): but for the parts the machine's stalls reached. Calm (no starved stretch
     reached the audio) that is the whole signal at one lag, exactly `best_alignment`. Else the
     received signal is cut where a stretch of `starvation` reached it (`reached_samples`:
     arrived during the stretch or within STALL_REACH_S after), and each part of at least
-    `min_segment_s` between such cuts is judged on its own, at its own lag within ±`search_s`
-    of the overall one (a stall costs a concealed packet or a skipped one: a shift). At
-    least one part of the reference's speech must be long enough to judge (else the machine
-    was too starved for the check to say anything, and it fails saying so). Returns (the whole signal's correlation, its
-    lag in s); raises AssertionError naming `what`, the scores and the stretches."""
+    `min_segment_s` between such cuts, in pieces of up to 0.25 s, is judged on its own, at its
+    own lag within ±`search_s` of the overall one (a stall costs a concealed packet or a
+    skipped one: a shift); 80 % of the pieces must score above `minimum` (the pacer wins the
+    stall's latency back by skipping a pause packet at the next pause, which may come later
+    than STALL_REACH_S: a shift inside one piece). At least one piece of the reference's
+    speech must be long enough to judge (else the machine was too starved for the check to
+    say anything, and it fails saying so). Returns (the whole signal's correlation, its lag in
+    s); raises AssertionError naming `what`, the scores and the stretches."""
     corr, lag = best_alignment(reference, ref_rate, received, rate, max_lag_s=max_lag_s)
     reached = reached_samples(len(received), rate, starvation, timeline, offset_s)
     if corr > minimum or not reached.any():
@@ -165,7 +168,10 @@ def assert_correlated(reference: np.ndarray, ref_rate: int, received: np.ndarray
     base, search, shortest = round(lag * rate), round(search_s * rate), round(min_segment_s * rate)
     free = np.concatenate([[False], ~reached, [False]])  # runs of samples no stretch reached
     change = np.flatnonzero(free[1:] != free[:-1])
-    parts = [(a, b) for a, b in zip(change[::2], change[1::2]) if b - a >= shortest]
+    piece = round(0.25 * rate)
+    parts = [(a + k, min(b, a + k + piece)) for a, b in zip(change[::2], change[1::2])
+             for k in range(0, b - a, piece)]
+    parts = [(a, b) for a, b in parts if b - a >= shortest]
     # a part that is a pause of the reference (RMS under 0.3 times the whole's, as
     # `gateway.quality`'s speech blocks) says nothing: noise against noise
     loud = 0.3 * np.sqrt(np.mean(ref**2))
@@ -184,8 +190,9 @@ def assert_correlated(reference: np.ndarray, ref_rate: int, received: np.ndarray
         energy = np.convolve(window * window, np.ones(len(segment)), "valid") * np.dot(segment, segment)
         scores.append(float(np.max(dots / np.sqrt(energy + 1e-9))))
     stretches = [round(e - s, 3) for s, e in starvation.stretches]
-    assert scores and min(scores) > minimum, (
+    assert scores and sum(score > minimum for score in scores) >= 0.8 * len(scores), (
         f"{what}: correlation {corr:.3f} at lag {lag:.3f} s; outside the audio starved stretches reached "
-        f"({reached.mean():.0%} of it; stretches {stretches} s), parts of "
-        f"{[round(float(b - a) / rate, 2) for a, b in parts]} s score {np.round(scores, 3)}, not all above {minimum} {context}")
+        f"({reached.mean():.0%} of it; stretches {stretches} s), pieces of "
+        f"{[round(float(b - a) / rate, 2) for a, b in parts]} s score {np.round(scores, 3)}, "
+        f"not 80 % of them above {minimum} {context}")
     return corr, lag
