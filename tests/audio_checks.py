@@ -17,10 +17,10 @@ from gateway.quality import (
     write_wav,
 )
 
-__all__ = ["SPECTRAL_FOUND", "STALL_REACH_S", "BlockScore", "active_duration", "assert_blocks_found",
-           "assert_correlated", "assert_loop_heard", "best_alignment", "excused_blocks", "found_share", "loop_aligned", "reached_samples",
-           "blockwise_alignment", "blockwise_blocks", "loop_score", "mono", "read_wav", "spectral_alignment",
-           "spectral_blocks", "write_wav"]
+__all__ = ["SPECTRAL_FOUND", "STALL_REACH_S", "active_duration", "assert_blocks_found", "assert_correlated",
+           "assert_loop_heard", "best_alignment", "BlockScore", "blockwise_alignment", "blockwise_blocks",
+           "excused_blocks", "found_share", "loop_aligned", "loop_score", "mono", "reached_samples",
+           "read_wav", "spectral_alignment", "spectral_blocks", "write_wav"]
 
 #: s: how long after a starved stretch (`harness.Starvation`) its stall can still show in the
 #: audio arriving: the pacers and jitter buffers the speech crosses (20-60 ms each, three or

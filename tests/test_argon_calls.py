@@ -15,7 +15,7 @@ import trio
 from audio_checks import SPECTRAL_FOUND, assert_blocks_found, blockwise_blocks, spectral_blocks
 from gateway.codecs import OpusDecoder
 from gateway.codecs.formats import OPUS_48K, EncodedFrame
-from harness import BOT_TOKEN, SECRETS, Starvation, Timeline, record_timelines, start
+from harness import BOT_TOKEN, SECRETS, Timeline, start
 from reference_bot import ReferenceBot
 from test_agent_routes import check_speech, clip
 from voice_clients import Caller
@@ -55,14 +55,12 @@ def check_heard(reference: np.ndarray, ref_rate: int, received: np.ndarray, rate
     assert_blocks_found(blocks, found, what, starvation=starvation, timeline=timeline, context=context)
 
 
-async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, caplog, monkeypatch):
+async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, caplog, stalls):
     caplog.set_level("INFO")
-    recorded = record_timelines(monkeypatch)
-    starvation = Starvation()  # a loaded machine: the speech blocks its stalls reached are not judged
+    starvation = stalls.starvation  # a loaded machine: the speech blocks its stalls reached are not judged
     agent, agent_pcm, rate = clip(tmp_path, "agent.wav", "or109.wav", 0.2, 3.0)
     user_pcm = clip(tmp_path, "user.wav", "or105.wav", 0.3, 2.0)[1]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(starvation.run)
         gateway = await start(nursery, CALLS, argon_extra=BOTS, agent=agent, out=str(tmp_path), callers="")
         answer = gateway.routes["answer"]
         assert answer.state == "waiting"
@@ -96,7 +94,7 @@ async def test_incoming_call_is_bridged_to_a_phone_call_both_ways(tmp_path, capl
         assert answer.state == "waiting"  # ready for the next call
         nursery.cancel_scope.cancel()
     check_speech(user_pcm, rate, tmp_path / "phone-hears.wav", min_seconds=1.8, what="Argon user → phone",
-                 starvation=starvation, timeline=recorded[str(tmp_path / "phone-hears.wav")])
+                 stalls=stalls)
     # the answering bot codes the phone's 8 kHz at 8 kHz input (opus_input_rate: auto); the
     # user hears the phone's file from the call's answer (~0.8 s into its recording) to its
     # hang-up (~2.6 s): 1.75 s of it, 7 speech blocks
@@ -128,7 +126,7 @@ async def test_a_caller_not_in_from_is_rejected_with_the_reason(tmp_path, caplog
     assert "rejecting (not accepted from this caller)" in caplog.text
 
 
-async def test_reference_bot_flow_talks_to_a_phone_caller_through_the_listen_role(tmp_path):
+async def test_reference_bot_flow_talks_to_a_phone_caller_through_the_listen_role(tmp_path, stalls):
     """Argon's reference bot flow (events stream → callIncoming → Accept → /audio/duplex with
     the caller as target → paced Opus back → close 1000) against our listen role, bridged to a
     VoIPBIN-compatible caller: speech checked each way."""
@@ -153,9 +151,8 @@ routes:
       - voipbin: {role: listen, name: caller, identity: caller-2, call_id: caller-2}
       - argon: {role: listen, call: %s}
 """ % BOT_USER
-    starvation = Starvation()  # a loaded machine: the speech blocks its stalls reached are not judged
+    starvation = stalls.starvation  # a loaded machine: the speech blocks its stalls reached are not judged
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(starvation.run)
         gateway = await start(nursery, routes, argon_extra=BOTS)
         bot = ReferenceBot(f"http://127.0.0.1:{gateway.runtime.http.port}", BOT_TOKEN, str(ogg))
         await nursery.start(bot.run)

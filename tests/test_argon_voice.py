@@ -22,7 +22,7 @@ from audio_checks import (
 from conftest import ASSETS
 from gateway.adapters.argon import room as room_module
 from gateway.demo import start_demo
-from harness import SECRETS, Starvation, record_timelines, start
+from harness import SECRETS, start
 from test_agent_routes import check_speech, clip
 from voice_clients import Caller
 
@@ -96,7 +96,7 @@ routes:
 """ % {"space": SPACE, "channel": CHANNEL}
 
 
-async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch, caplog):
+async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch, caplog, stalls):
     """A participant joins, leaves, another joins: the phone hears each in turn; each change of
     target reopens the bot's duplex session, and the channel hears the caller throughout with
     no gap over 100 ms."""
@@ -116,10 +116,8 @@ async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch,
         return real_publish(self, session, packet, samples)
 
     monkeypatch.setattr(room_module.Room, "publish", publish)
-    recorded = record_timelines(monkeypatch)
-    starvation = Starvation()  # a loaded machine: the speech blocks and gaps its stalls reached are not judged
+    starvation = stalls.starvation  # a loaded machine: the speech blocks and gaps its stalls reached are not judged
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(starvation.run)
         gateway = await start(nursery, FOLLOW, caller=caller, out=str(tmp_path))
         bridge = gateway.routes["bridge"]
         with trio.fail_after(10):
@@ -145,7 +143,7 @@ async def test_hear_follow_hears_each_participant_in_turn(tmp_path, monkeypatch,
     for pcm, at in ((alice_pcm, alice_at), (bob_pcm, bob_at)):
         part = heard[int(at * rate): int(at * rate) + len(pcm)]
         assert_blocks_found(blockwise_blocks(pcm, rate, part, rate), 0.85, f"phone hears {at:.2f} s in",
-                            starvation=starvation, timeline=recorded[str(tmp_path / "phone-hears.wav")],
+                            starvation=starvation, timeline=stalls.timeline(tmp_path / "phone-hears.wav"),
                             offset_s=int(at * rate) / rate)
     follows = [e.data["target"] for e in events_of(bridge.route) if e.kind == "follow"]
     assert follows == ["alice", "bob"], follows
