@@ -76,17 +76,16 @@ def clip(tmp_path, name: str, source: str, start_s: float, seconds: float) -> tu
 
 
 def check_speech(reference, ref_rate, path, *, min_seconds: float, what: str, waveform: bool = True,
-                 starvation=None, timeline=None, stalls=None) -> None:
+                 stalls=None) -> None:
     """The recording holds the reference speech, block by block, with little delay; a broken
     path (noise, silence, wrong rate or byte order) fails every block. `waveform`: the path
     keeps the waveform (G.711, PCM, Opus at 48 kHz input), judged by waveform correlation;
     False: it went through a parametric codec (an Argon bot publishing an 8 or 16 kHz source:
-    SILK), judged by short-time spectra (`spectral_alignment`). `starvation` and `timeline`
-    (harness.Starvation run beside the test, harness.Timeline of the recording): blocks the
-    machine's stalls reached are not judged (audio_checks.assert_blocks_found); or `stalls`
-    (the fixture: both, the timeline that of the record endpoint writing `path`)."""
-    if stalls is not None:
-        starvation, timeline = stalls.starvation, stalls.timeline(path)
+    SILK), judged by short-time spectra (`spectral_alignment`). `stalls` (the fixture): the
+    blocks the machine's stalls reached, by the record endpoint's timeline of `path`, are not
+    judged (audio_checks.assert_blocks_found)."""
+    starvation = None if stalls is None else stalls.starvation
+    timeline = None if stalls is None else stalls.timeline(path)
     received, rate = read_wav(path)
     assert len(received) / rate >= min_seconds, f"{what}: only {len(received) / rate:.2f} s recorded"
     corr, lag = best_alignment(reference, ref_rate, received, rate)
